@@ -1,0 +1,125 @@
+"""The engine's one error tree. Every error carries a stable wire ``code`` and an HTTP-like
+``status``; both doors map errors to replies from these two attributes alone.
+
+* EngineError (500 engine_error)
+  - InvalidInput (400 invalid_input)
+    - InvalidId (400 invalid_id)
+    - InvalidShape (400 invalid_shape)
+    - InvalidImage (400 invalid_image)
+    - ReservedRecipe (400 reserved_recipe)
+  - Unauthorized (401 unauthorized)
+  - ModelNotFound (404 model_not_found)
+  - SampleNotFound (404 sample_not_found)
+  - MmPerPxMismatch (409 mm_per_px_mismatch)
+  - PayloadTooLarge (413 payload_too_large)
+  - CalibrationMissing (428 calibration_missing)
+  - ModelFileError (500 model_file_error)
+    - CorruptModel (500 corrupt_model)
+    - IncompatibleModel (500 incompatible_model)
+  - WeightsError (500 weights_invalid)
+  - StorageError (507 storage_error)
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CalibrationMissing",
+    "CorruptModel",
+    "EngineError",
+    "IncompatibleModel",
+    "InvalidId",
+    "InvalidImage",
+    "InvalidInput",
+    "InvalidShape",
+    "MmPerPxMismatch",
+    "ModelFileError",
+    "ModelNotFound",
+    "PayloadTooLarge",
+    "ReservedRecipe",
+    "SampleNotFound",
+    "StorageError",
+    "Unauthorized",
+    "WeightsError",
+]
+
+
+class EngineError(Exception):
+    """Base of every error the engine raises on purpose."""
+
+    code: str = "engine_error"
+    status: int = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def to_dict(self) -> dict[str, str]:
+        return {"code": self.code, "message": self.message}
+
+
+class InvalidInput(EngineError):
+    code, status = "invalid_input", 400
+
+
+class InvalidId(InvalidInput):
+    code, status = "invalid_id", 400
+
+
+class InvalidShape(InvalidInput):
+    code, status = "invalid_shape", 400
+
+
+class InvalidImage(InvalidInput):
+    code, status = "invalid_image", 400
+
+
+class ReservedRecipe(InvalidInput):
+    code, status = "reserved_recipe", 400
+
+
+class Unauthorized(EngineError):
+    code, status = "unauthorized", 401
+
+
+class ModelNotFound(EngineError):
+    code, status = "model_not_found", 404
+
+
+class SampleNotFound(EngineError):
+    code, status = "sample_not_found", 404
+
+
+class MmPerPxMismatch(EngineError):
+    code, status = "mm_per_px_mismatch", 409
+
+
+class PayloadTooLarge(EngineError):
+    code, status = "payload_too_large", 413
+
+
+class CalibrationMissing(EngineError):
+    code, status = "calibration_missing", 428
+
+
+class ModelFileError(EngineError):
+    code, status = "model_file_error", 500
+
+
+class CorruptModel(ModelFileError):
+    code, status = "corrupt_model", 500
+
+
+class IncompatibleModel(ModelFileError):
+    code, status = "incompatible_model", 500
+
+
+class WeightsError(EngineError):
+    """A backbone weights file is missing, truncated, or not the expected one."""
+
+    code, status = "weights_invalid", 500
+
+
+class StorageError(EngineError):
+    """Writing to the data root failed (full disk, permissions); nothing stored was changed."""
+
+    code, status = "storage_error", 507
