@@ -1,0 +1,263 @@
+"""Typed requests and results shared by the engine facade and both doors.
+
+Results are immutable pydantic models; binary payloads (PNG heatmaps, raw maps) are ``bytes``,
+which the ZeroMQ door sends as they are and the REST shim encodes as base64.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "AnnulusShape",
+    "CalibrationResult",
+    "CircleShape",
+    "DatasetClass",
+    "DatasetClearResult",
+    "DatasetItemResult",
+    "DatasetListing",
+    "DatasetSample",
+    "DeleteResult",
+    "FitResult",
+    "HealthResult",
+    "HeatmapFormat",
+    "InferDatasetResult",
+    "InferResult",
+    "ModelSummary",
+    "OkScoreStats",
+    "RawArray",
+    "RectShape",
+    "Region",
+    "Shape",
+    "StateResult",
+]
+
+HeatmapFormat = Literal["png", "uint8", "float32", "none"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class RectShape(_Frozen):
+    kind: Literal["rect"] = "rect"
+    x: float
+    y: float
+    w: float = Field(gt=0)
+    h: float = Field(gt=0)
+
+
+class CircleShape(_Frozen):
+    kind: Literal["circle"] = "circle"
+    cx: float
+    cy: float
+    r: float = Field(gt=0)
+
+
+class AnnulusShape(_Frozen):
+    kind: Literal["annulus"] = "annulus"
+    cx: float
+    cy: float
+    r: float = Field(gt=0)
+    r_inner: float = Field(ge=0)
+
+
+Shape = Annotated[RectShape | CircleShape | AnnulusShape, Field(discriminator="kind")]
+
+
+class RawArray(_Frozen):
+    """A dense array on the wire: C-order bytes of ``dtype`` with ``shape``."""
+
+    dtype: Literal["uint8", "float32"]
+    shape: tuple[int, ...]
+    data: bytes
+
+
+class Region(_Frozen):
+    """One connected component of the thresholded map inside the mask (ROI pixel units)."""
+
+    x: int
+    y: int
+    w: int
+    h: int
+    bbox: tuple[int, int, int, int]          # x, y, w, h
+    area_px: int
+    area_mm2: float                          # area_px * mm_per_px ** 2
+    centroid: tuple[float, float]            # cx, cy
+    max_score: float
+    mean_score: float
+    contour: tuple[tuple[int, int], ...]     # outer boundary polygon, (x, y) points
+
+
+class OkScoreStats(_Frozen):
+    n: int
+    mean: float
+    std: float
+    p50: float
+    p95: float
+    p99: float
+    max: float
+
+
+class FitResult(_Frozen):
+    role_id: str
+    roi_id: str
+    recipe_id: str | None
+    mm_per_px: float
+    n_images: int
+    n_embeddings: int
+    coreset_size: int
+    token_shape: tuple[int, int]
+    model_version: int
+    backbone: str
+    input_size: int
+    distance: str
+    memory_fit: bool
+    timings_ms: dict[str, float]
+    ok_scores: tuple[float, ...]             # leave-one-image-out scores of the training images
+    ok_score_stats: OkScoreStats
+    threshold_suggestion: float              # OK-only calibration rule applied to ok_scores
+
+
+class CalibrationResult(_Frozen):
+    role_id: str
+    roi_id: str
+    recipe_id: str | None
+    threshold: float
+    method: Literal["ok_ng_midpoint", "ok_percentile"]
+    score_percentile: float                  # as a fraction, 0..1
+    area_mm2_thr: float
+    safety_factor: float | None
+    ok_mean: float
+    ng_mean: float | None
+    ok_p99: float
+    ng_p5: float | None
+    n_ok: int
+    n_ng: int
+    warning: str | None                      # set when the OK and NG scores overlap
+    model_version: int
+    mm_per_px: float
+
+
+class InferResult(_Frozen):
+    role_id: str
+    roi_id: str
+    recipe_id: str | None
+    score: float                             # percentile of the masked map; higher = more anomalous
+    threshold: float | None                  # None only for raw (uncalibrated) scoring
+    decision: Literal["ok", "ng"] | None     # ng iff a region survives the area filter
+    area_mm2_thr: float | None
+    regions: tuple[Region, ...]
+    heatmap_png: bytes | None                # 8-bit grey PNG, threshold at grey 128
+    heatmap_raw: RawArray | None             # uint8 (same scale) or float32 map, when asked
+    heatmap_scale: float                     # map value that maps to grey 128
+    token_shape: tuple[int, int]
+    image_shape: tuple[int, int]             # H, W of the ROI as received
+    model_version: int
+    mm_per_px: float
+    timings_ms: dict[str, float]
+
+
+class StateResult(_Frozen):
+    status: str
+    role_id: str
+    roi_id: str
+    recipe_id: str | None
+    memory_fitted: bool
+    calib_present: bool
+    model_version: int | None
+    threshold: float | None
+    mm_per_px: float | None
+    token_shape: tuple[int, int] | None
+    coreset_size: int | None
+    backbone: str | None
+
+
+class ModelSummary(_Frozen):
+    role_id: str
+    roi_id: str
+    recipe_id: str | None
+    model_version: int
+    calibrated: bool
+    coreset_size: int
+    backbone: str
+    created_at: str
+
+
+class DeleteResult(_Frozen):
+    role_id: str
+    roi_id: str
+    recipe_id: str | None
+    deleted: bool
+
+
+class HealthResult(_Frozen):
+    status: str
+    device: str
+    model: str
+    version: str
+    uptime_s: float
+    roles_loaded: tuple[str, ...]
+    rois: tuple[str, ...]
+    backbone: str
+    weights_sha256: str
+    input_size: int
+
+
+class DatasetSample(_Frozen):
+    role_id: str
+    roi_id: str
+    recipe_id: str | None
+    label: Literal["ok", "ng"]
+    filename: str
+    bytes: int
+
+
+class DatasetClass(_Frozen):
+    count: int
+    files: tuple[str, ...]
+    meta: dict[str, bool]                    # filename -> has a metadata file
+
+
+class DatasetListing(_Frozen):
+    role_id: str
+    roi_id: str
+    recipe_id: str | None
+    classes: dict[str, DatasetClass]         # "ok", "ng"
+
+
+class DatasetClearResult(_Frozen):
+    role_id: str
+    roi_id: str
+    recipe_id: str | None
+    removed: int
+
+
+class DatasetItemResult(_Frozen):
+    label: Literal["ok", "ng"]
+    filename: str
+    mm_per_px: float | None
+    score: float | None
+    threshold: float | None
+    decision: Literal["ok", "ng"] | None
+    regions: tuple[Region, ...]
+    n_regions: int
+    heatmap_png: bytes | None
+    error: str | None
+
+
+class InferDatasetResult(_Frozen):
+    status: str
+    role_id: str
+    roi_id: str
+    recipe_id: str | None
+    n_total: int
+    n_errors: int
+    items: tuple[DatasetItemResult, ...]
+
+
+def model_dump_plain(model: BaseModel) -> dict[str, Any]:
+    """A model as plain Python values (tuples as lists, bytes kept), for msgpack."""
+    return model.model_dump(mode="python")

@@ -1,0 +1,199 @@
+"""The engine's one configuration object, read from the environment (and an optional YAML file).
+
+Precedence, highest first: keyword arguments, environment variables, the YAML file named by
+``BACKEND_CONFIG``, defaults. YAML keys may be the environment names (``PATCHCORE_DISTANCE``)
+or the field names (``distance``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+__all__ = ["Settings"]
+
+
+def _env(name: str, field: str) -> Any:
+    return Field(validation_alias=AliasChoices(name, field))
+
+
+class _YamlFileSource(PydanticBaseSettingsSource):
+    """Values from the YAML file named by ``BACKEND_CONFIG`` (absent variable: no values)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: str | None) -> None:
+        super().__init__(settings_cls)
+        self._data: dict[str, Any] = {}
+        if path:
+            import yaml
+
+            try:
+                with open(path, encoding="utf-8") as fh:
+                    loaded = yaml.safe_load(fh) or {}
+            except OSError as exc:
+                raise ValueError(f"BACKEND_CONFIG file {path!r} cannot be read: {exc}") from exc
+            if not isinstance(loaded, dict):
+                raise ValueError(f"BACKEND_CONFIG file {path!r} must hold a mapping")
+            self._data = loaded
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._data)
+
+
+class Settings(BaseSettings):
+    """Every knob of the engine and its two doors. Build one and pass it in; no singleton."""
+
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True, frozen=True)
+
+    # storage
+    data_root: Path = Field(Path("data"), validation_alias=AliasChoices("BACKEND_DATA_ROOT", "data_root"))
+
+    # backbone and device
+    backbone: Literal["auto", "dinov2_vits14", "efficientnet_lite0", "efficientnet_lite2"] = Field(
+        "auto", validation_alias=AliasChoices("BACKEND_BACKBONE", "backbone")
+    )
+    weights: Path | None = Field(None, validation_alias=AliasChoices("BACKEND_WEIGHTS", "weights"))
+    input_size: int | None = Field(
+        None, ge=28, le=1792, validation_alias=AliasChoices("BACKEND_INPUT_SIZE", "input_size"),
+        description="Square side every ROI is resized to; None = the backbone's default.",
+    )
+    dinov2_block: int | None = Field(
+        None, ge=0, le=11, validation_alias=AliasChoices("BACKEND_DINOV2_BLOCK", "dinov2_block")
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", validation_alias=AliasChoices("BACKEND_DEVICE", "device")
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", validation_alias=AliasChoices("BACKEND_PRECISION", "precision"),
+        description="auto = bf16 on CUDA, fp32 on CPU.",
+    )
+    torch_threads: int | None = Field(
+        None, ge=1, validation_alias=AliasChoices("BACKEND_TORCH_THREADS", "torch_threads")
+    )
+
+    # PatchCore
+    coreset_ratio: float = Field(
+        0.1, gt=0, le=1, validation_alias=AliasChoices("PATCHCORE_CORESET_RATIO", "coreset_ratio")
+    )
+    coreset_projection_dim: int = Field(
+        128, ge=8, validation_alias=AliasChoices("PATCHCORE_PROJECTION_DIM", "coreset_projection_dim")
+    )
+    distance: Literal["l2", "cosine"] = Field(
+        "l2", validation_alias=AliasChoices("PATCHCORE_DISTANCE", "distance")
+    )
+    batch_size: int | None = Field(
+        None, ge=1, le=256, validation_alias=AliasChoices("PATCHCORE_BATCH_SIZE", "batch_size"),
+        description="None = 1 on CPU (faster per image on few cores), 16 on CUDA.",
+    )
+    knn_k: int = Field(1, ge=1, le=64, validation_alias=AliasChoices("PATCHCORE_KNN_K", "knn_k"))
+    score_percentile: float = Field(
+        99.0, gt=0, le=100,
+        validation_alias=AliasChoices("PATCHCORE_SCORE_PERCENTILE", "score_percentile"),
+        description="Image score = this percentile of the anomaly map inside the mask.",
+    )
+    gaussian_sigma: float = Field(
+        4.0, ge=0, validation_alias=AliasChoices("PATCHCORE_SIGMA", "gaussian_sigma")
+    )
+    seed: int = Field(0, validation_alias=AliasChoices("PATCHCORE_SEED", "seed"))
+
+    # calibration
+    calibration_percentile: float = Field(
+        0.995, gt=0, le=100,
+        validation_alias=AliasChoices("CALIB_SCORE_PERCENTILE", "calibration_percentile"),
+    )
+    calibration_safety_factor: float = Field(
+        1.1, gt=0, validation_alias=AliasChoices("CALIB_SAFETY_FACTOR", "calibration_safety_factor")
+    )
+    default_area_mm2_thr: float = Field(
+        1.0, ge=0, validation_alias=AliasChoices("CALIB_AREA_MM2_THR", "default_area_mm2_thr")
+    )
+    mm_per_px_rtol: float = Field(
+        1e-3, ge=0, validation_alias=AliasChoices("BACKEND_MM_PER_PX_RTOL", "mm_per_px_rtol")
+    )
+
+    # limits
+    model_cache_size: int = Field(
+        16, ge=1, validation_alias=AliasChoices("BACKEND_MODEL_CACHE", "model_cache_size")
+    )
+    max_image_pixels: int = Field(
+        64_000_000, ge=1, validation_alias=AliasChoices("BACKEND_MAX_IMAGE_PIXELS", "max_image_pixels")
+    )
+    max_image_bytes: int = Field(
+        64 * 1024 * 1024, ge=1, validation_alias=AliasChoices("BACKEND_MAX_IMAGE_BYTES", "max_image_bytes")
+    )
+    max_fit_images: int = Field(
+        2000, ge=1, validation_alias=AliasChoices("BACKEND_MAX_FIT_IMAGES", "max_fit_images")
+    )
+    max_request_bytes: int = Field(
+        512 * 1024 * 1024, ge=1, validation_alias=AliasChoices("BACKEND_MAX_REQUEST_BYTES", "max_request_bytes")
+    )
+
+    # access
+    api_key: SecretStr | None = Field(None, validation_alias=AliasChoices("BACKEND_API_KEY", "api_key"))
+    allow_remote: bool = Field(
+        False, validation_alias=AliasChoices("BACKEND_ALLOW_REMOTE", "allow_remote"),
+        description="Must be true to bind either door to a non-loopback interface.",
+    )
+
+    # doors
+    zmq_enabled: bool = Field(True, validation_alias=AliasChoices("BACKEND_ZMQ_ENABLED", "zmq_enabled"))
+    zmq_endpoint: str = Field(
+        "tcp://127.0.0.1:5555", validation_alias=AliasChoices("BACKEND_ZMQ_ENDPOINT", "zmq_endpoint")
+    )
+    zmq_events: str | None = Field(None, validation_alias=AliasChoices("BACKEND_ZMQ_EVENTS", "zmq_events"))
+    zmq_workers: int = Field(4, ge=1, le=64, validation_alias=AliasChoices("BACKEND_ZMQ_WORKERS", "zmq_workers"))
+    zmq_max_message_bytes: int = Field(
+        128 * 1024 * 1024, ge=1024,
+        validation_alias=AliasChoices("BACKEND_ZMQ_MAX_MESSAGE", "zmq_max_message_bytes"),
+    )
+    http_enabled: bool = Field(True, validation_alias=AliasChoices("BACKEND_HTTP_ENABLED", "http_enabled"))
+    http_host: str = Field("127.0.0.1", validation_alias=AliasChoices("BACKEND_HTTP_HOST", "http_host"))
+    http_port: int = Field(8000, ge=0, le=65535, validation_alias=AliasChoices("BACKEND_HTTP_PORT", "http_port"))
+
+    # logs
+    log_level: str = Field("INFO", validation_alias=AliasChoices("BACKEND_LOG_LEVEL", "log_level"))
+    log_json: bool = Field(True, validation_alias=AliasChoices("BACKEND_LOG_JSON", "log_json"))
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_none(cls, value: Any) -> Any:
+        return None if value in ("", None) else value
+
+    @field_validator("weights", "zmq_events", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        yaml_source = _YamlFileSource(settings_cls, os.environ.get("BACKEND_CONFIG"))
+        return init_settings, env_settings, yaml_source
+
+    @property
+    def effective_batch_size(self) -> int:
+        return self.batch_size or (16 if self.resolved_device == "cuda" else 1)
+
+    @property
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
