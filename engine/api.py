@@ -1,55 +1,648 @@
-"""The engine facade: the one object both doors call. (Signatures final; bodies landing.)"""
+"""The engine facade: the one object both doors call.
+
+Thread-safe: infers on any ROIs run concurrently; fits are serialized per ROI and never block
+infers (an infer during a refit of the same ROI uses the previous model until the new one is
+committed on disk).
+"""
 
 from __future__ import annotations
 
+import math
+import platform
+import threading
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import structlog
 
+from engine import __version__
+from engine.anomaly_map import anomaly_map, masked_percentile
+from engine.backbones import build_backbone
+from engine.calibration import calibrate, percentile_fraction, score_stats
+from engine.datasets import LABELS, DatasetStore
+from engine.errors import (
+    CalibrationMissing, EngineError, IncompatibleModel, InvalidImage, InvalidInput, MmPerPxMismatch,
+    ModelNotFound, PayloadTooLarge,
+)
+from engine.features import FeatureExtractor
+from engine.heatmap import encode_png, to_uint8
+from engine.ids import check_id, check_recipe
+from engine.images import decode_image, from_array, resize_square
+from engine.knn import Distance, configure_faiss, deserialize_index, serialize_index
+from engine.masks import parse_shape, shape_mask
+from engine.model_cache import ModelCache
+from engine.patchcore import build_memory, leave_out_scores, patch_scores
+from engine.regions import find_regions
 from engine.schemas import (
-    CalibrationResult, DatasetClearResult, DatasetListing, DatasetSample, DeleteResult, FitResult,
-    HealthResult, HeatmapFormat, InferDatasetResult, InferResult, ModelSummary, Shape, StateResult,
+    CalibrationResult, DatasetClass, DatasetClearResult, DatasetItemResult, DatasetListing, DatasetSample,
+    DeleteResult, FitResult, HealthResult, HeatmapFormat, InferDatasetResult, InferResult, ModelSummary,
+    OkScoreStats, RawArray, Shape, StateResult,
 )
 from engine.settings import Settings
+from engine.storage import ModelStore
+
+__all__ = ["Engine", "ImageInput", "ProgressFn"]
 
 ImageInput = bytes | bytearray | memoryview | np.ndarray
 ProgressFn = Callable[[str, int, int], None]   # (stage, done, total)
 Label = Literal["ok", "ng"]
 
+log = structlog.get_logger("engine")
+_OK_SCORE_FOLDS = 5
+_OK_SCORE_MAX_IMAGES = 64
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    """A model ready to score: its manifest, faiss index and calibration."""
+
+    manifest: dict[str, Any]
+    index: Any
+    calibration: dict[str, Any] | None
+
+    @property
+    def side(self) -> int:
+        return int(self.manifest["input"]["side"])
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _ms(start: float) -> float:
+    return round((time.perf_counter() - start) * 1000.0, 3)
+
+
+def _check_mm_per_px(value: Any, name: str = "mm_per_px") -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput(f"{name} must be a number, got {value!r}") from exc
+    if isinstance(value, bool) or not math.isfinite(number) or number <= 0:
+        raise InvalidInput(f"{name} must be a finite number > 0, got {value!r}")
+    return number
+
 
 class Engine:
-    def __init__(self, settings: Settings) -> None: ...
-    def close(self) -> None: ...
-    def health(self) -> HealthResult: ...
-    def fit_ok(self, role_id: str, roi_id: str, mm_per_px: float, images: Sequence[ImageInput] | None = None, *,
-               operator_id: str | None = None, memory_fit: bool = False, use_dataset: bool = False,
-               recipe_id: str | None = None, progress: ProgressFn | None = None) -> FitResult: ...
-    def calibrate_ng(self, role_id: str, roi_id: str, mm_per_px: float, ok_scores: Sequence[float],
-                     ng_scores: Sequence[float] | None = None, score_percentile: float | None = None,
-                     area_mm2_thr: float | None = None, *, recipe_id: str | None = None) -> CalibrationResult: ...
-    def infer(self, role_id: str, roi_id: str, mm_per_px: float, image: ImageInput,
-              shape: Shape | dict[str, Any] | str | None = None, *, operator_id: str | None = None,
-              allow_uncalibrated: bool = False, heatmap: HeatmapFormat = "png",
-              recipe_id: str | None = None) -> InferResult: ...
-    def state(self, role_id: str, roi_id: str, *, recipe_id: str | None = None) -> StateResult: ...
-    def manifest(self, role_id: str, roi_id: str, *, recipe_id: str | None = None) -> dict[str, Any]: ...
-    def list_models(self, *, recipe_id: str | None = None) -> list[ModelSummary]: ...
-    def delete_model(self, role_id: str, roi_id: str, *, recipe_id: str | None = None) -> DeleteResult: ...
-    def dataset_upload(self, role_id: str, roi_id: str, label: Label, image: bytes, filename: str | None = None,
-                       meta: dict[str, Any] | None = None, *, recipe_id: str | None = None) -> DatasetSample: ...
-    def dataset_list(self, role_id: str, roi_id: str, *, recipe_id: str | None = None) -> DatasetListing: ...
+    """PatchCore inspection over per-(recipe, role, ROI) models stored under the data root."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._started = time.monotonic()
+        self.data_root = Path(settings.data_root)
+        self.data_root.mkdir(parents=True, exist_ok=True)
+        configure_faiss(settings.torch_threads)
+        if settings.torch_threads is not None:
+            import torch
+
+            torch.set_num_threads(settings.torch_threads)
+        backbone, self.backbone_reason = build_backbone(
+            settings.backbone, settings.weights, self.data_root, settings.input_size, settings.dinov2_block
+        )
+        self.device = settings.resolved_device
+        self.extractor = FeatureExtractor(backbone, self.device, settings.precision, settings.effective_batch_size)
+        self.backbone_info = backbone.info
+        self._cache: ModelCache[tuple[str | None, str, str], _Loaded] = ModelCache(settings.model_cache_size)
+        self._fit_locks: dict[tuple[str | None, str, str], threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+        ModelStore(self.data_root).recover_all()
+        log.info("engine_ready", backbone=self.backbone_info.name, reason=self.backbone_reason,
+                 device=self.device, precision=self.extractor.precision, data_root=str(self.data_root))
+
+    def close(self) -> None:
+        for key in self._cache.keys():
+            self._cache.invalidate(key)
+
+    # --- helpers -------------------------------------------------------------------------
+
+    def _base(self, recipe: str | None) -> Path:
+        return self.data_root if recipe is None else self.data_root / "recipes" / recipe
+
+    def _key(self, role_id: str, roi_id: str, recipe_id: str | None) -> tuple[str | None, str, str]:
+        return check_recipe(recipe_id), check_id("role_id", role_id), check_id("roi_id", roi_id)
+
+    def _store(self, recipe: str | None) -> ModelStore:
+        return ModelStore(self._base(recipe))
+
+    def _datasets(self, recipe: str | None) -> DatasetStore:
+        return DatasetStore(self._base(recipe))
+
+    def _fit_lock(self, key: tuple[str | None, str, str]) -> threading.Lock:
+        with self._locks_guard:
+            return self._fit_locks.setdefault(key, threading.Lock())
+
+    def _decode(self, image: ImageInput, what: str = "image") -> np.ndarray:
+        if isinstance(image, np.ndarray):
+            return from_array(image, self.settings.max_image_pixels)
+        if not isinstance(image, bytes | bytearray | memoryview):
+            raise InvalidImage(f"{what} must be encoded image bytes or a pixel array")
+        if len(image) > self.settings.max_image_bytes:
+            raise PayloadTooLarge(f"{what} has {len(image)} bytes; the limit is {self.settings.max_image_bytes}")
+        try:
+            return decode_image(image, self.settings.max_image_pixels)
+        except EngineError as exc:
+            if what == "image":
+                raise
+            raise type(exc)(f"{what}: {exc.message}") from exc
+
+    def _load(self, key: tuple[str | None, str, str]) -> _Loaded:
+        recipe, role_id, roi_id = key
+
+        def load() -> _Loaded:
+            files = self._store(recipe).load(role_id, roi_id)
+            self._check_compatible(files.manifest, f"{role_id}/{roi_id}")
+            return _Loaded(files.manifest, deserialize_index(files.index_bytes), files.calibration)
+
+        return self._cache.get_or_load(key, load)
+
+    def _check_compatible(self, manifest: dict[str, Any], where: str) -> None:
+        fitted = manifest.get("backbone", {})
+        info = self.backbone_info
+        if fitted.get("name") != info.name or fitted.get("weights_sha256") != info.weights_sha256:
+            raise IncompatibleModel(
+                f"model {where} was fitted with backbone {fitted.get('name')} "
+                f"(weights {str(fitted.get('weights_sha256'))[:12]}), but this engine runs {info.name} "
+                f"(weights {info.weights_sha256[:12]}): refit it, or start the engine with that backbone"
+            )
+
+    def _check_mm(self, manifest: dict[str, Any], mm_per_px: float) -> None:
+        fitted = float(manifest["mm_per_px"])
+        if not math.isclose(mm_per_px, fitted, rel_tol=self.settings.mm_per_px_rtol, abs_tol=0.0):
+            raise MmPerPxMismatch(
+                f"mm_per_px {mm_per_px} differs from the {fitted} the model was fitted with"
+            )
+
+    # --- health and state ----------------------------------------------------------------
+
+    def health(self) -> HealthResult:
+        loaded = self._cache.keys()
+        return HealthResult(
+            status="ok", device=self.device, model=self.backbone_info.name, version=__version__,
+            uptime_s=round(time.monotonic() - self._started, 3),
+            roles_loaded=tuple(sorted({role for _, role, _ in loaded})),
+            rois=tuple(sorted(f"{role}/{roi}" for _, role, roi in loaded)),
+            backbone=self.backbone_info.name, weights_sha256=self.backbone_info.weights_sha256,
+            input_size=self.backbone_info.input_size,
+        )
+
+    def state(self, role_id: str, roi_id: str, *, recipe_id: str | None = None) -> StateResult:
+        recipe, role_id, roi_id = self._key(role_id, roi_id, recipe_id)
+        manifest = self._store(recipe).read_manifest(role_id, roi_id)
+        calibrated = manifest is not None and manifest.get("threshold") is not None
+        return StateResult(
+            status="ready" if calibrated else ("fitted" if manifest else "empty"),
+            role_id=role_id, roi_id=roi_id, recipe_id=recipe,
+            memory_fitted=manifest is not None, calib_present=calibrated,
+            model_version=manifest.get("model_version") if manifest else None,
+            threshold=manifest.get("threshold") if manifest else None,
+            mm_per_px=manifest.get("mm_per_px") if manifest else None,
+            token_shape=tuple(manifest["token_shape"]) if manifest else None,
+            coreset_size=manifest.get("coreset_size") if manifest else None,
+            backbone=manifest.get("backbone", {}).get("name") if manifest else None,
+        )
+
+    def manifest(self, role_id: str, roi_id: str, *, recipe_id: str | None = None) -> dict[str, Any]:
+        recipe, role_id, roi_id = self._key(role_id, roi_id, recipe_id)
+        manifest = self._store(recipe).read_manifest(role_id, roi_id)
+        if manifest is None:
+            raise ModelNotFound(f"memory not found for role_id={role_id} roi_id={roi_id}: run /fit_ok first")
+        return manifest
+
+    def list_models(self, *, recipe_id: str | None = None) -> list[ModelSummary]:
+        recipe = check_recipe(recipe_id)
+        store = self._store(recipe)
+        out = []
+        for role_id, roi_id in store.list():
+            manifest = store.read_manifest(role_id, roi_id)
+            if manifest is None:
+                continue
+            out.append(ModelSummary(
+                role_id=role_id, roi_id=roi_id, recipe_id=recipe, model_version=manifest["model_version"],
+                calibrated=manifest.get("threshold") is not None, coreset_size=manifest["coreset_size"],
+                backbone=manifest["backbone"]["name"], created_at=manifest["created_at"],
+            ))
+        return out
+
+    def delete_model(self, role_id: str, roi_id: str, *, recipe_id: str | None = None) -> DeleteResult:
+        key = self._key(role_id, roi_id, recipe_id)
+        with self._fit_lock(key):
+            deleted = self._store(key[0]).delete(key[1], key[2])
+            self._cache.invalidate(key)
+        log.info("model_deleted", role_id=key[1], roi_id=key[2], recipe_id=key[0], deleted=deleted)
+        return DeleteResult(role_id=key[1], roi_id=key[2], recipe_id=key[0], deleted=deleted)
+
+    # --- fit -----------------------------------------------------------------------------
+
+    def fit_ok(
+        self, role_id: str, roi_id: str, mm_per_px: float, images: Sequence[ImageInput] | None = None, *,
+        operator_id: str | None = None, memory_fit: bool = False, use_dataset: bool = False,
+        recipe_id: str | None = None, progress: ProgressFn | None = None,
+    ) -> FitResult:
+        """Learn "normal" for one ROI from OK images (or the stored OK samples) and persist it.
+
+        Raises:
+            InvalidInput / InvalidId / InvalidImage: bad ids, mm_per_px, or an undecodable image.
+            PayloadTooLarge: more images than the limit, or an image over the pixel limit.
+            StorageError: the model could not be written (the previous one is intact).
+        """
+        key = self._key(role_id, roi_id, recipe_id)
+        recipe, role_id, roi_id = key
+        mm_per_px = _check_mm_per_px(mm_per_px)
+        report = progress or (lambda stage, done, total: None)
+        timings: dict[str, float] = {}
+        sources: list[str] | None = None
+        if use_dataset:
+            store = self._datasets(recipe)
+            sources = store.files(role_id, roi_id, "ok")
+            if not sources:
+                raise InvalidInput(f"no stored OK samples for {role_id}/{roi_id}: upload some first")
+            images = [store.read(role_id, roi_id, "ok", name) for name in sources]
+        if images is None or len(images) == 0:
+            raise InvalidInput("fit_ok needs at least one OK image")
+        if len(images) > self.settings.max_fit_images:
+            raise PayloadTooLarge(f"{len(images)} images exceed the limit of {self.settings.max_fit_images} per fit")
+
+        with self._fit_lock(key):
+            start = time.perf_counter()
+            side = self.backbone_info.input_size
+            decoded, sizes = [], []
+            for i, image in enumerate(images):
+                rgb = self._decode(image, f"image {i}")
+                sizes.append(rgb.shape[:2])
+                decoded.append(resize_square(rgb, side))
+                report("decode", i + 1, len(images))
+            timings["decode"] = _ms(start)
+
+            start = time.perf_counter()
+            batch = self.extractor.batch_size
+            chunks = []
+            for first in range(0, len(decoded), batch):
+                chunks.append(self.extractor(decoded[first : first + batch]))
+                report("extract", min(first + batch, len(decoded)), len(decoded))
+            features = np.concatenate(chunks)                               # N h w D
+            timings["extract"] = _ms(start)
+
+            start = time.perf_counter()
+            report("coreset", 0, 1)
+            s = self.settings
+            distance: Distance = s.distance
+            memory = build_memory(
+                features, s.coreset_ratio, memory_fit, distance, projection_dim=s.coreset_projection_dim,
+                chunk_size=s.coreset_chunk_size, seed=s.seed, device=self.device,
+            )
+            report("coreset", 1, 1)
+            timings["coreset_index"] = _ms(start)
+
+            start = time.perf_counter()
+            scored = _spread(len(decoded), _OK_SCORE_MAX_IMAGES)
+            report("ok_scores", 0, len(scored))
+            loo = leave_out_scores(features, memory, sizes, scored, distance, s.knn_k, s.gaussian_sigma,
+                                   s.score_percentile, _OK_SCORE_FOLDS)
+            report("ok_scores", len(loo), len(scored))
+            timings["ok_scores"] = _ms(start)
+            ok_scores = [loo[i] for i in sorted(loo)]
+
+            start = time.perf_counter()
+            report("save", 0, 1)
+            store = self._store(recipe)
+            previous = store.read_manifest(role_id, roi_id) if store.exists(role_id, roi_id) else None
+            version = int(previous["model_version"]) + 1 if previous else 1
+            info = self.backbone_info
+            manifest = {
+                "role_id": role_id, "roi_id": roi_id, "recipe_id": recipe, "model_version": version,
+                "created_at": _now(), "operator_id": operator_id, "mm_per_px": mm_per_px,
+                "n_images": len(decoded), "n_embeddings": int(features.shape[0] * features.shape[1] * features.shape[2]),
+                "coreset_size": int(len(memory.bank)), "memory_fit": bool(memory_fit),
+                "token_shape": [int(features.shape[1]), int(features.shape[2])], "threshold": None,
+                "backbone": {"name": info.name, "weights_sha256": info.weights_sha256, "stride": info.stride,
+                             "feature_dim": info.feature_dim, "precision": self.extractor.precision},
+                "input": {"rule": "resize_square", "side": side, "interpolation": "area_down_linear_up",
+                          "normalization": {"mean": list(info.mean), "std": list(info.std), "scale": "0..255"}},
+                "distance": distance, "knn_k": s.knn_k,
+                "score": {"percentile": s.score_percentile, "gaussian_sigma": s.gaussian_sigma,
+                          "upsample": "bilinear"},
+                "coreset": {"ratio": s.coreset_ratio, "projection_dim": s.coreset_projection_dim,
+                            "chunk_size": s.coreset_chunk_size, "seed": s.seed},
+                "ok_scores": {"values": ok_scores, "images": [int(i) for i in sorted(loo)],
+                              "sources": [sources[i] for i in sorted(loo)] if sources else None,
+                              "folds": _OK_SCORE_FOLDS},
+                "library_versions": _library_versions(),
+            }
+            manifest = store.save(role_id, roi_id, manifest, memory.bank, serialize_index(memory.index))
+            self._cache.put(key, _Loaded(manifest, memory.index, None))
+            report("save", 1, 1)
+            timings["save"] = _ms(start)
+
+        stats = OkScoreStats(**score_stats(ok_scores)) if ok_scores else None
+        suggestion = None
+        if ok_scores:
+            suggestion = calibrate(ok_scores, None, s.calibration_percentile, s.calibration_safety_factor).threshold
+        log.info("fit_done", role_id=role_id, roi_id=roi_id, recipe_id=recipe, model_version=version,
+                 n_images=len(decoded), coreset_size=len(memory.bank), timings_ms=timings)
+        return FitResult(
+            role_id=role_id, roi_id=roi_id, recipe_id=recipe, mm_per_px=mm_per_px, n_images=len(decoded),
+            n_embeddings=manifest["n_embeddings"], coreset_size=manifest["coreset_size"],
+            token_shape=tuple(manifest["token_shape"]), model_version=version, backbone=info.name,
+            input_size=side, distance=distance, memory_fit=bool(memory_fit), timings_ms=timings,
+            ok_scores=tuple(ok_scores), ok_score_stats=stats, threshold_suggestion=suggestion,
+        )
+
+    # --- calibration ---------------------------------------------------------------------
+
+    def calibrate_ng(
+        self, role_id: str, roi_id: str, mm_per_px: float, ok_scores: Sequence[float],
+        ng_scores: Sequence[float] | None = None, score_percentile: float | None = None,
+        area_mm2_thr: float | None = None, *, recipe_id: str | None = None,
+    ) -> CalibrationResult:
+        """Set the decision threshold (seed §5) and the minimum defect area.
+
+        Raises:
+            ModelNotFound, MmPerPxMismatch, InvalidInput.
+        """
+        key = self._key(role_id, roi_id, recipe_id)
+        recipe, role_id, roi_id = key
+        mm_per_px = _check_mm_per_px(mm_per_px)
+        percentile = self.settings.calibration_percentile if score_percentile is None else score_percentile
+        percentile_fraction(percentile)
+        area = self.settings.default_area_mm2_thr if area_mm2_thr is None else area_mm2_thr
+        if isinstance(area, bool) or not isinstance(area, int | float) or not math.isfinite(area) or area < 0:
+            raise InvalidInput(f"area_mm2_thr must be a finite number >= 0, got {area_mm2_thr!r}")
+        with self._fit_lock(key):
+            store = self._store(recipe)
+            manifest = store.read_manifest(role_id, roi_id)
+            if manifest is None:
+                raise ModelNotFound(f"memory not found for role_id={role_id} roi_id={roi_id}: run /fit_ok first")
+            self._check_mm(manifest, mm_per_px)
+            result = calibrate(ok_scores, ng_scores, percentile, self.settings.calibration_safety_factor)
+            calibration = {
+                "threshold": result.threshold, "method": result.method, "score_percentile": result.score_percentile,
+                "safety_factor": result.safety_factor, "area_mm2_thr": float(area), "ok_mean": result.ok_mean,
+                "ng_mean": result.ng_mean, "ok_p99": result.ok_p99, "ng_p5": result.ng_p5,
+                "n_ok": len(ok_scores), "n_ng": len(ng_scores or []), "warning": result.warning,
+                "model_version": manifest["model_version"], "mm_per_px": mm_per_px, "created_at": _now(),
+            }
+            manifest = {**manifest, "threshold": result.threshold, "area_mm2_thr": float(area),
+                        "calibrated_at": calibration["created_at"]}
+            store.write_calibration(role_id, roi_id, calibration, manifest)
+            self._cache.invalidate(key)
+        log.info("calibrated", role_id=role_id, roi_id=roi_id, recipe_id=recipe, threshold=result.threshold,
+                 method=result.method, warning=result.warning)
+        return CalibrationResult(
+            role_id=role_id, roi_id=roi_id, recipe_id=recipe, threshold=result.threshold, method=result.method,
+            score_percentile=result.score_percentile, area_mm2_thr=float(area), safety_factor=result.safety_factor,
+            ok_mean=result.ok_mean, ng_mean=result.ng_mean, ok_p99=result.ok_p99, ng_p5=result.ng_p5,
+            n_ok=len(ok_scores), n_ng=len(ng_scores or []), warning=result.warning,
+            model_version=manifest["model_version"], mm_per_px=mm_per_px,
+        )
+
+    # --- inference -----------------------------------------------------------------------
+
+    def infer(
+        self, role_id: str, roi_id: str, mm_per_px: float, image: ImageInput,
+        shape: Shape | dict[str, Any] | str | None = None, *, operator_id: str | None = None,
+        allow_uncalibrated: bool = False, heatmap: HeatmapFormat = "png", recipe_id: str | None = None,
+    ) -> InferResult:
+        """Score one ROI image against its model (seed §4).
+
+        Raises:
+            ModelNotFound (404), CalibrationMissing (428), MmPerPxMismatch (409),
+            InvalidImage / InvalidShape / InvalidInput (400), PayloadTooLarge (413).
+        """
+        t0 = time.perf_counter()
+        key = self._key(role_id, roi_id, recipe_id)
+        mm_per_px = _check_mm_per_px(mm_per_px)
+        if heatmap not in ("png", "uint8", "float32", "none"):
+            raise InvalidInput(f"heatmap must be png, uint8, float32 or none, got {heatmap!r}")
+        model = self._load(key)
+        if model.calibration is None and not allow_uncalibrated:
+            raise CalibrationMissing(
+                f"calibration_missing: model {key[1]}/{key[2]} has no threshold; run /calibrate_ng first"
+            )
+        self._check_mm(model.manifest, mm_per_px)
+        timings = {"load": _ms(t0)}
+        start = time.perf_counter()
+        rgb = self._decode(image)
+        height, width = rgb.shape[:2]
+        mask = shape_mask(parse_shape(shape), height, width)
+        resized = resize_square(rgb, model.side)
+        timings["preprocess"] = _ms(start)
+        return self._score(key, model, resized, (height, width), mask, mm_per_px, heatmap, timings, t0)
+
+    def _score(
+        self, key: tuple[str | None, str, str], model: _Loaded, resized: np.ndarray, size: tuple[int, int],
+        mask: np.ndarray | None, mm_per_px: float, heatmap: HeatmapFormat, timings: dict[str, float], t0: float,
+    ) -> InferResult:
+        manifest = model.manifest
+        height, width = size
+        start = time.perf_counter()
+        features = self.extractor([resized])[0]                                 # h w D
+        timings["extract"] = _ms(start)
+        start = time.perf_counter()
+        patches = patch_scores(model.index, features, manifest["distance"], int(manifest["knn_k"]))
+        timings["knn"] = _ms(start)
+        start = time.perf_counter()
+        amap = anomaly_map(patches, height, width, float(manifest["score"]["gaussian_sigma"]))
+        score = masked_percentile(amap, mask, float(manifest["score"]["percentile"]))
+        timings["map"] = _ms(start)
+        start = time.perf_counter()
+        calibration = model.calibration
+        threshold = area_thr = decision = None
+        regions = ()
+        if calibration is not None:
+            threshold, area_thr = float(calibration["threshold"]), float(calibration["area_mm2_thr"])
+            regions = tuple(find_regions(amap, threshold, mask, mm_per_px, area_thr))
+            decision = "ng" if regions else "ok"
+        timings["regions"] = _ms(start)
+        start = time.perf_counter()
+        scale = threshold if threshold and threshold > 0 else _uncalibrated_scale(manifest, amap)
+        png = raw = None
+        if heatmap == "png":
+            png = encode_png(to_uint8(amap, scale))
+        elif heatmap == "uint8":
+            grey = to_uint8(amap, scale)
+            raw = RawArray(dtype="uint8", shape=grey.shape, data=grey.tobytes())
+        elif heatmap == "float32":
+            raw = RawArray(dtype="float32", shape=amap.shape, data=np.ascontiguousarray(amap, np.float32).tobytes())
+        timings["heatmap"] = _ms(start)
+        timings["total"] = _ms(t0)
+        recipe, role_id, roi_id = key
+        log.info("infer", role_id=role_id, roi_id=roi_id, recipe_id=recipe, score=round(score, 5),
+                 decision=decision, n_regions=len(regions), timings_ms=timings)
+        return InferResult(
+            role_id=role_id, roi_id=roi_id, recipe_id=recipe, score=score, threshold=threshold, decision=decision,
+            area_mm2_thr=area_thr, regions=regions, heatmap_png=png, heatmap_raw=raw, heatmap_scale=scale,
+            token_shape=tuple(manifest["token_shape"]), image_shape=(height, width),
+            model_version=int(manifest["model_version"]), mm_per_px=mm_per_px, timings_ms=timings,
+        )
+
+    # --- dataset store -------------------------------------------------------------------
+
+    def dataset_upload(
+        self, role_id: str, roi_id: str, label: Label, image: bytes, filename: str | None = None,
+        meta: dict[str, Any] | None = None, *, recipe_id: str | None = None,
+    ) -> DatasetSample:
+        recipe, role_id, roi_id = self._key(role_id, roi_id, recipe_id)
+        if label not in LABELS:
+            raise InvalidInput(f"label must be 'ok' or 'ng', got {label!r}")
+        if not isinstance(image, bytes | bytearray | memoryview):
+            raise InvalidImage("a dataset sample must be an encoded image file (PNG, JPEG, BMP, TIFF)")
+        if meta is not None and not isinstance(meta, dict):
+            raise InvalidInput("meta must be a JSON object")
+        self._decode(image)  # store only what the engine can read back
+        extension = ".png" if bytes(image[:8]) == b"\x89PNG\r\n\x1a\n" else ".img"
+        if extension == ".img":
+            extension = {b"\xff\xd8": ".jpg", b"BM": ".bmp"}.get(bytes(image[:2]), ".tif")
+        name, size = self._datasets(recipe).add(role_id, roi_id, label, bytes(image), filename, meta, extension)
+        return DatasetSample(role_id=role_id, roi_id=roi_id, recipe_id=recipe, label=label, filename=name, bytes=size)
+
+    def dataset_list(self, role_id: str, roi_id: str, *, recipe_id: str | None = None) -> DatasetListing:
+        recipe, role_id, roi_id = self._key(role_id, roi_id, recipe_id)
+        store = self._datasets(recipe)
+        classes = {}
+        for label in LABELS:
+            files = store.files(role_id, roi_id, label)
+            classes[label] = DatasetClass(
+                count=len(files), files=tuple(files),
+                meta={name: store.has_meta(role_id, roi_id, label, name) for name in files},
+            )
+        return DatasetListing(role_id=role_id, roi_id=roi_id, recipe_id=recipe, classes=classes)
+
     def dataset_file(self, role_id: str, roi_id: str, label: Label, filename: str, *,
-                     recipe_id: str | None = None) -> bytes: ...
+                     recipe_id: str | None = None) -> bytes:
+        recipe, role_id, roi_id = self._key(role_id, roi_id, recipe_id)
+        return self._datasets(recipe).read(role_id, roi_id, label, filename)
+
     def dataset_meta(self, role_id: str, roi_id: str, label: Label, filename: str, *,
-                     recipe_id: str | None = None) -> dict[str, Any]: ...
+                     recipe_id: str | None = None) -> dict[str, Any]:
+        recipe, role_id, roi_id = self._key(role_id, roi_id, recipe_id)
+        return self._datasets(recipe).meta(role_id, roi_id, label, filename)
+
     def dataset_delete(self, role_id: str, roi_id: str, label: Label, filename: str, *,
-                       recipe_id: str | None = None) -> DatasetClearResult: ...
+                       recipe_id: str | None = None) -> DatasetClearResult:
+        recipe, role_id, roi_id = self._key(role_id, roi_id, recipe_id)
+        removed = self._datasets(recipe).delete(role_id, roi_id, label, filename)
+        return DatasetClearResult(role_id=role_id, roi_id=roi_id, recipe_id=recipe, removed=removed)
+
     def dataset_clear(self, role_id: str, roi_id: str, label: Label | None = None, *,
-                      recipe_id: str | None = None) -> DatasetClearResult: ...
-    def calibrate_dataset(self, role_id: str, roi_id: str, default_mm_per_px: float | None = None,
-                          score_percentile: float | None = None, area_mm2_thr: float | None = None, *,
-                          recipe_id: str | None = None, progress: ProgressFn | None = None) -> CalibrationResult: ...
-    def infer_dataset(self, role_id: str, roi_id: str, default_mm_per_px: float | None = None,
-                      include_heatmap: bool = False, *, recipe_id: str | None = None,
-                      progress: ProgressFn | None = None) -> InferDatasetResult: ...
+                      recipe_id: str | None = None) -> DatasetClearResult:
+        recipe, role_id, roi_id = self._key(role_id, roi_id, recipe_id)
+        removed = self._datasets(recipe).clear(role_id, roi_id, label)
+        return DatasetClearResult(role_id=role_id, roi_id=roi_id, recipe_id=recipe, removed=removed)
+
+    def _sample_items(self, recipe: str | None, role_id: str, roi_id: str) -> list[tuple[Label, str]]:
+        store = self._datasets(recipe)
+        return [(label, name) for label in LABELS for name in store.files(role_id, roi_id, label)]
+
+    def _score_sample(self, key: tuple[str | None, str, str], model: _Loaded, label: str, name: str,
+                      include_heatmap: bool) -> InferResult:
+        recipe, role_id, roi_id = key
+        store = self._datasets(recipe)
+        meta = store.meta(role_id, roi_id, label, name)
+        mm = meta.get("mm_per_px") or model.manifest["mm_per_px"]
+        rgb = self._decode(store.read(role_id, roi_id, label, name))
+        height, width = rgb.shape[:2]
+        mask = shape_mask(parse_shape(meta.get("shape_json") or meta.get("shape")), height, width)
+        timings: dict[str, float] = {}
+        return self._score(key, model, resize_square(rgb, model.side), (height, width), mask,
+                           _check_mm_per_px(mm), "png" if include_heatmap else "none", timings, time.perf_counter())
+
+    def calibrate_dataset(
+        self, role_id: str, roi_id: str, default_mm_per_px: float | None = None,
+        score_percentile: float | None = None, area_mm2_thr: float | None = None, *,
+        recipe_id: str | None = None, progress: ProgressFn | None = None,
+    ) -> CalibrationResult:
+        """Calibrate from the stored samples: NG samples are scored now; OK samples that trained
+        the model use their leave-one-out scores from the fit (scoring them against a memory
+        that contains them would give near-zero scores), other OK samples are scored now.
+
+        Raises:
+            ModelNotFound, InvalidInput (no OK score available).
+        """
+        key = self._key(role_id, roi_id, recipe_id)
+        recipe, role_id, roi_id = key
+        model = self._load(key)
+        manifest = model.manifest
+        mm = manifest["mm_per_px"] if default_mm_per_px is None else _check_mm_per_px(default_mm_per_px, "default_mm_per_px")
+        trained = manifest.get("ok_scores", {})
+        trained_sources = set(trained.get("sources") or [])
+        loo = dict(zip(trained.get("sources") or [], trained.get("values") or [], strict=False))
+        items = self._sample_items(recipe, role_id, roi_id)
+        ok_scores, ng_scores = [], []
+        report = progress or (lambda stage, done, total: None)
+        for done, (label, name) in enumerate(items, start=1):
+            if label == "ok" and name in loo:
+                ok_scores.append(float(loo[name]))
+            elif not (label == "ok" and name in trained_sources):
+                try:
+                    result = self._score_sample(key, model, label, name, include_heatmap=False)
+                except EngineError as exc:
+                    log.warning("calibration_sample_skipped", role_id=role_id, roi_id=roi_id, filename=name,
+                                error=exc.code)
+                    continue
+                (ok_scores if label == "ok" else ng_scores).append(result.score)
+            report("score_samples", done, len(items))
+        if not ok_scores and not trained_sources:
+            ok_scores = [float(v) for v in trained.get("values") or []]
+        if not ok_scores:
+            raise InvalidInput(f"no OK score available for {role_id}/{roi_id}: upload OK samples or refit")
+        return self.calibrate_ng(role_id, roi_id, float(manifest["mm_per_px"]) if mm is None else mm,
+                                 ok_scores, ng_scores or None, score_percentile, area_mm2_thr, recipe_id=recipe)
+
+    def infer_dataset(
+        self, role_id: str, roi_id: str, default_mm_per_px: float | None = None, include_heatmap: bool = False, *,
+        recipe_id: str | None = None, progress: ProgressFn | None = None,
+    ) -> InferDatasetResult:
+        """Score every stored sample (raw scores when the model is not calibrated yet)."""
+        key = self._key(role_id, roi_id, recipe_id)
+        recipe, role_id, roi_id = key
+        if default_mm_per_px is not None:
+            _check_mm_per_px(default_mm_per_px, "default_mm_per_px")
+        model = self._load(key)
+        items = self._sample_items(recipe, role_id, roi_id)
+        report = progress or (lambda stage, done, total: None)
+        out = []
+        for done, (label, name) in enumerate(items, start=1):
+            try:
+                r = self._score_sample(key, model, label, name, include_heatmap)
+                out.append(DatasetItemResult(
+                    label=label, filename=name, mm_per_px=r.mm_per_px, score=r.score, threshold=r.threshold,
+                    decision=r.decision, regions=r.regions, n_regions=len(r.regions), heatmap_png=r.heatmap_png,
+                    error=None))
+            except EngineError as exc:
+                out.append(DatasetItemResult(
+                    label=label, filename=name, mm_per_px=None, score=None, threshold=None, decision=None,
+                    regions=(), n_regions=0, heatmap_png=None, error=f"{exc.code}: {exc.message}"))
+            report("infer_samples", done, len(items))
+        n_errors = sum(1 for item in out if item.error)
+        return InferDatasetResult(status="ok", role_id=role_id, roi_id=roi_id, recipe_id=recipe,
+                                  n_total=len(out), n_errors=n_errors, items=tuple(out))
+
+
+def _spread(n: int, most: int) -> list[int]:
+    """Up to ``most`` indices spread evenly over range(n)."""
+    if n <= most:
+        return list(range(n))
+    return sorted({int(round(i * (n - 1) / (most - 1))) for i in range(most)})
+
+
+def _uncalibrated_scale(manifest: dict[str, Any], amap: np.ndarray) -> float:
+    """Heatmap scale without a threshold: the largest leave-one-out OK score of the fit."""
+    values = manifest.get("ok_scores", {}).get("values") or []
+    if values and max(values) > 0:
+        return float(max(values))
+    top = float(amap.max())
+    return top if top > 0 else 1.0
+
+
+def _library_versions() -> dict[str, str]:
+    import cv2
+    import faiss
+    import torch
+
+    return {"engine": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "faiss": faiss.__version__, "numpy": np.__version__, "opencv": cv2.__version__}

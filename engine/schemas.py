@@ -117,8 +117,8 @@ class FitResult(_Frozen):
     memory_fit: bool
     timings_ms: dict[str, float]
     ok_scores: tuple[float, ...]             # leave-one-image-out scores of the training images
-    ok_score_stats: OkScoreStats
-    threshold_suggestion: float              # OK-only calibration rule applied to ok_scores
+    ok_score_stats: OkScoreStats | None     # None when fitted on a single image
+    threshold_suggestion: float | None       # OK-only calibration rule applied to ok_scores
 
 
 class CalibrationResult(_Frozen):

@@ -88,6 +88,10 @@ class Settings(BaseSettings):
     coreset_projection_dim: int = Field(
         128, ge=8, validation_alias=AliasChoices("PATCHCORE_PROJECTION_DIM", "coreset_projection_dim")
     )
+    coreset_chunk_size: int = Field(
+        8192, ge=256, validation_alias=AliasChoices("PATCHCORE_CORESET_CHUNK", "coreset_chunk_size"),
+        description="Rows thinned together by the greedy coreset (see engine.coreset).",
+    )
     distance: Literal["l2", "cosine"] = Field(
         "l2", validation_alias=AliasChoices("PATCHCORE_DISTANCE", "distance")
     )

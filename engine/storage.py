@@ -1,0 +1,297 @@
+"""Model persistence under the data root, crash-safe.
+
+Layout (seed §3), per recipe (the default recipe at the root, others under
+``recipes/<recipe>/``)::
+
+    models/<role>/<roi>/embeddings.npy      memory bank rows (M, D) float32
+    models/<role>/<roi>/coreset.faiss       faiss index over those rows (serialized bytes)
+    models/<role>/<roi>/manifest.json       everything needed to replay the model, checksums
+    models/<role>/<roi>/calibration.json    threshold and how it was obtained (after calibration)
+
+A fit writes a complete new folder ``.<roi>.staging-<id>`` (each file fsynced), then swaps it
+in: ``<roi>`` -> ``.<roi>.old-<id>``, staging -> ``<roi>``, old removed. A crash at any point
+leaves either the old or the new folder complete; ``recover`` puts the old one back when the
+swap was cut between its two renames, and removes leftovers. Single files (calibration,
+manifest updates) are replaced with temp file + fsync + ``os.replace``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine.errors import CorruptModel, IncompatibleModel, ModelNotFound, StorageError
+
+__all__ = ["SCHEMA_VERSION", "ModelFiles", "ModelStore", "atomic_write_bytes", "atomic_write_json", "fsync_dir", "seal"]
+
+SCHEMA_VERSION = 1
+EMBEDDINGS = "embeddings.npy"
+INDEX = "coreset.faiss"
+MANIFEST = "manifest.json"
+CALIBRATION = "calibration.json"
+_LEFTOVER = re.compile(r"\.(.+)\.(?:old|staging)-[0-9a-f]{8}")
+_FILE_MODE = 0o644
+_DIR_MODE = 0o755
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable (a no-op where folders cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a fsynced temp file and ``os.replace``.
+
+    Raises:
+        StorageError: the write failed (full disk, permissions); ``path`` is unchanged.
+    """
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, _FILE_MODE)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise StorageError(f"cannot write {path.name}: {exc.strerror or exc}") from exc
+    fsync_dir(path.parent)
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return json.dumps(obj, indent=2, sort_keys=True).encode("utf-8")
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, _json_bytes(obj))
+
+
+def _manifest_digest(manifest: dict[str, Any]) -> str:
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def seal(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest with its own checksum (``manifest_sha256``) over every other field."""
+    return {**manifest, "manifest_sha256": _manifest_digest(manifest)}
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """The verified contents of one model folder."""
+
+    manifest: dict[str, Any]
+    embeddings: np.ndarray
+    index_bytes: bytes
+    calibration: dict[str, Any] | None
+
+
+class ModelStore:
+    """Model folders of one recipe: ``<base>/models/<role>/<roi>``."""
+
+    def __init__(self, base: Path) -> None:
+        self.models_dir = Path(base) / "models"
+
+    def model_dir(self, role_id: str, roi_id: str) -> Path:
+        return self.models_dir / role_id / roi_id
+
+    def exists(self, role_id: str, roi_id: str) -> bool:
+        self.recover(role_id, roi_id)
+        return (self.model_dir(role_id, roi_id) / MANIFEST).is_file()
+
+    # --- writing -------------------------------------------------------------------------
+
+    def save(self, role_id: str, roi_id: str, manifest: dict[str, Any], embeddings: np.ndarray,
+             index_bytes: bytes) -> dict[str, Any]:
+        """Write a complete new model and swap it in as a unit; returns the manifest written.
+
+        Raises:
+            StorageError: a write failed; the previous model (if any) is untouched.
+        """
+        role_dir = self.models_dir / role_id
+        final = role_dir / roi_id
+        tag = uuid.uuid4().hex[:8]
+        staging = role_dir / f".{roi_id}.staging-{tag}"
+        try:
+            role_dir.mkdir(parents=True, exist_ok=True, mode=_DIR_MODE)
+            staging.mkdir(mode=_DIR_MODE)
+            emb_bytes = _npy_bytes(np.ascontiguousarray(embeddings, dtype=np.float32))
+            manifest = seal({**manifest, "schema_version": SCHEMA_VERSION,
+                             "files": {EMBEDDINGS: _sha256(emb_bytes), INDEX: _sha256(index_bytes)}})
+            for name, data in ((EMBEDDINGS, emb_bytes), (INDEX, index_bytes), (MANIFEST, _json_bytes(manifest))):
+                _write_synced(staging / name, data)
+            fsync_dir(staging)
+            self._swap_in(staging, final, tag)
+        except OSError as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise StorageError(f"cannot save model {role_id}/{roi_id}: {exc.strerror or exc}") from exc
+        return manifest
+
+    def _swap_in(self, staging: Path, final: Path, tag: str) -> None:
+        old = final.with_name(f".{final.name}.old-{tag}")
+        had_old = final.exists()
+        if had_old:
+            os.rename(final, old)
+        os.rename(staging, final)
+        fsync_dir(final.parent)
+        if had_old:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def write_calibration(self, role_id: str, roi_id: str, calibration: dict[str, Any],
+                          manifest: dict[str, Any]) -> None:
+        """calibration.json first (the source of truth), then the manifest's mirror of it."""
+        folder = self.model_dir(role_id, roi_id)
+        atomic_write_json(folder / CALIBRATION, calibration)
+        atomic_write_json(folder / MANIFEST, seal(manifest))
+
+    def delete(self, role_id: str, roi_id: str) -> bool:
+        final = self.model_dir(role_id, roi_id)
+        if not final.exists():
+            return False
+        trash = final.with_name(f".{roi_id}.old-{uuid.uuid4().hex[:8]}")
+        try:
+            os.rename(final, trash)  # one rename: the model disappears as a unit
+            fsync_dir(final.parent)
+        except OSError as exc:
+            raise StorageError(f"cannot delete model {role_id}/{roi_id}: {exc.strerror or exc}") from exc
+        shutil.rmtree(trash, ignore_errors=True)
+        return True
+
+    # --- reading -------------------------------------------------------------------------
+
+    def load(self, role_id: str, roi_id: str) -> ModelFiles:
+        """Read and verify a model folder.
+
+        Raises:
+            ModelNotFound: no model for this role and ROI.
+            CorruptModel: a file is missing, unreadable, or its checksum differs.
+            IncompatibleModel: an unknown schema_version.
+        """
+        self.recover(role_id, roi_id)
+        folder = self.model_dir(role_id, roi_id)
+        where = f"{role_id}/{roi_id}"
+        if not (folder / MANIFEST).is_file():
+            raise ModelNotFound(f"memory not found for role_id={role_id} roi_id={roi_id}: run /fit_ok first")
+        manifest = _read_json(folder / MANIFEST, where)
+        if manifest.get("manifest_sha256") != _manifest_digest(manifest):
+            raise CorruptModel(f"model {where}: manifest.json was edited or damaged (checksum mismatch); refit the model")
+        version = manifest.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise IncompatibleModel(f"model {where} has schema_version {version!r}; this engine reads {SCHEMA_VERSION}")
+        files = manifest.get("files")
+        if not isinstance(files, dict):
+            raise CorruptModel(f"model {where}: manifest has no file checksums")
+        blobs = {}
+        for name in (EMBEDDINGS, INDEX):
+            try:
+                data = (folder / name).read_bytes()
+            except OSError as exc:
+                raise CorruptModel(f"model {where}: {name} cannot be read ({exc.strerror or exc})") from exc
+            if _sha256(data) != files.get(name):
+                raise CorruptModel(f"model {where}: {name} checksum mismatch (truncated or edited); refit the model")
+            blobs[name] = data
+        try:
+            import io
+
+            embeddings = np.load(io.BytesIO(blobs[EMBEDDINGS]), allow_pickle=False)
+        except ValueError as exc:
+            raise CorruptModel(f"model {where}: {EMBEDDINGS} is not a valid array: {exc}") from exc
+        calibration = None
+        if (folder / CALIBRATION).is_file():
+            calibration = _read_json(folder / CALIBRATION, where)
+            if calibration.get("model_version") != manifest.get("model_version"):
+                calibration = None  # left from another model version: not this model's
+        return ModelFiles(manifest, embeddings, blobs[INDEX], calibration)
+
+    def read_manifest(self, role_id: str, roi_id: str) -> dict[str, Any] | None:
+        self.recover(role_id, roi_id)
+        path = self.model_dir(role_id, roi_id) / MANIFEST
+        return _read_json(path, f"{role_id}/{roi_id}") if path.is_file() else None
+
+    def list(self) -> list[tuple[str, str]]:
+        """(role_id, roi_id) of every stored model."""
+        if not self.models_dir.is_dir():
+            return []
+        found = []
+        for role in sorted(p for p in self.models_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            for roi in sorted(p for p in role.iterdir() if p.is_dir() and not p.name.startswith(".")):
+                if (roi / MANIFEST).is_file():
+                    found.append((role.name, roi.name))
+        return found
+
+    # --- crash recovery ------------------------------------------------------------------
+
+    def recover(self, role_id: str, roi_id: str) -> None:
+        """Finish or undo a swap cut short by a crash, and remove leftovers of this model."""
+        role_dir = self.models_dir / role_id
+        if not role_dir.is_dir():
+            return
+        final = role_dir / roi_id
+        olds = sorted(role_dir.glob(f".{roi_id}.old-*"), key=lambda p: p.stat().st_mtime)
+        stagings = list(role_dir.glob(f".{roi_id}.staging-*"))
+        if not olds and not stagings:
+            return
+        if not final.exists() and olds:
+            os.rename(olds.pop(), final)  # cut between the two renames: put the old model back
+            fsync_dir(role_dir)
+        for leftover in [*olds, *stagings]:
+            shutil.rmtree(leftover, ignore_errors=True)
+
+    def recover_all(self) -> None:
+        if not self.models_dir.is_dir():
+            return
+        for role in self.models_dir.iterdir():
+            if not role.is_dir():
+                continue
+            rois = {m.group(1) for p in role.iterdir() if (m := _LEFTOVER.fullmatch(p.name))}
+            for roi in rois:
+                self.recover(role.name, roi)
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.chmod(path, _FILE_MODE)
+
+
+def _read_json(path: Path, where: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptModel(f"model {where}: {path.name} is unreadable or not JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise CorruptModel(f"model {where}: {path.name} is not a JSON object")
+    return data
