@@ -23,6 +23,9 @@ class FeatureExtractor:
             self.backbone = self.backbone.to(self.dtype)
         if self.device.type == "cpu":
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
+            # denormal activations made EfficientNet-Lite0 forwards 10-100x slower on x86
+            # (1 s instead of 11 ms at 224 px, measured here); flushing them to zero fixes it
+            torch.set_flush_denormal(True)
         self.batch_size = batch_size
 
     @property
