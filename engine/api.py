@@ -40,7 +40,8 @@ from engine.patchcore import build_memory, leave_out_scores, patch_scores
 from engine.regions import find_regions
 from engine.schemas import (
     CalibrationResult, DatasetClass, DatasetClearResult, DatasetItemResult, DatasetListing, DatasetSample,
-    DeleteResult, FitResult, HealthResult, HeatmapFormat, InferDatasetResult, InferResult, ModelSummary,
+    BatchError, DeleteResult, FitResult, HealthResult, HeatmapFormat, InferBatchItem, InferBatchResult,
+    InferDatasetResult, InferResult, ModelSummary,
     OkScoreStats, RawArray, Shape, StateResult,
 )
 from engine.settings import Settings
@@ -433,15 +434,81 @@ class Engine:
         timings["preprocess"] = _ms(start)
         return self._score(key, model, resized, (height, width), mask, mm_per_px, heatmap, timings, t0)
 
+    def infer_batch(
+        self, role_id: str, items: Sequence[dict[str, Any]], *, allow_uncalibrated: bool = False,
+        heatmap: HeatmapFormat = "png", recipe_id: str | None = None,
+    ) -> InferBatchResult:
+        """Score several ROIs of one part with one backbone call per input size.
+
+        ``items``: dicts with ``roi_id``, ``image``, ``mm_per_px`` and optional ``shape``. Each
+        item succeeds or fails on its own (its ``error`` then carries the code and status that
+        ``infer`` would have raised); a bad ``role_id`` fails the whole call.
+        """
+        t0 = time.perf_counter()
+        check_id("role_id", role_id)
+        if not isinstance(items, Sequence) or isinstance(items, str | bytes) or not items:
+            raise InvalidInput("items must be a non-empty list of {roi_id, image, mm_per_px, shape?}")
+        if heatmap not in ("png", "uint8", "float32", "none"):
+            raise InvalidInput(f"heatmap must be png, uint8, float32 or none, got {heatmap!r}")
+        prepared: dict[int, tuple[Any, ...]] = {}
+        errors: dict[int, EngineError] = {}
+        for i, item in enumerate(items):
+            try:
+                if not isinstance(item, dict):
+                    raise InvalidInput(f"item {i} must be an object with roi_id, image, mm_per_px")
+                unknown = set(item) - {"roi_id", "image", "mm_per_px", "shape"}
+                if unknown:
+                    raise InvalidInput(f"item {i} has unknown fields: {', '.join(sorted(map(str, unknown)))}")
+                key = self._key(role_id, item.get("roi_id"), recipe_id)
+                mm = _check_mm_per_px(item.get("mm_per_px"))
+                model = self._load(key)
+                if model.calibration is None and not allow_uncalibrated:
+                    raise CalibrationMissing(
+                        f"calibration_missing: model {key[1]}/{key[2]} has no threshold; run /calibrate_ng first")
+                self._check_mm(model.manifest, mm)
+                rgb = self._decode(item.get("image"))
+                size = rgb.shape[:2]
+                mask = shape_mask(parse_shape(item.get("shape")), size[0], size[1])
+                prepared[i] = (key, model, resize_square(rgb, model.side), size, mask, mm)
+            except EngineError as exc:
+                errors[i] = exc
+        timings = {"preprocess": _ms(t0)}
+        start = time.perf_counter()
+        features: dict[int, np.ndarray] = {}
+        by_side: dict[int, list[int]] = {}
+        for i, (_, model, *_rest) in prepared.items():
+            by_side.setdefault(model.side, []).append(i)
+        for indices in by_side.values():
+            batch = self.extractor([prepared[i][2] for i in indices])             # n h w D
+            features.update(zip(indices, batch, strict=True))
+        timings["extract"] = _ms(start)
+        out = []
+        for i, item in enumerate(items):
+            roi = str(item.get("roi_id")) if isinstance(item, dict) else ""
+            if i in errors:
+                exc = errors[i]
+                out.append(InferBatchItem(roi_id=roi, result=None,
+                                          error=BatchError(code=exc.code, status=exc.status, message=exc.message)))
+                continue
+            key, model, _, size, mask, mm = prepared[i]
+            result = self._score(key, model, None, size, mask, mm, heatmap, {}, time.perf_counter(),
+                                 features=features[i])
+            out.append(InferBatchItem(roi_id=key[2], result=result, error=None))
+        timings["total"] = _ms(t0)
+        return InferBatchResult(role_id=role_id, recipe_id=check_recipe(recipe_id), n_total=len(out),
+                                n_errors=len(errors), items=tuple(out), timings_ms=timings)
+
     def _score(
-        self, key: tuple[str | None, str, str], model: _Loaded, resized: np.ndarray, size: tuple[int, int],
+        self, key: tuple[str | None, str, str], model: _Loaded, resized: np.ndarray | None, size: tuple[int, int],
         mask: np.ndarray | None, mm_per_px: float, heatmap: HeatmapFormat, timings: dict[str, float], t0: float,
+        features: np.ndarray | None = None,
     ) -> InferResult:
         manifest = model.manifest
         height, width = size
-        start = time.perf_counter()
-        features = self.extractor([resized])[0]                                 # h w D
-        timings["extract"] = _ms(start)
+        if features is None:
+            start = time.perf_counter()
+            features = self.extractor([resized])[0]                             # h w D
+            timings["extract"] = _ms(start)
         start = time.perf_counter()
         patches = patch_scores(model.index, features, manifest["distance"], int(manifest["knn_k"]))
         timings["knn"] = _ms(start)

@@ -108,9 +108,13 @@ def _greedy(z: Tensor, k: int, first: int) -> Tensor:
     min_d = (sq + sq[first] - 2.0 * torch.mv(z, z[first])).clamp_min_(0.0)
     picks = torch.empty(k, dtype=torch.long, device=z.device)
     picks[0] = first
+    # picked rows go to -inf: with repeated rows every min_d can reach 0, and argmax would then
+    # return an index already picked (duplicates in the coreset)
+    min_d[first] = float("-inf")
     for i in range(1, k):
         j = torch.argmax(min_d)
         picks[i] = j
         # |a - b|^2 = |a|^2 + |b|^2 - 2 a.b: one mat-vec instead of an (n, p) temporary
         torch.minimum(min_d, sq + sq[j] - 2.0 * torch.mv(z, z[j]), out=min_d)
+        min_d[j] = float("-inf")
     return picks

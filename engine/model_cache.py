@@ -21,6 +21,7 @@ class ModelCache(Generic[K, V]):
         self._items: OrderedDict[K, V] = OrderedDict()
         self._lock = threading.Lock()
         self._key_locks: dict[K, threading.Lock] = {}
+        self._generation: dict[K, int] = {}      # bumped by put and invalidate
 
     def get_or_load(self, key: K, load: Callable[[], V]) -> V:
         with self._lock:
@@ -33,16 +34,21 @@ class ModelCache(Generic[K, V]):
                 if key in self._items:
                     self._items.move_to_end(key)
                     return self._items[key]
+                generation = self._generation.get(key, 0)
             value = load()
             with self._lock:
-                self._items[key] = value
-                self._items.move_to_end(key)
-                while len(self._items) > self.capacity:
-                    self._items.popitem(last=False)
+                # a put or invalidate during the load (a refit, a calibration) is newer than what
+                # load() read: keep it rather than overwrite it with a stale value
+                if self._generation.get(key, 0) == generation:
+                    self._items[key] = value
+                    self._items.move_to_end(key)
+                    while len(self._items) > self.capacity:
+                        self._items.popitem(last=False)
             return value
 
     def put(self, key: K, value: V) -> None:
         with self._lock:
+            self._generation[key] = self._generation.get(key, 0) + 1
             self._items[key] = value
             self._items.move_to_end(key)
             while len(self._items) > self.capacity:
@@ -50,6 +56,7 @@ class ModelCache(Generic[K, V]):
 
     def invalidate(self, key: K) -> None:
         with self._lock:
+            self._generation[key] = self._generation.get(key, 0) + 1
             self._items.pop(key, None)
 
     def keys(self) -> list[K]:

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
     "AnnulusShape",
+    "BatchError",
     "CalibrationResult",
     "CircleShape",
     "DatasetClass",
@@ -23,6 +24,8 @@ __all__ = [
     "FitResult",
     "HealthResult",
     "HeatmapFormat",
+    "InferBatchItem",
+    "InferBatchResult",
     "InferDatasetResult",
     "InferResult",
     "ModelSummary",
@@ -157,6 +160,27 @@ class InferResult(_Frozen):
     image_shape: tuple[int, int]             # H, W of the ROI as received
     model_version: int
     mm_per_px: float
+    timings_ms: dict[str, float]
+
+
+class BatchError(_Frozen):
+    code: str
+    status: int
+    message: str
+
+
+class InferBatchItem(_Frozen):
+    roi_id: str
+    result: InferResult | None
+    error: BatchError | None
+
+
+class InferBatchResult(_Frozen):
+    role_id: str
+    recipe_id: str | None
+    n_total: int
+    n_errors: int
+    items: tuple[InferBatchItem, ...]
     timings_ms: dict[str, float]
 
 

@@ -11,8 +11,10 @@ Layout (seed §3), per recipe (the default recipe at the root, others under
 A fit writes a complete new folder ``.<roi>.staging-<id>`` (each file fsynced), then swaps it
 in: ``<roi>`` -> ``.<roi>.old-<id>``, staging -> ``<roi>``, old removed. A crash at any point
 leaves either the old or the new folder complete; ``recover`` puts the old one back when the
-swap was cut between its two renames, and removes leftovers. Single files (calibration,
-manifest updates) are replaced with temp file + fsync + ``os.replace``.
+swap was cut between its two renames, and removes leftovers. A delete renames ``<roi>`` to
+``.<roi>.trash-<id>`` before removing it; recovery removes trash, never restores it. Single
+files (calibration, manifest updates) are replaced with temp file + fsync + ``os.replace``.
+Within one process, saves, deletes, recovery and reads of one model folder hold its lock.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import json
 import os
 import re
 import shutil
+import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,9 +41,20 @@ EMBEDDINGS = "embeddings.npy"
 INDEX = "coreset.faiss"
 MANIFEST = "manifest.json"
 CALIBRATION = "calibration.json"
-_LEFTOVER = re.compile(r"\.(.+)\.(?:old|staging)-[0-9a-f]{8}")
+_LEFTOVER = re.compile(r"\.(.+)\.(?:old|staging|trash)-[0-9a-f]{8}")
 _FILE_MODE = 0o644
 _DIR_MODE = 0o755
+_LOCKS_GUARD = threading.Lock()
+_FOLDER_LOCKS: dict[str, threading.RLock] = {}
+
+
+def _folder_lock(final: Path) -> threading.RLock:
+    """One lock per model folder in this process. A save (staging and swap), a delete, a recovery
+    and a read of the same model must not interleave: a reader's ``recover`` would otherwise remove
+    the staging folder of a fit in progress, or undo its swap between the two renames, and a read
+    could mix the files of two versions."""
+    with _LOCKS_GUARD:
+        return _FOLDER_LOCKS.setdefault(os.path.abspath(final), threading.RLock())
 
 
 def fsync_dir(path: Path) -> None:
@@ -119,8 +133,9 @@ class ModelStore:
         return self.models_dir / role_id / roi_id
 
     def exists(self, role_id: str, roi_id: str) -> bool:
-        self.recover(role_id, roi_id)
-        return (self.model_dir(role_id, roi_id) / MANIFEST).is_file()
+        with _folder_lock(self.model_dir(role_id, roi_id)):
+            self.recover(role_id, roi_id)
+            return (self.model_dir(role_id, roi_id) / MANIFEST).is_file()
 
     # --- writing -------------------------------------------------------------------------
 
@@ -136,15 +151,16 @@ class ModelStore:
         tag = uuid.uuid4().hex[:8]
         staging = role_dir / f".{roi_id}.staging-{tag}"
         try:
-            role_dir.mkdir(parents=True, exist_ok=True, mode=_DIR_MODE)
-            staging.mkdir(mode=_DIR_MODE)
-            emb_bytes = _npy_bytes(np.ascontiguousarray(embeddings, dtype=np.float32))
-            manifest = seal({**manifest, "schema_version": SCHEMA_VERSION,
-                             "files": {EMBEDDINGS: _sha256(emb_bytes), INDEX: _sha256(index_bytes)}})
-            for name, data in ((EMBEDDINGS, emb_bytes), (INDEX, index_bytes), (MANIFEST, _json_bytes(manifest))):
-                _write_synced(staging / name, data)
-            fsync_dir(staging)
-            self._swap_in(staging, final, tag)
+            with _folder_lock(final):
+                role_dir.mkdir(parents=True, exist_ok=True, mode=_DIR_MODE)
+                staging.mkdir(mode=_DIR_MODE)
+                emb_bytes = _npy_bytes(np.ascontiguousarray(embeddings, dtype=np.float32))
+                manifest = seal({**manifest, "schema_version": SCHEMA_VERSION,
+                                 "files": {EMBEDDINGS: _sha256(emb_bytes), INDEX: _sha256(index_bytes)}})
+                for name, data in ((EMBEDDINGS, emb_bytes), (INDEX, index_bytes), (MANIFEST, _json_bytes(manifest))):
+                    _write_synced(staging / name, data)
+                fsync_dir(staging)
+                self._swap_in(staging, final, tag)
         except OSError as exc:
             shutil.rmtree(staging, ignore_errors=True)
             raise StorageError(f"cannot save model {role_id}/{roi_id}: {exc.strerror or exc}") from exc
@@ -164,20 +180,24 @@ class ModelStore:
                           manifest: dict[str, Any]) -> None:
         """calibration.json first (the source of truth), then the manifest's mirror of it."""
         folder = self.model_dir(role_id, roi_id)
-        atomic_write_json(folder / CALIBRATION, calibration)
-        atomic_write_json(folder / MANIFEST, seal(manifest))
+        with _folder_lock(folder):
+            atomic_write_json(folder / CALIBRATION, calibration)
+            atomic_write_json(folder / MANIFEST, seal(manifest))
 
     def delete(self, role_id: str, roi_id: str) -> bool:
         final = self.model_dir(role_id, roi_id)
-        if not final.exists():
-            return False
-        trash = final.with_name(f".{roi_id}.old-{uuid.uuid4().hex[:8]}")
-        try:
-            os.rename(final, trash)  # one rename: the model disappears as a unit
-            fsync_dir(final.parent)
-        except OSError as exc:
-            raise StorageError(f"cannot delete model {role_id}/{roi_id}: {exc.strerror or exc}") from exc
-        shutil.rmtree(trash, ignore_errors=True)
+        with _folder_lock(final):
+            if not final.exists():
+                return False
+            # "trash", not "old": recovery removes it and never puts it back (a crash during the
+            # rmtree below must not bring back half a deleted model)
+            trash = final.with_name(f".{roi_id}.trash-{uuid.uuid4().hex[:8]}")
+            try:
+                os.rename(final, trash)  # one rename: the model disappears as a unit
+                fsync_dir(final.parent)
+            except OSError as exc:
+                raise StorageError(f"cannot delete model {role_id}/{roi_id}: {exc.strerror or exc}") from exc
+            shutil.rmtree(trash, ignore_errors=True)
         return True
 
     # --- reading -------------------------------------------------------------------------
@@ -190,6 +210,10 @@ class ModelStore:
             CorruptModel: a file is missing, unreadable, or its checksum differs.
             IncompatibleModel: an unknown schema_version.
         """
+        with _folder_lock(self.model_dir(role_id, roi_id)):
+            return self._load(role_id, roi_id)
+
+    def _load(self, role_id: str, roi_id: str) -> ModelFiles:
         self.recover(role_id, roi_id)
         folder = self.model_dir(role_id, roi_id)
         where = f"{role_id}/{roi_id}"
@@ -227,9 +251,10 @@ class ModelStore:
         return ModelFiles(manifest, embeddings, blobs[INDEX], calibration)
 
     def read_manifest(self, role_id: str, roi_id: str) -> dict[str, Any] | None:
-        self.recover(role_id, roi_id)
-        path = self.model_dir(role_id, roi_id) / MANIFEST
-        return _read_json(path, f"{role_id}/{roi_id}") if path.is_file() else None
+        with _folder_lock(self.model_dir(role_id, roi_id)):
+            self.recover(role_id, roi_id)
+            path = self.model_dir(role_id, roi_id) / MANIFEST
+            return _read_json(path, f"{role_id}/{roi_id}") if path.is_file() else None
 
     def list(self) -> list[tuple[str, str]]:
         """(role_id, roi_id) of every stored model."""
@@ -250,15 +275,16 @@ class ModelStore:
         if not role_dir.is_dir():
             return
         final = role_dir / roi_id
-        olds = sorted(role_dir.glob(f".{roi_id}.old-*"), key=lambda p: p.stat().st_mtime)
-        stagings = list(role_dir.glob(f".{roi_id}.staging-*"))
-        if not olds and not stagings:
-            return
-        if not final.exists() and olds:
-            os.rename(olds.pop(), final)  # cut between the two renames: put the old model back
-            fsync_dir(role_dir)
-        for leftover in [*olds, *stagings]:
-            shutil.rmtree(leftover, ignore_errors=True)
+        with _folder_lock(final):
+            olds = sorted(role_dir.glob(f".{roi_id}.old-*"), key=lambda p: p.stat().st_mtime)
+            stagings = [*role_dir.glob(f".{roi_id}.staging-*"), *role_dir.glob(f".{roi_id}.trash-*")]
+            if not olds and not stagings:
+                return
+            if not final.exists() and olds:
+                os.rename(olds.pop(), final)  # cut between the two renames: put the old model back
+                fsync_dir(role_dir)
+            for leftover in [*olds, *stagings]:
+                shutil.rmtree(leftover, ignore_errors=True)
 
     def recover_all(self) -> None:
         if not self.models_dir.is_dir():

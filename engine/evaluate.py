@@ -1,0 +1,439 @@
+"""Image and pixel AUROC of the engine on an MVTec-AD-layout category folder.
+
+    python -m engine.evaluate <category dir> [--max-train N] [--input-size S] [--coreset-ratio R]
+                              [--backbone NAME] [--weights FILE] [--data-root DIR] [--json]
+                              [--panel out.png] [--verbose]
+    python -m engine evaluate ...   (same)
+
+Layout: ``train/good/*.png`` (fit), ``test/<good|defect>/*.png`` (scored),
+``ground_truth/<defect>/<name>_mask.png`` (pixel labels; good images count as all-zero masks).
+
+The model is fitted and scored through the public :class:`engine.api.Engine` facade, exactly as
+the doors use it: encoded image bytes in, ``allow_uncalibrated=True``, float32 heatmaps out.
+Settings not given on the command line come from the environment, as for the server.
+
+Pixel AUROC is computed over every pixel of every test image after resizing each anomaly map
+(cv2 INTER_AREA) and each mask (INTER_NEAREST) to ``map_side`` x ``map_side`` (256 by default),
+so memory stays bounded (83 bottle images: 5.4 M pixels) whatever the image size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "EvalReport",
+    "ImageScore",
+    "TestImage",
+    "auroc",
+    "evaluate",
+    "format_report",
+    "list_test",
+    "list_train",
+    "main",
+    "write_panel",
+]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+_ROLE, _ROI = "evaluate", "category"
+_MM_PER_PX = 1.0  # the evaluation never looks at areas in mm
+
+
+@dataclass(frozen=True)
+class TestImage:
+    """One test image: its file, its folder under test/ ("good" or a defect) and its mask file."""
+
+    path: Path
+    defect: str
+    mask_path: Path | None          # None for good images (all-zero mask)
+
+    @property
+    def label(self) -> int:
+        return 0 if self.defect == "good" else 1
+
+    @property
+    def name(self) -> str:
+        return f"{self.defect}/{self.path.name}"
+
+
+@dataclass(frozen=True)
+class ImageScore:
+    name: str
+    label: int
+    score: float
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    """Everything ``evaluate`` measured; ``as_dict`` is what ``--json`` prints."""
+
+    category: str
+    backbone: str
+    input_size: int
+    coreset_ratio: float
+    n_train: int
+    n_test: int
+    n_defective: int
+    image_auroc: float
+    pixel_auroc: float | None       # None when the category has no ground_truth folder
+    pixel_side: int                 # maps and masks resized to pixel_side x pixel_side for pixel AUROC
+    coreset_size: int
+    n_embeddings: int
+    token_shape: tuple[int, int]
+    fit_s: dict[str, float]         # seconds per fit stage (FitResult.timings_ms), plus "total"
+    infer_ms: dict[str, float]      # median ms per image per stage (InferResult.timings_ms)
+    wall_s: float
+    scores: tuple[ImageScore, ...] = field(default=())
+    panel: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _spread(n: int, most: int) -> list[int]:
+    """``most`` indices spread evenly over range(n), first and last included (all when n <= most)."""
+    if most >= n:
+        return list(range(n))
+    if most == 1:
+        return [0]
+    return [int(round(i * (n - 1) / (most - 1))) for i in range(most)]
+
+
+def list_train(category: Path, max_train: int | None = None) -> list[Path]:
+    """Sorted ``train/good`` images; with ``max_train``, that many evenly spaced ones (deterministic).
+
+    Raises:
+        FileNotFoundError: no train/good folder or no image in it.
+        ValueError: max_train < 1.
+    """
+    folder = Path(category) / "train" / "good"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} does not exist: not an MVTec-layout category folder")
+    files = _images(folder)
+    if not files:
+        raise FileNotFoundError(f"no image in {folder}")
+    if max_train is None:
+        return files
+    if max_train < 1:
+        raise ValueError(f"max_train must be >= 1, got {max_train}")
+    return [files[i] for i in _spread(len(files), max_train)]
+
+
+def list_test(category: Path) -> list[TestImage]:
+    """Every image under ``test/``, good first, then the defect folders in name order.
+
+    Mask paths are filled in when ``ground_truth/`` exists.
+
+    Raises:
+        FileNotFoundError: no test folder, no image, or a defect image without its mask.
+    """
+    root = Path(category)
+    test = root / "test"
+    if not test.is_dir():
+        raise FileNotFoundError(f"{test} does not exist: not an MVTec-layout category folder")
+    truth = root / "ground_truth"
+    folders = sorted((p for p in test.iterdir() if p.is_dir()), key=lambda p: (p.name != "good", p.name))
+    out = []
+    for folder in folders:
+        for path in _images(folder):
+            mask = None
+            if folder.name != "good" and truth.is_dir():
+                mask = truth / folder.name / f"{path.stem}_mask.png"
+                if not mask.is_file():
+                    raise FileNotFoundError(f"mask {mask} for {path} is missing")
+            out.append(TestImage(path, folder.name, mask))
+    if not out:
+        raise FileNotFoundError(f"no image under {test}")
+    return out
+
+
+def auroc(scores: np.ndarray | Sequence[float], labels: np.ndarray | Sequence[int | bool]) -> float:
+    """Exact area under the ROC curve: the Mann-Whitney U statistic, ties counted as one half.
+
+    Args:
+        scores: (N,) any real scores, higher = more positive.
+        labels: (N,) 0/1 or bool, both classes present.
+
+    Raises:
+        ValueError: shapes differ, or a class is missing.
+    """
+    s = np.asarray(scores).ravel()
+    y = np.asarray(labels).ravel().astype(bool)
+    if s.shape != y.shape:
+        raise ValueError(f"scores {s.shape} and labels {y.shape} differ in size")
+    n_pos = int(y.sum())
+    n_neg = y.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("AUROC needs both positive and negative labels")
+    order = np.argsort(s, kind="stable")
+    s_sorted = s[order]
+    first = np.empty(s.size, dtype=bool)                 # N: True where a run of equal scores starts
+    first[0] = True
+    np.not_equal(s_sorted[1:], s_sorted[:-1], out=first[1:])
+    starts = np.flatnonzero(first)
+    ends = np.append(starts[1:], s.size)
+    mid_rank = (starts + ends + 1) / 2.0                 # 1-based mean rank of each tie run
+    run_of = np.cumsum(first) - 1                        # N: tie run of each sorted position
+    pos_rank_sum = float(mid_rank[run_of[y[order]]].sum())
+    u = pos_rank_sum - n_pos * (n_pos + 1) / 2.0
+    return u / (n_pos * n_neg)
+
+
+def _resize(array: np.ndarray, side: int, interpolation: int) -> np.ndarray:
+    import cv2
+
+    if array.shape[:2] == (side, side):
+        return array
+    return cv2.resize(array, (side, side), interpolation=interpolation)
+
+
+def _read_mask(item: TestImage, height: int, width: int, side: int) -> np.ndarray:
+    """(side, side) bool ground truth of one test image (all False for good images)."""
+    import cv2
+
+    if item.mask_path is None:
+        return np.zeros((side, side), dtype=bool)
+    mask = cv2.imread(str(item.mask_path), cv2.IMREAD_GRAYSCALE)
+    if mask is None:
+        raise ValueError(f"mask {item.mask_path} cannot be read")
+    if mask.shape != (height, width):
+        raise ValueError(f"mask {item.mask_path} is {mask.shape}, its image is {(height, width)}")
+    return _resize(mask, side, cv2.INTER_NEAREST) > 0
+
+
+def evaluate(
+    category: Path | str, *, max_train: int | None = None, input_size: int | None = None,
+    coreset_ratio: float | None = None, backbone: str | None = None, weights: Path | None = None,
+    data_root: Path | None = None, pixel_side: int = 256, panel: Path | None = None, panel_count: int = 6,
+) -> EvalReport:
+    """Fit on train/good, score every test image, return AUROCs and timings.
+
+    Args:
+        category: MVTec-layout folder (train/good, test/*, ground_truth/*).
+        max_train: fit on this many evenly spaced train images (all when None).
+        input_size, coreset_ratio, backbone, weights: engine settings (None = the engine's setting).
+        data_root: where the model is written; a temporary folder, removed afterwards, when None.
+        pixel_side: side the maps and masks are resized to for the pixel AUROC.
+        panel: write a PNG panel (image | heatmap overlay) of ``panel_count`` test images there.
+    """
+    import cv2
+
+    from engine.api import Engine
+    from engine.settings import Settings
+
+    started = time.perf_counter()
+    category = Path(category)
+    train = list_train(category, max_train)
+    tests = list_test(category)
+    overrides: dict[str, Any] = {}
+    for name, value in (("input_size", input_size), ("coreset_ratio", coreset_ratio),
+                        ("backbone", backbone), ("weights", weights)):
+        if value is not None:
+            overrides[name] = value
+    with tempfile.TemporaryDirectory(prefix="engine-eval-") as tmp:
+        settings = Settings(data_root=Path(data_root) if data_root is not None else Path(tmp), **overrides)
+        engine = Engine(settings)
+        try:
+            fit = engine.fit_ok(_ROLE, _ROI, _MM_PER_PX, [p.read_bytes() for p in train])
+            n_test = len(tests)
+            maps = np.empty((n_test, pixel_side, pixel_side), dtype=np.float32)  # T S S
+            masks = np.empty((n_test, pixel_side, pixel_side), dtype=bool)      # T S S
+            scores, timings, scales = [], [], []
+            has_truth = (category / "ground_truth").is_dir()
+            for i, item in enumerate(tests):
+                result = engine.infer(_ROLE, _ROI, _MM_PER_PX, item.path.read_bytes(),
+                                      allow_uncalibrated=True, heatmap="float32")
+                raw = result.heatmap_raw
+                if raw is None or raw.dtype != "float32":
+                    raise RuntimeError("the engine returned no float32 heatmap")
+                height, width = raw.shape
+                amap = np.frombuffer(raw.data, dtype=np.float32).reshape(height, width)
+                maps[i] = _resize(amap, pixel_side, cv2.INTER_AREA)
+                masks[i] = _read_mask(item, height, width, pixel_side) if has_truth else False
+                scores.append(ImageScore(item.name, item.label, float(result.score)))
+                timings.append(result.timings_ms)
+                scales.append(result.heatmap_scale)
+        finally:
+            engine.close()
+
+    labels = np.array([s.label for s in scores])
+    image_auroc = auroc(np.array([s.score for s in scores]), labels)
+    pixel_auroc = auroc(maps, masks) if has_truth else None
+    panel_path = None
+    if panel is not None:
+        write_panel(panel, tests, maps, masks, [s.score for s in scores], scales[0], panel_count)
+        panel_path = str(panel)
+    fit_s = {stage: round(ms / 1000.0, 3) for stage, ms in fit.timings_ms.items()}
+    fit_s["total"] = round(sum(fit.timings_ms.values()) / 1000.0, 3)
+    stages = list(dict.fromkeys(k for t in timings for k in t))
+    infer_ms = {k: round(statistics.median(t[k] for t in timings if k in t), 3) for k in stages}
+    return EvalReport(
+        category=category.name, backbone=fit.backbone, input_size=fit.input_size,
+        coreset_ratio=settings.coreset_ratio, n_train=len(train), n_test=len(tests),
+        n_defective=int(labels.sum()), image_auroc=round(image_auroc, 6),
+        pixel_auroc=None if pixel_auroc is None else round(pixel_auroc, 6), pixel_side=pixel_side,
+        coreset_size=fit.coreset_size, n_embeddings=fit.n_embeddings, token_shape=fit.token_shape,
+        fit_s=fit_s, infer_ms=infer_ms, wall_s=round(time.perf_counter() - started, 3),
+        scores=tuple(scores), panel=panel_path,
+    )
+
+
+def _panel_picks(tests: Sequence[TestImage], count: int) -> list[int]:
+    """About half good and half defective images, evenly spread, defect folders taken in turn."""
+    good = [i for i, t in enumerate(tests) if t.label == 0]
+    by_defect: dict[str, list[int]] = {}
+    for i, t in enumerate(tests):
+        if t.label == 1:
+            by_defect.setdefault(t.defect, []).append(i)
+    n_good = min(len(good), count // 2) if by_defect else min(len(good), count)
+    picks = [good[j] for j in _spread(len(good), n_good)] if n_good else []
+    queues = [list(members) for members in by_defect.values()]
+    turn = 0
+    while len(picks) < count and any(queues):
+        queue = queues[turn % len(queues)]
+        if queue:
+            # middle of what is left, so one image per folder comes from its middle, not its start
+            picks.append(queue.pop(len(queue) // 2))
+        turn += 1
+    return picks
+
+
+def write_panel(
+    path: Path | str, tests: Sequence[TestImage], maps: np.ndarray, masks: np.ndarray,
+    scores: Sequence[float], scale: float, count: int = 6, columns: int = 2,
+) -> Path:
+    """PNG grid of (image | heatmap overlay) pairs for ``count`` test images; returns the path.
+
+    maps, masks: (T, S, S) resized anomaly maps and ground truth of all test images. Heatmaps use
+    the engine's fixed scale (``scale`` at mid colour, twice it saturated), so tiles compare;
+    the ground-truth outline is drawn in white on defective images.
+    """
+    import cv2
+
+    from engine.heatmap import to_uint8
+
+    picks = _panel_picks(tests, count)
+    if not picks:
+        raise ValueError("no test image to draw")
+    side = maps.shape[1]
+    tiles = []
+    for i in picks:
+        image = cv2.imread(str(tests[i].path), cv2.IMREAD_COLOR)
+        if image is None:
+            raise ValueError(f"{tests[i].path} cannot be read")
+        image = _resize(image, side, cv2.INTER_AREA)                        # S S 3 (BGR)
+        heat = cv2.applyColorMap(to_uint8(maps[i], scale), cv2.COLORMAP_JET)
+        overlay = cv2.addWeighted(image, 0.5, heat, 0.5, 0.0)
+        if masks[i].any():
+            contours, _ = cv2.findContours(masks[i].astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+            cv2.drawContours(overlay, contours, -1, (255, 255, 255), 1)
+        caption = f"{tests[i].name} {scores[i]:.3f}"
+        for tile, text in ((image, caption), (overlay, "heatmap")):
+            cv2.putText(tile, text, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 3, cv2.LINE_AA)
+            cv2.putText(tile, text, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1, cv2.LINE_AA)
+        tiles.append(np.hstack([image, overlay]))                          # S 2S 3
+    blank = np.zeros_like(tiles[0])
+    rows = []
+    for first in range(0, len(tiles), columns):
+        row = tiles[first : first + columns]
+        row += [blank] * (columns - len(row))
+        rows.append(np.hstack(row))                                         # S 2S*columns 3
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), np.vstack(rows)):
+        raise OSError(f"cannot write {path}")
+    return path
+
+
+def format_report(report: EvalReport) -> str:
+    """The human-readable summary ``main`` prints."""
+    pixel = "n/a (no ground_truth)" if report.pixel_auroc is None else f"{report.pixel_auroc:.4f}"
+    lines = [
+        f"category      {report.category}: {report.n_train} train, {report.n_test} test "
+        f"({report.n_defective} defective)",
+        f"model         {report.backbone} @ {report.input_size} px, tokens {report.token_shape[0]}x"
+        f"{report.token_shape[1]}, coreset {report.coreset_size} of {report.n_embeddings} "
+        f"({report.coreset_ratio:g})",
+        f"image AUROC   {report.image_auroc:.4f}",
+        f"pixel AUROC   {pixel}  (maps INTER_AREA / masks INTER_NEAREST resized to "
+        f"{report.pixel_side}x{report.pixel_side})",
+        "fit s         " + "  ".join(f"{k} {v:.2f}" for k, v in report.fit_s.items()),
+        "infer ms/img  " + "  ".join(f"{k} {v:.1f}" for k, v in report.infer_ms.items()) + "  (median)",
+        f"wall s        {report.wall_s:.1f}",
+    ]
+    if report.panel:
+        lines.append(f"panel         {report.panel}")
+    return "\n".join(lines)
+
+
+def _quiet_logs(verbose: bool) -> None:
+    # the engine logs one structlog line per infer; structlog's default prints to stdout, which
+    # would mix with --json output. Only this command-line entry point touches logging.
+    import structlog
+
+    if verbose:
+        from engine.logs import configure_logging
+
+        configure_logging("INFO", json_lines=False)   # stderr
+    else:
+        structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+        logging.getLogger("engine").setLevel(logging.WARNING)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m engine evaluate",
+        description="Fit on train/good of an MVTec-layout category, score test/*, print image and "
+                    "pixel AUROC and timings.",
+    )
+    parser.add_argument("category", type=Path, help="folder with train/good, test/<good|defect>, ground_truth/")
+    parser.add_argument("--max-train", type=int, default=None,
+                        help="fit on N evenly spaced train images (sorted by name); default all")
+    parser.add_argument("--input-size", type=int, default=None, help="square input side (default: backbone's)")
+    parser.add_argument("--coreset-ratio", type=float, default=None, help="default: the engine setting (0.1)")
+    parser.add_argument("--backbone", default=None,
+                        choices=["auto", "dinov2_vits14", "efficientnet_lite0", "efficientnet_lite2"])
+    parser.add_argument("--weights", type=Path, default=None, help="backbone weights file")
+    parser.add_argument("--data-root", type=Path, default=None, help="where the model is written (default: temp)")
+    parser.add_argument("--pixel-side", type=int, default=256, help="side maps/masks are resized to (256)")
+    parser.add_argument("--panel", type=Path, default=None, help="write a PNG panel of heatmaps there")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--verbose", action="store_true", help="engine logs on stderr")
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    from engine.errors import EngineError
+
+    _quiet_logs(args.verbose)
+    try:
+        report = evaluate(
+            args.category, max_train=args.max_train, input_size=args.input_size,
+            coreset_ratio=args.coreset_ratio, backbone=args.backbone, weights=args.weights,
+            data_root=args.data_root, pixel_side=args.pixel_side, panel=args.panel,
+        )
+    except (FileNotFoundError, ValueError, EngineError) as exc:   # pydantic's ValidationError is a ValueError
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(report.as_dict()))
+    else:
+        print(format_report(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
