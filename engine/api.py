@@ -26,14 +26,14 @@ from engine.backbones import build_backbone
 from engine.calibration import calibrate, percentile_fraction, score_stats
 from engine.datasets import LABELS, DatasetStore
 from engine.errors import (
-    CalibrationMissing, EngineError, IncompatibleModel, InvalidImage, InvalidInput, MmPerPxMismatch,
+    CalibrationMissing, CorruptModel, EngineError, IncompatibleModel, InvalidImage, InvalidInput, MmPerPxMismatch,
     ModelNotFound, PayloadTooLarge,
 )
 from engine.features import FeatureExtractor
 from engine.heatmap import encode_png, to_uint8
 from engine.ids import check_id, check_recipe
 from engine.images import decode_image, from_array, resize_square
-from engine.knn import Distance, configure_faiss, deserialize_index, serialize_index
+from engine.knn import Distance, TorchBank, configure_faiss, deserialize_index, serialize_index
 from engine.masks import parse_shape, shape_mask
 from engine.model_cache import ModelCache
 from engine.patchcore import build_memory, leave_out_scores, patch_scores
@@ -157,7 +157,12 @@ class Engine:
         def load() -> _Loaded:
             files = self._store(recipe).load(role_id, roi_id)
             self._check_compatible(files.manifest, f"{role_id}/{roi_id}")
-            return _Loaded(files.manifest, deserialize_index(files.index_bytes), files.calibration)
+            index = deserialize_index(files.index_bytes)
+            if index.ntotal != len(files.embeddings) or index.d != files.embeddings.shape[1]:
+                raise CorruptModel(f"model {role_id}/{roi_id}: index and embeddings disagree; refit the model")
+            if self.device == "cuda":
+                index = TorchBank(files.embeddings, files.manifest["distance"], self.device)
+            return _Loaded(files.manifest, index, files.calibration)
 
         return self._cache.get_or_load(key, load)
 
@@ -335,7 +340,8 @@ class Engine:
                 "library_versions": _library_versions(),
             }
             manifest = store.save(role_id, roi_id, manifest, memory.bank, serialize_index(memory.index))
-            self._cache.put(key, _Loaded(manifest, memory.index, None))
+            live = TorchBank(memory.bank, distance, self.device) if self.device == "cuda" else memory.index
+            self._cache.put(key, _Loaded(manifest, live, None))
             report("save", 1, 1)
             timings["save"] = _ms(start)
 

@@ -7,7 +7,15 @@ from typing import Literal
 import faiss
 import numpy as np
 
-__all__ = ["Distance", "build_index", "configure_faiss", "deserialize_index", "knn_distances", "serialize_index"]
+__all__ = [
+    "Distance",
+    "TorchBank",
+    "build_index",
+    "configure_faiss",
+    "deserialize_index",
+    "knn_distances",
+    "serialize_index",
+]
 
 Distance = Literal["l2", "cosine"]
 
@@ -60,3 +68,34 @@ def serialize_index(index: faiss.Index) -> bytes:
 def deserialize_index(data: bytes) -> faiss.Index:
     # from bytes rather than faiss.read_index(path): the latter fails on non-ASCII paths on Windows
     return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+
+
+class TorchBank:
+    """Exact kNN by matrix product on a torch device: the GPU path (faiss-cpu has no GPU).
+
+    Same distances as the flat faiss index: l2 Euclidean, cosine 1 - similarity.
+    """
+
+    def __init__(self, bank: np.ndarray, distance: Distance, device: str) -> None:
+        import torch
+
+        self.distance = distance
+        self.device = torch.device(device)
+        self.bank = torch.from_numpy(_prepare(bank, distance)).to(self.device)       # M D
+        self.bank_sq = (self.bank * self.bank).sum(1)                                  # M
+        self.ntotal = int(self.bank.shape[0])
+
+    def distances(self, queries: np.ndarray, k: int = 1) -> np.ndarray:
+        """(Q,) mean distance of each query (Q, D) to its k nearest bank rows."""
+        import torch
+
+        k = min(k, self.ntotal)
+        with torch.inference_mode():
+            q = torch.from_numpy(_prepare(queries, self.distance)).to(self.device)    # Q D
+            dots = q @ self.bank.T                                                      # Q M
+            if self.distance == "l2":
+                d2 = (q * q).sum(1, keepdim=True) + self.bank_sq[None, :] - 2.0 * dots
+                dist = torch.topk(d2, k, dim=1, largest=False).values.clamp_min_(0).sqrt_()
+            else:
+                dist = 1.0 - torch.topk(dots, k, dim=1).values
+            return dist.mean(1).float().cpu().numpy()

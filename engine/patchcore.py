@@ -11,7 +11,7 @@ import torch
 
 from engine.anomaly_map import anomaly_map, masked_percentile
 from engine.coreset import greedy_coreset
-from engine.knn import Distance, build_index, knn_distances
+from engine.knn import Distance, TorchBank, build_index, knn_distances
 
 __all__ = ["Memory", "build_memory", "leave_out_scores", "patch_scores"]
 
@@ -43,10 +43,13 @@ def build_memory(
     return Memory(bank, sources[keep], build_index(bank, distance))
 
 
-def patch_scores(index: faiss.Index, features: np.ndarray, distance: Distance, k: int) -> np.ndarray:
-    """features (h, w, D) -> (h, w) distance of each patch to the memory."""
+def patch_scores(index: faiss.Index | TorchBank, features: np.ndarray, distance: Distance, k: int) -> np.ndarray:
+    """features (h, w, D) -> (h, w) distance of each patch to the memory (faiss or torch bank)."""
     h, w, d = features.shape
-    return knn_distances(index, features.reshape(-1, d), distance, k).reshape(h, w)
+    flat = features.reshape(-1, d)
+    if isinstance(index, TorchBank):
+        return index.distances(flat, k).reshape(h, w)
+    return knn_distances(index, flat, distance, k).reshape(h, w)
 
 
 def leave_out_scores(
