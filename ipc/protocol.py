@@ -1,0 +1,136 @@
+"""Wire format of the ZeroMQ door: one msgpack map per message, version 1 (see docs/ipc.md).
+
+Request: ``{"v": 1, "op": str, "id": str, "api_key"?: str, "args": {...}}``.
+Reply:   ``{"v": 1, "id": ..., "ok": true, "result": {...}}`` or
+         ``{"v": 1, "id": ..., "ok": false, "status": int, "error": {"code": str, "message": str}}``.
+Arrays travel as ``{"dtype": str, "shape": [d0, d1, ...], "data": bytes}`` (C order).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from engine.errors import InvalidImage
+
+__all__ = [
+    "OPS",
+    "PROTOCOL_VERSION",
+    "OpInfo",
+    "array_from_wire",
+    "array_to_wire",
+    "image_from_wire",
+    "pack",
+    "unpack",
+]
+
+PROTOCOL_VERSION = 1
+
+
+@dataclass(frozen=True)
+class OpInfo:
+    """How the client may treat an op: retry it after a timeout, and wait longer for it."""
+
+    idempotent: bool
+    long: bool = False
+
+
+# op name = Engine method name; args = its keyword arguments (``progress`` is the server's).
+OPS: dict[str, OpInfo] = {
+    "health": OpInfo(idempotent=True),
+    "fit_ok": OpInfo(idempotent=False, long=True),
+    "calibrate_ng": OpInfo(idempotent=False),
+    "infer": OpInfo(idempotent=True),
+    "state": OpInfo(idempotent=True),
+    "manifest": OpInfo(idempotent=True),
+    "list_models": OpInfo(idempotent=True),
+    "delete_model": OpInfo(idempotent=False),
+    "dataset_upload": OpInfo(idempotent=False),
+    "dataset_list": OpInfo(idempotent=True),
+    "dataset_file": OpInfo(idempotent=True),
+    "dataset_meta": OpInfo(idempotent=True),
+    "dataset_delete": OpInfo(idempotent=False),
+    "dataset_clear": OpInfo(idempotent=False),
+    "calibrate_dataset": OpInfo(idempotent=False, long=True),
+    "infer_dataset": OpInfo(idempotent=True, long=True),
+}
+
+_IMAGE_DTYPES = ("uint8", "uint16")
+_ARRAY_KEYS = frozenset({"dtype", "shape", "data"})
+
+
+def _default(obj: Any) -> Any:
+    # results are plain pydantic dumps; these cover what a manifest dict may still hold
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj)
+    if hasattr(obj, "__fspath__"):
+        return str(obj)
+    raise TypeError(f"cannot send a {type(obj).__name__} over the wire")
+
+
+def pack(message: Any) -> bytes:
+    """One message as msgpack bytes (tuples become arrays, bytes stay bin)."""
+    return msgpack.packb(message, default=_default, use_bin_type=True, datetime=False)
+
+
+def unpack(data: bytes | memoryview) -> Any:
+    """The object in one msgpack message; raises ValueError on anything that is not exactly one."""
+    try:
+        return msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=True)
+    except Exception as exc:  # ExtraData, FormatError, StackError, UnicodeDecodeError, ...
+        detail = f": {exc}" if str(exc) else ""
+        raise ValueError(f"not a msgpack message ({type(exc).__name__}{detail})") from exc
+
+
+def array_to_wire(arr: np.ndarray) -> dict[str, Any]:
+    """``{"dtype", "shape", "data"}`` of a C-contiguous copy (or view) of ``arr``."""
+    arr = np.ascontiguousarray(arr)
+    return {"dtype": arr.dtype.name, "shape": list(arr.shape), "data": arr.tobytes()}
+
+
+def array_from_wire(obj: Any, dtypes: tuple[str, ...] = ("uint8", "uint16", "float32")) -> np.ndarray:
+    """A read-only array viewing ``obj["data"]``; ValueError when the dict does not describe one."""
+    if hasattr(obj, "model_dump"):          # a RawArray result model
+        obj = obj.model_dump(mode="python")
+    if not isinstance(obj, dict) or set(obj) != _ARRAY_KEYS:
+        raise ValueError("an array is a map with exactly the keys dtype, shape, data")
+    dtype, shape, data = obj["dtype"], obj["shape"], obj["data"]
+    if dtype not in dtypes:
+        raise ValueError(f"dtype must be one of {', '.join(dtypes)}, got {dtype!r}")
+    if not isinstance(shape, (list, tuple)) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape
+    ):
+        raise ValueError(f"shape must be a list of positive ints, got {shape!r}")
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ValueError(f"data must be bytes, got {type(data).__name__}")
+    itemsize = np.dtype(dtype).itemsize
+    expected = math.prod(shape) * itemsize
+    if len(data) != expected:
+        raise ValueError(f"data holds {len(data)} bytes, shape {list(shape)} of {dtype} needs {expected}")
+    return np.frombuffer(data, dtype=dtype).reshape(shape)   # no copy, no decode
+
+
+def image_from_wire(obj: Any) -> Any:
+    """An image argument as the engine takes it: encoded bytes unchanged, a raw buffer as an array.
+
+    Raises:
+        InvalidImage: a raw buffer map that is not (H, W) or (H, W, C) uint8/uint16 with C in 1, 3, 4.
+    """
+    if not isinstance(obj, dict):
+        return obj            # encoded file bytes, or a wrong type the arg validation reports
+    try:
+        arr = array_from_wire(obj, _IMAGE_DTYPES)
+    except ValueError as exc:
+        raise InvalidImage(f"raw image buffer: {exc}") from exc
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (1, 3, 4)):
+        raise InvalidImage(
+            f"raw image buffer: shape must be [h, w] or [h, w, c] with c in 1, 3, 4, got {list(arr.shape)}")
+    return arr
