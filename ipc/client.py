@@ -22,7 +22,7 @@ from pydantic import BaseModel
 
 from engine.schemas import (
     CalibrationResult, DatasetClearResult, DatasetListing, DatasetSample, DeleteResult, FitResult,
-    HealthResult, HeatmapFormat, InferDatasetResult, InferResult, ModelSummary, StateResult,
+    HealthResult, HeatmapFormat, InferBatchResult, InferDatasetResult, InferResult, ModelSummary, StateResult,
 )
 from ipc.errors import EngineUnavailable, RemoteError
 from ipc.protocol import OPS, PROTOCOL_VERSION, array_to_wire, pack, unpack
@@ -204,6 +204,20 @@ class EngineClient:
                 "shape": shape, "operator_id": operator_id, "allow_uncalibrated": allow_uncalibrated,
                 "heatmap": heatmap, "recipe_id": recipe_id}
         return InferResult.model_validate(self.call("infer", args, timeout=timeout))
+
+    def infer_batch(self, role_id: str, items: list[dict[str, Any]], *, allow_uncalibrated: bool = False,
+                    heatmap: HeatmapFormat = "none", recipe_id: str | None = None,
+                    timeout: float | None = None) -> InferBatchResult:
+        """Several ROIs of one part in one call; each item: roi_id, image, mm_per_px, shape?"""
+        wire_items = []
+        for item in items:
+            shape = item.get("shape")
+            if isinstance(shape, BaseModel):
+                shape = shape.model_dump(mode="python")
+            wire_items.append({**item, "image": _image(item["image"]), "shape": shape})
+        args = {"role_id": role_id, "items": wire_items, "allow_uncalibrated": allow_uncalibrated,
+                "heatmap": heatmap, "recipe_id": recipe_id}
+        return InferBatchResult.model_validate(self.call("infer_batch", args, timeout=timeout))
 
     def state(self, role_id: str, roi_id: str, *, recipe_id: str | None = None,
               timeout: float | None = None) -> StateResult:

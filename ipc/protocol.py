@@ -45,6 +45,7 @@ OPS: dict[str, OpInfo] = {
     "fit_ok": OpInfo(idempotent=False, long=True),
     "calibrate_ng": OpInfo(idempotent=False),
     "infer": OpInfo(idempotent=True),
+    "infer_batch": OpInfo(idempotent=True),
     "state": OpInfo(idempotent=True),
     "manifest": OpInfo(idempotent=True),
     "list_models": OpInfo(idempotent=True),

@@ -428,6 +428,10 @@ class IpcServer:
                     args = {**args, name: [image_from_wire(v) for v in value]}
                 elif not many:
                     args = {**args, name: image_from_wire(value)}
+        if op == "infer_batch" and isinstance(args.get("items"), list):
+            args = {**args, "items": [
+                {**item, "image": image_from_wire(item["image"])} if isinstance(item, dict) and "image" in item else item
+                for item in args["items"]]}
         kwargs = {}
         for name, value in args.items():
             adapter = spec.adapters.get(name)        # absent only for a **kwargs catch-all

@@ -350,3 +350,23 @@ def test_stop_finishes_the_running_fit_and_refuses_the_queued(
     assert (out["state"].status, out["state"].code) == (503, "shutting_down")
     assert {t for t in threading.enumerate() if t.name.startswith("ipc-")} == before
     assert client.delete_model(ROLE, "stop").deleted is True
+
+
+def test_infer_batch_matches_single_infers(client: EngineClient, calib_a: CalibrationResult,
+                                           images: dict[str, list[np.ndarray]]) -> None:
+    broken, good = images["broken"][0], images["good"][0]
+    raw_rgb = np.ascontiguousarray(good[:, :, ::-1])
+    batch = client.infer_batch(ROLE, [
+        {"roi_id": "a", "image": _png(broken), "mm_per_px": MMPP},
+        {"roi_id": "a", "image": raw_rgb, "mm_per_px": MMPP, "shape": {"kind": "circle", "cx": 64, "cy": 64, "r": 60}},
+        {"roi_id": "missing", "image": _png(good), "mm_per_px": MMPP},
+    ])
+    assert (batch.n_total, batch.n_errors) == (3, 1)
+    first, second, third = batch.items
+    single = client.infer(ROLE, "a", MMPP, _png(broken), heatmap="none")
+    assert first.result is not None and abs(first.result.score - single.score) < 1e-4
+    assert first.result.decision == single.decision == "ng"
+    circle = client.infer(ROLE, "a", MMPP, raw_rgb, {"kind": "circle", "cx": 64, "cy": 64, "r": 60}, heatmap="none")
+    assert second.result is not None and abs(second.result.score - circle.score) < 1e-4
+    assert third.result is None and third.error is not None
+    assert (third.error.status, third.error.code) == (404, "model_not_found")
