@@ -7,6 +7,7 @@ committed on disk).
 
 from __future__ import annotations
 
+import json
 import math
 import platform
 import threading
@@ -45,7 +46,7 @@ from engine.schemas import (
     OkScoreStats, RawArray, Shape, StateResult,
 )
 from engine.settings import Settings
-from engine.storage import ModelStore
+from engine.storage import ModelStore, make_dirs
 
 __all__ = ["Engine", "ImageInput", "ProgressFn"]
 
@@ -96,7 +97,7 @@ class Engine:
         self.settings = settings
         self._started = time.monotonic()
         self.data_root = Path(settings.data_root)
-        self.data_root.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.data_root)
         configure_faiss(settings.torch_threads)
         if settings.torch_threads is not None:
             import torch
@@ -112,6 +113,10 @@ class Engine:
         self._fit_locks: dict[tuple[str | None, str, str], threading.Lock] = {}
         self._locks_guard = threading.Lock()
         ModelStore(self.data_root).recover_all()
+        recipes = self.data_root / "recipes"
+        for base in sorted(recipes.iterdir()) if recipes.is_dir() else ():
+            if base.is_dir():
+                ModelStore(base).recover_all()   # a crash may have cut a swap in any recipe
         log.info("engine_ready", backbone=self.backbone_info.name, reason=self.backbone_reason,
                  device=self.device, precision=self.extractor.precision, data_root=str(self.data_root))
 
@@ -156,10 +161,16 @@ class Engine:
 
         def load() -> _Loaded:
             files = self._store(recipe).load(role_id, roi_id)
-            self._check_compatible(files.manifest, f"{role_id}/{roi_id}")
-            index = deserialize_index(files.index_bytes)
-            if index.ntotal != len(files.embeddings) or index.d != files.embeddings.shape[1]:
-                raise CorruptModel(f"model {role_id}/{roi_id}: index and embeddings disagree; refit the model")
+            where = f"{role_id}/{roi_id}"
+            self._check_compatible(files.manifest, where)
+            try:
+                index = deserialize_index(files.index_bytes)
+            except RuntimeError as exc:   # faiss's error for bytes that are no index
+                raise CorruptModel(f"model {where}: coreset.faiss is not a faiss index; refit the model") from exc
+            emb = files.embeddings
+            if emb.ndim != 2 or index.ntotal != len(emb) or index.d != emb.shape[1]:
+                raise CorruptModel(f"model {where}: index and embeddings disagree; refit the model")
+            _check_calibration(files.calibration, where)
             if self.device == "cuda":
                 index = TorchBank(files.embeddings, files.manifest["distance"], self.device)
             return _Loaded(files.manifest, index, files.calibration)
@@ -224,7 +235,11 @@ class Engine:
         store = self._store(recipe)
         out = []
         for role_id, roi_id in store.list():
-            manifest = store.read_manifest(role_id, roi_id)
+            try:
+                manifest = store.read_manifest(role_id, roi_id)
+            except CorruptModel as exc:   # one damaged model must not hide the others
+                log.warning("model_skipped", role_id=role_id, roi_id=roi_id, error=exc.message)
+                continue
             if manifest is None:
                 continue
             out.append(ModelSummary(
@@ -316,7 +331,10 @@ class Engine:
             start = time.perf_counter()
             report("save", 0, 1)
             store = self._store(recipe)
-            previous = store.read_manifest(role_id, roi_id) if store.exists(role_id, roi_id) else None
+            try:
+                previous = store.read_manifest(role_id, roi_id) if store.exists(role_id, roi_id) else None
+            except CorruptModel:
+                previous = None   # a damaged model is what a refit repairs: never let it block the fit
             version = int(previous["model_version"]) + 1 if previous else 1
             info = self.backbone_info
             manifest = {
@@ -566,6 +584,12 @@ class Engine:
             raise InvalidImage("a dataset sample must be an encoded image file (PNG, JPEG, BMP, TIFF)")
         if meta is not None and not isinstance(meta, dict):
             raise InvalidInput("meta must be a JSON object")
+        if meta is not None:
+            try:
+                json.dumps(meta)   # stored as JSON: bytes, non-text keys or deep nesting would fail later
+            except (TypeError, ValueError, RecursionError) as exc:
+                raise InvalidInput(f"meta must be plain JSON (text keys, no binary, not deeply nested): "
+                                   f"{type(exc).__name__}") from None
         self._decode(image)  # store only what the engine can read back
         extension = ".png" if bytes(image[:8]) == b"\x89PNG\r\n\x1a\n" else ".img"
         if extension == ".img":
@@ -612,17 +636,20 @@ class Engine:
         return [(label, name) for label in LABELS for name in store.files(role_id, roi_id, label)]
 
     def _score_sample(self, key: tuple[str | None, str, str], model: _Loaded, label: str, name: str,
-                      include_heatmap: bool) -> InferResult:
+                      include_heatmap: bool, default_mm_per_px: float | None = None) -> InferResult:
+        """A stored sample scored like ``infer``: its metadata's mm_per_px (else the default, else the
+        model's), checked against the model (409), and its shape as the mask."""
         recipe, role_id, roi_id = key
         store = self._datasets(recipe)
         meta = store.meta(role_id, roi_id, label, name)
-        mm = meta.get("mm_per_px") or model.manifest["mm_per_px"]
+        mm = _check_mm_per_px(meta.get("mm_per_px") or default_mm_per_px or model.manifest["mm_per_px"])
+        self._check_mm(model.manifest, mm)
         rgb = self._decode(store.read(role_id, roi_id, label, name))
         height, width = rgb.shape[:2]
         mask = shape_mask(parse_shape(meta.get("shape_json") or meta.get("shape")), height, width)
         timings: dict[str, float] = {}
         return self._score(key, model, resize_square(rgb, model.side), (height, width), mask,
-                           _check_mm_per_px(mm), "png" if include_heatmap else "none", timings, time.perf_counter())
+                           mm, "png" if include_heatmap else "none", timings, time.perf_counter())
 
     def calibrate_dataset(
         self, role_id: str, roi_id: str, default_mm_per_px: float | None = None,
@@ -652,7 +679,7 @@ class Engine:
                 ok_scores.append(float(loo[name]))
             elif not (label == "ok" and name in trained_sources):
                 try:
-                    result = self._score_sample(key, model, label, name, include_heatmap=False)
+                    result = self._score_sample(key, model, label, name, False, default_mm_per_px)
                 except EngineError as exc:
                     log.warning("calibration_sample_skipped", role_id=role_id, roi_id=roi_id, filename=name,
                                 error=exc.code)
@@ -681,7 +708,7 @@ class Engine:
         out = []
         for done, (label, name) in enumerate(items, start=1):
             try:
-                r = self._score_sample(key, model, label, name, include_heatmap)
+                r = self._score_sample(key, model, label, name, include_heatmap, default_mm_per_px)
                 out.append(DatasetItemResult(
                     label=label, filename=name, mm_per_px=r.mm_per_px, score=r.score, threshold=r.threshold,
                     decision=r.decision, regions=r.regions, n_regions=len(r.regions), heatmap_png=r.heatmap_png,
@@ -694,6 +721,20 @@ class Engine:
         n_errors = sum(1 for item in out if item.error)
         return InferDatasetResult(status="ok", role_id=role_id, roi_id=roi_id, recipe_id=recipe,
                                   n_total=len(out), n_errors=n_errors, items=tuple(out))
+
+
+def _check_calibration(calibration: dict[str, Any] | None, where: str) -> None:
+    """calibration.json is not checksummed (it is the source of truth): check what scoring reads.
+
+    Raises:
+        CorruptModel: threshold or area_mm2_thr missing or not a finite number.
+    """
+    if calibration is None:
+        return
+    for name in ("threshold", "area_mm2_thr"):
+        value = calibration.get(name)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise CorruptModel(f"model {where}: calibration.json has no valid {name} ({value!r}); calibrate again")
 
 
 def _spread(n: int, most: int) -> list[int]:

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from engine.errors import InvalidInput, SampleNotFound, StorageError
 from engine.ids import check_filename
-from engine.storage import atomic_write_bytes, atomic_write_json
+from engine.storage import atomic_write_bytes, atomic_write_json, make_dirs
 
 __all__ = ["LABELS", "META_SUFFIX", "DatasetStore"]
 
@@ -50,7 +50,7 @@ class DatasetStore:
         if not name.lower().endswith(_IMAGE_SUFFIXES):
             raise InvalidInput(f"filename {name!r} must end with one of {', '.join(_IMAGE_SUFFIXES)}")
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            make_dirs(folder)
         except OSError as exc:
             raise StorageError(f"cannot create dataset folder: {exc.strerror or exc}") from exc
         atomic_write_bytes(folder / name, bytes(image))

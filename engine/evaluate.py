@@ -345,8 +345,10 @@ def write_panel(
             cv2.drawContours(overlay, contours, -1, (255, 255, 255), 1)
         caption = f"{tests[i].name} {scores[i]:.3f}"
         for tile, text in ((image, caption), (overlay, "heatmap")):
-            cv2.putText(tile, text, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 3, cv2.LINE_AA)
-            cv2.putText(tile, text, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1, cv2.LINE_AA)
+            (text_w, text_h), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 0.45, 1)
+            cv2.rectangle(tile, (0, 0), (text_w + 8, text_h + 10), (0, 0, 0), cv2.FILLED)
+            cv2.putText(tile, text, (4, text_h + 4), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1,
+                        cv2.LINE_AA)
         tiles.append(np.hstack([image, overlay]))                          # S 2S 3
     blank = np.zeros_like(tiles[0])
     rows = []

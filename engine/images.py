@@ -33,7 +33,9 @@ def decode_image(data: bytes | bytearray | memoryview, max_pixels: int) -> np.nd
         raise InvalidImage("image is empty (0 bytes)")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            # the pixel limit below replaces Pillow's bomb warning; its other warnings (corrupt EXIF,
+            # truncated tags) would only print to stderr, or escape as exceptions under -W error
+            warnings.simplefilter("ignore")
             img = Image.open(io.BytesIO(raw), formats=SUPPORTED_FORMATS)
             width, height = img.size
             if width * height > max_pixels:

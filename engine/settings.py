@@ -8,6 +8,8 @@ or the field names (``distance``).
 from __future__ import annotations
 
 import os
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -50,13 +52,34 @@ class _YamlFileSource(PydanticBaseSettingsSource):
         return dict(self._data)
 
 
+def _default_data_root() -> Path:
+    """``data`` under the working directory; in the frozen bundle ``<exe dir>/data`` when that is
+    writable, else a per-user folder (``%LOCALAPPDATA%/inspection-engine`` on Windows,
+    ``~/.local/share/inspection-engine`` elsewhere). ``BACKEND_DATA_ROOT`` overrides all of these."""
+    if not getattr(sys, "frozen", False):
+        return Path("data")
+    bundled = Path(sys.executable).resolve().parent / "data"
+    try:  # a real write probe: os.access ignores Windows ACLs (Program Files)
+        bundled.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=bundled):
+            pass
+        return bundled
+    except OSError:
+        pass
+    if os.name == "nt":
+        return Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local") / "inspection-engine"
+    return Path.home() / ".local" / "share" / "inspection-engine"
+
+
 class Settings(BaseSettings):
     """Every knob of the engine and its two doors. Build one and pass it in; no singleton."""
 
     model_config = SettingsConfigDict(extra="ignore", populate_by_name=True, frozen=True)
 
     # storage
-    data_root: Path = Field(Path("data"), validation_alias=AliasChoices("BACKEND_DATA_ROOT", "data_root"))
+    data_root: Path = Field(
+        default_factory=_default_data_root, validation_alias=AliasChoices("BACKEND_DATA_ROOT", "data_root")
+    )
 
     # backbone and device
     backbone: Literal["auto", "dinov2_vits14", "efficientnet_lite0", "efficientnet_lite2"] = Field(

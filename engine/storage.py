@@ -34,7 +34,8 @@ import numpy as np
 
 from engine.errors import CorruptModel, IncompatibleModel, ModelNotFound, StorageError
 
-__all__ = ["SCHEMA_VERSION", "ModelFiles", "ModelStore", "atomic_write_bytes", "atomic_write_json", "fsync_dir", "seal"]
+__all__ = ["SCHEMA_VERSION", "ModelFiles", "ModelStore", "atomic_write_bytes", "atomic_write_json", "fsync_dir",
+           "make_dirs", "seal"]
 
 SCHEMA_VERSION = 1
 EMBEDDINGS = "embeddings.npy"
@@ -55,6 +56,20 @@ def _folder_lock(final: Path) -> threading.RLock:
     could mix the files of two versions."""
     with _LOCKS_GUARD:
         return _FOLDER_LOCKS.setdefault(os.path.abspath(final), threading.RLock())
+
+
+def make_dirs(path: Path) -> None:
+    """``mkdir -p`` that gives every folder it creates mode 0o755 (less if the umask says so).
+
+    pathlib's ``mkdir(parents=True)`` creates the parents with 0o777 minus the umask: world-writable
+    folders in the data root when the engine runs with umask 0.
+    """
+    missing = []
+    while not path.is_dir():
+        missing.append(path)
+        path = path.parent
+    for folder in reversed(missing):
+        folder.mkdir(mode=_DIR_MODE, exist_ok=True)
 
 
 def fsync_dir(path: Path) -> None:
@@ -152,7 +167,7 @@ class ModelStore:
         staging = role_dir / f".{roi_id}.staging-{tag}"
         try:
             with _folder_lock(final):
-                role_dir.mkdir(parents=True, exist_ok=True, mode=_DIR_MODE)
+                make_dirs(role_dir)
                 staging.mkdir(mode=_DIR_MODE)
                 emb_bytes = _npy_bytes(np.ascontiguousarray(embeddings, dtype=np.float32))
                 manifest = seal({**manifest, "schema_version": SCHEMA_VERSION,
@@ -171,7 +186,12 @@ class ModelStore:
         had_old = final.exists()
         if had_old:
             os.rename(final, old)
-        os.rename(staging, final)
+        try:
+            os.rename(staging, final)
+        except OSError:
+            if had_old:
+                os.rename(old, final)  # the second rename failed (no crash): put the old model back now
+            raise
         fsync_dir(final.parent)
         if had_old:
             shutil.rmtree(old, ignore_errors=True)
@@ -254,7 +274,14 @@ class ModelStore:
         with _folder_lock(self.model_dir(role_id, roi_id)):
             self.recover(role_id, roi_id)
             path = self.model_dir(role_id, roi_id) / MANIFEST
-            return _read_json(path, f"{role_id}/{roi_id}") if path.is_file() else None
+            if not path.is_file():
+                return None
+            manifest = _read_json(path, f"{role_id}/{roi_id}")
+            # verified here too: calibrate_ng re-seals what it reads, which would launder an edit
+            if manifest.get("manifest_sha256") != _manifest_digest(manifest):
+                raise CorruptModel(f"model {role_id}/{roi_id}: manifest.json was edited or damaged "
+                                   "(checksum mismatch); refit the model")
+            return manifest
 
     def list(self) -> list[tuple[str, str]]:
         """(role_id, roi_id) of every stored model."""

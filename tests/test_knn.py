@@ -35,7 +35,8 @@ def test_query_equal_to_a_bank_row_has_zero_distance() -> None:
     rng = np.random.default_rng(1)
     bank = rng.normal(size=(100, 8)).astype(np.float32)
     dist = knn_distances(build_index(bank, "l2"), bank[:5], "l2", 1)
-    np.testing.assert_allclose(dist, 0.0, atol=1e-3)
+    # faiss's BLAS path computes |q|^2 + |b|^2 - 2 q.b: rounding leaves ~1e-3 after the sqrt
+    np.testing.assert_allclose(dist, 0.0, atol=1e-2)
 
 
 def test_index_survives_serialization() -> None:

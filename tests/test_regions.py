@@ -1,0 +1,127 @@
+"""Defect regions from synthetic anomaly maps with known blobs, and the heatmap scale."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from engine.heatmap import THRESHOLD_GREY, encode_png, to_uint8
+from engine.regions import find_regions
+
+MM = 0.1          # mm per pixel
+
+
+@pytest.fixture
+def amap() -> np.ndarray:
+    """(30, 40) map: blob A 5x4 rect at x=2..6, y=3..6 (one peak 3.0), blob B 2x2 at x=30..31, y=20..21."""
+    m = np.full((30, 40), 0.1, np.float32)
+    m[3:7, 2:7] = 2.0
+    m[4, 5] = 3.0
+    m[20:22, 30:32] = 1.5
+    return m
+
+
+def test_two_blobs_exact_regions(amap: np.ndarray) -> None:
+    regions = find_regions(amap, 1.0, None, MM)
+    assert len(regions) == 2
+    a, b = regions                                   # largest max score first
+    assert (a.x, a.y, a.w, a.h) == (2, 3, 5, 4) and a.bbox == (2, 3, 5, 4)
+    assert a.area_px == 20
+    assert a.area_mm2 == pytest.approx(20 * MM**2, rel=1e-12)
+    assert a.centroid == pytest.approx((4.0, 4.5))
+    assert a.max_score == pytest.approx(3.0)
+    assert a.mean_score == pytest.approx((19 * 2.0 + 3.0) / 20)
+    assert b.bbox == (30, 20, 2, 2)
+    assert b.area_px == 4
+    assert b.area_mm2 == pytest.approx(4 * MM**2, rel=1e-12)
+    assert b.centroid == pytest.approx((30.5, 20.5))
+    assert b.max_score == pytest.approx(1.5) and b.mean_score == pytest.approx(1.5)
+
+
+def test_threshold_is_inclusive(amap: np.ndarray) -> None:
+    assert [r.area_px for r in find_regions(amap, 1.5, None, MM)] == [20, 4]
+    assert [r.area_px for r in find_regions(amap, 1.5001, None, MM)] == [20]
+    assert find_regions(amap, 3.0001, None, MM) == []
+
+
+def test_area_filter_drops_small_blob(amap: np.ndarray) -> None:
+    # A is 0.20 mm2, B 0.04 mm2
+    assert [r.area_px for r in find_regions(amap, 1.0, None, MM, min_area_mm2=0.1)] == [20]
+    assert [r.area_px for r in find_regions(amap, 1.0, None, MM, min_area_mm2=0.04)] == [20, 4]
+    assert find_regions(amap, 1.0, None, MM, min_area_mm2=0.21) == []
+
+
+def test_mask_excludes_blob(amap: np.ndarray) -> None:
+    mask = np.ones_like(amap, dtype=bool)
+    mask[:, :20] = False                          # hides blob A
+    regions = find_regions(amap, 1.0, mask, MM)
+    assert [r.bbox for r in regions] == [(30, 20, 2, 2)]
+    # a mask cutting a blob keeps only the part inside it
+    mask = np.ones_like(amap, dtype=bool)
+    mask[:, :4] = False
+    cut = find_regions(amap, 1.0, mask, MM)[0]
+    assert cut.bbox == (4, 3, 3, 4) and cut.area_px == 12
+
+
+def test_eight_connectivity_joins_diagonal_pixels() -> None:
+    m = np.zeros((6, 6), np.float32)
+    m[1, 1] = m[2, 2] = m[3, 3] = 1.0
+    (region,) = find_regions(m, 0.5, None, 1.0)
+    assert region.area_px == 3 and region.bbox == (1, 1, 3, 3)
+    assert region.area_mm2 == 3.0
+
+
+def test_contour_points_lie_on_blob_boundary() -> None:
+    m = np.zeros((40, 40), np.float32)
+    yy, xx = np.mgrid[:40, :40]
+    blob = (xx - 20) ** 2 + (yy - 18) ** 2 <= 8**2
+    m[blob] = 1.0
+    (region,) = find_regions(m, 0.5, None, 0.2)
+    assert region.area_px == int(blob.sum())
+    assert region.area_mm2 == pytest.approx(blob.sum() * 0.04)
+    assert region.centroid == pytest.approx((20.0, 18.0))
+    assert len(region.contour) >= 8
+    padded = np.pad(blob, 1)
+    for x, y in region.contour:
+        assert blob[y, x], (x, y)                            # on the blob...
+        neighbours = padded[y : y + 3, x : x + 3]            # 3x3 around (y, x) in padded coords
+        assert not neighbours.all(), (x, y)                  # ...with a neighbour outside it
+    xs = [p[0] for p in region.contour]
+    ys = [p[1] for p in region.contour]
+    assert (min(xs), min(ys), max(xs) - min(xs) + 1, max(ys) - min(ys) + 1) == region.bbox
+
+
+def test_rectangle_contour_is_its_four_corners(amap: np.ndarray) -> None:
+    b = find_regions(amap, 1.0, None, MM)[1]
+    assert sorted(b.contour) == [(30, 20), (30, 21), (31, 20), (31, 21)]
+
+
+def test_no_region_when_nothing_above_threshold() -> None:
+    assert find_regions(np.zeros((5, 5), np.float32), 0.5, None, 0.1) == []
+
+
+# --- heatmap --------------------------------------------------------------------------------
+
+
+def test_heatmap_scale_threshold_at_grey_128() -> None:
+    thr = 0.37
+    amap = np.array([[0.0, thr / 2, thr], [2 * thr, 5 * thr, -1.0]], np.float32)
+    grey = to_uint8(amap, thr)
+    assert grey.dtype == np.uint8
+    assert grey.tolist() == [[0, 64, THRESHOLD_GREY], [255, 255, 0]]
+    assert THRESHOLD_GREY == 128
+
+
+def test_heatmap_bad_scale_raises() -> None:
+    with pytest.raises(ValueError):
+        to_uint8(np.zeros((2, 2), np.float32), 0.0)
+
+
+def test_heatmap_png_decodes_back_to_the_same_array() -> None:
+    grey = np.random.default_rng(0).integers(0, 256, (17, 23), dtype=np.uint8)
+    png = encode_png(grey)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    back = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED)
+    assert back.dtype == np.uint8 and back.shape == (17, 23)
+    np.testing.assert_array_equal(back, grey)
