@@ -1,0 +1,74 @@
+"""``create_app``: the FastAPI application of the REST shim, bound to one engine."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+
+from engine.api import Engine
+from engine.settings import Settings
+from http_compat import routes, routes_datasets
+from http_compat.errors import install_error_handlers
+from http_compat.middleware import RequestGate
+
+__all__ = ["create_app"]
+
+_DESCRIPTION = """\
+REST door of the inspection engine, compatible with the existing desktop GUI.
+
+* Every reply carries `X-Request-Id` (the client's, else a new one) and, in JSON bodies, `request_id`.
+* Errors: `{"error": message, "code": machine code, "request_id": ...}` with 400 bad input,
+  401 API key, 404 model or sample missing, 409 mm_per_px mismatch, 413 too large,
+  422 schema error, 428 calibration missing, 500 internal.
+* A recipe is chosen with the `recipe_id` form/JSON field, the `recipe_id` query parameter or the
+  `X-Recipe-Id` header, in that order of precedence.
+"""
+
+
+def create_app(engine: Engine, settings: Settings) -> FastAPI:
+    """The shim's app; it serves ``engine`` and never builds or closes it."""
+    app = FastAPI(
+        title="Inspection engine (REST shim)",
+        version=_package_version(),
+        description=_DESCRIPTION,
+        # Starlette's default of 1000 file parts would cut a large fit off with a 400 before the
+        # route could answer the configured limit with a 413.
+        form_limits={"max_files": settings.max_fit_images + 1},
+    )
+    app.state.engine = engine
+    app.state.settings = settings
+    install_error_handlers(app)
+    key = settings.api_key.get_secret_value() if settings.api_key is not None else None
+    app.add_middleware(RequestGate, api_key=key, max_request_bytes=settings.max_request_bytes)
+    app.include_router(routes.router)
+    app.include_router(routes_datasets.router)
+    if key is not None:
+        _document_api_key(app)
+    return app
+
+
+def _document_api_key(app: FastAPI) -> None:
+    """Declare the X-API-Key header in the OpenAPI schema (``RequestGate`` enforces it)."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "APIKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key"}
+            }
+            schema["security"] = [{"APIKeyHeader": []}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("inspection-engine")
+    except PackageNotFoundError:
+        return "0+unknown"

@@ -1,0 +1,121 @@
+"""The brief's four calls (/health, /fit_ok, /calibrate_ng, /infer) and the GUI's model calls.
+
+Each route only translates: form or JSON in, one engine call, the engine's result out as JSON.
+Routes are plain ``def`` so FastAPI runs the blocking engine call in its thread pool.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, File, Form, Query, UploadFile
+
+from engine.schemas import HeatmapFormat
+from http_compat.deps import EngineDep, RecipeDep, RequestIdDep, SettingsDep, first_recipe
+from http_compat.uploads import UploadedImages, collect_images
+from http_compat.wire import (
+    CalibrateNgRequest, CalibrationReply, DeleteReply, FitReply, HealthReply, InferReply, ModelsReply,
+    StateReply, error_responses,
+)
+
+__all__ = ["router"]
+
+router = APIRouter(responses=error_responses(401, 413, 422, 500))
+
+_RoleForm = Annotated[str, Form(description="Inspection role (camera/station) id.")]
+_RoiForm = Annotated[str, Form(description="ROI id within the role.")]
+_MmForm = Annotated[float, Form(description="Millimetres per pixel of the images sent ('.' decimal).")]
+_OptForm = Annotated[str | None, Form()]
+_RecipeForm = Annotated[str | None, Form(description="Product recipe; overrides query and X-Recipe-Id.")]
+_ModelKeyForm = Annotated[str | None, Form(description="Accepted for the GUI; equals roi_id.")]
+_RoleQuery = Annotated[str, Query()]
+_RoiQuery = Annotated[str, Query()]
+
+
+@router.get("/health", response_model=HealthReply, summary="Liveness, device and backbone")
+def health(engine: EngineDep, rid: RequestIdDep, recipe: RecipeDep) -> HealthReply:
+    return HealthReply(**engine.health().model_dump(), request_id=rid, recipe_id=recipe)
+
+
+@router.post("/fit_ok", response_model=FitReply, responses=error_responses(400, 409),
+             summary="Build the PatchCore memory from OK images (uploaded, or the stored dataset)")
+def fit_ok(
+    engine: EngineDep, settings: SettingsDep, rid: RequestIdDep, recipe: RecipeDep,
+    role_id: _RoleForm, roi_id: _RoiForm, mm_per_px: _MmForm,
+    images: Annotated[list[UploadFile] | None, File(description="One part per OK image.")] = None,
+    images_brackets: Annotated[list[UploadFile] | None, File(alias="images[]", description="Same as images.")] = None,
+    operator_id: _OptForm = None,
+    memory_fit: Annotated[bool, Form(description="true: keep every patch (no coreset).")] = False,
+    use_dataset: Annotated[bool, Form(description="true: train on the stored OK samples.")] = False,
+    model_key: _ModelKeyForm = None,
+    recipe_id: _RecipeForm = None,
+) -> FitReply:
+    files = collect_images(settings, images, images_brackets, max_count=settings.max_fit_images)
+    res = engine.fit_ok(
+        role_id, roi_id, mm_per_px, UploadedImages(files) if files else None, operator_id=operator_id,
+        memory_fit=memory_fit, use_dataset=use_dataset, recipe_id=first_recipe(recipe_id, recipe),
+    )
+    return FitReply(**res.model_dump(), model_key=res.roi_id, request_id=rid)
+
+
+@router.post("/calibrate_ng", response_model=CalibrationReply, responses=error_responses(400, 404, 409),
+             summary="Set the threshold from OK (and optionally NG) scores")
+def calibrate_ng(body: CalibrateNgRequest, engine: EngineDep, rid: RequestIdDep, recipe: RecipeDep) -> CalibrationReply:
+    res = engine.calibrate_ng(
+        body.role_id, body.roi_id, body.mm_per_px, body.ok_scores, body.ng_scores,
+        body.score_percentile, body.area_mm2_thr, recipe_id=first_recipe(body.recipe_id, recipe),
+    )
+    return CalibrationReply(**res.model_dump(), model_key=res.roi_id, request_id=rid)
+
+
+@router.post("/infer", response_model=InferReply, responses=error_responses(400, 404, 409, 428),
+             summary="Score one ROI image: score, decision, regions, heatmap")
+def infer(
+    engine: EngineDep, settings: SettingsDep, rid: RequestIdDep, recipe: RecipeDep,
+    role_id: _RoleForm, roi_id: _RoiForm, mm_per_px: _MmForm,
+    image: Annotated[UploadFile, File(description="The ROI crop (PNG, JPEG, BMP, TIFF).")],
+    shape: Annotated[str | None, Form(description='Mask as JSON text, e.g. {"kind":"circle","cx":224,'
+                                                  '"cy":224,"r":200}; absent = whole image.')] = None,
+    operator_id: _OptForm = None,
+    model_key: _ModelKeyForm = None,
+    allow_uncalibrated: Annotated[bool, Form(description="true: raw score, threshold and decision null, "
+                                                         "instead of 428.")] = False,
+    heatmap: Annotated[HeatmapFormat, Form(description="png (default), uint8/float32 (adds heatmap_raw), "
+                                                       "none.")] = "png",
+    recipe_id: _RecipeForm = None,
+) -> InferReply:
+    (upload,) = collect_images(settings, [image], max_count=1)
+    res = engine.infer(
+        role_id, roi_id, mm_per_px, UploadedImages([upload])[0], shape if shape and shape.strip() else None,
+        operator_id=operator_id, allow_uncalibrated=allow_uncalibrated, heatmap=heatmap,
+        recipe_id=first_recipe(recipe_id, recipe),
+    )
+    return InferReply.of(res, rid)
+
+
+@router.get("/state", response_model=StateReply, responses=error_responses(400),
+            summary="Whether a ROI has a fitted memory and a calibration")
+def state(
+    engine: EngineDep, rid: RequestIdDep, recipe: RecipeDep, role_id: _RoleQuery, roi_id: _RoiQuery,
+    model_key: Annotated[str | None, Query(description="Accepted for the GUI; equals roi_id.")] = None,
+) -> StateReply:
+    res = engine.state(role_id, roi_id, recipe_id=recipe)
+    return StateReply(**res.model_dump(), model_key=res.roi_id, request_id=rid)
+
+
+@router.get("/manifest", response_model=dict[str, Any], responses=error_responses(400, 404),
+            summary="The stored manifest.json of a model, verbatim (request id in the header only)")
+def manifest(engine: EngineDep, recipe: RecipeDep, role_id: _RoleQuery, roi_id: _RoiQuery) -> dict[str, Any]:
+    return engine.manifest(role_id, roi_id, recipe_id=recipe)
+
+
+@router.get("/models", response_model=ModelsReply, summary="Every stored model of a recipe")
+def list_models(engine: EngineDep, rid: RequestIdDep, recipe: RecipeDep) -> ModelsReply:
+    return ModelsReply(models=tuple(engine.list_models(recipe_id=recipe)), request_id=rid)
+
+
+@router.delete("/models", response_model=DeleteReply, responses=error_responses(400, 404),
+               summary="Delete one stored model")
+def delete_model(engine: EngineDep, rid: RequestIdDep, recipe: RecipeDep,
+                 role_id: _RoleQuery, roi_id: _RoiQuery) -> DeleteReply:
+    return DeleteReply(**engine.delete_model(role_id, roi_id, recipe_id=recipe).model_dump(), request_id=rid)

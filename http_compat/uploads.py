@@ -1,0 +1,102 @@
+"""Uploaded image parts: limits, their real file names, and reading them one at a time.
+
+Starlette spools every file part to a temporary file (1 MiB in memory, the rest on disk), so a
+fit with hundreds of images holds at most one decoded upload in memory when the engine iterates
+``UploadedImages`` lazily.
+"""
+
+from __future__ import annotations
+
+import email.message
+import email.utils
+import json
+from collections.abc import Iterable, Sequence
+from email.header import decode_header, make_header
+from typing import Any, overload
+
+from fastapi import UploadFile
+
+from engine.errors import InvalidInput, PayloadTooLarge
+from engine.settings import Settings
+
+__all__ = ["UploadedImages", "collect_images", "parse_json_part", "part_filename"]
+
+
+class UploadedImages(Sequence[bytes]):
+    """The image parts of one request as a sequence of bytes, each read when indexed."""
+
+    def __init__(self, files: Sequence[UploadFile]) -> None:
+        self._files = list(files)
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    @overload
+    def __getitem__(self, index: int) -> bytes: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[bytes]: ...
+
+    def __getitem__(self, index: int | slice) -> bytes | list[bytes]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        spooled = self._files[index].file
+        spooled.seek(0)
+        return spooled.read()
+
+
+def collect_images(settings: Settings, *groups: Iterable[UploadFile] | None, max_count: int) -> list[UploadFile]:
+    """All file parts of the given groups (e.g. ``images`` and ``images[]``), limits enforced.
+
+    Raises:
+        PayloadTooLarge: more than ``max_count`` files, or one over ``settings.max_image_bytes``.
+    """
+    files = [f for group in groups if group for f in group]
+    if len(files) > max_count:
+        raise PayloadTooLarge(f"{len(files)} images in one request; the limit is {max_count}")
+    for f in files:
+        size = f.size if f.size is not None else f.file.seek(0, 2)   # seek returns the new offset
+        if size > settings.max_image_bytes:
+            raise PayloadTooLarge(
+                f"image {part_filename(f) or '?'!r} is {size} bytes; the limit is {settings.max_image_bytes}"
+            )
+    return files
+
+
+def part_filename(upload: UploadFile) -> str | None:
+    """The part's file name, preferring RFC 2231 ``filename*`` as .NET sends it for non-ASCII names.
+
+    Starlette keeps only ``filename=``, which .NET fills with an RFC 2047 encoded word there.
+    """
+    disposition = upload.headers.get("content-disposition")
+    if disposition:
+        msg = email.message.Message()
+        msg["content-disposition"] = disposition
+        for key, value in msg.get_params(header="content-disposition", failobj=[])[1:]:
+            if key.lower() == "filename" and isinstance(value, tuple):   # came from filename*=
+                return str(email.utils.collapse_rfc2231_value(value))
+    name = upload.filename
+    if name and name.startswith("=?") and name.endswith("?="):
+        try:
+            return str(make_header(decode_header(name)))
+        except (ValueError, LookupError):
+            return name
+    return name
+
+
+def parse_json_part(name: str, text: str | None) -> dict[str, Any] | None:
+    """A JSON-object text field (``metas``), or None when absent or blank.
+
+    Raises:
+        InvalidInput: not JSON, or not an object.
+    """
+    if text is None or not text.strip():
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(f"{name} is not valid JSON: {exc.msg} at position {exc.pos}") from exc
+    except RecursionError:   # json.loads recurses once per nesting level
+        raise InvalidInput(f"{name} is nested too deeply") from None
+    if not isinstance(value, dict):
+        raise InvalidInput(f"{name} must be a JSON object, got {type(value).__name__}")
+    return value

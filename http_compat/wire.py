@@ -1,0 +1,247 @@
+"""JSON shapes of the REST shim: request bodies and replies, as the GUI and the brief name them.
+
+Replies mirror the engine's result models field for field and add ``request_id`` (and
+``model_key``, which the GUI expects to equal ``roi_id``). Binary fields become base64 text:
+``heatmap_png`` -> ``heatmap_png_base64``; a raw map -> ``{dtype, shape, data_base64}``.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from engine.schemas import (
+    CalibrationResult, DatasetClearResult, DatasetItemResult, DatasetListing, DatasetSample,
+    DeleteResult, FitResult, HealthResult, InferDatasetResult, InferResult, ModelSummary,
+    RawArray, Region, StateResult,
+)
+
+__all__ = [
+    "CalibrateDatasetRequest",
+    "CalibrateNgRequest",
+    "CalibrationReply",
+    "DatasetClearReply",
+    "DatasetItemReply",
+    "DatasetListingReply",
+    "DatasetSampleReply",
+    "DeleteReply",
+    "ErrorReply",
+    "FitReply",
+    "HealthReply",
+    "InferDatasetReply",
+    "InferDatasetRequest",
+    "InferReply",
+    "ModelsReply",
+    "RawArrayReply",
+    "StateReply",
+    "ValidationIssue",
+    "b64",
+    "error_responses",
+]
+
+
+def b64(data: bytes | None) -> str | None:
+    """Standard base64 text of ``data`` (None stays None)."""
+    return None if data is None else base64.b64encode(data).decode("ascii")
+
+
+# ---------------------------------------------------------------- requests (JSON bodies)
+
+class _Request(BaseModel):
+    # Types only: value rules (mm_per_px > 0, ...) are the engine's, so both doors answer alike.
+    # The GUI sends a few fields the engine does not need (model_key); unknown keys are ignored
+    # rather than rejected so a newer client keeps working against this shim.
+    model_config = ConfigDict(extra="ignore")
+
+    role_id: str
+    roi_id: str
+    model_key: str | None = Field(None, description="Accepted for the GUI; always equals roi_id.")
+    recipe_id: str | None = Field(
+        None, description="Product recipe; overrides the recipe_id query parameter and X-Recipe-Id."
+    )
+
+
+class CalibrateNgRequest(_Request):
+    mm_per_px: float
+    ok_scores: list[float]
+    ng_scores: list[float] | None = None
+    score_percentile: float | None = Field(
+        None, description="Percentile for the OK-only rule: 99 (a percent) or 0.99 (a fraction)."
+    )
+    area_mm2_thr: float | None = None
+
+
+class CalibrateDatasetRequest(_Request):
+    default_mm_per_px: float | None = None
+    score_percentile: float | None = None
+    area_mm2_thr: float | None = None
+
+
+class InferDatasetRequest(_Request):
+    default_mm_per_px: float | None = None
+    include_heatmap: bool = False
+
+
+# ---------------------------------------------------------------- replies
+
+class ValidationIssue(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ErrorReply(BaseModel):
+    """Every non-2xx reply: ``error`` is the human message, ``code`` the stable machine code."""
+
+    error: str
+    code: str
+    request_id: str
+    detail: list[ValidationIssue] | None = Field(
+        None, description="Only for code validation_error.", exclude_if=lambda v: v is None
+    )
+
+
+_STATUS_MEANING = {
+    400: "Bad input: ids, image, shape, JSON part, reserved recipe (code says which).",
+    401: "X-API-Key missing or wrong (only when the server has an API key).",
+    404: "No model (code model_not_found: run /fit_ok first) or no such sample.",
+    409: "mm_per_px differs from the one the model was trained with.",
+    413: "Request, image or image count over the configured limits.",
+    422: "Schema error: a required field is missing or has the wrong type.",
+    428: "The model has no calibration (code calibration_missing).",
+    500: "Internal or model-file error.",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries for the given error statuses, all with the ``ErrorReply`` body."""
+    return {s: {"model": ErrorReply, "description": _STATUS_MEANING[s]} for s in statuses}
+
+
+class _Reply(BaseModel):
+    # Built from the engine's results; a field the engine adds later is dropped here rather than
+    # failing every request (tests/test_http_wire.py trips when the two drift apart).
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+
+class HealthReply(HealthResult):
+    request_id: str
+    recipe_id: str | None = None
+
+
+class FitReply(FitResult):
+    status: str = "ok"
+    model_key: str
+    request_id: str
+
+
+class CalibrationReply(CalibrationResult):
+    status: str = "ok"
+    model_key: str
+    request_id: str
+
+
+class StateReply(StateResult):
+    model_key: str
+    request_id: str
+
+
+class RawArrayReply(_Reply):
+    dtype: Literal["uint8", "float32"]
+    shape: tuple[int, ...]
+    data_base64: str
+
+    @classmethod
+    def of(cls, raw: RawArray) -> RawArrayReply:
+        return cls(dtype=raw.dtype, shape=raw.shape, data_base64=base64.b64encode(raw.data).decode("ascii"))
+
+
+class InferReply(_Reply):
+    role_id: str
+    roi_id: str
+    model_key: str
+    recipe_id: str | None
+    score: float
+    threshold: float | None = Field(description="null for raw (uncalibrated) scoring.")
+    decision: Literal["ok", "ng"] | None = Field(description="null for raw (uncalibrated) scoring.")
+    area_mm2_thr: float | None
+    regions: tuple[Region, ...]
+    heatmap_png_base64: str | None = Field(description="8-bit grey PNG of the map; grey 128 = threshold.")
+    heatmap_raw: RawArrayReply | None = Field(
+        None, description="Only when asked for with heatmap=uint8|float32.", exclude_if=lambda v: v is None
+    )
+    heatmap_scale: float
+    token_shape: tuple[int, int]
+    image_shape: tuple[int, int]
+    model_version: int
+    mm_per_px: float
+    timings_ms: dict[str, float]
+    request_id: str
+
+    @classmethod
+    def of(cls, res: InferResult, request_id: str) -> InferReply:
+        data: dict[str, Any] = res.model_dump(exclude={"heatmap_png", "heatmap_raw"})
+        raw = None if res.heatmap_raw is None else RawArrayReply.of(res.heatmap_raw)
+        return cls(**data, model_key=res.roi_id, heatmap_png_base64=b64(res.heatmap_png),
+                   heatmap_raw=raw, request_id=request_id)
+
+
+class DatasetSampleReply(DatasetSample):
+    status: str = "ok"
+    request_id: str
+
+
+class DatasetListingReply(DatasetListing):
+    request_id: str
+
+
+class DatasetClearReply(DatasetClearResult):
+    status: str = "ok"
+    request_id: str
+
+
+class DatasetItemReply(_Reply):
+    label: Literal["ok", "ng"]
+    filename: str
+    mm_per_px: float | None
+    score: float | None
+    threshold: float | None
+    decision: Literal["ok", "ng"] | None
+    regions: tuple[Region, ...]
+    n_regions: int
+    heatmap_png_base64: str | None
+    error: str | None
+
+    @classmethod
+    def of(cls, item: DatasetItemResult) -> DatasetItemReply:
+        return cls(**item.model_dump(exclude={"heatmap_png"}), heatmap_png_base64=b64(item.heatmap_png))
+
+
+class InferDatasetReply(_Reply):
+    status: str
+    role_id: str
+    roi_id: str
+    model_key: str
+    recipe_id: str | None
+    n_total: int
+    n_errors: int
+    items: tuple[DatasetItemReply, ...]
+    request_id: str
+
+    @classmethod
+    def of(cls, res: InferDatasetResult, request_id: str) -> InferDatasetReply:
+        data = res.model_dump(exclude={"items"})
+        items = tuple(DatasetItemReply.of(item) for item in res.items)
+        return cls(**data, items=items, model_key=res.roi_id, request_id=request_id)
+
+
+class ModelsReply(_Reply):
+    models: tuple[ModelSummary, ...]
+    request_id: str
+
+
+class DeleteReply(DeleteResult):
+    status: str = "ok"
+    request_id: str
