@@ -12,9 +12,10 @@ from fastapi import APIRouter, File, Form, Query, UploadFile
 
 from engine.schemas import HeatmapFormat
 from http_compat.deps import EngineDep, RecipeDep, RequestIdDep, SettingsDep, first_recipe
-from http_compat.uploads import UploadedImages, collect_images
+from http_compat.uploads import UploadedImages, collect_images, parse_batch_items
 from http_compat.wire import (
-    CalibrateNgRequest, CalibrationReply, DeleteReply, FitReply, HealthReply, InferReply, ModelsReply,
+    CalibrateNgRequest, CalibrationReply, DeleteReply, FitReply, HealthReply, InferBatchReply, InferReply,
+    ModelsReply,
     StateReply, error_responses,
 )
 
@@ -91,6 +92,26 @@ def infer(
         recipe_id=first_recipe(recipe_id, recipe),
     )
     return InferReply.of(res, rid)
+
+
+@router.post("/infer_batch", response_model=InferBatchReply, responses=error_responses(400),
+             summary="Score several ROIs of one part in one backbone call; each item succeeds or fails alone")
+def infer_batch(
+    engine: EngineDep, settings: SettingsDep, rid: RequestIdDep, recipe: RecipeDep,
+    role_id: _RoleForm,
+    items: Annotated[str, Form(description='JSON list, one object per image part in order: '
+                                           '[{"roi_id": "a", "mm_per_px": 0.1, "shape": {...}?}, ...]')],
+    images: Annotated[list[UploadFile], File(description="One ROI crop per item, in the items' order.")],
+    allow_uncalibrated: Annotated[bool, Form()] = False,
+    heatmap: Annotated[HeatmapFormat, Form()] = "none",
+    recipe_id: _RecipeForm = None,
+) -> InferBatchReply:
+    uploads = UploadedImages(collect_images(settings, images, max_count=settings.max_fit_images))
+    specs = parse_batch_items(items, len(uploads))
+    batch = [{**spec, "image": uploads[i]} for i, spec in enumerate(specs)]
+    res = engine.infer_batch(role_id, batch, allow_uncalibrated=allow_uncalibrated, heatmap=heatmap,
+                             recipe_id=first_recipe(recipe_id, recipe))
+    return InferBatchReply.of(res, rid)
 
 
 @router.get("/state", response_model=StateReply, responses=error_responses(400),

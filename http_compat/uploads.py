@@ -100,3 +100,20 @@ def parse_json_part(name: str, text: str | None) -> dict[str, Any] | None:
     if not isinstance(value, dict):
         raise InvalidInput(f"{name} must be a JSON object, got {type(value).__name__}")
     return value
+
+
+def parse_batch_items(text: str, n_images: int) -> list[dict[str, Any]]:
+    """The ``items`` JSON of /infer_batch: one object per image part, in order.
+
+    Raises:
+        InvalidInput: not a JSON list of objects, or not as many items as images.
+    """
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(f"items is not valid JSON: {exc.msg}") from exc
+    if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+        raise InvalidInput("items must be a JSON list of objects {roi_id, mm_per_px, shape?}")
+    if len(items) != n_images:
+        raise InvalidInput(f"{len(items)} items but {n_images} images: send one image part per item")
+    return items

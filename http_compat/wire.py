@@ -13,8 +13,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine.schemas import (
-    CalibrationResult, DatasetClearResult, DatasetItemResult, DatasetListing, DatasetSample,
-    DeleteResult, FitResult, HealthResult, InferDatasetResult, InferResult, ModelSummary,
+    BatchError, CalibrationResult, DatasetClearResult, DatasetItemResult, DatasetListing, DatasetSample,
+    DeleteResult, FitResult, HealthResult, InferBatchResult, InferDatasetResult, InferResult, ModelSummary,
     RawArray, Region, StateResult,
 )
 
@@ -30,6 +30,7 @@ __all__ = [
     "ErrorReply",
     "FitReply",
     "HealthReply",
+    "InferBatchReply",
     "InferDatasetReply",
     "InferDatasetRequest",
     "InferReply",
@@ -186,6 +187,31 @@ class InferReply(_Reply):
         raw = None if res.heatmap_raw is None else RawArrayReply.of(res.heatmap_raw)
         return cls(**data, model_key=res.roi_id, heatmap_png_base64=b64(res.heatmap_png),
                    heatmap_raw=raw, request_id=request_id)
+
+
+class BatchItemReply(BaseModel):
+    roi_id: str
+    result: InferReply | None
+    error: BatchError | None
+
+
+class InferBatchReply(_Reply):
+    role_id: str
+    recipe_id: str | None
+    n_total: int
+    n_errors: int
+    items: tuple[BatchItemReply, ...]
+    timings_ms: dict[str, float]
+    request_id: str
+
+    @classmethod
+    def of(cls, res: InferBatchResult, request_id: str) -> InferBatchReply:
+        items = tuple(
+            BatchItemReply(roi_id=item.roi_id, error=item.error,
+                           result=None if item.result is None else InferReply.of(item.result, request_id))
+            for item in res.items)
+        return cls(role_id=res.role_id, recipe_id=res.recipe_id, n_total=res.n_total, n_errors=res.n_errors,
+                   items=items, timings_ms=res.timings_ms, request_id=request_id)
 
 
 class DatasetSampleReply(DatasetSample):

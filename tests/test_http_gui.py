@@ -505,3 +505,23 @@ def srv_busy(srv: HttpServer) -> bool:
     """True once the server has a request in progress (uvicorn's own bookkeeping)."""
     server = srv._server   # noqa: SLF001 - test-only peek at the running uvicorn server
     return server is not None and any(task for task in server.server_state.tasks)
+
+
+def test_infer_batch_scores_like_single_infers(gui: Gui, trained: dict[str, Any],
+                                               images: dict[str, list[bytes]]) -> None:
+    items = [{"roi_id": ROI, "mm_per_px": MM, "shape": SHAPES["circle"]},
+             {"roi_id": ROI, "mm_per_px": MM},
+             {"roi_id": "no_such_roi", "mm_per_px": MM}]
+    parts = [("images", f"{i}.png", img) for i, img in
+             enumerate([images["good"][0], images["broken_large"][1], images["good"][0]])]
+    r = gui.form("/infer_batch", [("role_id", ROLE), ("items", json.dumps(items))], parts)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert (body["n_total"], body["n_errors"]) == (3, 1)
+    first, second, third = body["items"]
+    single = gui.infer(images["good"][0], shape=SHAPES["circle"]).json()
+    assert first["result"]["score"] == pytest.approx(single["score"], abs=1e-4)
+    assert second["result"]["decision"] == "ng"
+    assert third["result"] is None and third["error"]["status"] == 404
+    mismatch = gui.form("/infer_batch", [("role_id", ROLE), ("items", json.dumps(items[:1]))], parts)
+    assert_error(mismatch, 400, "invalid_input")
