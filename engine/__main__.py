@@ -40,6 +40,17 @@ def _serve(args: argparse.Namespace) -> int:
     import structlog
 
     log = structlog.get_logger("engine.serve")
+    stop = threading.Event()
+
+    def _on_signal(signum: int, frame: object) -> None:
+        stop.set()
+
+    # installed before the doors start: a SIGTERM while the second door is starting must
+    # still shut down cleanly, not kill the process
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+    if hasattr(signal, "SIGBREAK"):  # Ctrl+Break in a Windows console
+        signal.signal(signal.SIGBREAK, _on_signal)
     engine = Engine(settings)
     doors = []
     try:
@@ -59,15 +70,6 @@ def _serve(args: argparse.Namespace) -> int:
         for door in reversed(doors):
             door.stop()
         raise
-    stop = threading.Event()
-
-    def _on_signal(signum: int, frame: object) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGINT, _on_signal)
-    signal.signal(signal.SIGTERM, _on_signal)
-    if hasattr(signal, "SIGBREAK"):  # Ctrl+Break in a Windows console
-        signal.signal(signal.SIGBREAK, _on_signal)
     ready = {"backbone": engine.backbone_info.name, "device": engine.device}
     if settings.zmq_enabled:
         ready["zmq"] = doors[0].endpoint
