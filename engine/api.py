@@ -83,7 +83,7 @@ def _ms(start: float) -> float:
 def _check_mm_per_px(value: Any, name: str = "mm_per_px") -> float:
     try:
         number = float(value)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:   # OverflowError: an int beyond float range
         raise InvalidInput(f"{name} must be a number, got {value!r}") from exc
     if isinstance(value, bool) or not math.isfinite(number) or number <= 0:
         raise InvalidInput(f"{name} must be a finite number > 0, got {value!r}")
@@ -395,7 +395,7 @@ class Engine:
         percentile = self.settings.calibration_percentile if score_percentile is None else score_percentile
         percentile_fraction(percentile)
         area = self.settings.default_area_mm2_thr if area_mm2_thr is None else area_mm2_thr
-        if isinstance(area, bool) or not isinstance(area, int | float) or not math.isfinite(area) or area < 0:
+        if isinstance(area, bool) or not isinstance(area, int | float) or not _finite(area) or area < 0:
             raise InvalidInput(f"area_mm2_thr must be a finite number >= 0, got {area_mm2_thr!r}")
         with self._fit_lock(key):
             store = self._store(recipe)
@@ -723,6 +723,14 @@ class Engine:
                                   n_total=len(out), n_errors=n_errors, items=tuple(out))
 
 
+def _finite(value: int | float) -> bool:
+    """math.isfinite, but False (not OverflowError) for an int beyond the float range."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _check_calibration(calibration: dict[str, Any] | None, where: str) -> None:
     """calibration.json is not checksummed (it is the source of truth): check what scoring reads.
 
@@ -733,7 +741,7 @@ def _check_calibration(calibration: dict[str, Any] | None, where: str) -> None:
         return
     for name in ("threshold", "area_mm2_thr"):
         value = calibration.get(name)
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not _finite(value):
             raise CorruptModel(f"model {where}: calibration.json has no valid {name} ({value!r}); calibrate again")
 
 

@@ -33,7 +33,9 @@ def percentile_fraction(value: float) -> float:
     Raises:
         InvalidInput: not a finite number in (0, 100].
     """
-    if not isinstance(value, int | float) or not math.isfinite(value) or not 0 < value <= 100:
+    # an int is finite however large (math.isfinite would raise OverflowError on one beyond float range)
+    if not isinstance(value, int | float) or not (isinstance(value, int) or math.isfinite(value)) \
+            or not 0 < value <= 100:
         raise InvalidInput(f"score_percentile must be in (0, 1] (fraction) or (1, 100] (percent), got {value!r}")
     return float(value) / 100.0 if value > 1 else float(value)
 

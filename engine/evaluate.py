@@ -237,6 +237,8 @@ def evaluate(
     from engine.api import Engine
     from engine.settings import Settings
 
+    if pixel_side < 8:
+        raise ValueError(f"pixel_side must be >= 8, got {pixel_side}")
     started = time.perf_counter()
     category = Path(category)
     train = list_train(category, max_train)

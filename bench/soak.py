@@ -1,0 +1,344 @@
+"""Load and soak: many infers through both doors of one ``python -m engine serve`` process.
+
+Starts the real server as a subprocess (both doors on loopback, a temporary data root), fits and
+calibrates two ROIs, warms up, then runs ``--zmq-infers`` infers from ``--clients`` concurrent
+ZeroMQ clients plus ``--rest-infers`` over REST, while a refit (and recalibration) of ROI ``a``
+runs halfway through. Prints latency percentiles per door, throughput, errors by code, and the
+server's resident memory (psutil if installed, else /proc/<pid>/status VmRSS) from warm-up to end.
+
+Expected errors: ``calibration_missing`` (428) on ROI ``a`` between the refit's commit and its
+recalibration, because a refit starts uncalibrated. Anything else counts as unexpected.
+Exit status 0 when there is no unexpected error and memory grew < ``--max-growth`` percent.
+
+    .venv/bin/python bench/soak.py                       # 10 000 ZeroMQ + 1 000 REST infers, ~5-10 min on 2 cores
+    .venv/bin/python bench/soak.py --zmq-infers 400 --rest-infers 40 --warmup 40    # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))   # run as a script from anywhere
+
+from ipc import EngineClient, RemoteError  # noqa: E402
+
+ROLE, MM = "soak", 0.1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _rss_bytes(pid: int) -> int:
+    try:
+        import psutil  # type: ignore[import-not-found]
+
+        return int(psutil.Process(pid).memory_info().rss)
+    except ImportError:
+        pass
+    with open(f"/proc/{pid}/status", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS line")
+
+
+def _images(side: int, n: int, seed: int) -> list[bytes]:
+    """PNG crops of one textured part: OK ones (noise only) and a few with a bright defect."""
+    rng = np.random.default_rng(seed)
+    base = cv2.GaussianBlur(np.random.default_rng(0).integers(0, 255, (side, side, 3), dtype=np.uint8), (0, 0), 2)
+    out = []
+    for i in range(n):
+        img = np.clip(base + rng.normal(0, 4, base.shape), 0, 255).astype(np.uint8)
+        if i % 5 == 4:
+            c = rng.integers(side // 4, 3 * side // 4, 2)
+            cv2.circle(img, (int(c[0]), int(c[1])), max(2, side // 16), (255, 255, 255), -1)
+        out.append(cv2.imencode(".png", img)[1].tobytes())
+    return out
+
+
+class Server:
+    """``python -m engine serve`` with both doors; ``ready:`` line parsed for the endpoints."""
+
+    def __init__(self, root: Path, args: argparse.Namespace) -> None:
+        self.zmq = f"tcp://127.0.0.1:{_free_port()}"
+        self.http_port = _free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("BACKEND_", "PATCHCORE_", "CALIB_"))}
+        env.update(BACKEND_DATA_ROOT=str(root), BACKEND_ZMQ_ENDPOINT=self.zmq, BACKEND_HTTP_ENABLED="true",
+                   BACKEND_HTTP_PORT=str(self.http_port), BACKEND_INPUT_SIZE=str(args.input_size),
+                   BACKEND_BACKBONE=args.backbone, BACKEND_DEVICE="cpu", BACKEND_ZMQ_WORKERS=str(args.workers),
+                   BACKEND_LOG_LEVEL="WARNING")
+        if args.torch_threads:
+            env["BACKEND_TORCH_THREADS"] = str(args.torch_threads)
+        self.log = open(root / "serve.log", "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "engine", "serve"], cwd=ROOT, env=env,
+                                     stdout=subprocess.PIPE, stderr=self.log)
+        assert self.proc.stdout is not None
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if sel.select(timeout=0.5):
+                line = self.proc.stdout.readline()
+                if line.startswith(b"ready:"):
+                    sel.close()
+                    self.url = f"http://127.0.0.1:{self.http_port}"
+                    return
+                if not line:
+                    break
+        sel.close()
+        self.stop()
+        raise SystemExit(f"serve did not start; see {root / 'serve.log'}")
+
+    @property
+    def rss(self) -> int:
+        return _rss_bytes(self.proc.pid)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        self.log.close()
+
+
+@dataclass
+class Tally:
+    """Thread-safe latencies and error codes of one door."""
+
+    latencies_ms: list[float] = field(default_factory=list)
+    errors: Counter[str] = field(default_factory=Counter)
+    expected: Counter[str] = field(default_factory=Counter)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, ms: float, code: str | None, roi: str, gap: Gap) -> None:
+        with self.lock:
+            self.latencies_ms.append(ms)
+            if code is None:
+                return
+            if code == "calibration_missing" and roi == "a" and gap.open_or_recent():
+                self.expected[code] += 1
+            else:
+                self.errors[code] += 1
+
+
+class Gap:
+    """The window between the refit's start and the end of its recalibration (plus a little slack)."""
+
+    def __init__(self) -> None:
+        self.start: float | None = None
+        self.end: float | None = None
+
+    def open_or_recent(self) -> bool:
+        now = time.monotonic()
+        return self.start is not None and now >= self.start and (self.end is None or now <= self.end + 1.0)
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    arr = np.asarray(values)
+    return {"p50": float(np.percentile(arr, 50)), "p90": float(np.percentile(arr, 90)),
+            "p99": float(np.percentile(arr, 99)), "max": float(arr.max())}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    root = Path(tempfile.mkdtemp(prefix="soak-"))
+    server = Server(root, args)
+    try:
+        return _soak(server, args)
+    finally:
+        server.stop()
+
+
+def _soak(server: Server, args: argparse.Namespace) -> dict[str, Any]:
+    pool = _images(args.side, 40, seed=1)
+    with EngineClient(server.zmq, timeout=600, retries=0) as admin:
+        for roi, seed in (("a", 2), ("b", 3)):
+            fit = admin.call("fit_ok", {"role_id": ROLE, "roi_id": roi, "mm_per_px": MM,
+                                        "images": _images(args.side, args.fit_images, seed)})
+            admin.call("calibrate_ng", {"role_id": ROLE, "roi_id": roi, "mm_per_px": MM,
+                                        "ok_scores": list(fit["ok_scores"])})
+    zmq_tally, rest_tally, gap = Tally(), Tally(), Gap()
+    done = [0]
+    done_lock = threading.Lock()
+    stop_sampling = threading.Event()
+
+    def sample() -> None:
+        while not stop_sampling.wait(args.sample_every):
+            samples.append((time.monotonic() - t0, server.rss))
+
+    def zmq_client(k: int, total: int, tally: Tally) -> None:
+        n = total // args.clients + (1 if k < total % args.clients else 0)
+        with EngineClient(server.zmq, timeout=120, retries=0) as client:
+            for i in range(n):
+                roi = "ab"[(i + k) % 2]
+                start = time.perf_counter()
+                code = None
+                try:
+                    client.call("infer", {"role_id": ROLE, "roi_id": roi, "mm_per_px": MM,
+                                          "image": pool[(i * 7 + k) % 40]})
+                except RemoteError as exc:
+                    code = exc.code
+                except Exception as exc:  # noqa: BLE001 - a timeout or a broken client counts as an error
+                    code = type(exc).__name__
+                tally.add((time.perf_counter() - start) * 1e3, code, roi, gap)
+                with done_lock:
+                    done[0] += 1
+
+    def rest_client(total: int, tally: Tally) -> None:
+        with httpx.Client(base_url=server.url, timeout=120) as web:
+            for i in range(total):
+                roi = "ab"[i % 2]
+                start = time.perf_counter()
+                code = None
+                try:
+                    r = web.post("/infer", data={"role_id": ROLE, "roi_id": roi, "mm_per_px": str(MM)},
+                                 files={"image": ("roi.png", pool[(i * 3) % 40], "image/png")})
+                    if r.status_code != 200:
+                        code = str(r.json().get("code", r.status_code))
+                except Exception as exc:  # noqa: BLE001
+                    code = type(exc).__name__
+                tally.add((time.perf_counter() - start) * 1e3, code, roi, gap)
+
+    refit: dict[str, Any] = {}
+
+    def refitter() -> None:
+        while True:
+            with done_lock:
+                if done[0] >= args.zmq_infers // 2:
+                    break
+            time.sleep(0.05)
+        with EngineClient(server.zmq, timeout=600, retries=0) as admin:
+            gap.start = time.monotonic()
+            start = time.perf_counter()
+            fit = admin.call("fit_ok", {"role_id": ROLE, "roi_id": "a", "mm_per_px": MM,
+                                        "images": _images(args.side, args.fit_images, 4)})
+            refit["fit_s"] = round(time.perf_counter() - start, 2)
+            admin.call("calibrate_ng", {"role_id": ROLE, "roi_id": "a", "mm_per_px": MM,
+                                        "ok_scores": list(fit["ok_scores"])})
+            gap.end = time.monotonic()
+            refit["at_s"] = round(gap.start - t0, 1)
+            refit["model_version"] = fit["model_version"]
+
+    # warm-up with the same concurrency as the run: every worker thread's buffers exist before the baseline
+    warm, warm_tally = [args.warmup * 10 // 11, args.warmup // 11], Tally()
+    threads = [threading.Thread(target=zmq_client, args=(k, warm[0], warm_tally)) for k in range(args.clients)]
+    threads.append(threading.Thread(target=rest_client, args=(warm[1], warm_tally)))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if warm_tally.errors:
+        raise SystemExit(f"errors during warm-up: {dict(warm_tally.errors)}")
+    done[0] = 0
+    rss_start = server.rss
+    samples: list[tuple[float, int]] = [(0.0, rss_start)]
+    t0 = time.monotonic()
+
+    threads = [threading.Thread(target=zmq_client, args=(k, args.zmq_infers, zmq_tally)) for k in range(args.clients)]
+    threads += [threading.Thread(target=rest_client, args=(args.rest_infers, rest_tally)),
+                threading.Thread(target=refitter)]
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.monotonic() - t0
+    stop_sampling.set()
+    sampler.join()
+    rss_end = server.rss
+    samples.append((wall, rss_end))
+    assert gap.start is not None and gap.end is not None
+    before_refit = [r for t, r in samples if t < gap.start - t0]
+    after_refit = [r for t, r in samples if t > gap.end - t0 + 2.0]
+    # the resident set right after warm-up is the baseline; the refit's buffers may stay cached
+    growth = 100.0 * (rss_end - rss_start) / rss_start
+    total = len(zmq_tally.latencies_ms) + len(rest_tally.latencies_ms)
+    return {
+        "settings": {"zmq_infers": args.zmq_infers, "clients": args.clients, "rest_infers": args.rest_infers,
+                     "side": args.side, "input_size": args.input_size, "backbone": args.backbone,
+                     "workers": args.workers, "warmup": args.warmup, "cpus": os.cpu_count()},
+        "wall_s": round(wall, 1),
+        "throughput_per_s": round(total / wall, 1),
+        "zmq_ms": {k: round(v, 1) for k, v in _percentiles(zmq_tally.latencies_ms).items()},
+        "rest_ms": {k: round(v, 1) for k, v in _percentiles(rest_tally.latencies_ms).items()},
+        "requests": {"zmq": len(zmq_tally.latencies_ms), "rest": len(rest_tally.latencies_ms)},
+        "unexpected_errors": dict(zmq_tally.errors + rest_tally.errors),
+        "expected_errors": dict(zmq_tally.expected + rest_tally.expected),
+        "refit": refit,
+        "rss_mib": {"after_warmup": round(rss_start / 2**20, 1), "peak": round(max(r for _, r in samples) / 2**20, 1),
+                    "end": round(rss_end / 2**20, 1), "growth_pct": round(growth, 2),
+                    "before_refit": round(before_refit[-1] / 2**20, 1) if before_refit else None,
+                    "after_refit_first": round(after_refit[0] / 2**20, 1) if after_refit else None,
+                    "samples": len(samples)},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--zmq-infers", type=int, default=10_000)
+    parser.add_argument("--clients", type=int, default=4, help="concurrent ZeroMQ clients")
+    parser.add_argument("--rest-infers", type=int, default=1_000)
+    parser.add_argument("--side", type=int, default=128, help="ROI side in pixels of the images sent")
+    parser.add_argument("--input-size", type=int, default=128, help="BACKEND_INPUT_SIZE of the server")
+    parser.add_argument("--backbone", default="efficientnet_lite0")
+    parser.add_argument("--workers", type=int, default=4, help="BACKEND_ZMQ_WORKERS")
+    parser.add_argument("--torch-threads", type=int, default=None)
+    parser.add_argument("--fit-images", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=300, help="infers before the memory baseline")
+    parser.add_argument("--sample-every", type=float, default=1.0, help="seconds between memory samples")
+    parser.add_argument("--max-growth", type=float, default=5.0, help="allowed RSS growth after warm-up, percent")
+    parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    args = parser.parse_args(argv)
+    report = run(args)
+    ok = not report["unexpected_errors"] and report["rss_mib"]["growth_pct"] < args.max_growth
+    report["verdict"] = "PASS" if ok else "FAIL"
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        s, r = report["settings"], report["rss_mib"]
+        print(f"soak: {s['zmq_infers']} ZeroMQ infers from {s['clients']} clients + {s['rest_infers']} REST infers, "
+              f"ROI {s['side']} px, input {s['input_size']} px, {s['backbone']}, {s['cpus']} CPUs")
+        print(f"  wall {report['wall_s']} s, {report['throughput_per_s']} infers/s")
+        print(f"  ZeroMQ latency ms: {report['zmq_ms']}")
+        print(f"  REST   latency ms: {report['rest_ms']}")
+        print(f"  refit of ROI a: {report['refit']}")
+        print(f"  unexpected errors: {report['unexpected_errors'] or 'none'}; "
+              f"expected (refit->calibrate gap): {report['expected_errors'] or 'none'}")
+        print(f"  server RSS MiB: after warm-up {r['after_warmup']}, just before the refit {r['before_refit']}, "
+              f"2 s after it {r['after_refit_first']}, peak {r['peak']}, end {r['end']} "
+              f"({r['growth_pct']:+.2f} % since warm-up)")
+        print(f"  verdict: {report['verdict']}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
