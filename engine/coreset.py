@@ -7,8 +7,14 @@ Banks larger than ``chunk_size`` rows are split into random chunks of about equa
 thinned greedily on its own with a share of ``k`` proportional to its size; the union covers
 every row within the covering radius of its own chunk. Chunking turns the N * k cost of exact
 greedy into ``chunk_size * k``, and a chunk of 8192 x 128 float32 (4 MiB) stays in the CPU's
-cache for its whole greedy loop: measured here, 200 000 x 384 at 10 % takes ~2 s against
-~3 min for the unchunked loop, with a covering radius within a few percent of exact greedy.
+cache for its whole greedy loop: 200 000 x 384 at 10 % takes ~2 s here, against ~2 min for
+exact greedy.
+
+The price is coverage: every chunk must cover the whole feature space with a fraction of the
+centres. Measured against exact greedy (full dimensions), the covering radius is 1.23x on the
+MVTec bottle bank (image and pixel AUROC unchanged) and up to 2.1x on synthetic data made of
+~1000 tight clusters, where each chunk has fewer centres than clusters. A larger
+``chunk_size`` (``PATCHCORE_CORESET_CHUNK``) tightens the radius at a proportional cost in time.
 """
 
 from __future__ import annotations
