@@ -282,32 +282,15 @@ class Engine:
             sources = store.files(role_id, roi_id, "ok")
             if not sources:
                 raise InvalidInput(f"no stored OK samples for {role_id}/{roi_id}: upload some first")
-            images = [store.read(role_id, roi_id, "ok", name) for name in sources]
+            images = _LazySamples(store, role_id, roi_id, sources)
         if images is None or len(images) == 0:
             raise InvalidInput("fit_ok needs at least one OK image")
         if len(images) > self.settings.max_fit_images:
             raise PayloadTooLarge(f"{len(images)} images exceed the limit of {self.settings.max_fit_images} per fit")
 
         with self._fit_lock(key):
-            start = time.perf_counter()
             side = self.backbone_info.input_size
-            decoded, sizes = [], []
-            for i, image in enumerate(images):
-                rgb = self._decode(image, f"image {i}")
-                sizes.append(rgb.shape[:2])
-                decoded.append(resize_square(rgb, side))
-                report("decode", i + 1, len(images))
-            timings["decode"] = _ms(start)
-
-            start = time.perf_counter()
-            batch = self.extractor.batch_size
-            chunks = []
-            for first in range(0, len(decoded), batch):
-                chunks.append(self.extractor(decoded[first : first + batch]))
-                report("extract", min(first + batch, len(decoded)), len(decoded))
-            features = np.concatenate(chunks)                               # N h w D
-            timings["extract"] = _ms(start)
-
+            features, sizes = self._extract_all(images, side, report, timings)   # N h w D
             start = time.perf_counter()
             report("coreset", 0, 1)
             s = self.settings
@@ -320,7 +303,7 @@ class Engine:
             timings["coreset_index"] = _ms(start)
 
             start = time.perf_counter()
-            scored = _spread(len(decoded), _OK_SCORE_MAX_IMAGES)
+            scored = _spread(len(sizes), _OK_SCORE_MAX_IMAGES)
             report("ok_scores", 0, len(scored))
             loo = leave_out_scores(features, memory, sizes, scored, distance, s.knn_k, s.gaussian_sigma,
                                    s.score_percentile, _OK_SCORE_FOLDS)
@@ -336,27 +319,10 @@ class Engine:
             except CorruptModel:
                 previous = None   # a damaged model is what a refit repairs: never let it block the fit
             version = int(previous["model_version"]) + 1 if previous else 1
-            info = self.backbone_info
-            manifest = {
-                "role_id": role_id, "roi_id": roi_id, "recipe_id": recipe, "model_version": version,
-                "created_at": _now(), "operator_id": operator_id, "mm_per_px": mm_per_px,
-                "n_images": len(decoded), "n_embeddings": int(features.shape[0] * features.shape[1] * features.shape[2]),
-                "coreset_size": int(len(memory.bank)), "memory_fit": bool(memory_fit),
-                "token_shape": [int(features.shape[1]), int(features.shape[2])], "threshold": None,
-                "backbone": {"name": info.name, "weights_sha256": info.weights_sha256, "stride": info.stride,
-                             "feature_dim": info.feature_dim, "precision": self.extractor.precision},
-                "input": {"rule": "resize_square", "side": side, "interpolation": "area_down_linear_up",
-                          "normalization": {"mean": list(info.mean), "std": list(info.std), "scale": "0..255"}},
-                "distance": distance, "knn_k": s.knn_k,
-                "score": {"percentile": s.score_percentile, "gaussian_sigma": s.gaussian_sigma,
-                          "upsample": "bilinear"},
-                "coreset": {"ratio": s.coreset_ratio, "projection_dim": s.coreset_projection_dim,
-                            "chunk_size": s.coreset_chunk_size, "seed": s.seed},
-                "ok_scores": {"values": ok_scores, "images": [int(i) for i in sorted(loo)],
-                              "sources": [sources[i] for i in sorted(loo)] if sources else None,
-                              "folds": _OK_SCORE_FOLDS},
-                "library_versions": _library_versions(),
-            }
+            manifest = self._fit_manifest(
+                key, version=version, operator_id=operator_id, mm_per_px=mm_per_px, features_shape=features.shape,
+                coreset_size=len(memory.bank), memory_fit=memory_fit, side=side, loo=loo, sources=sources,
+            )
             manifest = store.save(role_id, roi_id, manifest, memory.bank, serialize_index(memory.index))
             live = TorchBank(memory.bank, distance, self.device) if self.device == "cuda" else memory.index
             self._cache.put(key, _Loaded(manifest, live, None))
@@ -368,14 +334,67 @@ class Engine:
         if ok_scores:
             suggestion = calibrate(ok_scores, None, s.calibration_percentile, s.calibration_safety_factor).threshold
         log.info("fit_done", role_id=role_id, roi_id=roi_id, recipe_id=recipe, model_version=version,
-                 n_images=len(decoded), coreset_size=len(memory.bank), timings_ms=timings)
+                 n_images=len(sizes), coreset_size=len(memory.bank), timings_ms=timings)
         return FitResult(
-            role_id=role_id, roi_id=roi_id, recipe_id=recipe, mm_per_px=mm_per_px, n_images=len(decoded),
+            role_id=role_id, roi_id=roi_id, recipe_id=recipe, mm_per_px=mm_per_px, n_images=len(sizes),
             n_embeddings=manifest["n_embeddings"], coreset_size=manifest["coreset_size"],
-            token_shape=tuple(manifest["token_shape"]), model_version=version, backbone=info.name,
+            token_shape=tuple(manifest["token_shape"]), model_version=version, backbone=self.backbone_info.name,
             input_size=side, distance=distance, memory_fit=bool(memory_fit), timings_ms=timings,
             ok_scores=tuple(ok_scores), ok_score_stats=stats, threshold_suggestion=suggestion,
         )
+
+    def _extract_all(
+        self, images: Sequence[ImageInput], side: int, report: ProgressFn, timings: dict[str, float],
+    ) -> tuple[np.ndarray, list[tuple[int, int]]]:
+        """Decode, resize and extract batch by batch, so at most one batch of decoded images is held.
+
+        Returns features (N, h, w, D) and each image's original (H, W).
+        """
+        decode_ms = extract_ms = 0.0
+        batch = self.extractor.batch_size
+        chunks, sizes = [], []
+        for first in range(0, len(images), batch):
+            start = time.perf_counter()
+            resized = []
+            for i in range(first, min(first + batch, len(images))):
+                rgb = self._decode(images[i], f"image {i}")
+                sizes.append(rgb.shape[:2])
+                resized.append(resize_square(rgb, side))
+            decode_ms += _ms(start)
+            start = time.perf_counter()
+            chunks.append(self.extractor(resized))
+            extract_ms += _ms(start)
+            report("extract", len(sizes), len(images))
+        timings["decode"], timings["extract"] = round(decode_ms, 3), round(extract_ms, 3)
+        return np.concatenate(chunks), sizes
+
+    def _fit_manifest(
+        self, key: tuple[str | None, str, str], *, version: int, operator_id: str | None, mm_per_px: float,
+        features_shape: tuple[int, ...], coreset_size: int, memory_fit: bool, side: int, loo: dict[int, float],
+        sources: list[str] | None,
+    ) -> dict[str, Any]:
+        """Everything needed to replay a model (seed §3 fields first); storage adds checksums."""
+        recipe, role_id, roi_id = key
+        n, h, w, _ = features_shape
+        info, s = self.backbone_info, self.settings
+        scored = sorted(loo)
+        return {
+            "role_id": role_id, "roi_id": roi_id, "recipe_id": recipe, "model_version": version,
+            "mm_per_px": mm_per_px, "n_embeddings": int(n * h * w), "coreset_size": int(coreset_size),
+            "threshold": None, "created_at": _now(), "operator_id": operator_id, "n_images": int(n),
+            "memory_fit": bool(memory_fit), "token_shape": [int(h), int(w)],
+            "backbone": {"name": info.name, "weights_sha256": info.weights_sha256, "stride": info.stride,
+                         "feature_dim": info.feature_dim, "precision": self.extractor.precision},
+            "input": {"rule": "resize_square", "side": side, "interpolation": "area_down_linear_up",
+                      "normalization": {"mean": list(info.mean), "std": list(info.std), "scale": "0..255"}},
+            "distance": s.distance, "knn_k": s.knn_k,
+            "score": {"percentile": s.score_percentile, "gaussian_sigma": s.gaussian_sigma, "upsample": "bilinear"},
+            "coreset": {"ratio": s.coreset_ratio, "projection_dim": s.coreset_projection_dim,
+                        "chunk_size": s.coreset_chunk_size, "seed": s.seed},
+            "ok_scores": {"values": [loo[i] for i in scored], "images": [int(i) for i in scored],
+                          "sources": [sources[i] for i in scored] if sources else None, "folds": _OK_SCORE_FOLDS},
+            "library_versions": _library_versions(),
+        }
 
     # --- calibration ---------------------------------------------------------------------
 
@@ -743,6 +762,19 @@ def _check_calibration(calibration: dict[str, Any] | None, where: str) -> None:
         value = calibration.get(name)
         if isinstance(value, bool) or not isinstance(value, int | float) or not _finite(value):
             raise CorruptModel(f"model {where}: calibration.json has no valid {name} ({value!r}); calibrate again")
+
+
+class _LazySamples(Sequence[bytes]):
+    """Stored OK samples read one at a time as the fit reaches them (bounded memory)."""
+
+    def __init__(self, store: DatasetStore, role_id: str, roi_id: str, names: list[str]) -> None:
+        self._store, self._role, self._roi, self._names = store, role_id, roi_id, names
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __getitem__(self, index: int) -> bytes:  # type: ignore[override]
+        return self._store.read(self._role, self._roi, "ok", self._names[index])
 
 
 def _spread(n: int, most: int) -> list[int]:
