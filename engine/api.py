@@ -34,7 +34,7 @@ from engine.features import FeatureExtractor
 from engine.heatmap import encode_png, to_uint8
 from engine.ids import check_id, check_recipe
 from engine.images import decode_image, from_array, resize_square
-from engine.knn import Distance, TorchBank, configure_faiss, deserialize_index, serialize_index
+from engine.knn import Distance, TorchBank, configure_faiss, deserialize_index, serialize_index, set_nprobe
 from engine.masks import parse_shape, shape_mask
 from engine.model_cache import ModelCache
 from engine.patchcore import build_memory, leave_out_scores, patch_scores
@@ -165,8 +165,9 @@ class Engine:
             self._check_compatible(files.manifest, where)
             try:
                 index = deserialize_index(files.index_bytes)
-            except RuntimeError as exc:   # faiss's error for bytes that are no index
-                raise CorruptModel(f"model {where}: coreset.faiss is not a faiss index; refit the model") from exc
+                set_nprobe(index, int(files.manifest.get("index", {}).get("nprobe", 0)))
+            except RuntimeError as exc:   # faiss's error for bytes that are no (IVF) index
+                raise CorruptModel(f"model {where}: coreset.faiss does not match its manifest; refit the model") from exc
             emb = files.embeddings
             if emb.ndim != 2 or index.ntotal != len(emb) or index.d != emb.shape[1]:
                 raise CorruptModel(f"model {where}: index and embeddings disagree; refit the model")
@@ -297,7 +298,7 @@ class Engine:
             distance: Distance = s.distance
             memory = build_memory(
                 features, s.coreset_ratio, memory_fit, distance, projection_dim=s.coreset_projection_dim,
-                chunk_size=s.coreset_chunk_size, seed=s.seed, device=self.device,
+                chunk_size=s.coreset_chunk_size, seed=s.seed, device=self.device, ivf_min_rows=s.ivf_min_rows,
             )
             report("coreset", 1, 1)
             timings["coreset_index"] = _ms(start)
@@ -323,6 +324,7 @@ class Engine:
                 key, version=version, operator_id=operator_id, mm_per_px=mm_per_px, features_shape=features.shape,
                 coreset_size=len(memory.bank), memory_fit=memory_fit, side=side, loo=loo, sources=sources,
             )
+            manifest["index"] = memory.choice.as_dict()
             manifest = store.save(role_id, roi_id, manifest, memory.bank, serialize_index(memory.index))
             live = TorchBank(memory.bank, distance, self.device) if self.device == "cuda" else memory.index
             self._cache.put(key, _Loaded(manifest, live, None))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import faiss
@@ -9,12 +10,15 @@ import numpy as np
 
 __all__ = [
     "Distance",
+    "IndexChoice",
     "TorchBank",
     "build_index",
+    "build_search_index",
     "configure_faiss",
     "deserialize_index",
     "knn_distances",
     "serialize_index",
+    "set_nprobe",
 ]
 
 Distance = Literal["l2", "cosine"]
@@ -45,6 +49,60 @@ def build_index(bank: np.ndarray, distance: Distance) -> faiss.Index:
     index = faiss.IndexFlatL2(dim) if distance == "l2" else faiss.IndexFlatIP(dim)
     index.add(_prepare(bank, distance))
     return index
+
+
+@dataclass(frozen=True)
+class IndexChoice:
+    """Which index a memory got, and for IVF the probe count and its measured recall."""
+
+    kind: Literal["flat", "ivf"]
+    nlist: int = 0
+    nprobe: int = 0
+    recall: float = 1.0
+
+    def as_dict(self) -> dict[str, float | int | str]:
+        return {"kind": self.kind, "nlist": self.nlist, "nprobe": self.nprobe, "recall": self.recall}
+
+
+def build_search_index(
+    bank: np.ndarray, distance: Distance, *, ivf_min_rows: int, probe_queries: np.ndarray | None,
+    target_recall: float = 0.99, seed: int = 0,
+) -> tuple[faiss.Index, IndexChoice]:
+    """The serving index for a memory bank (M, D): flat (exact) below ``ivf_min_rows`` rows,
+    above it an inverted-file index whose probe count is the smallest power of two that finds
+    the exact nearest neighbour for ``target_recall`` of ``probe_queries`` (held-out patches).
+    """
+    if len(bank) < ivf_min_rows or probe_queries is None or len(probe_queries) == 0:
+        return build_index(bank, distance), IndexChoice("flat")
+    prepared = _prepare(bank, distance)
+    dim = prepared.shape[1]
+    nlist = max(1, int(4 * np.sqrt(len(bank))))
+    metric = faiss.METRIC_L2 if distance == "l2" else faiss.METRIC_INNER_PRODUCT
+    quantizer = faiss.IndexFlatL2(dim) if distance == "l2" else faiss.IndexFlatIP(dim)
+    index = faiss.IndexIVFFlat(quantizer, dim, nlist, metric)
+    rng = np.random.default_rng(seed)
+    train = prepared[rng.choice(len(prepared), size=min(len(prepared), 64 * nlist), replace=False)]
+    index.train(train)
+    index.add(prepared)
+    exact = knn_distances(build_index(bank, distance), probe_queries, distance, 1)
+    # slack for rounding: the flat index's BLAS path (|q|^2 + |b|^2 - 2 q.b) loses precision on
+    # near-duplicate patches, where IVF's direct distances are the more exact ones
+    slack = exact * 1e-3 + 1e-3 * float(np.mean(exact))
+    nprobe, recall = 1, 0.0
+    while True:
+        index.nprobe = nprobe
+        found = knn_distances(index, probe_queries, distance, 1)
+        recall = float(np.mean(found <= exact + slack))   # found the nearest neighbour (or a tie)
+        if recall >= target_recall or nprobe >= nlist:
+            break
+        nprobe = min(nlist, nprobe * 2)
+    return index, IndexChoice("ivf", nlist=nlist, nprobe=nprobe, recall=round(recall, 5))
+
+
+def set_nprobe(index: faiss.Index, nprobe: int) -> None:
+    """Restore the probe count of an IVF index read back from bytes."""
+    if nprobe > 0:
+        faiss.extract_index_ivf(index).nprobe = nprobe
 
 
 def knn_distances(index: faiss.Index, queries: np.ndarray, distance: Distance, k: int = 1) -> np.ndarray:

@@ -11,7 +11,7 @@ import torch
 
 from engine.anomaly_map import anomaly_map, masked_percentile
 from engine.coreset import greedy_coreset
-from engine.knn import Distance, TorchBank, build_index, knn_distances
+from engine.knn import Distance, IndexChoice, TorchBank, build_index, build_search_index, knn_distances
 
 __all__ = ["Memory", "build_memory", "leave_out_scores", "patch_scores"]
 
@@ -21,11 +21,12 @@ class Memory:
     bank: np.ndarray        # (M, D) float32 rows kept
     sources: np.ndarray     # (M,) index of the training image each row came from
     index: faiss.Index
+    choice: IndexChoice
 
 
 def build_memory(
     features: np.ndarray, ratio: float, keep_all: bool, distance: Distance, *,
-    projection_dim: int, chunk_size: int, seed: int, device: str,
+    projection_dim: int, chunk_size: int, seed: int, device: str, ivf_min_rows: int = 100_000,
 ) -> Memory:
     """features (N, h, w, D) -> memory of about ``ratio * N * h * w`` rows (all with keep_all)."""
     n, h, w, d = features.shape
@@ -40,7 +41,14 @@ def build_memory(
             x = torch.nn.functional.normalize(x, dim=1)
         keep = greedy_coreset(x, k, projection_dim=projection_dim, seed=seed, chunk_size=chunk_size).cpu().numpy()
     bank = np.ascontiguousarray(flat[keep])
-    return Memory(bank, sources[keep], build_index(bank, distance))
+    probes = None
+    if len(bank) >= ivf_min_rows:
+        # recall is measured on patches the memory did not keep: they stand for unseen parts
+        rest = np.setdiff1d(np.arange(len(flat)), keep)
+        rng = np.random.default_rng(seed)
+        probes = flat[rng.choice(rest, size=min(len(rest), 2000), replace=False)] if len(rest) else None
+    index, choice = build_search_index(bank, distance, ivf_min_rows=ivf_min_rows, probe_queries=probes, seed=seed)
+    return Memory(bank, sources[keep], index, choice)
 
 
 def patch_scores(index: faiss.Index | TorchBank, features: np.ndarray, distance: Distance, k: int) -> np.ndarray:

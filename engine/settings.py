@@ -115,6 +115,12 @@ class Settings(BaseSettings):
         8192, ge=256, validation_alias=AliasChoices("PATCHCORE_CORESET_CHUNK", "coreset_chunk_size"),
         description="Rows thinned together by the greedy coreset (see engine.coreset).",
     )
+    ivf_min_rows: int = Field(
+        100_000, ge=1, validation_alias=AliasChoices("PATCHCORE_IVF_MIN_ROWS", "ivf_min_rows"),
+        description="Memories with at least this many rows are searched with an IVF index tuned to "
+                    ">= 0.99 recall of the exact nearest neighbour on patches the coreset left out; "
+                    "smaller ones, and memory_fit ones (nothing left out to measure on), exactly (flat).",
+    )
     distance: Literal["l2", "cosine"] = Field(
         "l2", validation_alias=AliasChoices("PATCHCORE_DISTANCE", "distance")
     )
