@@ -165,13 +165,21 @@ class Engine:
             self._check_compatible(files.manifest, where)
             try:
                 index = deserialize_index(files.index_bytes)
+            except RuntimeError as exc:   # faiss's error for bytes that are no index
+                raise CorruptModel(f"model {where}: coreset.faiss is not a faiss index; refit the model") from exc
+            try:
                 set_nprobe(index, int(files.manifest.get("index", {}).get("nprobe", 0)))
-            except RuntimeError as exc:   # faiss's error for bytes that are no (IVF) index
+            except RuntimeError as exc:   # the manifest says IVF, the file holds another index
                 raise CorruptModel(f"model {where}: coreset.faiss does not match its manifest; refit the model") from exc
             emb = files.embeddings
             if emb.ndim != 2 or index.ntotal != len(emb) or index.d != emb.shape[1]:
                 raise CorruptModel(f"model {where}: index and embeddings disagree; refit the model")
             _check_calibration(files.calibration, where)
+            fitted_precision = files.manifest.get("backbone", {}).get("precision")
+            if fitted_precision not in (None, self.extractor.precision):
+                log.warning("precision_differs", role_id=role_id, roi_id=roi_id, fitted=fitted_precision,
+                            running=self.extractor.precision,
+                            note="scores may shift slightly against the calibrated threshold; refit to align")
             if self.device == "cuda":
                 index = TorchBank(files.embeddings, files.manifest["distance"], self.device)
             return _Loaded(files.manifest, index, files.calibration)

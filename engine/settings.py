@@ -98,7 +98,7 @@ class Settings(BaseSettings):
     )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", validation_alias=AliasChoices("BACKEND_PRECISION", "precision"),
-        description="auto = bf16 on CUDA, fp32 on CPU.",
+        description="auto = bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32.",
     )
     torch_threads: int | None = Field(
         None, ge=1, validation_alias=AliasChoices("BACKEND_TORCH_THREADS", "torch_threads")
