@@ -23,21 +23,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
+from suite.common import cpu_model  # noqa: E402  (bench/ is on sys.path when run as a script)
+
 SIZES = (224, 448)
 BATCHES = (1, 8)
-
-
-def _cpu_name() -> str:
-    name = platform.processor()
-    if name and name != platform.machine():
-        return name
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return name or platform.machine()
 
 
 def _load() -> str:
@@ -103,7 +92,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     print(
-        f"machine: {_cpu_name()} | cpu_count={os.cpu_count()} | torch threads={torch.get_num_threads()}"
+        f"machine: {cpu_model()} | cpu_count={os.cpu_count()} | torch threads={torch.get_num_threads()}"
         f" | torch {torch.__version__} | python {platform.python_version()} | {platform.system()}"
     )
     print(f"load average before: {_load()} (other processes on these cores inflate the median; "

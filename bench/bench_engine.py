@@ -40,20 +40,12 @@ from engine.coreset import covering_radius, greedy_coreset  # noqa: E402
 from engine.evaluate import list_test, list_train  # noqa: E402
 from engine.images import decode_image, resize_square  # noqa: E402
 from engine.settings import Settings  # noqa: E402
+from suite.common import cpu_model  # bench/ is on sys.path when run as a script
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec_ad" / "bottle"
 RATIO = 0.1
 SYNTH_N, SYNTH_D, SYNTH_CLUSTERS = 200_000, 384, 1000
 
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _load() -> str:
@@ -165,7 +157,7 @@ def main() -> None:
     bench_start = time.perf_counter()
     import faiss
 
-    print(f"machine: {_cpu_name()} | {platform.platform()} | cpu_count={os.cpu_count()} | "
+    print(f"machine: {cpu_model()} | {platform.platform()} | cpu_count={os.cpu_count()} | "
           f"torch threads={torch.get_num_threads()} | faiss threads={faiss.omp_get_max_threads()} | "
           f"torch {torch.__version__} | faiss {faiss.__version__} | numpy {np.__version__} | "
           f"python {platform.python_version()}")
