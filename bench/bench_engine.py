@@ -41,11 +41,11 @@ from engine.evaluate import list_test, list_train  # noqa: E402
 from engine.images import decode_image, resize_square  # noqa: E402
 from engine.settings import Settings  # noqa: E402
 from suite.common import cpu_model  # bench/ is on sys.path when run as a script
+from suite.coreset import exact_greedy  # the one exact reference, shared with the suite
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec_ad" / "bottle"
 RATIO = 0.1
 SYNTH_N, SYNTH_D, SYNTH_CLUSTERS = 200_000, 384, 1000
-
 
 
 def _load() -> str:
@@ -53,22 +53,6 @@ def _load() -> str:
         return " ".join(f"{v:.2f}" for v in os.getloadavg())
     except OSError:
         return "n/a"
-
-
-def exact_greedy(x: np.ndarray, k: int, first: int) -> np.ndarray:
-    """Naive exact greedy k-center on x (N, D) float32, full dimensions: indices (k,) in pick order.
-
-    One running min squared distance per row; each pick costs one (N, D) mat-vec.
-    """
-    sq = np.einsum("nd,nd->n", x, x)                                   # N
-    min_d = np.maximum(sq + sq[first] - 2.0 * (x @ x[first]), 0.0)
-    picks = np.empty(k, dtype=np.int64)
-    picks[0] = first
-    for i in range(1, k):
-        j = int(np.argmax(min_d))
-        picks[i] = j
-        np.minimum(min_d, sq + sq[j] - 2.0 * (x @ x[j]), out=min_d)
-    return picks
 
 
 def _timed(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
