@@ -306,7 +306,7 @@ class Engine:
             distance: Distance = s.distance
             memory = build_memory(
                 features, s.coreset_ratio, memory_fit, distance, projection_dim=s.coreset_projection_dim,
-                chunk_size=s.coreset_chunk_size, seed=s.seed, device=self.device, ivf_min_rows=s.ivf_min_rows,
+                seed=s.seed, device=self.device, ivf_min_rows=s.ivf_min_rows,
             )
             report("coreset", 1, 1)
             timings["coreset_index"] = _ms(start)
@@ -399,8 +399,8 @@ class Engine:
                       "normalization": {"mean": list(info.mean), "std": list(info.std), "scale": "0..255"}},
             "distance": s.distance, "knn_k": s.knn_k,
             "score": {"percentile": s.score_percentile, "gaussian_sigma": s.gaussian_sigma, "upsample": "bilinear"},
-            "coreset": {"ratio": s.coreset_ratio, "projection_dim": s.coreset_projection_dim,
-                        "chunk_size": s.coreset_chunk_size, "seed": s.seed},
+            "coreset": {"ratio": s.coreset_ratio, "method": "greedy_k_center_pca",
+                        "projection_dim": min(s.coreset_projection_dim, info.feature_dim), "seed": s.seed},
             "ok_scores": {"values": [loo[i] for i in scored], "images": [int(i) for i in scored],
                           "sources": [sources[i] for i in scored] if sources else None, "folds": _OK_SCORE_FOLDS},
             "library_versions": _library_versions(),

@@ -26,7 +26,7 @@ class Memory:
 
 def build_memory(
     features: np.ndarray, ratio: float, keep_all: bool, distance: Distance, *,
-    projection_dim: int, chunk_size: int, seed: int, device: str, ivf_min_rows: int = 100_000,
+    projection_dim: int, seed: int, device: str, ivf_min_rows: int = 100_000,
 ) -> Memory:
     """features (N, h, w, D) -> memory of about ``ratio * N * h * w`` rows (all with keep_all)."""
     n, h, w, d = features.shape
@@ -39,7 +39,7 @@ def build_memory(
         x = torch.from_numpy(flat).to(device)
         if distance == "cosine":
             x = torch.nn.functional.normalize(x, dim=1)
-        keep = greedy_coreset(x, k, projection_dim=projection_dim, seed=seed, chunk_size=chunk_size).cpu().numpy()
+        keep = greedy_coreset(x, k, projection_dim=projection_dim, seed=seed).cpu().numpy()
     bank = np.ascontiguousarray(flat[keep])
     probes = None
     if len(bank) >= ivf_min_rows:

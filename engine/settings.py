@@ -109,11 +109,9 @@ class Settings(BaseSettings):
         0.1, gt=0, le=1, validation_alias=AliasChoices("PATCHCORE_CORESET_RATIO", "coreset_ratio")
     )
     coreset_projection_dim: int = Field(
-        128, ge=8, validation_alias=AliasChoices("PATCHCORE_PROJECTION_DIM", "coreset_projection_dim")
-    )
-    coreset_chunk_size: int = Field(
-        8192, ge=256, validation_alias=AliasChoices("PATCHCORE_CORESET_CHUNK", "coreset_chunk_size"),
-        description="Rows thinned together by the greedy coreset (see engine.coreset).",
+        192, ge=8, validation_alias=AliasChoices("PATCHCORE_PROJECTION_DIM", "coreset_projection_dim"),
+        description="Principal axes the greedy coreset selects on; features with no more dimensions "
+                    "than this are used as they are (see engine.coreset).",
     )
     ivf_min_rows: int = Field(
         100_000, ge=1, validation_alias=AliasChoices("PATCHCORE_IVF_MIN_ROWS", "ivf_min_rows"),

@@ -1,4 +1,5 @@
-"""Greedy k-center coreset: covering radius against an exact greedy reference, and its contract."""
+"""Greedy k-center coreset: the cell-pruned loop against the plain one, covering radius against an
+exact greedy reference, and the contract."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.coreset import _split_k, covering_radius, greedy_coreset
+from engine.coreset import _greedy_dense, covering_radius, greedy_cells, greedy_coreset, principal_axes, project
 
 N, D, K = 2000, 64, 200   # 10 %, PatchCore's usual ratio
 FACTOR = 1.15             # allowed covering radius over the exact greedy reference
@@ -59,10 +60,54 @@ def test_coreset_radius_close_to_exact_greedy(bank: np.ndarray, reference_radius
     assert radius < _brute_radius(bank, random_rows)
 
 
-def test_coreset_chunked_radius_close_to_exact_greedy(bank: np.ndarray, reference_radius: float) -> None:
-    sel = greedy_coreset(torch.from_numpy(bank), K, seed=0, chunk_size=300)   # 7 chunks
-    _check_selection(sel, N, K)
-    assert covering_radius(torch.from_numpy(bank), sel) <= FACTOR * reference_radius
+@pytest.fixture(scope="module")
+def large_bank() -> np.ndarray:
+    """12 000 x 24 points around 60 centres of unequal spread: above the size where cells are used."""
+    gen = np.random.default_rng(5)
+    centres = gen.normal(size=(60, 24)) * 3.0
+    member = gen.integers(0, 60, 12_000)
+    spread = gen.uniform(0.2, 1.5, 60)[member, None]
+    return (centres[member] + spread * gen.normal(size=(12_000, 24))).astype(np.float32)
+
+
+@pytest.mark.parametrize("n_cells", [1, 7, 110, 400])
+def test_cells_pick_what_the_plain_loop_picks(large_bank: np.ndarray, n_cells: int) -> None:
+    """Pruning by cells is exact: the same rows, in the same order, whatever the cell count."""
+    k = 1200
+    plain = _greedy_dense(torch.from_numpy(large_bank), k, 17).numpy()
+    cells = greedy_cells(large_bank, k, 17, n_cells=n_cells)
+    np.testing.assert_array_equal(cells, plain)
+
+
+def test_cells_exact_with_any_partition(large_bank: np.ndarray) -> None:
+    """The grouping only decides speed: cells drawn on unrelated coordinates still pick the same rows."""
+    k = 600
+    plain = _greedy_dense(torch.from_numpy(large_bank), k, 3).numpy()
+    unrelated = np.random.default_rng(9).normal(size=(len(large_bank), 4)).astype(np.float32)
+    np.testing.assert_array_equal(greedy_cells(large_bank, k, 3, partition=unrelated, n_cells=50), plain)
+    np.testing.assert_array_equal(greedy_cells(large_bank, k, 3, partition=large_bank[:, :2], n_cells=50), plain)
+
+
+def test_coreset_unprojected_matches_exact_greedy_radius(large_bank: np.ndarray) -> None:
+    k = 1200
+    sel = greedy_coreset(torch.from_numpy(large_bank), k, projection_dim=None, seed=0)
+    _check_selection(sel, len(large_bank), k)
+    first = int(torch.randint(len(large_bank), (1,), generator=torch.Generator().manual_seed(0)))
+    reference = _exact_greedy_radius(large_bank.astype(np.float64), k, first)
+    assert covering_radius(torch.from_numpy(large_bank), sel) == pytest.approx(reference, rel=1e-3)
+
+
+def test_principal_axes_orthonormal_and_ordered(large_bank: np.ndarray) -> None:
+    x = torch.from_numpy(large_bank)
+    mean, axes = principal_axes(x, seed=0)
+    assert axes.shape == (24, 24)
+    torch.testing.assert_close(axes.T @ axes, torch.eye(24), atol=1e-5, rtol=0)
+    z = project(x, mean, axes)
+    variance = z.var(0)
+    assert torch.all(variance[:-1] >= variance[1:] - 1e-3)            # decreasing variance
+    torch.testing.assert_close(z.mean(0), torch.zeros(24), atol=1e-3, rtol=0)
+    # all axes kept: a rotation, distances unchanged
+    torch.testing.assert_close(torch.cdist(z[:50], z[50:100]), torch.cdist(x[:50], x[50:100]), atol=1e-3, rtol=1e-4)
 
 
 def test_coreset_projected_radius_close_to_exact_greedy(bank: np.ndarray, reference_radius: float) -> None:
@@ -73,9 +118,9 @@ def test_coreset_projected_radius_close_to_exact_greedy(bank: np.ndarray, refere
 
 def test_coreset_same_seed_same_result(bank: np.ndarray) -> None:
     x = torch.from_numpy(bank)
-    a = greedy_coreset(x, 50, seed=3, chunk_size=500)
-    b = greedy_coreset(x, 50, seed=3, chunk_size=500)
-    c = greedy_coreset(x, 50, seed=4, chunk_size=500)
+    a = greedy_coreset(x, 50, seed=3)
+    b = greedy_coreset(x, 50, seed=3)
+    c = greedy_coreset(x, 50, seed=4)
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
 
@@ -96,11 +141,9 @@ def test_coreset_bad_k_raises(k: int) -> None:
         greedy_coreset(torch.zeros(10, 3), k)
 
 
-def test_coreset_bad_shape_and_chunk_raise() -> None:
+def test_coreset_bad_shape_raises() -> None:
     with pytest.raises(ValueError, match="x must be"):
         greedy_coreset(torch.zeros(10), 2)
-    with pytest.raises(ValueError, match="chunk_size"):
-        greedy_coreset(torch.zeros(10, 3), 2, chunk_size=0)
 
 
 def test_coreset_no_duplicates_with_repeated_rows() -> None:
@@ -111,8 +154,10 @@ def test_coreset_no_duplicates_with_repeated_rows() -> None:
     idx = _check_selection(greedy_coreset(x, 200), 2000, 200)
     assert len(np.unique(idx // 20)) == 100                               # every distinct row kept
     assert covering_radius(x, torch.from_numpy(idx)) == pytest.approx(0.0, abs=1e-2)
-    _check_selection(greedy_coreset(x, 200, chunk_size=500), 2000, 200)
     assert greedy_coreset(torch.zeros(10, 4), 5).tolist() == [0, 1, 2, 3, 4]
+    big = torch.from_numpy(np.repeat(base, 100, axis=0))                  # 10 000 rows: cells
+    idx = _check_selection(greedy_coreset(big, 300), 10_000, 300)
+    assert len(np.unique(idx // 100)) == 100
 
 
 def test_covering_radius_known_answer() -> None:
@@ -120,29 +165,3 @@ def test_covering_radius_known_answer() -> None:
     assert covering_radius(x, torch.tensor([0])) == pytest.approx(10.0)
     assert covering_radius(x, torch.tensor([0, 2])) == pytest.approx(5.0)
     assert covering_radius(x, torch.arange(4)) == pytest.approx(0.0, abs=1e-6)
-
-
-@pytest.mark.parametrize(
-    ("k", "sizes", "expected"),
-    [
-        (10, [50, 50], [5, 5]),
-        (4, [3, 3, 3], [2, 1, 1]),             # 4/3 each: the one remainder goes to the first tie
-        (9, [3, 3, 3], [3, 3, 3]),             # k == total: every row
-        (7, [10, 1, 1], [6, 1, 0]),
-        (1, [1000, 1, 1], [1, 0, 0]),
-    ],
-)
-def test_split_k_known_shares(k: int, sizes: list[int], expected: list[int]) -> None:
-    assert _split_k(k, sizes) == expected
-
-
-@pytest.mark.parametrize("seed", range(20))
-def test_split_k_sums_to_k_within_sizes(seed: int) -> None:
-    gen = np.random.default_rng(seed)
-    sizes = [int(s) for s in gen.integers(1, 50, gen.integers(1, 8))]
-    k = int(gen.integers(1, sum(sizes) + 1))
-    shares = _split_k(k, sizes)
-    assert sum(shares) == k
-    assert all(0 <= share <= size for share, size in zip(shares, sizes, strict=True))
-    # proportional: each share within one of its exact proportion
-    assert all(abs(share - k * size / sum(sizes)) < 1 + 1e-9 for share, size in zip(shares, sizes, strict=True))

@@ -1,20 +1,25 @@
 """Coreset selection: time and peak memory against bank size, and the comparison with exact greedy.
 
-Banks are synthetic float32 features: ``CLUSTERS`` Gaussian clusters with unit-normal centres,
-per-cluster spread 0.05..0.5 and Zipf-like sizes (patch features are clustered, not uniform).
-``engine.coreset.greedy_coreset`` runs with the engine's default settings (random projection to
-``coreset_projection_dim`` columns, chunks of ``coreset_chunk_size`` rows).
+``engine.coreset.greedy_coreset`` runs with the engine's default settings (selection on the top
+``coreset_projection_dim`` principal axes). Synthetic banks are float32 features made of
+``CLUSTERS`` Gaussian clusters with unit-normal centres, per-cluster spread 0.05..0.5 and
+Zipf-like sizes: isotropic noise in every dimension, the hard case for the engine's pruning
+(real patch features keep their variance in few directions).
 
-* scaling: one child process per (rows, dims): time of one selection at ``ratio`` and the peak
-  RSS it adds above the bank itself (sampled; tracemalloc does not see torch), plus the child's
-  ru_maxrss.
-* target: 200 000 x 384 at 10 %: the engine's time (best of ``repeats``); then, on a random
-  subset of ``subset`` rows where exact greedy is feasible, both the engine's selection and a
-  naive exact greedy k-center in numpy on the full dimensions, run in full: time ratio and
-  covering radius (full dimensions) ratio. The exact time on the full bank is also estimated
-  from ``probe_picks`` timed picks (its per-pick cost is constant: one N x D mat-vec). The same
-  subset comparison is repeated on real features: EfficientNet-Lite0 patch features (152 dims)
-  of ``real_images`` bottle train images at 224 px (784 patches each).
+* scaling: one child process per (rows, dims) of synthetic features: time of one selection at
+  ``ratio`` and the peak RSS it adds above the bank itself (sampled; tracemalloc does not see
+  torch), plus the child's ru_maxrss.
+* target, on real features: 384-dim patch features of ``real_384_images`` bottle train images at
+  448 px (EfficientNet-Lite0 blocks of 80 + 112 channels at stride 16 and 192 at stride 32,
+  3x3-averaged and upsampled to the stride-8 grid: 3136 patches an image, 200 704 for 64
+  images). The engine's selection (best of ``repeats``) and a naive exact greedy k-center in
+  numpy on the full dimensions run in full on the same bank: time ratio and covering radius
+  (full dimensions) ratio.
+* the same on synthetic 200 000 x 384: the engine's time; exact greedy's time estimated from
+  ``probe_picks`` timed picks (its per-pick cost is constant: one N x D mat-vec), and both run
+  in full on a random ``subset``-row subset for the radius.
+* the same on the engine's default features: EfficientNet-Lite0 patch features (152 dims) of
+  ``real_images`` bottle train images at 224 px (784 patches each), both run in full.
 """
 
 from __future__ import annotations
@@ -30,13 +35,13 @@ CLUSTERS = 1000
 FULL: dict[str, Any] = {
     "sizes": [10_000, 100_000, 200_000, 1_000_000], "dims": [152, 384], "ratio": 0.1,
     "target": {"n": 200_000, "d": 384, "ratio": 0.1, "subset": 50_000, "probe_picks": 200, "repeats": 2,
-               "real_images": 64},
+               "real_images": 64, "real_384_images": 64},
     "timeout_s": 600,
 }
 QUICK: dict[str, Any] = {
     **FULL, "sizes": [10_000, 100_000], "dims": [152, 384],
     "target": {"n": 200_000, "d": 384, "ratio": 0.1, "subset": 10_000, "probe_picks": 30, "repeats": 1,
-               "real_images": 13},
+               "real_images": 13, "real_384_images": 4},
     "timeout_s": 240,
 }
 SECTION = "coreset"
@@ -56,7 +61,8 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
                 say(SECTION, f"{n} x {d}: {out['seconds']:.2f} s, +{out['peak_extra_rss_mib']} MiB")
             rows.append(out)
     t = params["target"]
-    say(SECTION, f"target: {t['n']} x {t['d']} at {t['ratio']:.0%}, exact greedy on a {t['subset']}-row subset")
+    say(SECTION, f"target: real 384-dim features and {t['n']} x {t['d']} synthetic at {t['ratio']:.0%} "
+                 "against exact greedy")
     target = run_child("coreset:target", {**t, "threads": params.get("threads")}, timeout=params["timeout_s"])
     if "error" in target:
         say(SECTION, f"target failed: {target['error']}")
@@ -67,8 +73,7 @@ def _defaults() -> dict[str, int]:
     from engine.settings import Settings
 
     fields = Settings.model_fields  # the defaults, whatever the environment says
-    return {"projection_dim": int(fields["coreset_projection_dim"].default),
-            "chunk_size": int(fields["coreset_chunk_size"].default)}
+    return {"projection_dim": int(fields["coreset_projection_dim"].default)}
 
 
 def synthetic(n: int, d: int, clusters: int = CLUSTERS, seed: int = 0) -> np.ndarray:
@@ -95,8 +100,7 @@ def _approx(x: np.ndarray, k: int) -> np.ndarray:
     from engine.coreset import greedy_coreset
 
     s = _defaults()
-    return greedy_coreset(torch.from_numpy(x), k, projection_dim=s["projection_dim"], seed=0,
-                          chunk_size=s["chunk_size"]).numpy()
+    return greedy_coreset(torch.from_numpy(x), k, projection_dim=s["projection_dim"], seed=0).numpy()
 
 
 def exact_greedy(x: np.ndarray, k: int, first: int) -> np.ndarray:
@@ -120,7 +124,7 @@ def one_bank(params: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     x = synthetic(n, d)
     gen_s = time.perf_counter() - t0
-    _approx(x[:2000].copy(), 200)                 # first-call set-up outside the timing
+    _approx(x[:10_000].copy(), 1000)                 # first-call set-up outside the timing
     before = rss_bytes()
     with RssSampler(0.01) as sampler:
         t0 = time.perf_counter()
@@ -142,7 +146,7 @@ def target(params: dict[str, Any]) -> dict[str, Any]:
     k = max(1, round(ratio * n))
     x = synthetic(n, d)
     rng = np.random.default_rng(1)
-    _approx(x[:2000].copy(), 200)
+    _approx(x[:10_000].copy(), 1000)
 
     approx_s = []
     for _ in range(int(params["repeats"])):
@@ -176,7 +180,9 @@ def target(params: dict[str, Any]) -> dict[str, Any]:
     sub_rows = len(xs)
     del xs, xst
     real = _real_subset(int(params.get("real_images") or 0), ratio)
+    real_384 = _real_384(int(params.get("real_384_images") or 0), ratio, int(params["repeats"]))
     return {
+        "real_384": real_384,
         "real_subset": real,
         "n": n, "d": d, "ratio": ratio, "k": k, "approx_s": round(min(approx_s), 3),
         "approx_runs_s": [round(v, 3) for v in approx_s],
@@ -224,3 +230,70 @@ def _real_subset(n_images: int, ratio: float) -> dict[str, Any] | None:
             "d": int(x.shape[1]), "k": k, "approx_s": round(approx_s, 3), "exact_s": round(exact_s, 3),
             "speedup": round(exact_s / approx_s, 1), "radius_approx": round(r_a, 5), "radius_exact": round(r_e, 5),
             "radius_ratio": round(r_a / r_e, 4)}
+
+
+def real_384_features(n_images: int) -> tuple[np.ndarray, str]:
+    """(n_images * 3136, 384) float32 patch features of bottle train images at 448 px, and their source.
+
+    EfficientNet-Lite0's last blocks with 80, 112 (stride 16) and 192 (stride 32) channels, each
+    3x3-averaged and upsampled to the stride-8 grid, as the engine aggregates its own features.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from bench.suite.common import AugmentedImages
+    from engine.backbones.efficientnet_lite import load_efficientnet_lite
+    from engine.images import resize_square
+
+    side = 448
+    model = load_efficientnet_lite("efficientnet_lite0", side)
+    info = model.info
+    with torch.inference_mode():
+        probe = model.block_features(torch.zeros(1, 3, 32, 32), range(16))
+        channels = [int(f.shape[1]) for f in probe]
+        blocks = [max(i for i, c in enumerate(channels) if c == want) for want in (80, 112, 192)]
+        images = AugmentedImages(n_images, source_side=side)
+        mean = torch.tensor(info.mean).view(1, 3, 1, 1)
+        std = torch.tensor(info.std).view(1, 3, 1, 1)
+        grid = side // info.stride
+        out = []
+        for start in range(0, n_images, 8):
+            batch = np.stack([resize_square(images[i], side) for i in range(start, min(n_images, start + 8))])
+            x = (torch.from_numpy(batch).permute(0, 3, 1, 2).float() - mean) / std
+            maps = [F.interpolate(F.avg_pool2d(f, 3, stride=1, padding=1), size=(grid, grid), mode="bilinear",
+                                  align_corners=False) for f in model.block_features(x, blocks)]
+            out.append(torch.cat(maps, 1).permute(0, 2, 3, 1).reshape(-1, sum(channels[b] for b in blocks)).numpy())
+    source = (f"EfficientNet-Lite0 blocks {blocks} (80+112+192 channels) @ {side} px of {n_images} "
+              f"{'bottle train' if images.source != 'synthetic' else 'synthetic'} images")
+    return np.ascontiguousarray(np.concatenate(out), dtype=np.float32), source
+
+
+def _real_384(n_images: int, ratio: float, repeats: int) -> dict[str, Any] | None:
+    """Engine coreset vs exact greedy, both in full, on real 384-dim patch features."""
+    if n_images < 1:
+        return None
+    import torch
+
+    from engine.coreset import covering_radius
+
+    x, source = real_384_features(n_images)
+    if "synthetic" in source:
+        return {"error": "bottle data not found"}
+    k = max(1, round(ratio * len(x)))
+    _approx(x[:10_000].copy(), 1000)
+    approx_s = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        picks_a = _approx(x, k)
+        approx_s.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    picks_e = exact_greedy(x, k, int(np.random.default_rng(3).integers(len(x))))
+    exact_s = time.perf_counter() - t0
+    xt = torch.from_numpy(x)
+    r_a, r_e = covering_radius(xt, torch.from_numpy(picks_a)), covering_radius(xt, torch.from_numpy(picks_e))
+    say(SECTION, f"real 384-dim features {x.shape}: engine {min(approx_s):.2f} s, exact {exact_s:.1f} s, "
+                 f"radius {r_a:.3f} / {r_e:.3f}")
+    return {"source": source, "rows": len(x), "d": int(x.shape[1]), "k": k, "approx_s": round(min(approx_s), 3),
+            "approx_runs_s": [round(v, 3) for v in approx_s], "exact_s": round(exact_s, 3),
+            "speedup": round(exact_s / min(approx_s), 1), "radius_approx": round(r_a, 5),
+            "radius_exact": round(r_e, 5), "radius_ratio": round(r_a / r_e, 4)}
