@@ -90,18 +90,25 @@ def greedy_coreset(x: Tensor, k: int, *, projection_dim: int | None = 192, seed:
     if k == n:
         return torch.arange(n, device=x.device)
     z = x.float()
-    mean, axes = principal_axes(z, seed=seed)
-    if projection_dim is not None and projection_dim < z.shape[1]:
-        z = project(z, mean, axes[:, :projection_dim])
-        mean, axes = torch.zeros_like(mean[:projection_dim]), torch.eye(projection_dim, dtype=z.dtype)
+    dense = z.device.type != "cpu" or n < _MIN_ROWS_FOR_CELLS
+    project_to = projection_dim if projection_dim is not None and projection_dim < z.shape[1] else None
+    if project_to is not None or (not dense and z.shape[1] > _CELL_AXES):
+        mean, axes = principal_axes(z, seed=seed)
+    if project_to is not None:
+        z = project(z, mean, axes[:, :project_to])
     gen = torch.Generator(device="cpu").manual_seed(seed)
     first = int(torch.randint(n, (1,), generator=gen))
-    if z.device.type != "cpu" or n < _MIN_ROWS_FOR_CELLS:
+    if dense:
         picks = _greedy_dense(z.contiguous(), k, first)
     else:
-        # cells are drawn on a few principal axes: k-means is then cheap, and rows close on
+        # cells are drawn on the first principal axes: k-means is then cheap, and rows close on
         # the main axes are what a cell should group
-        coarse = project(z, mean, axes[:, :_CELL_AXES]) if z.shape[1] > _CELL_AXES else z
+        if z.shape[1] <= _CELL_AXES:
+            coarse = z
+        elif project_to is not None:
+            coarse = z[:, :_CELL_AXES]                  # z's columns are the principal axes
+        else:
+            coarse = project(z, mean, axes[:, :_CELL_AXES])
         picks = torch.from_numpy(greedy_cells(z.numpy(), k, first, partition=coarse.numpy(), seed=seed))
     return torch.sort(picks).values
 
