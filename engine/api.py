@@ -399,8 +399,9 @@ class Engine:
                       "normalization": {"mean": list(info.mean), "std": list(info.std), "scale": "0..255"}},
             "distance": s.distance, "knn_k": s.knn_k,
             "score": {"percentile": s.score_percentile, "gaussian_sigma": s.gaussian_sigma, "upsample": "bilinear"},
-            "coreset": {"ratio": s.coreset_ratio, "method": "greedy_k_center_pca",
-                        "projection_dim": min(s.coreset_projection_dim, info.feature_dim), "seed": s.seed},
+            "coreset": {"ratio": s.coreset_ratio, "method": "greedy_k_center",
+                        "principal_axes": s.coreset_projection_dim if s.coreset_projection_dim < info.feature_dim
+                        else None, "seed": s.seed},
             "ok_scores": {"values": [loo[i] for i in scored], "images": [int(i) for i in scored],
                           "sources": [sources[i] for i in scored] if sources else None, "folds": _OK_SCORE_FOLDS},
             "library_versions": _library_versions(),

@@ -22,8 +22,8 @@ largest exact ``R_g`` holds the farthest row, so the picks are those of plain gr
 the plain loop (one mat-vec per pick) is fast and is used as it is.
 
 The pruning works when rows are spread unevenly, as patch features are: 200 704 x 384 real
-features at 10 % take ~2.5-3 s here (2-core EPYC) against ~145 s for plain greedy in numpy.
-Isotropic noise is its worst case: 200 000 x 384 synthetic Gaussian clusters take ~8 s.
+features at 10 % take ~2.5 s here (2-core EPYC) against ~140 s for plain greedy in numpy.
+Isotropic noise is its worst case: 200 000 x 384 synthetic Gaussian clusters take ~5.5 s.
 """
 
 from __future__ import annotations

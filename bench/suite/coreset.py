@@ -200,11 +200,8 @@ def _real_subset(n_images: int, ratio: float) -> dict[str, Any] | None:
     """Engine coreset vs exact greedy on real bottle patch features (Lite0 @ 224): time and radius."""
     if n_images < 1:
         return None
-    import torch
-
     from bench.suite.common import AugmentedImages, scratch_dir
     from engine.api import Engine
-    from engine.coreset import covering_radius
     from engine.settings import Settings
 
     images = AugmentedImages(n_images, source_side=224)
@@ -215,21 +212,34 @@ def _real_subset(n_images: int, ratio: float) -> dict[str, Any] | None:
         feats = engine.extractor([images[i] for i in range(n_images)])        # N h w D
         engine.close()
     x = np.ascontiguousarray(feats.reshape(-1, feats.shape[-1]))
+    out = against_exact(x, ratio, repeats=1, exact_seed=2)
+    say(SECTION, f"real bottle features {x.shape}: approx {out['approx_s']:.2f} s, exact {out['exact_s']:.1f} s, "
+                 f"radius {out['radius_approx']:.3f} / {out['radius_exact']:.3f}")
+    return {"source": f"EfficientNet-Lite0 @ 224 features of {n_images} bottle train images", **out}
+
+
+def against_exact(x: np.ndarray, ratio: float, *, repeats: int, exact_seed: int) -> dict[str, Any]:
+    """The engine's selection (best of ``repeats``) and exact greedy, both in full on x: times and radii."""
+    import torch
+
+    from engine.coreset import covering_radius
+
     k = max(1, round(ratio * len(x)))
+    _approx(x[:10_000].copy(), min(k, 1000))
+    approx_s = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        picks_a = _approx(x, k)
+        approx_s.append(time.perf_counter() - t0)
     t0 = time.perf_counter()
-    picks_a = _approx(x, k)
-    approx_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    picks_e = exact_greedy(x, k, int(np.random.default_rng(2).integers(len(x))))
+    picks_e = exact_greedy(x, k, int(np.random.default_rng(exact_seed).integers(len(x))))
     exact_s = time.perf_counter() - t0
     xt = torch.from_numpy(x)
     r_a, r_e = covering_radius(xt, torch.from_numpy(picks_a)), covering_radius(xt, torch.from_numpy(picks_e))
-    say(SECTION, f"real bottle features {x.shape}: approx {approx_s:.2f} s, exact {exact_s:.1f} s, "
-                 f"radius {r_a:.3f} / {r_e:.3f}")
-    return {"source": f"EfficientNet-Lite0 @ 224 features of {n_images} bottle train images", "rows": len(x),
-            "d": int(x.shape[1]), "k": k, "approx_s": round(approx_s, 3), "exact_s": round(exact_s, 3),
-            "speedup": round(exact_s / approx_s, 1), "radius_approx": round(r_a, 5), "radius_exact": round(r_e, 5),
-            "radius_ratio": round(r_a / r_e, 4)}
+    return {"rows": len(x), "d": int(x.shape[1]), "k": k, "approx_s": round(min(approx_s), 3),
+            "approx_runs_s": [round(v, 3) for v in approx_s], "exact_s": round(exact_s, 3),
+            "speedup": round(exact_s / min(approx_s), 1), "radius_approx": round(r_a, 5),
+            "radius_exact": round(r_e, 5), "radius_ratio": round(r_a / r_e, 4)}
 
 
 def real_384_features(n_images: int) -> tuple[np.ndarray, str]:
@@ -272,28 +282,10 @@ def _real_384(n_images: int, ratio: float, repeats: int) -> dict[str, Any] | Non
     """Engine coreset vs exact greedy, both in full, on real 384-dim patch features."""
     if n_images < 1:
         return None
-    import torch
-
-    from engine.coreset import covering_radius
-
     x, source = real_384_features(n_images)
     if "synthetic" in source:
         return {"error": "bottle data not found"}
-    k = max(1, round(ratio * len(x)))
-    _approx(x[:10_000].copy(), 1000)
-    approx_s = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        picks_a = _approx(x, k)
-        approx_s.append(time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    picks_e = exact_greedy(x, k, int(np.random.default_rng(3).integers(len(x))))
-    exact_s = time.perf_counter() - t0
-    xt = torch.from_numpy(x)
-    r_a, r_e = covering_radius(xt, torch.from_numpy(picks_a)), covering_radius(xt, torch.from_numpy(picks_e))
-    say(SECTION, f"real 384-dim features {x.shape}: engine {min(approx_s):.2f} s, exact {exact_s:.1f} s, "
-                 f"radius {r_a:.3f} / {r_e:.3f}")
-    return {"source": source, "rows": len(x), "d": int(x.shape[1]), "k": k, "approx_s": round(min(approx_s), 3),
-            "approx_runs_s": [round(v, 3) for v in approx_s], "exact_s": round(exact_s, 3),
-            "speedup": round(exact_s / min(approx_s), 1), "radius_approx": round(r_a, 5),
-            "radius_exact": round(r_e, 5), "radius_ratio": round(r_a / r_e, 4)}
+    out = against_exact(x, ratio, repeats=repeats, exact_seed=3)
+    say(SECTION, f"real 384-dim features {x.shape}: engine {out['approx_s']:.2f} s, exact {out['exact_s']:.1f} s, "
+                 f"radius {out['radius_approx']:.3f} / {out['radius_exact']:.3f}")
+    return {"source": source, **out}

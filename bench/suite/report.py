@@ -274,18 +274,13 @@ def _coreset_md(sec: dict[str, Any]) -> list[str]:
                   f"exact {sub['exact_s']:.1f} s "
                   f"({sub['speedup']:.1f}x); covering radius {sub['radius_approx']:.4f} vs {sub['radius_exact']:.4f} "
                   f"({sub['radius_ratio']:.3f}x)."]
-        real = t.get("real_384") or {}
-        if "radius_ratio" in real:
-            lines += ["", f"On real 384-dim features ({real['source']}, {real['rows']} x {real['d']}, k={real['k']}), "
-                      f"both run in full: engine {real['approx_s']:.2f} s (runs {real['approx_runs_s']}), exact "
-                      f"{real['exact_s']:.1f} s ({real['speedup']:.1f}x); covering radius {real['radius_approx']:.4f} "
-                      f"vs {real['radius_exact']:.4f} ({real['radius_ratio']:.3f}x)."]
-        real = t.get("real_subset") or {}
-        if "radius_ratio" in real:
-            lines += ["", f"Same comparison on real features ({real['source']}, {real['rows']} x {real['d']}, "
-                      f"k={real['k']}): engine {real['approx_s']:.2f} s, exact {real['exact_s']:.1f} s "
-                      f"({real['speedup']:.1f}x); covering radius {real['radius_approx']:.4f} vs "
-                      f"{real['radius_exact']:.4f} ({real['radius_ratio']:.3f}x)."]
+        for label, real in (("On real 384-dim features", t.get("real_384")),
+                            ("Same comparison on the engine's default features", t.get("real_subset"))):
+            if real and "radius_ratio" in real:
+                lines += ["", f"{label} ({real['source']}, {real['rows']} x {real['d']}, k={real['k']}), both run "
+                          f"in full: engine {real['approx_s']:.2f} s (runs {real.get('approx_runs_s')}), exact "
+                          f"{real['exact_s']:.1f} s ({real['speedup']:.1f}x); covering radius "
+                          f"{real['radius_approx']:.4f} vs {real['radius_exact']:.4f} ({real['radius_ratio']:.3f}x)."]
     elif t:
         lines += ["", f"Target comparison FAILED: {t['error']}"]
     return lines + [""]
