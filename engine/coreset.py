@@ -159,7 +159,9 @@ def greedy_cells(
     coarse = z if partition is None else np.ascontiguousarray(partition, dtype=np.float32)
     cells = _Cells(z, coarse, n_cells, seed)
     # the loop's products are small: one BLAS thread is as fast, and cannot stall spinning on a
-    # core that another thread holds (multi-threaded, one run on a busy machine took 16 s, not 3)
+    # core that another thread holds (multi-threaded, one run on a busy machine took 16 s, not 3).
+    # The limit is process-wide: faiss searches of concurrent inferences also get one BLAS thread
+    # until the loop ends.
     with threadpool_limits(1, user_api="blas"):
         return cells.order[_greedy_loop(cells, k, int(cells.position[first]))]
 
