@@ -39,6 +39,7 @@ from engine.masks import parse_shape, shape_mask
 from engine.model_cache import ModelCache
 from engine.patchcore import build_memory, leave_out_scores, patch_scores
 from engine.regions import find_regions
+from engine.sampling import spread
 from engine.schemas import (
     CalibrationResult, DatasetClass, DatasetClearResult, DatasetItemResult, DatasetListing, DatasetSample,
     BatchError, DeleteResult, FitResult, HealthResult, HeatmapFormat, InferBatchItem, InferBatchResult,
@@ -312,7 +313,7 @@ class Engine:
             timings["coreset_index"] = _ms(start)
 
             start = time.perf_counter()
-            scored = _spread(len(sizes), _OK_SCORE_MAX_IMAGES)
+            scored = spread(len(sizes), _OK_SCORE_MAX_IMAGES)
             report("ok_scores", 0, len(scored))
             loo = leave_out_scores(features, memory, sizes, scored, distance, s.knn_k, s.gaussian_sigma,
                                    s.score_percentile, _OK_SCORE_FOLDS)
@@ -786,13 +787,6 @@ class _LazySamples(Sequence[bytes]):
 
     def __getitem__(self, index: int) -> bytes:  # type: ignore[override]
         return self._store.read(self._role, self._roi, "ok", self._names[index])
-
-
-def _spread(n: int, most: int) -> list[int]:
-    """Up to ``most`` indices spread evenly over range(n)."""
-    if n <= most:
-        return list(range(n))
-    return sorted({int(round(i * (n - 1) / (most - 1))) for i in range(most)})
 
 
 def _uncalibrated_scale(manifest: dict[str, Any], amap: np.ndarray) -> float:

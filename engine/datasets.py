@@ -15,13 +15,13 @@ from typing import Any, Literal
 
 from engine.errors import InvalidInput, SampleNotFound, StorageError
 from engine.ids import check_filename
+from engine.images import IMAGE_SUFFIXES
 from engine.storage import atomic_write_bytes, atomic_write_json, make_dirs
 
 __all__ = ["LABELS", "META_SUFFIX", "DatasetStore"]
 
 LABELS: tuple[Literal["ok"], Literal["ng"]] = ("ok", "ng")
 META_SUFFIX = ".meta.json"
-_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
 def _check_label(label: str) -> str:
@@ -47,8 +47,8 @@ class DatasetStore:
             stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
             filename = f"{label}_{stamp}_{uuid.uuid4().hex[:8]}{extension}"
         name = check_filename(filename)
-        if not name.lower().endswith(_IMAGE_SUFFIXES):
-            raise InvalidInput(f"filename {name!r} must end with one of {', '.join(_IMAGE_SUFFIXES)}")
+        if not name.lower().endswith(IMAGE_SUFFIXES):
+            raise InvalidInput(f"filename {name!r} must end with one of {', '.join(IMAGE_SUFFIXES)}")
         try:
             make_dirs(folder)
         except OSError as exc:
@@ -63,7 +63,7 @@ class DatasetStore:
         if not folder.is_dir():
             return []
         return sorted(p.name for p in folder.iterdir()
-                      if p.is_file() and p.name.lower().endswith(_IMAGE_SUFFIXES) and not p.name.startswith("."))
+                      if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES) and not p.name.startswith("."))
 
     def has_meta(self, role_id: str, roi_id: str, label: str, filename: str) -> bool:
         return (self.folder(role_id, roi_id, label) / (filename + META_SUFFIX)).is_file()

@@ -33,6 +33,9 @@ from typing import Any
 
 import numpy as np
 
+from engine.images import IMAGE_SUFFIXES
+from engine.sampling import spread
+
 __all__ = [
     "EvalReport",
     "ImageScore",
@@ -46,7 +49,6 @@ __all__ = [
     "write_panel",
 ]
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 _ROLE, _ROI = "evaluate", "category"
 _MM_PER_PX = 1.0  # the evaluation never looks at areas in mm
 
@@ -106,15 +108,6 @@ def _images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def _spread(n: int, most: int) -> list[int]:
-    """``most`` indices spread evenly over range(n), first and last included (all when n <= most)."""
-    if most >= n:
-        return list(range(n))
-    if most == 1:
-        return [0]
-    return [int(round(i * (n - 1) / (most - 1))) for i in range(most)]
-
-
 def list_train(category: Path, max_train: int | None = None) -> list[Path]:
     """Sorted ``train/good`` images; with ``max_train``, that many evenly spaced ones (deterministic).
 
@@ -132,7 +125,7 @@ def list_train(category: Path, max_train: int | None = None) -> list[Path]:
         return files
     if max_train < 1:
         raise ValueError(f"max_train must be >= 1, got {max_train}")
-    return [files[i] for i in _spread(len(files), max_train)]
+    return [files[i] for i in spread(len(files), max_train)]
 
 
 def list_test(category: Path) -> list[TestImage]:
@@ -304,7 +297,7 @@ def _panel_picks(tests: Sequence[TestImage], count: int) -> list[int]:
         if t.label == 1:
             by_defect.setdefault(t.defect, []).append(i)
     n_good = min(len(good), count // 2) if by_defect else min(len(good), count)
-    picks = [good[j] for j in _spread(len(good), n_good)] if n_good else []
+    picks = [good[j] for j in spread(len(good), n_good)] if n_good else []
     queues = [list(members) for members in by_defect.values()]
     turn = 0
     while len(picks) < count and any(queues):

@@ -15,9 +15,11 @@ from PIL import Image, UnidentifiedImageError
 
 from engine.errors import InvalidImage, PayloadTooLarge
 
-__all__ = ["MIN_SIDE", "SUPPORTED_FORMATS", "decode_image", "from_array", "resize_square"]
+__all__ = ["IMAGE_SUFFIXES", "MIN_SIDE", "SUPPORTED_FORMATS", "decode_image", "from_array", "resize_square"]
 
 SUPPORTED_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
+# file name endings of those formats, wherever images are listed from a folder
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MIN_SIDE = 8
 
 
