@@ -15,7 +15,6 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-import cv2
 import msgpack
 import numpy as np
 import pytest
@@ -27,6 +26,7 @@ from engine.errors import InvalidImage
 from engine.settings import Settings
 from ipc.protocol import OPS, array_from_wire, image_from_wire, pack, unpack
 from ipc.server import IpcServer, _Job
+from tests.support import noise, png_bytes
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "200"))
 # no subnormal floats: the engine flushes denormals to zero (engine.features, for CPU speed), and
@@ -41,7 +41,7 @@ SCALARS = (st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | FLOATS
 VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4)
                       | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
 
-_OK = cv2.imencode(".png", np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8))[1].tobytes()
+_OK = png_bytes(noise(16))
 RAW_BUFFERS = st.fixed_dictionaries({
     "dtype": st.sampled_from(["uint8", "uint16", "float32", "int64", "<u2", ""]) | st.text(max_size=6),
     "shape": st.lists(st.integers(-2, 20) | st.booleans() | st.floats(0, 5, allow_subnormal=False)
