@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)            ## the engine with both doors (ZeroMQ :5555, REST :8000)
-	$(BIN)/python -m engine serve
+	$(BIN)/python -m service
 
 test: $(STAMP)           ## the whole test suite, real data and the frozen bundle included
 	$(BIN)/python -m pytest -q

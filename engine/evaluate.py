@@ -210,6 +210,31 @@ def _read_mask(item: TestImage, height: int, width: int, side: int) -> np.ndarra
     return _resize(mask, side, cv2.INTER_NEAREST) > 0
 
 
+def _score_tests(
+    engine: Any, tests: Sequence[TestImage], pixel_side: int, has_truth: bool,
+) -> tuple[np.ndarray, np.ndarray, list[ImageScore], list[dict[str, float]], list[float]]:
+    """Infer every test image: maps and masks (T, S, S), scores, stage timings, heatmap scales."""
+    import cv2
+
+    maps = np.empty((len(tests), pixel_side, pixel_side), dtype=np.float32)  # T S S
+    masks = np.empty((len(tests), pixel_side, pixel_side), dtype=bool)      # T S S
+    scores, timings, scales = [], [], []
+    for i, item in enumerate(tests):
+        result = engine.infer(_ROLE, _ROI, _MM_PER_PX, item.path.read_bytes(), allow_uncalibrated=True,
+                              heatmap="float32")
+        raw = result.heatmap_raw
+        if raw is None or raw.dtype != "float32":
+            raise RuntimeError("the engine returned no float32 heatmap")
+        height, width = raw.shape
+        amap = np.frombuffer(raw.data, dtype=np.float32).reshape(height, width)
+        maps[i] = _resize(amap, pixel_side, cv2.INTER_AREA)
+        masks[i] = _read_mask(item, height, width, pixel_side) if has_truth else False
+        scores.append(ImageScore(item.name, item.label, float(result.score)))
+        timings.append(result.timings_ms)
+        scales.append(result.heatmap_scale)
+    return maps, masks, scores, timings, scales
+
+
 def evaluate(
     category: Path | str, *, max_train: int | None = None, input_size: int | None = None,
     coreset_ratio: float | None = None, backbone: str | None = None, weights: Path | None = None,
@@ -225,8 +250,6 @@ def evaluate(
         pixel_side: side the maps and masks are resized to for the pixel AUROC.
         panel: write a PNG panel (image | heatmap overlay) of ``panel_count`` test images there.
     """
-    import cv2
-
     from engine.api import Engine
     from engine.settings import Settings
 
@@ -241,29 +264,13 @@ def evaluate(
                         ("backbone", backbone), ("weights", weights)):
         if value is not None:
             overrides[name] = value
+    has_truth = (category / "ground_truth").is_dir()
     with tempfile.TemporaryDirectory(prefix="engine-eval-") as tmp:
         settings = Settings(data_root=Path(data_root) if data_root is not None else Path(tmp), **overrides)
         engine = Engine(settings)
         try:
             fit = engine.fit_ok(_ROLE, _ROI, _MM_PER_PX, [p.read_bytes() for p in train])
-            n_test = len(tests)
-            maps = np.empty((n_test, pixel_side, pixel_side), dtype=np.float32)  # T S S
-            masks = np.empty((n_test, pixel_side, pixel_side), dtype=bool)      # T S S
-            scores, timings, scales = [], [], []
-            has_truth = (category / "ground_truth").is_dir()
-            for i, item in enumerate(tests):
-                result = engine.infer(_ROLE, _ROI, _MM_PER_PX, item.path.read_bytes(),
-                                      allow_uncalibrated=True, heatmap="float32")
-                raw = result.heatmap_raw
-                if raw is None or raw.dtype != "float32":
-                    raise RuntimeError("the engine returned no float32 heatmap")
-                height, width = raw.shape
-                amap = np.frombuffer(raw.data, dtype=np.float32).reshape(height, width)
-                maps[i] = _resize(amap, pixel_side, cv2.INTER_AREA)
-                masks[i] = _read_mask(item, height, width, pixel_side) if has_truth else False
-                scores.append(ImageScore(item.name, item.label, float(result.score)))
-                timings.append(result.timings_ms)
-                scales.append(result.heatmap_scale)
+            maps, masks, scores, timings, scales = _score_tests(engine, tests, pixel_side, has_truth)
         finally:
             engine.close()
 

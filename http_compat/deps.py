@@ -30,8 +30,9 @@ def get_engine(request: Request) -> Engine:
 
 
 def get_settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
+    """The engine's settings (its limits on images and fits apply to uploads before they are read)."""
+    engine: Engine = request.app.state.engine
+    return engine.settings
 
 
 def get_request_id(request: Request) -> str:

@@ -15,8 +15,8 @@ import structlog
 import uvicorn
 
 from engine.api import Engine
-from engine.settings import Settings
 from http_compat.app import create_app
+from http_compat.settings import HttpSettings
 
 __all__ = ["HttpServer", "is_loopback"]
 
@@ -76,7 +76,7 @@ class HttpServer:
         ValueError: ``http_host`` is not loopback and ``settings.allow_remote`` is false.
     """
 
-    def __init__(self, engine: Engine, settings: Settings) -> None:
+    def __init__(self, engine: Engine, settings: HttpSettings) -> None:
         host = settings.http_host
         if not is_loopback(host) and not settings.allow_remote:
             raise ValueError(

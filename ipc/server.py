@@ -34,8 +34,8 @@ from structlog.contextvars import bound_contextvars
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 from engine.errors import EngineError, PayloadTooLarge, Unauthorized
-from engine.settings import Settings
 from ipc.protocol import OPS, PROTOCOL_VERSION, image_from_wire, pack, unpack
+from ipc.settings import IpcSettings
 
 if TYPE_CHECKING:
     from engine.api import Engine
@@ -140,7 +140,7 @@ def _describe(exc: ValidationError, name: str) -> str:
 class IpcServer:
     """Serves one Engine over ZeroMQ (msgpack maps, protocol v1) until ``stop()``."""
 
-    def __init__(self, engine: Engine, settings: Settings) -> None:
+    def __init__(self, engine: Engine, settings: IpcSettings) -> None:
         self._engine = engine
         self._settings = settings
         key = settings.api_key

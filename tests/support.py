@@ -20,9 +20,9 @@ import pytest
 import zmq
 
 from engine.api import Engine
-from engine.settings import Settings
 from http_compat.server import HttpServer
 from ipc import EngineClient, IpcServer, RemoteError
+from service.serve import ServeConfig
 
 __all__ = ["MVTEC_BOTTLE", "REPO", "Doors", "door_settings", "encoded", "free_port", "load_bgr", "noise", "png_bytes",
            "png_header_only"]
@@ -82,12 +82,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def door_settings(root: Path, **changes: Any) -> Settings:
-    """A small CPU engine (EfficientNet-Lite0 at 64 px) with both doors on loopback, free ports."""
+def door_settings(root: Path, **changes: Any) -> ServeConfig:
+    """A small CPU engine (EfficientNet-Lite0 at 64 px) with both doors on loopback, free ports;
+    ``changes`` are settings field names of any of the four settings objects."""
     base: dict[str, Any] = {"data_root": root, "backbone": "efficientnet_lite0", "input_size": 64, "device": "cpu",
                             "zmq_endpoint": "tcp://127.0.0.1:*", "zmq_workers": 2, "http_host": "127.0.0.1",
                             "http_port": 0, "log_level": "WARNING"}
-    return Settings(**{**base, **changes})
+    return ServeConfig.of(**{**base, **changes})
 
 
 class Doors:
@@ -97,10 +98,10 @@ class Doors:
     manager or call ``close``; the engine is the caller's to close.
     """
 
-    def __init__(self, engine: Engine, settings: Settings, api_key: str | None = None,
+    def __init__(self, engine: Engine, config: ServeConfig, api_key: str | None = None,
                  timeout: float = 30.0) -> None:
-        self.engine, self.settings = engine, settings
-        self.ipc, self.http = IpcServer(engine, settings), HttpServer(engine, settings)
+        self.engine, self.config = engine, config
+        self.ipc, self.http = IpcServer(engine, config.ipc), HttpServer(engine, config.http)
         self.ipc.start()
         self.http.start()
         self.zmq = EngineClient(self.ipc.endpoint, api_key=api_key, timeout=timeout, retries=0)

@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from engine.api import Engine
 from engine.errors import InvalidImage
-from engine.settings import Settings
+from service.serve import ServeConfig
 from ipc.protocol import OPS, array_from_wire, image_from_wire, pack, unpack
 from ipc.server import IpcServer, _Job
 from tests.support import noise, png_bytes
@@ -98,13 +98,13 @@ def requests(draw: st.DrawFn) -> dict[Any, Any]:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IpcServer]:
     """An IpcServer that is never started: requests go straight to its request path."""
-    settings = Settings(data_root=tmp_path_factory.mktemp("fuzz_ipc"), backbone="efficientnet_lite0", input_size=32,
-                        device="cpu", log_level="WARNING", zmq_endpoint="tcp://127.0.0.1:*")
-    engine = Engine(settings)
+    config = ServeConfig.of(data_root=tmp_path_factory.mktemp("fuzz_ipc"), backbone="efficientnet_lite0",
+                            input_size=32, device="cpu", log_level="WARNING", zmq_endpoint="tcp://127.0.0.1:*")
+    engine = Engine(config.engine)
     rng = np.random.default_rng(1)
     engine.fit_ok("cam1", "a", 0.1, [rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(2)])
     engine.calibrate_ng("cam1", "a", 0.1, [1.0])
-    yield IpcServer(engine, settings)
+    yield IpcServer(engine, config.ipc)
     engine.close()
 
 

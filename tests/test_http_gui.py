@@ -24,6 +24,7 @@ import pytest
 
 from engine.api import Engine
 from engine.settings import Settings
+from http_compat.settings import HttpSettings
 from http_compat.server import HttpServer
 from tests.support import MVTEC_BOTTLE, load_bgr, png_bytes
 
@@ -153,9 +154,7 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
 
 
 def _serve(engine: Engine, root: Path, **overrides: Any) -> HttpServer:
-    settings = Settings(data_root=root, backbone="efficientnet_lite0", input_size=SIDE, device="cpu",
-                        http_host="127.0.0.1", http_port=0, **overrides)
-    srv = HttpServer(engine, settings)
+    srv = HttpServer(engine, HttpSettings(http_host="127.0.0.1", http_port=0, **overrides))
     srv.start()
     return srv
 
@@ -456,7 +455,10 @@ def test_missing_field_is_422(gui: Gui, images: dict[str, list[bytes]]) -> None:
 
 def test_size_limits_are_413(engine: Engine, tmp_path: Path, images: dict[str, list[bytes]]) -> None:
     # (a declared body over max_request_bytes is refused before reading: tests/test_http_server.py)
-    srv = _serve(engine, tmp_path, max_image_bytes=150_000, max_fit_images=2)   # bottle PNGs are ~65 kB
+    # the door refuses uploads over the engine's limits before reading them
+    limited = Engine(Settings(data_root=tmp_path, backbone="efficientnet_lite0", input_size=SIDE, device="cpu",
+                              max_image_bytes=150_000, max_fit_images=2))   # bottle PNGs are ~65 kB
+    srv = _serve(limited, tmp_path)
     try:
         with Gui(srv.url) as gui:
             big = np.random.default_rng(0).integers(0, 255, (300, 300, 3), dtype=np.uint8)
@@ -467,6 +469,7 @@ def test_size_limits_are_413(engine: Engine, tmp_path: Path, images: dict[str, l
             assert "3 images" in assert_error(r, 413, "payload_too_large")["error"]
     finally:
         srv.stop()
+        limited.close()
 
 
 def test_api_key_on_real_calls(engine: Engine, tmp_path: Path, images: dict[str, list[bytes]]) -> None:

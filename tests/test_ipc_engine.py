@@ -18,7 +18,7 @@ import pytest
 
 from engine.api import Engine
 from engine.schemas import CalibrationResult, FitResult, InferResult
-from engine.settings import Settings
+from service.serve import ServeConfig
 from ipc import EngineClient, IpcServer, RemoteError, array_from_wire
 from tests.support import MVTEC_BOTTLE, load_bgr, png_bytes
 
@@ -63,22 +63,22 @@ def images() -> dict[str, list[np.ndarray]]:
 
 
 @pytest.fixture(scope="module")
-def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    return Settings(data_root=tmp_path_factory.mktemp("ipc_engine"), input_size=SIZE,
+def settings(tmp_path_factory: pytest.TempPathFactory) -> ServeConfig:
+    return ServeConfig.of(data_root=tmp_path_factory.mktemp("ipc_engine"), input_size=SIZE,
                     backbone="efficientnet_lite0", coreset_ratio=0.1, zmq_endpoint="tcp://127.0.0.1:*",
                     zmq_events="tcp://127.0.0.1:*", zmq_workers=2)
 
 
 @pytest.fixture(scope="module")
-def engine(settings: Settings) -> Iterator[Engine]:
-    eng = Engine(settings)
+def engine(settings: ServeConfig) -> Iterator[Engine]:
+    eng = Engine(settings.engine)
     yield eng
     eng.close()
 
 
 @pytest.fixture(scope="module")
-def server(engine: Engine, settings: Settings) -> Iterator[IpcServer]:
-    srv = IpcServer(engine, settings)
+def server(engine: Engine, settings: ServeConfig) -> Iterator[IpcServer]:
+    srv = IpcServer(engine, settings.ipc)
     srv.start()
     yield srv
     srv.stop(timeout=30)
@@ -304,10 +304,10 @@ def test_dataset_ops_round_trip(server: IpcServer, client: EngineClient,
 
 
 def test_stop_finishes_the_running_fit_and_refuses_the_queued(
-    engine: Engine, settings: Settings, client: EngineClient, images: dict[str, list[np.ndarray]]
+    engine: Engine, settings: ServeConfig, client: EngineClient, images: dict[str, list[np.ndarray]]
 ) -> None:
     before = {t for t in threading.enumerate() if t.name.startswith("ipc-")}
-    srv = IpcServer(engine, settings.model_copy(update={"zmq_workers": 1}))
+    srv = IpcServer(engine, settings.ipc.model_copy(update={"zmq_workers": 1}))
     srv.start()
     out: dict[str, Any] = {}
     payload = [png_bytes(i) for i in images["train"][:40]]

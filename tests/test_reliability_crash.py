@@ -1,4 +1,4 @@
-"""``kill -9`` of ``python -m engine serve`` in the middle of ``fit_ok``, over and over.
+"""``kill -9`` of ``python -m service`` in the middle of ``fit_ok``, over and over.
 
 Each round starts a fresh server process on the same data root, checks what the previous kill
 left (recovery ran at start-up: no ``.<roi>.staging-*`` / ``.old-*`` / ``.trash-*`` folders; the
@@ -37,7 +37,7 @@ KILLS = int(os.environ.get("CRASH_KILLS", "20"))
 
 
 class Serve:
-    """``python -m engine serve`` on the data root, ZeroMQ only, with progress events."""
+    """``python -m service`` on the data root, ZeroMQ only, with progress events."""
 
     def __init__(self, root: Path, log: Path) -> None:
         self.endpoint = f"tcp://127.0.0.1:{free_port()}"
@@ -47,7 +47,7 @@ class Serve:
                    BACKEND_HTTP_ENABLED="false", BACKEND_INPUT_SIZE=str(SIDE), BACKEND_BACKBONE="efficientnet_lite0",
                    BACKEND_DEVICE="cpu", BACKEND_ZMQ_WORKERS="1", BACKEND_LOG_LEVEL="WARNING")
         self._log = open(log, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "engine", "serve"], cwd=REPO, env=env,
+        self.proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=REPO, env=env,
                                      stdout=subprocess.PIPE, stderr=self._log)
         self._wait_ready(90.0)
 

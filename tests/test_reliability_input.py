@@ -70,7 +70,7 @@ ACCEPTED_IMAGES: dict[str, bytes] = {
 @pytest.fixture(scope="module")
 def doors(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Doors]:
     settings = door_settings(tmp_path_factory.mktemp("bad_input"))
-    engine = Engine(settings)
+    engine = Engine(settings.engine)
     engine.fit_ok(ROLE, ROI, MM, [png_bytes(noise(SIDE, seed=s)) for s in range(4)])
     engine.calibrate_ng(ROLE, ROI, MM, [1.0, 2.0])
     d = Doors(engine, settings, timeout=60)
@@ -300,7 +300,7 @@ def test_200_mb_message_is_dropped_and_the_server_lives(doors: Doors) -> None:
 
 def test_message_over_max_request_bytes_is_413(tmp_path: Path) -> None:
     settings = door_settings(tmp_path, max_request_bytes=1024 * 1024)
-    engine = Engine(settings)
+    engine = Engine(settings.engine)
     d = Doors(engine, settings, timeout=60)
     try:
         reply = d.zmq_raw(_req("infer", _zmq_infer(image=bytes(2 * 1024 * 1024))))
@@ -338,7 +338,7 @@ def test_10000_images_in_one_fit_is_413(doors: Doors) -> None:
     status, body = doors.http_answer("POST", "/fit_ok", data={"role_id": ROLE, "roi_id": "many", "mm_per_px": "0.1"},
                                      files=files)
     assert (status, body["code"]) == (413, "payload_too_large"), body
-    assert str(doors.settings.max_fit_images + 1) in body["error"]   # stopped at the limit, not at 10 000
+    assert str(doors.config.engine.max_fit_images + 1) in body["error"]   # stopped at the limit, not at 10 000
     assert time.perf_counter() - start < 30
     assert doors.zmq_answer("fit_ok", {"role_id": ROLE, "roi_id": "many", "mm_per_px": MM,
                                        "images": [tiny] * 10_000}) == (413, "payload_too_large")
@@ -356,7 +356,7 @@ def test_deeply_nested_metas_is_400(doors: Doors) -> None:
 def test_stalled_upload_times_out_with_408(doors: Doors, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Regression: a body that stops arriving held its connection open forever (uvicorn has no body timeout)."""
     monkeypatch.setattr(http_compat.middleware, "BODY_READ_TIMEOUT_S", 1.5)
-    server = HttpServer(doors.engine, door_settings(tmp_path))
+    server = HttpServer(doors.engine, door_settings(tmp_path).http)
     server.start()
     try:
         head = (b"POST /infer HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=BB\r\n"

@@ -114,7 +114,7 @@ def full_disk(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytes
 
 def test_full_disk_is_507_and_keeps_the_old_model(full_disk: _Disk) -> None:
     settings = door_settings(full_disk.root)
-    engine = Engine(settings)
+    engine = Engine(settings.engine)
     images = _images(1)
     engine.fit_ok(ROLE, "a", MM, images)
     engine.calibrate_ng(ROLE, "a", MM, [1.0, 2.0])
@@ -223,7 +223,7 @@ def damaged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Doors]:
     """A fresh engine (nothing cached) over a data root where each DAMAGE roi is broken, plus an intact one."""
     root = tmp_path_factory.mktemp("damaged")
     settings = door_settings(root)
-    builder = Engine(settings)
+    builder = Engine(settings.engine)
     for i, roi in enumerate(["intact", *DAMAGE]):
         builder.fit_ok(ROLE, roi, MM, _images(10 + i))
         builder.calibrate_ng(ROLE, roi, MM, [1.0, 2.0])
@@ -231,7 +231,7 @@ def damaged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Doors]:
     store = ModelStore(root)
     for roi, (damage, _, _) in DAMAGE.items():
         damage(store.model_dir(ROLE, roi))
-    engine = Engine(settings)
+    engine = Engine(settings.engine)
     with Doors(engine, settings) as doors:
         yield doors
     engine.close()
@@ -289,7 +289,7 @@ def test_refit_repairs_every_damaged_model(damaged: Doors) -> None:
 def test_start_up_recovers_a_swap_cut_in_a_recipe(tmp_path: Path) -> None:
     """Regression: start-up recovery covered the default recipe only."""
     settings = door_settings(tmp_path)
-    engine = Engine(settings)
+    engine = Engine(settings.engine)
     engine.fit_ok(ROLE, "a", MM, _images(1), recipe_id="line2")
     engine.close()
     role_dir = tmp_path / "recipes" / "line2" / "models" / ROLE
@@ -299,7 +299,7 @@ def test_start_up_recovers_a_swap_cut_in_a_recipe(tmp_path: Path) -> None:
     staging = role_dir / f".a.staging-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     (staging / "embeddings.npy").write_bytes(b"half")
-    engine = Engine(settings)
+    engine = Engine(settings.engine)
     assert _leftovers(role_dir) == [] and _tree_hash(role_dir / "a") == before
     assert [m.roi_id for m in engine.list_models(recipe_id="line2")] == ["a"]
     engine.close()
@@ -307,7 +307,7 @@ def test_start_up_recovers_a_swap_cut_in_a_recipe(tmp_path: Path) -> None:
 
 def test_leftovers_never_block_a_later_fit(tmp_path: Path) -> None:
     settings = door_settings(tmp_path)
-    engine = Engine(settings)
+    engine = Engine(settings.engine)
     engine.fit_ok(ROLE, "a", MM, _images(1))
     role_dir = tmp_path / "models" / ROLE
     for kind in ("staging", "old", "trash"):

@@ -28,7 +28,8 @@ import ipc.server
 from engine.api import Engine
 from engine.backbones import load_weights_file
 from engine.errors import CorruptModel, InvalidId, InvalidInput, WeightsError
-from engine.settings import Settings
+from http_compat.settings import HttpSettings
+from ipc.settings import IpcSettings
 from engine.storage import ModelStore, seal
 from http_compat.server import HttpServer
 from ipc import EngineClient, IpcServer, RemoteError
@@ -44,7 +45,7 @@ def _png(seed: int = 0) -> bytes:
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
-    eng = Engine(door_settings(tmp_path_factory.mktemp("security")))
+    eng = Engine(door_settings(tmp_path_factory.mktemp("security")).engine)
     eng.fit_ok(ROLE, ROI, MM, [_png(s) for s in range(3)])
     eng.calibrate_ng(ROLE, ROI, MM, [1.0, 2.0])
     yield eng
@@ -128,14 +129,15 @@ def test_keys_are_compared_in_constant_time(keyed: Doors, monkeypatch: pytest.Mo
 def test_defaults_bind_loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("BACKEND_ZMQ_ENDPOINT", "BACKEND_HTTP_HOST", "BACKEND_ALLOW_REMOTE", "BACKEND_CONFIG"):
         monkeypatch.delenv(name, raising=False)
-    s = Settings()
-    assert s.zmq_endpoint.startswith("tcp://127.0.0.1:") and s.http_host == "127.0.0.1" and not s.allow_remote
+    ipc, http = IpcSettings(), HttpSettings()
+    assert ipc.zmq_endpoint.startswith("tcp://127.0.0.1:") and not ipc.allow_remote
+    assert http.http_host == "127.0.0.1" and not http.allow_remote
 
 
 @pytest.mark.parametrize("endpoint", ["tcp://0.0.0.0:*", "tcp://*:*", "tcp://192.168.1.10:5555", "tcp://eth0:5555",
                                       "tcp://[::]:5555", "tcp://plant-pc.local:5555"])
 def test_zmq_remote_bind_needs_allow_remote(engine: Engine, endpoint: str) -> None:
-    server = IpcServer(engine, door_settings(engine.data_root, zmq_endpoint=endpoint))
+    server = IpcServer(engine, door_settings(engine.data_root, zmq_endpoint=endpoint).ipc)
     with pytest.raises(ValueError, match="allow_remote|ALLOW_REMOTE"):
         server.start()
     with pytest.raises(RuntimeError):
@@ -145,13 +147,13 @@ def test_zmq_remote_bind_needs_allow_remote(engine: Engine, endpoint: str) -> No
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.10", "plant-pc.local"])
 def test_http_remote_bind_needs_allow_remote(engine: Engine, host: str) -> None:
     with pytest.raises(ValueError, match="allow_remote"):
-        HttpServer(engine, door_settings(engine.data_root, http_host=host))
+        HttpServer(engine, door_settings(engine.data_root, http_host=host).http)
 
 
 def test_remote_bind_with_explicit_opt_in(engine: Engine) -> None:
     settings = door_settings(engine.data_root, zmq_endpoint="tcp://0.0.0.0:*", http_host="0.0.0.0", allow_remote=True,
                          api_key=KEY)
-    ipc_door, http_door = IpcServer(engine, settings), HttpServer(engine, settings)
+    ipc_door, http_door = IpcServer(engine, settings.ipc), HttpServer(engine, settings.http)
     ipc_door.start()
     http_door.start()
     try:
@@ -234,11 +236,11 @@ def test_pickle_bomb_weights_are_refused_never_unpickled(tmp_path: Path) -> None
         load_weights_file(bomb)
     for backbone in ("dinov2_vits14", "auto", "efficientnet_lite0"):
         with pytest.raises(WeightsError):
-            Engine(door_settings(tmp_path / "data", backbone=backbone, weights=bomb))
+            Engine(door_settings(tmp_path / "data", backbone=backbone, weights=bomb).engine)
     (tmp_path / "data" / "weights").mkdir(parents=True, exist_ok=True)
     os.replace(bomb, tmp_path / "data" / "weights" / bomb.name)      # found by "auto" in <data_root>/weights
     with pytest.raises(WeightsError):
-        Engine(door_settings(tmp_path / "data", backbone="auto"))
+        Engine(door_settings(tmp_path / "data", backbone="auto").engine)
     assert not marker.exists()
 
 
@@ -250,7 +252,7 @@ def test_data_root_is_not_world_writable_even_with_umask_0(tmp_path: Path) -> No
     try:
         root = tmp_path / "fresh" / "data"
         settings = door_settings(root)
-        engine = Engine(settings)
+        engine = Engine(settings.engine)
         d = Doors(engine, settings)
         try:
             engine.fit_ok(ROLE, ROI, MM, [_png(1)])
