@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                 for form, image in forms.items():
                     for heatmap in ("none", "png"):
                         kw = dict(role_id=role, roi_id=roi, mm_per_px=mmpp, image=image, heatmap=heatmap)
-                        d, z = _time_pair(lambda: engine.infer(**kw), lambda: client.infer(**kw), args.calls)
+                        d, z = _time_pair(partial(engine.infer, **kw), partial(client.infer, **kw), args.calls)
                         (d50, d99), (z50, z99) = _pcts(d), _pcts(z)
                         print(f"{form:<6}{heatmap:<9}{d50:>11.2f}{d99:>8.2f}{z50:>10.2f}{z99:>8.2f}"
                               f"{z50 - d50:>11.2f}{z99 - d99:>11.2f}")

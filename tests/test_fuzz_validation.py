@@ -22,7 +22,13 @@ from PIL import Image
 from engine.api import _check_calibration, _check_mm_per_px
 from engine.calibration import percentile_fraction
 from engine.errors import (
-    CorruptModel, EngineError, InvalidId, InvalidImage, InvalidInput, InvalidShape, PayloadTooLarge,
+    CorruptModel,
+    EngineError,
+    InvalidId,
+    InvalidImage,
+    InvalidInput,
+    InvalidShape,
+    PayloadTooLarge,
 )
 from engine.ids import MAX_ID_LENGTH, check_filename, check_id, check_recipe
 from engine.images import decode_image, from_array
