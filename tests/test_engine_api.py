@@ -308,7 +308,7 @@ def test_calibration_midpoint(engine: Engine, fitted: FitResult, ng_scores: list
     assert calibrated.threshold == pytest.approx((ok_p99 + ng_p5) / 2, rel=1e-12)
     assert (calibrated.n_ok, calibrated.n_ng, calibrated.model_version) == (8, 2, 1)
     assert calibrated.area_mm2_thr == 1.0 and calibrated.mm_per_px == MM
-    # real bottles separate: the broken ones score well above every OK leave-one-out score
+    # real bottles separate: the broken ones score well above every held-out OK score (5-fold)
     assert calibrated.warning is None and ok_p99 < ng_p5
     state = engine.state(ROLE, "cap")
     assert (state.status, state.calib_present, state.threshold) == ("ready", True, calibrated.threshold)
@@ -505,7 +505,7 @@ def test_dataset_flow(engine: Engine, images: Images) -> None:
     assert all(item.decision is None and item.threshold is None for item in raw.items)
 
     cal = engine.calibrate_dataset(ROLE, roi)
-    # trained OK samples count with their leave-one-out scores from the fit, the NG sample is scored now
+    # trained OK samples count with their 5-fold held-out scores from the fit, the NG sample is scored now
     assert (cal.n_ok, cal.n_ng, cal.method) == (3, 1, "ok_ng_midpoint")
     ng_score = next(item.score for item in raw.items if item.label == "ng")
     assert ng_score is not None
