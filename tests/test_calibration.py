@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from engine.calibration import calibrate, percentile_fraction, score_stats
+from engine.calibration import calibrate, score_stats
+from engine.validate import percentile_fraction
 from engine.errors import InvalidInput
 
 OK = [float(v) for v in range(101)]              # 0..100: p99 = 99.0 exactly

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import signal
 import socket
 import statistics
@@ -11,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+from structlog.testing import capture_logs
 import pytest
 
 from engine.api import Engine
@@ -93,12 +93,12 @@ def test_non_loopback_host_needs_allow_remote(engine: Engine, tmp_path: Path, ho
         HttpServer(engine, _settings(tmp_path, http_host=host))
 
 
-def test_allowed_remote_bind_logs_a_warning(engine: Engine, tmp_path: Path,
-                                            caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="http_compat.server"):
+def test_allowed_remote_bind_logs_a_warning(engine: Engine, tmp_path: Path) -> None:
+    with capture_logs() as events:
         with HttpServer(engine, _settings(tmp_path, http_host="0.0.0.0", allow_remote=True)) as srv:
             assert httpx.get(f"http://127.0.0.1:{srv.port}/openapi.json").status_code == 200
-    assert any("non-loopback" in rec.getMessage() and "no API key" in rec.getMessage() for rec in caplog.records)
+    warnings = [e for e in events if e["event"] == "http_remote_bind"]
+    assert warnings and warnings[0]["log_level"] == "warning" and warnings[0]["api_key_set"] is False
 
 
 def test_api_key_guards_every_path(limited: HttpServer) -> None:

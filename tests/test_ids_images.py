@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from engine.errors import InvalidId, InvalidImage, InvalidInput, PayloadTooLarge, ReservedRecipe
-from engine.ids import MAX_ID_LENGTH, check_filename, check_id, check_recipe
+from engine.validate import MAX_ID_LENGTH, check_filename, check_id, check_recipe
 from engine.images import MIN_SIDE, decode_image, from_array, resize_square
 from tests.support import png_header_only
 
