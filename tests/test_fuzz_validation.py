@@ -28,11 +28,17 @@ from engine.errors import (
     InvalidShape,
     PayloadTooLarge,
 )
-from engine.validate import (
-    MAX_ID_LENGTH, check_filename, check_id, check_recipe, percentile_fraction, positive_number, stored_calibration,
-)
 from engine.images import decode_image, from_array
 from engine.masks import parse_shape, shape_mask
+from engine.validate import (
+    MAX_ID_LENGTH,
+    check_filename,
+    check_id,
+    check_recipe,
+    percentile_fraction,
+    positive_number,
+    stored_calibration,
+)
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "200"))
 # no subnormal floats: the engine flushes denormals to zero (engine.features, for CPU speed), and
