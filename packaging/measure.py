@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((health_s, first_ms, second_ms, stop_s))
             print(f"run {run + 1}: first health {health_s:.2f} s, first infer {first_ms:.0f} ms, "
                   f"second infer {second_ms:.0f} ms, SIGTERM -> exit {code} in {stop_s:.2f} s", flush=True)
-    med = [statistics.median(col) for col in zip(*rows)]
+    med = [statistics.median(col) for col in zip(*rows, strict=True)]
     print(f"median of {len(rows)} ({'source' if args.source else args.exe}, {'evicted' if args.evict else 'warm'} "
           f"page cache, {os.cpu_count()} CPUs, {platform.platform()}, load avg "
           f"{os.getloadavg()[0] if hasattr(os, 'getloadavg') else 'n/a'}): first health {med[0]:.2f} s, "

@@ -40,6 +40,7 @@ SIDE = 224        # ROI side the tests send (the files are 900 x 900)
 INPUT = 112       # backbone input side: 14 x 14 tokens at stride 8
 MM = 0.1          # mm per pixel
 ROLE = "top"
+Images = dict[str, list[np.ndarray]]    # "train", "good", "broken" -> BGR arrays of SIDE x SIDE
 
 
 def _decode_png(data: bytes | None) -> np.ndarray:
@@ -58,7 +59,7 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
 
 
 @pytest.fixture(scope="module")
-def images(bottle_dir: Path) -> dict[str, list[np.ndarray]]:
+def images(bottle_dir: Path) -> Images:
     return {
         "train": [load_bgr(p, SIDE) for p in sorted((bottle_dir / "train" / "good").glob("*.png"))[:8]],
         "good": [load_bgr(p, SIDE) for p in sorted((bottle_dir / "test" / "good").glob("*.png"))[:2]],
@@ -67,12 +68,12 @@ def images(bottle_dir: Path) -> dict[str, list[np.ndarray]]:
 
 
 @pytest.fixture(scope="module")
-def fitted(engine: Engine, images: dict[str, list[np.ndarray]]) -> FitResult:
+def fitted(engine: Engine, images: Images) -> FitResult:
     return engine.fit_ok(ROLE, "cap", MM, [png_bytes(im) for im in images["train"]], operator_id="op1")
 
 
 @pytest.fixture(scope="module")
-def ng_scores(engine: Engine, fitted: FitResult, images: dict[str, list[np.ndarray]]) -> list[float]:
+def ng_scores(engine: Engine, fitted: FitResult, images: Images) -> list[float]:
     """Raw scores of the first two broken bottles (the third is kept for the decision test)."""
     return [engine.infer(ROLE, "cap", MM, png_bytes(im), allow_uncalibrated=True, heatmap="none").score
             for im in images["broken"][:2]]
@@ -104,7 +105,8 @@ def test_missing_model_is_404(engine: Engine) -> None:
         assert "memory not found" in str(info.value) and "fit the model first" in str(info.value)
         assert "/fit_ok" not in str(info.value)
     state = engine.state(ROLE, "nothing")
-    assert (state.status, state.memory_fitted, state.calib_present, state.model_version) == ("empty", False, False, None)
+    assert (state.status, state.memory_fitted, state.calib_present, state.model_version) == (
+        "empty", False, False, None)
 
 
 @pytest.mark.parametrize(
@@ -152,7 +154,8 @@ def test_fit_rejects_bad_images(engine: Engine) -> None:
 
 def test_health(engine: Engine) -> None:
     health = engine.health()
-    assert (health.status, health.backbone, health.input_size, health.device) == ("ok", "efficientnet_lite0", INPUT, "cpu")
+    assert (health.status, health.backbone, health.input_size, health.device) == (
+        "ok", "efficientnet_lite0", INPUT, "cpu")
     assert len(health.weights_sha256) == 64
 
 
@@ -168,7 +171,8 @@ def test_fit_result(engine: Engine, fitted: FitResult) -> None:
     assert fitted.n_embeddings == 8 * h * w == 1568
     assert fitted.coreset_size == round(0.1 * 1568) == 157
     assert fitted.model_version == 1
-    assert (fitted.backbone, fitted.input_size, fitted.distance, fitted.memory_fit) == ("efficientnet_lite0", INPUT, "l2", False)
+    assert (fitted.backbone, fitted.input_size, fitted.distance, fitted.memory_fit) == (
+        "efficientnet_lite0", INPUT, "l2", False)
     assert fitted.mm_per_px == MM
     assert len(fitted.ok_scores) == 8 and all(s > 0 and math.isfinite(s) for s in fitted.ok_scores)
     stats = fitted.ok_score_stats
@@ -186,7 +190,7 @@ def test_fit_result(engine: Engine, fitted: FitResult) -> None:
 
 
 @pytest.mark.slow
-def test_infer_before_calibration_is_428(engine: Engine, fitted: FitResult, images: dict[str, list[np.ndarray]]) -> None:
+def test_infer_before_calibration_is_428(engine: Engine, fitted: FitResult, images: Images) -> None:
     with pytest.raises(CalibrationMissing) as info:
         engine.infer(ROLE, "cap", MM, png_bytes(images["good"][0]))
     assert info.value.status == 428
@@ -194,7 +198,7 @@ def test_infer_before_calibration_is_428(engine: Engine, fitted: FitResult, imag
 
 
 @pytest.mark.slow
-def test_raw_score_without_calibration(engine: Engine, fitted: FitResult, images: dict[str, list[np.ndarray]]) -> None:
+def test_raw_score_without_calibration(engine: Engine, fitted: FitResult, images: Images) -> None:
     # a non-square ROI (H 200, W 150) catches any swap of H and W
     roi = images["good"][0][10:210, 30:180]
     result = engine.infer(ROLE, "cap", MM, png_bytes(roi), allow_uncalibrated=True)
@@ -210,7 +214,7 @@ def test_raw_score_without_calibration(engine: Engine, fitted: FitResult, images
 
 
 @pytest.mark.slow
-def test_raw_maps(engine: Engine, fitted: FitResult, images: dict[str, list[np.ndarray]]) -> None:
+def test_raw_maps(engine: Engine, fitted: FitResult, images: Images) -> None:
     image = png_bytes(images["broken"][2][:, :180])                                 # H 224, W 180
     png = engine.infer(ROLE, "cap", MM, image, allow_uncalibrated=True, heatmap="png")
     f32 = engine.infer(ROLE, "cap", MM, image, allow_uncalibrated=True, heatmap="float32")
@@ -231,7 +235,7 @@ def test_raw_maps(engine: Engine, fitted: FitResult, images: dict[str, list[np.n
 
 
 @pytest.mark.slow
-def test_shape_masks_the_score(engine: Engine, fitted: FitResult, images: dict[str, list[np.ndarray]]) -> None:
+def test_shape_masks_the_score(engine: Engine, fitted: FitResult, images: Images) -> None:
     image = png_bytes(images["broken"][2])
     whole = engine.infer(ROLE, "cap", MM, image, allow_uncalibrated=True, heatmap="float32")
     assert whole.heatmap_raw is not None
@@ -252,7 +256,7 @@ def test_shape_masks_the_score(engine: Engine, fitted: FitResult, images: dict[s
      ("{not json", InvalidShape), ({"kind": "star"}, InvalidShape), ([1, 2], InvalidShape)],
 )
 @pytest.mark.slow
-def test_bad_shape_is_400(engine: Engine, fitted: FitResult, images: dict[str, list[np.ndarray]],
+def test_bad_shape_is_400(engine: Engine, fitted: FitResult, images: Images,
                           shape: object, error: type[EngineError]) -> None:
     with pytest.raises(error) as info:
         engine.infer(ROLE, "cap", MM, png_bytes(images["good"][0]), shape, allow_uncalibrated=True)  # type: ignore[arg-type]
@@ -273,7 +277,7 @@ def test_bad_images_on_infer(engine: Engine, fitted: FitResult) -> None:
 
 
 @pytest.mark.slow
-def test_raw_array_input(engine: Engine, fitted: FitResult, images: dict[str, list[np.ndarray]]) -> None:
+def test_raw_array_input(engine: Engine, fitted: FitResult, images: Images) -> None:
     bgr = images["good"][0]
     from_png = engine.infer(ROLE, "cap", MM, png_bytes(bgr), allow_uncalibrated=True, heatmap="none")
     from_array = engine.infer(ROLE, "cap", MM, np.ascontiguousarray(bgr[:, :, ::-1]), allow_uncalibrated=True,
@@ -282,7 +286,7 @@ def test_raw_array_input(engine: Engine, fitted: FitResult, images: dict[str, li
 
 
 @pytest.mark.slow
-def test_mm_per_px_mismatch_is_409(engine: Engine, fitted: FitResult, images: dict[str, list[np.ndarray]]) -> None:
+def test_mm_per_px_mismatch_is_409(engine: Engine, fitted: FitResult, images: Images) -> None:
     image = png_bytes(images["good"][0])
     with pytest.raises(MmPerPxMismatch) as info:
         engine.infer(ROLE, "cap", 0.2, image, allow_uncalibrated=True)
@@ -306,7 +310,7 @@ def test_calibration_midpoint(engine: Engine, fitted: FitResult, ng_scores: list
     assert calibrated.threshold == pytest.approx((ok_p99 + ng_p5) / 2, rel=1e-12)
     assert (calibrated.n_ok, calibrated.n_ng, calibrated.model_version) == (8, 2, 1)
     assert calibrated.area_mm2_thr == 1.0 and calibrated.mm_per_px == MM
-    # real bottles separate: the broken ones score well above every OK leave-one-out score
+    # real bottles separate: the broken ones score well above every held-out OK score (5-fold)
     assert calibrated.warning is None and ok_p99 < ng_p5
     state = engine.state(ROLE, "cap")
     assert (state.status, state.calib_present, state.threshold) == ("ready", True, calibrated.threshold)
@@ -314,7 +318,7 @@ def test_calibration_midpoint(engine: Engine, fitted: FitResult, ng_scores: list
 
 @pytest.mark.slow
 def test_broken_bottle_is_ng_with_regions(engine: Engine, calibrated: CalibrationResult,
-                                          images: dict[str, list[np.ndarray]]) -> None:
+                                          images: Images) -> None:
     result = engine.infer(ROLE, "cap", MM, png_bytes(images["broken"][2]))
     assert isinstance(result, InferResult)
     assert result.decision == "ng"
@@ -335,7 +339,7 @@ def test_broken_bottle_is_ng_with_regions(engine: Engine, calibrated: Calibratio
 
 
 @pytest.mark.slow
-def test_good_bottles_are_ok(engine: Engine, calibrated: CalibrationResult, images: dict[str, list[np.ndarray]]) -> None:
+def test_good_bottles_are_ok(engine: Engine, calibrated: CalibrationResult, images: Images) -> None:
     for image in images["good"]:
         result = engine.infer(ROLE, "cap", MM, png_bytes(image))
         assert result.decision == "ok", result.score
@@ -355,7 +359,7 @@ def test_list_models(engine: Engine, calibrated: CalibrationResult) -> None:
 
 
 @pytest.mark.slow
-def test_infer_during_refit_uses_old_or_new_model(engine: Engine, images: dict[str, list[np.ndarray]]) -> None:
+def test_infer_during_refit_uses_old_or_new_model(engine: Engine, images: Images) -> None:
     first = engine.fit_ok(ROLE, "refit", MM, [png_bytes(im) for im in images["train"][:3]])
     assert first.model_version == 1
     probe = png_bytes(images["good"][1])
@@ -419,7 +423,7 @@ def test_cache_keeps_a_put_made_during_a_load() -> None:
 
 @pytest.mark.slow
 def test_recipes_are_independent(engine: Engine, calibrated: CalibrationResult,
-                                 images: dict[str, list[np.ndarray]]) -> None:
+                                 images: Images) -> None:
     image = png_bytes(images["good"][0])
     fit = engine.fit_ok(ROLE, "cap", 0.2, [png_bytes(images["train"][0])], recipe_id="r1")
     assert (fit.recipe_id, fit.model_version, fit.mm_per_px, fit.n_images) == ("r1", 1, 0.2, 1)
@@ -449,7 +453,7 @@ def test_recipes_are_independent(engine: Engine, calibrated: CalibrationResult,
 
 
 @pytest.mark.slow
-def test_delete_model(engine: Engine, images: dict[str, list[np.ndarray]]) -> None:
+def test_delete_model(engine: Engine, images: Images) -> None:
     engine.fit_ok(ROLE, "gone", MM, [png_bytes(images["train"][0])])
     assert engine.infer(ROLE, "gone", MM, png_bytes(images["good"][0]), allow_uncalibrated=True).model_version == 1
     result = engine.delete_model(ROLE, "gone")
@@ -464,7 +468,7 @@ def test_delete_model(engine: Engine, images: dict[str, list[np.ndarray]]) -> No
 
 
 @pytest.mark.slow
-def test_dataset_flow(engine: Engine, images: dict[str, list[np.ndarray]]) -> None:
+def test_dataset_flow(engine: Engine, images: Images) -> None:
     roi = "ds"
     ok_files = [png_bytes(im) for im in images["train"][5:8]]
     ng_file = png_bytes(images["broken"][0])
@@ -503,7 +507,7 @@ def test_dataset_flow(engine: Engine, images: dict[str, list[np.ndarray]]) -> No
     assert all(item.decision is None and item.threshold is None for item in raw.items)
 
     cal = engine.calibrate_dataset(ROLE, roi)
-    # trained OK samples count with their leave-one-out scores from the fit, the NG sample is scored now
+    # trained OK samples count with their 5-fold held-out scores from the fit, the NG sample is scored now
     assert (cal.n_ok, cal.n_ng, cal.method) == (3, 1, "ok_ng_midpoint")
     ng_score = next(item.score for item in raw.items if item.label == "ng")
     assert ng_score is not None

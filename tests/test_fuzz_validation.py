@@ -20,13 +20,25 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 
 from engine.errors import (
-    CorruptModel, EngineError, InvalidId, InvalidImage, InvalidInput, InvalidShape, PayloadTooLarge,
-)
-from engine.validate import (
-    MAX_ID_LENGTH, check_filename, check_id, check_recipe, percentile_fraction, positive_number, stored_calibration,
+    CorruptModel,
+    EngineError,
+    InvalidId,
+    InvalidImage,
+    InvalidInput,
+    InvalidShape,
+    PayloadTooLarge,
 )
 from engine.images import decode_image, from_array
 from engine.masks import parse_shape, shape_mask
+from engine.validate import (
+    MAX_ID_LENGTH,
+    check_filename,
+    check_id,
+    check_recipe,
+    percentile_fraction,
+    positive_number,
+    stored_calibration,
+)
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "200"))
 # no subnormal floats: the engine flushes denormals to zero (engine.features, for CPU speed), and

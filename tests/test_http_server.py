@@ -10,8 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-from structlog.testing import capture_logs
 import pytest
+from structlog.testing import capture_logs
 
 from engine.api import Engine
 from service.serve import ServeConfig

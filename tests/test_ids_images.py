@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from engine.errors import InvalidId, InvalidImage, InvalidInput, PayloadTooLarge, ReservedRecipe
-from engine.validate import MAX_ID_LENGTH, check_filename, check_id, check_recipe
 from engine.images import MIN_SIDE, decode_image, from_array, resize_square
+from engine.validate import MAX_ID_LENGTH, check_filename, check_id, check_recipe
 from tests.support import png_header_only
 
 MAX_PIXELS = 64_000_000

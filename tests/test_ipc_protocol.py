@@ -15,15 +15,15 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
-from pydantic import SecretStr
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+from pydantic import SecretStr
 
 import ipc
 from engine.api import Engine
-from service.serve import ServeConfig
+from engine.errors import InvalidImage
 from ipc import EngineClient, EngineUnavailable, IpcServer, RemoteError, array_from_wire, array_to_wire
 from ipc.protocol import image_from_wire
-from engine.errors import InvalidImage
+from service.serve import ServeConfig
 
 LOOPBACK = "tcp://127.0.0.1:*"
 StartServer = Callable[..., IpcServer]
