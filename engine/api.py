@@ -33,8 +33,20 @@ from engine.knn import configure_faiss
 from engine.models import ModelRegistry
 from engine.samples import Samples
 from engine.schemas import (
-    CalibrationResult, DatasetClearResult, DatasetListing, DatasetSample, DeleteResult, FitResult, HealthResult,
-    HeatmapFormat, InferBatchResult, InferDatasetResult, InferResult, ModelSummary, Shape, StateResult,
+    CalibrationResult,
+    DatasetClearResult,
+    DatasetListing,
+    DatasetSample,
+    DeleteResult,
+    FitResult,
+    HealthResult,
+    HeatmapFormat,
+    InferBatchResult,
+    InferDatasetResult,
+    InferResult,
+    ModelSummary,
+    Shape,
+    StateResult,
 )
 from engine.scoring import Scorer
 from engine.settings import Settings

@@ -17,8 +17,7 @@ from typing import Any
 from engine.errors import InvalidInput, SampleNotFound, StorageError
 from engine.images import IMAGE_SUFFIXES
 from engine.storage import atomic_write_bytes, atomic_write_json, make_dirs
-from engine.validate import LABELS, check_filename
-from engine.validate import label as check_label
+from engine.validate import LABELS, check_filename, label as check_label
 
 __all__ = ["LABELS", "META_SUFFIX", "DatasetStore", "StoredSamples"]
 

@@ -129,7 +129,8 @@ class Fitter:
         return int(previous["model_version"]) if previous else 0
 
     def _manifest(self, key: ModelKey, mm_per_px: float, operator_id: str | None, memory_fit: bool,
-                  features_shape: tuple[int, ...], memory: Memory, held_out: dict[int, float], sources: list[str] | None) -> dict[str, Any]:
+                  features_shape: tuple[int, ...], memory: Memory, held_out: dict[int, float],
+                  sources: list[str] | None) -> dict[str, Any]:
         """Everything needed to replay a model (seed §3 fields first); storage adds checksums."""
         n, h, w, _ = features_shape
         info, s = self._backbone, self._settings

@@ -8,11 +8,16 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from engine.errors import EngineError, InvalidImage, InvalidInput
 from engine.datasets import StoredSamples
+from engine.errors import EngineError, InvalidImage, InvalidInput
 from engine.models import LoadedModel, ModelKey, ModelRegistry
 from engine.schemas import (
-    DatasetClass, DatasetClearResult, DatasetItemResult, DatasetListing, DatasetSample, InferDatasetResult,
+    DatasetClass,
+    DatasetClearResult,
+    DatasetItemResult,
+    DatasetListing,
+    DatasetSample,
+    InferDatasetResult,
     InferResult,
 )
 from engine.scoring import Decoder, Scorer

@@ -14,9 +14,16 @@ from engine.schemas import HeatmapFormat
 from http_compat.deps import EngineDep, RecipeDep, RequestIdDep, SettingsDep, bind_model, first_recipe
 from http_compat.uploads import UploadedImages, collect_images, parse_batch_items
 from http_compat.wire import (
-    CalibrateNgRequest, CalibrationReply, DeleteReply, FitReply, HealthReply, InferBatchReply, InferReply,
+    CalibrateNgRequest,
+    CalibrationReply,
+    DeleteReply,
+    FitReply,
+    HealthReply,
+    InferBatchReply,
+    InferReply,
     ModelsReply,
-    StateReply, error_responses,
+    StateReply,
+    error_responses,
 )
 
 __all__ = ["router"]

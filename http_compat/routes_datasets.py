@@ -13,8 +13,14 @@ from engine.errors import InvalidInput
 from http_compat.deps import EngineDep, RecipeDep, RequestIdDep, SettingsDep, bind_model, first_recipe
 from http_compat.uploads import UploadedImages, collect_images, parse_json_part, part_filename
 from http_compat.wire import (
-    CalibrateDatasetRequest, CalibrationReply, DatasetClearReply, DatasetListingReply,
-    DatasetSampleReply, InferDatasetReply, InferDatasetRequest, error_responses,
+    CalibrateDatasetRequest,
+    CalibrationReply,
+    DatasetClearReply,
+    DatasetListingReply,
+    DatasetSampleReply,
+    InferDatasetReply,
+    InferDatasetRequest,
+    error_responses,
 )
 
 __all__ = ["router"]
@@ -47,7 +53,8 @@ def dataset_upload(
     recipe_id: Annotated[str | None, Form()] = None,
 ) -> DatasetSampleReply:
     bind_model(role_id, roi_id)
-    files = collect_images(settings, images, images_brackets, [image] if image else None, max_count=settings.max_fit_images)
+    files = collect_images(settings, images, images_brackets, [image] if image else None,
+                           max_count=settings.max_fit_images)
     if len(files) != 1:
         raise InvalidInput(f"a dataset upload takes exactly one image part, got {len(files)}")
     meta = parse_json_part("metas", metas)

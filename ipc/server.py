@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 import zmq
-from structlog.contextvars import bound_contextvars
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
+from structlog.contextvars import bound_contextvars
 
 from engine.errors import EngineError, PayloadTooLarge, Unauthorized
 from ipc.protocol import OPS, PROTOCOL_VERSION, image_from_wire, pack, unpack
@@ -448,7 +448,8 @@ class IpcServer:
                     args = {**args, name: image_from_wire(value)}
         if op == "infer_batch" and isinstance(args.get("items"), list):
             args = {**args, "items": [
-                {**item, "image": image_from_wire(item["image"])} if isinstance(item, dict) and "image" in item else item
+                {**item, "image": image_from_wire(item["image"])}
+                if isinstance(item, dict) and "image" in item else item
                 for item in args["items"]]}
         kwargs = {}
         for name, value in args.items():

@@ -25,9 +25,9 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from engine.api import Engine
 from engine.errors import InvalidImage
-from service.serve import ServeConfig
 from ipc.protocol import OPS, array_from_wire, image_from_wire, pack, unpack
 from ipc.server import IpcServer, _Job
+from service.serve import ServeConfig
 from tests.support import noise, png_bytes
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "200"))

@@ -21,8 +21,8 @@ from hypothesis.errors import Unsatisfiable
 schemathesis = pytest.importorskip("schemathesis")
 
 from engine.api import Engine  # noqa: E402
-from service.serve import ServeConfig  # noqa: E402
 from http_compat.server import HttpServer  # noqa: E402
+from service.serve import ServeConfig  # noqa: E402
 from tests.support import png_bytes  # noqa: E402
 
 OPERATIONS = 16                       # routes in the shim's schema, about

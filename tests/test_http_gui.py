@@ -24,8 +24,8 @@ import pytest
 
 from engine.api import Engine
 from engine.settings import Settings
-from http_compat.settings import HttpSettings
 from http_compat.server import HttpServer
+from http_compat.settings import HttpSettings
 from tests.support import MVTEC_BOTTLE, load_bgr, png_bytes
 
 SIDE = 224                     # images are downscaled from 900x900 to keep the module fast

@@ -14,8 +14,8 @@ import pytest
 from structlog.testing import capture_logs
 
 from engine.api import Engine
-from service.serve import ServeConfig
 from http_compat.server import HttpServer
+from service.serve import ServeConfig
 
 
 def _settings(root: Path, **overrides: object) -> ServeConfig:

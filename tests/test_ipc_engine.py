@@ -18,8 +18,8 @@ import pytest
 
 from engine.api import Engine
 from engine.schemas import CalibrationResult, FitResult, InferResult
-from service.serve import ServeConfig
 from ipc import EngineClient, IpcServer, RemoteError, array_from_wire
+from service.serve import ServeConfig
 from tests.support import MVTEC_BOTTLE, load_bgr, png_bytes
 
 SIZE = 128           # ROI side sent over the wire (the files are 900 x 900)

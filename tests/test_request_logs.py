@@ -78,7 +78,8 @@ def log_lines(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
             assert r.status_code == 200, r.text
             r = web.post("/infer", data={"role_id": "cam1", "roi_id": "h", "mm_per_px": "0.1",
                                          "allow_uncalibrated": "true"},
-                         files={"image": ("x.png", images[0], "image/png")}, headers={"X-Request-Id": "rest-infer-c4e8"})
+                         files={"image": ("x.png", images[0], "image/png")},
+                         headers={"X-Request-Id": "rest-infer-c4e8"})
             assert r.status_code == 200, r.text
     finally:
         proc.send_signal(signal.SIGTERM)

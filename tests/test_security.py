@@ -28,11 +28,11 @@ import ipc.server
 from engine.api import Engine
 from engine.backbones import load_weights_file
 from engine.errors import CorruptModel, InvalidId, InvalidInput, WeightsError
-from http_compat.settings import HttpSettings
-from ipc.settings import IpcSettings
 from engine.storage import ModelStore, seal
 from http_compat.server import HttpServer
+from http_compat.settings import HttpSettings
 from ipc import EngineClient, IpcServer, RemoteError
+from ipc.settings import IpcSettings
 from tests.support import REPO, Doors, door_settings, noise, png_bytes
 
 ROLE, ROI, MM, SIDE = "cam1", "a", 0.1, 64
