@@ -1,10 +1,5 @@
-"""The engine facade: the one object both doors call. It checks ids, then delegates to its parts:
-
-* ``ModelRegistry`` (engine.models): stored models, loading and checks, the LRU, locks, recovery;
-* ``Fitter`` (engine.fitting): images -> features -> memory -> hold-out OK scores -> stored model;
-* ``Scorer`` (engine.scoring): ROI preparation, anomaly map, score, regions, heatmap;
-* ``Calibrator`` (engine.calibrator): thresholds from scores or from the stored samples;
-* ``Samples`` (engine.samples): the OK/NG dataset store and scoring of its samples.
+"""The engine facade, the one object both doors call: it checks ids and delegates to its parts,
+``ModelRegistry`` (stored models, cache, locks), ``Fitter``, ``Scorer``, ``Calibrator``, ``Samples``.
 
 Thread-safe: infers on any ROIs run concurrently; fits are serialized per ROI and never block
 infers (an infer during a refit of the same ROI uses the previous model until the new one is
@@ -26,7 +21,7 @@ from engine import __version__
 from engine.backbones import build_backbone
 from engine.calibrator import Calibrator
 from engine.errors import InvalidInput, PayloadTooLarge
-from engine.features import FeatureExtractor
+from engine.features import FeatureExtractor, configure_torch_threads
 from engine.fitting import Fitter
 from engine.images import decode_input
 from engine.knn import configure_faiss
@@ -62,8 +57,7 @@ Label = Literal["ok", "ng"]
 log = structlog.get_logger("engine")
 
 
-def _no_progress(stage: str, done: int, total: int) -> None:
-    return None
+def _no_progress(stage: str, done: int, total: int) -> None: ...
 
 
 class Engine:
@@ -75,10 +69,7 @@ class Engine:
         self.data_root = Path(settings.data_root)
         make_dirs(self.data_root)
         configure_faiss(settings.torch_threads)
-        if settings.torch_threads is not None:
-            import torch
-
-            torch.set_num_threads(settings.torch_threads)
+        configure_torch_threads(settings.torch_threads)
         backbone, self.backbone_reason = build_backbone(
             settings.backbone, settings.weights, self.data_root, settings.input_size, settings.dinov2_block
         )
@@ -140,9 +131,8 @@ class Engine:
         """Learn "normal" for one ROI from OK images (or the stored OK samples) and persist it.
 
         Raises:
-            InvalidInput / InvalidId / InvalidImage: bad ids, mm_per_px, or an undecodable image.
-            PayloadTooLarge: more images than the limit, or an image over the pixel limit.
-            StorageError: the model could not be written (the previous one is intact).
+            InvalidInput / InvalidId / InvalidImage (400), PayloadTooLarge (413: too many images, or
+            one too large), StorageError (507: nothing written, the previous model is intact).
         """
         key = self.models.key(role_id, roi_id, recipe_id)
         mm = positive_number(mm_per_px)
@@ -164,9 +154,7 @@ class Engine:
     ) -> CalibrationResult:
         """Set the decision threshold (seed §5) and the minimum defect area.
 
-        Raises:
-            ModelNotFound, MmPerPxMismatch, InvalidInput.
-        """
+        Raises: ModelNotFound, MmPerPxMismatch, InvalidInput."""
         key = self.models.key(role_id, roi_id, recipe_id)
         return self._calibrator.from_scores(key, mm_per_px, ok_scores, ng_scores, score_percentile, area_mm2_thr)
 
