@@ -8,7 +8,8 @@ import cv2
 import numpy as np
 import pytest
 
-from engine.evaluate import auroc, evaluate, list_test, list_train
+from engine.evaluate import evaluate, list_test, list_train
+from engine.metrics import auroc
 
 
 def test_auroc_counts_ties_as_half() -> None:
