@@ -246,8 +246,7 @@ def evaluate(
 
     labels = np.array([s.label for s in scores])
     image_auroc = auroc(np.array([s.score for s in scores]), labels)
-    pixel_auroc = auroc(maps, masks) if has_truth else None
-    pro = pro_auc(maps, masks) if has_truth and masks.any() else None
+    pixel_auroc, pro = (auroc(maps, masks), pro_auc(maps, masks)) if has_truth and masks.any() else (None, None)
     panel_path = None
     if panel is not None:
         write_panel(panel, tests, maps, masks, [s.score for s in scores], scales[0], panel_count)
