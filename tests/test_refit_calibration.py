@@ -1,8 +1,9 @@
 """A refit keeps a calibrated station calibrated, and calibrations never mix model versions.
 
-A real EfficientNet-Lite0 at 64 px on synthetic parts (a fixed texture with sensor noise; NG parts
-carry a red disc), so every fit takes a second or two. Checked: the carried threshold is exactly
-what the last calibration's rule gives on scores against the new memory; the fit reply, the
+A real EfficientNet-Lite0 at 64 px on synthetic parts (``tests.support.part_png``: a fixed texture
+with sensor noise; NG parts carry a red disc), so every fit takes a second or two. Checked: the
+carried threshold is exactly what the last calibration's rule gives on scores against the new
+memory; the fit reply, the
 manifest, ``state`` and ``infer`` agree on it; ``allow_refit_recalibration`` (setting and per-call
 flag) keeps the old behaviour; a calibration scored on one version is refused on another (409
 ``model_changed``); calibrations, deletes and second fits never wait for a running fit (409
@@ -18,28 +19,19 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import cv2
-import numpy as np
 import pytest
 
 from engine.api import Engine
 from engine.calibration import calibrate
 from engine.errors import CalibrationMissing, FitInProgress, ModelChanged
 from engine.storage import ModelStore
-from tests.support import door_settings, png_bytes
+from tests.support import door_settings, part_png
 
 ROLE, MM = "cam", 0.1
 
 
 def part(seed: int, defect: bool = False) -> bytes:
-    """A 64 x 64 PNG of the synthetic part; ``defect`` adds a red disc of radius 9 px."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:64, 0:64]
-    base = 128 + 60 * np.sin(xx / 6.0) * np.cos(yy / 9.0)
-    image = np.clip(base[..., None] + rng.normal(0, 6, (64, 64, 3)), 0, 255).astype(np.uint8)
-    if defect:
-        cv2.circle(image, (20 + seed % 24, 24 + seed % 16), 9, (0, 0, 255), -1)
-    return png_bytes(image)
+    return part_png(seed, defect)
 
 
 def upload(engine: Engine, roi: str, label: str, seeds: range) -> None:
