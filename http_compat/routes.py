@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 
-from engine.schemas import HeatmapFormat
+from engine.validate import HEATMAP_FORMATS
 from http_compat.deps import EngineDep, RecipeDep, RequestIdDep, SettingsDep, bind_model, first_recipe, note_gui_marker
 from http_compat.uploads import UploadedImages, collect_images, parse_batch_items
 from http_compat.wire import (
@@ -38,6 +38,9 @@ _RecipeForm = Annotated[str | None, Form(description="Product recipe; overrides 
 _ModelKeyForm = Annotated[str | None, Form(description="Accepted for the GUI; equals roi_id.")]
 _RoleQuery = Annotated[str, Query()]
 _RoiQuery = Annotated[str, Query()]
+# the heatmap format is checked by the engine (400 invalid_input, as on the ZeroMQ door), not by
+# the form schema (422), so a bad one is reported like every other fault of the request
+_HEATMAPS: dict[str, Any] = {"enum": list(HEATMAP_FORMATS)}
 
 
 @router.get("/health", response_model=HealthReply, summary="Liveness, device and backbone")
@@ -97,8 +100,8 @@ def infer(
     model_key: _ModelKeyForm = None,
     allow_uncalibrated: Annotated[bool, Form(description="true: raw score, threshold and decision null, "
                                                          "instead of 428.")] = False,
-    heatmap: Annotated[HeatmapFormat, Form(description="png (default), uint8/float32 (adds heatmap_raw), "
-                                                       "none.")] = "png",
+    heatmap: Annotated[str, Form(description="png (default), uint8/float32 (adds heatmap_raw), none; anything "
+                                             "else is 400 invalid_input.", json_schema_extra=_HEATMAPS)] = "png",
     recipe_id: _RecipeForm = None,
 ) -> InferReply:
     bind_model(role_id, roi_id)
@@ -121,7 +124,7 @@ def infer_batch(
                                            '[{"roi_id": "a", "mm_per_px": 0.1, "shape": {...}?}, ...]')],
     images: Annotated[list[UploadFile], File(description="One ROI crop per item, in the items' order.")],
     allow_uncalibrated: Annotated[bool, Form()] = False,
-    heatmap: Annotated[HeatmapFormat, Form()] = "none",
+    heatmap: Annotated[str, Form(description="As for /infer; default none.", json_schema_extra=_HEATMAPS)] = "none",
     recipe_id: _RecipeForm = None,
 ) -> InferBatchReply:
     bind_model(role_id)
