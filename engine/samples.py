@@ -23,7 +23,7 @@ from engine.schemas import (
     InferResult,
 )
 from engine.scoring import Decoder, Scorer
-from engine.validate import LABELS, json_object, label as check_label, positive_number
+from engine.validate import LABELS, label as check_label, positive_number, sample_metadata
 
 __all__ = ["Samples", "sample_extension"]
 
@@ -51,7 +51,7 @@ class Samples:
         label = check_label(label)
         if not isinstance(image, bytes | bytearray | memoryview):
             raise InvalidImage("a dataset sample must be an encoded image file (PNG, JPEG, BMP, TIFF)")
-        meta = json_object(meta)
+        meta = sample_metadata(meta)
         data = bytes(image)
         self._decode(data)  # store only what the engine can read back
         store = self._models.datasets(key.recipe)

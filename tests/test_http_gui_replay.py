@@ -201,3 +201,16 @@ def test_the_dto_mirrors_refuse_what_the_gui_cannot_read(dto: type[BaseModel], b
     # they fail in System.Text.Json: the replay above would catch them
     with pytest.raises(ValueError):
         dto.model_validate_json(json.dumps(body))
+
+
+@pytest.mark.parametrize("field", [{"mm_per_px": None}, {"mm_per_px": "0.1"}, {"mm_per_px": 0}, {"angle": "north"},
+                                   {"timestamp": "yesterday"}, {"filename": 7}])
+def test_metadata_the_gui_could_not_read_back_is_refused(gui: Gui, field: dict[str, Any]) -> None:
+    # /datasets/meta answers the stored metadata as it is: a value the GUI's SampleMetadata cannot
+    # hold (mm_per_px is a non-nullable double) is refused at upload, nothing is stored
+    meta = {"role_id": ROLE, "roi_id": "metas", "label": "ok", "filename": "m.png", "mm_per_px": MM, **field}
+    r = gui.form("/datasets/ok/upload", [("role_id", ROLE), ("roi_id", "metas")],
+                 [("images", "m.png", part_png(3))], [("metas", json.dumps(meta))])
+    assert_error(r, 400, "invalid_input")
+    listing = read(gui.get("/datasets/list", role_id=ROLE, roi_id="metas"), DatasetListResponse)
+    assert listing.classes and listing.classes.ok and listing.classes.ok.count == 0
