@@ -145,8 +145,12 @@ class Calibrator:
             return _uncalibrated(model, RefitCalibration(
                 **refused, reason="no OK score to re-derive the threshold from (fitted on one image): calibrate again"))
         s = self._settings
-        result = calibrate(ok, ng or None, last.get("score_percentile") or s.calibration_percentile,
-                           last.get("safety_factor") or s.calibration_safety_factor)
+        try:
+            result = calibrate(ok, ng or None, last.get("score_percentile") or s.calibration_percentile,
+                               last.get("safety_factor") or s.calibration_safety_factor)
+        except InvalidInput as exc:   # an edited calibration.json: refit anyway, uncalibrated
+            return _uncalibrated(model, RefitCalibration(
+                **refused, reason=f"the last calibration's rule cannot be applied ({exc.message}): calibrate again"))
         reason = None
         if midpoint and not ng:
             reason = "the last calibration used NG scores and no stored NG sample could be scored: OK-only rule"
