@@ -82,10 +82,10 @@ class Engine:
         self.models.recover_all()   # a crash may have cut a model swap short
         decode = partial(decode_input, max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
         self._scorer = Scorer(self.extractor, self.models, decode)
-        self._fitter = Fitter(settings, self.extractor, self.backbone_info, self.models,
-                              lambda image, what: decode(image, what=what))
         self._samples = Samples(self.models, decode, self._scorer)
         self._calibrator = Calibrator(settings, self.models, self._samples)
+        self._fitter = Fitter(settings, self.extractor, self.backbone_info, self.models,
+                              lambda image, what: decode(image, what=what), self._calibrator.carry)
         log.info("engine_ready", backbone=self.backbone_info.name, reason=self.backbone_reason,
                  device=self.device, precision=self.extractor.precision, data_root=str(self.data_root))
 
@@ -115,7 +115,7 @@ class Engine:
 
     def delete_model(self, role_id: str, roi_id: str, *, recipe_id: str | None = None) -> DeleteResult:
         key = self.models.key(role_id, roi_id, recipe_id)
-        with self.models.lock(key):
+        with self.models.write_guard(key):   # 409 fit_in_progress rather than waiting for a fit
             deleted = self.models.store(key.recipe).delete(key.role_id, key.roi_id)
             self.models.invalidate(key)
         log.info("model_deleted", role_id=key.role_id, roi_id=key.roi_id, recipe_id=key.recipe, deleted=deleted)
@@ -126,13 +126,15 @@ class Engine:
     def fit_ok(
         self, role_id: str, roi_id: str, mm_per_px: float, images: Sequence[ImageInput] | None = None, *,
         operator_id: str | None = None, memory_fit: bool = False, use_dataset: bool = False,
-        recipe_id: str | None = None, progress: ProgressFn | None = None,
+        allow_refit_recalibration: bool | None = None, recipe_id: str | None = None,
+        progress: ProgressFn | None = None,
     ) -> FitResult:
-        """Learn "normal" for one ROI from OK images (or the stored OK samples) and persist it.
+        """Learn "normal" for one ROI from OK images (or the stored OK samples) and persist it; a
+        refit of a calibrated model carries its calibration over (``FitResult.calibration``) unless
+        ``allow_refit_recalibration`` (default: the setting) is false.
 
-        Raises:
-            InvalidInput / InvalidId / InvalidImage (400), PayloadTooLarge (413: too many images, or
-            one too large), StorageError (507: nothing written, the previous model is intact).
+        Raises: InvalidInput / InvalidId / InvalidImage (400), FitInProgress (409), PayloadTooLarge
+            (413: too many images, or one too large), StorageError (507: the previous model is intact).
         """
         key = self.models.key(role_id, roi_id, recipe_id)
         mm = positive_number(mm_per_px)
@@ -144,8 +146,10 @@ class Engine:
             raise InvalidInput("fit_ok needs at least one OK image")
         if len(images) > self.settings.max_fit_images:
             raise PayloadTooLarge(f"{len(images)} images exceed the limit of {self.settings.max_fit_images} per fit")
+        recalibrate = self.settings.allow_refit_recalibration if allow_refit_recalibration is None else \
+            allow_refit_recalibration
         return self._fitter.fit(key, mm, images, operator_id=operator_id, memory_fit=memory_fit, sources=sources,
-                                report=progress or _no_progress)
+                                recalibrate=recalibrate, report=progress or _no_progress)
 
     def calibrate_ng(
         self, role_id: str, roi_id: str, mm_per_px: float, ok_scores: Sequence[float],
@@ -154,7 +158,7 @@ class Engine:
     ) -> CalibrationResult:
         """Set the decision threshold (seed §5) and the minimum defect area.
 
-        Raises: ModelNotFound, MmPerPxMismatch, InvalidInput."""
+        Raises: InvalidInput, ModelNotFound, FitInProgress, MmPerPxMismatch."""
         key = self.models.key(role_id, roi_id, recipe_id)
         return self._calibrator.from_scores(key, mm_per_px, ok_scores, ng_scores, score_percentile, area_mm2_thr)
 
@@ -177,17 +181,15 @@ class Engine:
     ) -> InferResult:
         """Score one ROI image against its model (seed §4).
 
-        Raises:
-            ModelNotFound (404), CalibrationMissing (428), MmPerPxMismatch (409),
-            InvalidImage / InvalidShape / InvalidInput (400), PayloadTooLarge (413).
+        Raises (request faults first, then model state; see ``Scorer.prepare``):
+            InvalidImage / InvalidShape / InvalidInput (400), PayloadTooLarge (413),
+            ModelNotFound (404), CalibrationMissing (428), MmPerPxMismatch (409).
         """
         t0 = time.perf_counter()
         key = self.models.key(role_id, roi_id, recipe_id)
-        positive_number(mm_per_px)
-        heatmap_format(heatmap)
         timings: dict[str, float] = {}
         roi = self._scorer.prepare(key, mm_per_px, image, shape, allow_uncalibrated=allow_uncalibrated,
-                                   timings=timings)
+                                   heatmap=heatmap, timings=timings)
         return self._scorer.score(roi, heatmap, timings, t0)
 
     def infer_batch(

@@ -33,6 +33,10 @@ class DatasetStore:
     def folder(self, role_id: str, roi_id: str, label: str) -> Path:
         return self.root / role_id / roi_id / check_label(label)
 
+    def sample_folders(self) -> list[Path]:
+        """Every existing ``<role>/<roi>/<label>`` folder (for the start-up clean-up of temp files)."""
+        return [p for p in self.root.glob("*/*/*") if p.is_dir() and p.name in LABELS]
+
     def add(self, role_id: str, roi_id: str, label: str, image: bytes, filename: str | None,
             meta: dict[str, Any] | None, extension: str) -> tuple[str, int]:
         """Store one (already validated) image and its metadata; returns (filename, bytes)."""

@@ -11,6 +11,8 @@
   - ModelNotFound (404 model_not_found)
   - SampleNotFound (404 sample_not_found)
   - MmPerPxMismatch (409 mm_per_px_mismatch)
+  - ModelChanged (409 model_changed)
+  - FitInProgress (409 fit_in_progress)
   - PayloadTooLarge (413 payload_too_large)
   - CalibrationMissing (428 calibration_missing)
   - ModelFileError (500 model_file_error)
@@ -26,12 +28,14 @@ __all__ = [
     "CalibrationMissing",
     "CorruptModel",
     "EngineError",
+    "FitInProgress",
     "IncompatibleModel",
     "InvalidId",
     "InvalidImage",
     "InvalidInput",
     "InvalidShape",
     "MmPerPxMismatch",
+    "ModelChanged",
     "ModelFileError",
     "ModelNotFound",
     "PayloadTooLarge",
@@ -91,6 +95,18 @@ class SampleNotFound(EngineError):
 
 class MmPerPxMismatch(EngineError):
     code, status = "mm_per_px_mismatch", 409
+
+
+class ModelChanged(EngineError):
+    """The model was refitted while a calibration was being computed on the previous version."""
+
+    code, status = "model_changed", 409
+
+
+class FitInProgress(EngineError):
+    """A fit of this model is running; the call is refused at once instead of waiting for it."""
+
+    code, status = "fit_in_progress", 409
 
 
 class PayloadTooLarge(EngineError):

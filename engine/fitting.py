@@ -8,7 +8,7 @@ import platform
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import structlog
@@ -16,19 +16,23 @@ import structlog
 from engine import __version__
 from engine.backbones import BackboneInfo
 from engine.calibration import calibrate, score_stats
-from engine.errors import CorruptModel
 from engine.features import FeatureExtractor
 from engine.images import resize_square
 from engine.knn import serialize_index
-from engine.models import ModelKey, ModelRegistry
+from engine.models import LoadedModel, ModelKey, ModelRegistry, Previous
 from engine.patchcore import Memory, build_memory, leave_out_scores
 from engine.sampling import spread
 from engine.schemas import FitResult, OkScoreStats
 from engine.settings import Settings
 
-__all__ = ["HOLD_OUT_FOLDS", "Fitter", "ProgressFn"]
+if TYPE_CHECKING:
+    from engine.calibrator import Carry
+
+__all__ = ["HOLD_OUT_FOLDS", "CarryFn", "Fitter", "ProgressFn"]
 
 ProgressFn = Callable[[str, int, int], None]   # (stage, done, total)
+# (key, the model replaced, the new model, recalibration allowed, progress) -> what the refit stores
+CarryFn = Callable[[ModelKey, "Previous | None", LoadedModel, bool, ProgressFn], "Carry"]
 # training images are scored against the memory built without their fold (an estimate of how
 # unseen OK parts score); at most this many images are scored, spread over the set
 HOLD_OUT_FOLDS = 5
@@ -49,18 +53,27 @@ class Fitter:
     """Builds and stores models; fits of one model are serialized by the registry's lock."""
 
     def __init__(self, settings: Settings, extractor: FeatureExtractor, backbone: BackboneInfo,
-                 models: ModelRegistry, decode: Callable[[object, str], np.ndarray]) -> None:
+                 models: ModelRegistry, decode: Callable[[object, str], np.ndarray], carry: CarryFn) -> None:
         self._settings = settings
         self._extractor = extractor
         self._backbone = backbone
         self._models = models
         self._decode = decode
+        self._carry = carry
 
     def fit(self, key: ModelKey, mm_per_px: float, images: Sequence[Any], *, operator_id: str | None,
-            memory_fit: bool, sources: list[str] | None, report: ProgressFn) -> FitResult:
-        """Fit and store the model of ``key`` from OK ``images`` (``sources`` names stored samples)."""
+            memory_fit: bool, sources: list[str] | None, recalibrate: bool, report: ProgressFn) -> FitResult:
+        """Fit and store the model of ``key`` from OK ``images`` (``sources`` names stored samples).
+
+        A refit of a calibrated model re-derives its threshold on the new memory when
+        ``recalibrate`` (``Calibrator.carry``); the new memory and that calibration are stored as one unit.
+
+        Raises:
+            FitInProgress: another fit of this model is running.
+        """
         s, timings = self._settings, {}
-        with self._models.lock(key):
+        with self._models.fit_guard(key):
+            previous = self._models.previous(key)
             features, sizes = self._extract_all(images, report, timings)              # N h w D
             start = time.perf_counter()
             report("coreset", 0, 1)
@@ -74,17 +87,22 @@ class Fitter:
             held_out = self._hold_out_scores(features, memory, sizes, report)
             timings["ok_scores"] = _ms(start)
             start = time.perf_counter()
-            report("save", 0, 1)
             manifest = self._manifest(key, mm_per_px, operator_id, memory_fit, features.shape, memory, held_out,
-                                      sources)
-            manifest = self._models.save(key, manifest, memory.bank, memory.index, serialize_index(memory.index))
+                                      sources, previous)
+            carry = self._carry(key, previous, self._models.serving(manifest, memory.bank, memory.index),
+                                recalibrate, report)
+            timings["recalibrate"] = _ms(start)
+            start = time.perf_counter()
+            report("save", 0, 1)
+            manifest = self._models.save(key, carry.manifest, memory.bank, memory.index,
+                                         serialize_index(memory.index), carry.record)
             report("save", 1, 1)
             timings["save"] = _ms(start)
         ok_scores = [held_out[i] for i in sorted(held_out)]
         log.info("fit_done", role_id=key.role_id, roi_id=key.roi_id, recipe_id=key.recipe,
                  model_version=manifest["model_version"], n_images=len(sizes), coreset_size=len(memory.bank),
-                 timings_ms=timings)
-        return self._result(key, manifest, len(sizes), timings, ok_scores)
+                 carried=carry.info.carried if carry.info else None, timings_ms=timings)
+        return self._result(key, manifest, len(sizes), timings, ok_scores, carry)
 
     def _extract_all(self, images: Sequence[Any], report: ProgressFn,
                      timings: dict[str, float]) -> tuple[np.ndarray, list[tuple[int, int]]]:
@@ -120,24 +138,16 @@ class Fitter:
         report("ok_scores", len(held_out), len(scored))
         return held_out
 
-    def _previous_version(self, key: ModelKey) -> int:
-        store = self._models.store(key.recipe)
-        try:
-            previous = store.read_manifest(key.role_id, key.roi_id) if store.exists(key.role_id, key.roi_id) else None
-        except CorruptModel:
-            previous = None   # a damaged model is what a refit repairs: never let it block the fit
-        return int(previous["model_version"]) if previous else 0
-
     def _manifest(self, key: ModelKey, mm_per_px: float, operator_id: str | None, memory_fit: bool,
                   features_shape: tuple[int, ...], memory: Memory, held_out: dict[int, float],
-                  sources: list[str] | None) -> dict[str, Any]:
+                  sources: list[str] | None, previous: Previous | None) -> dict[str, Any]:
         """Everything needed to replay a model (seed §3 fields first); storage adds checksums."""
         n, h, w, _ = features_shape
         info, s = self._backbone, self._settings
         scored = sorted(held_out)
         return {
             "role_id": key.role_id, "roi_id": key.roi_id, "recipe_id": key.recipe,
-            "model_version": self._previous_version(key) + 1,
+            "model_version": (previous.version if previous else 0) + 1,
             "mm_per_px": mm_per_px, "n_embeddings": int(n * h * w), "coreset_size": len(memory.bank),
             "threshold": None, "created_at": now_utc(), "operator_id": operator_id, "n_images": int(n),
             "memory_fit": bool(memory_fit), "token_shape": [int(h), int(w)],
@@ -157,7 +167,7 @@ class Fitter:
         }
 
     def _result(self, key: ModelKey, manifest: dict[str, Any], n_images: int, timings: dict[str, float],
-                ok_scores: list[float]) -> FitResult:
+                ok_scores: list[float], carry: Carry) -> FitResult:
         s = self._settings
         stats = OkScoreStats(**score_stats(ok_scores)) if ok_scores else None
         suggestion = None
@@ -169,7 +179,7 @@ class Fitter:
             token_shape=tuple(manifest["token_shape"]), model_version=manifest["model_version"],
             backbone=self._backbone.name, input_size=self._backbone.input_size, distance=s.distance,
             memory_fit=bool(manifest["memory_fit"]), timings_ms=timings, ok_scores=tuple(ok_scores),
-            ok_score_stats=stats, threshold_suggestion=suggestion,
+            ok_score_stats=stats, threshold_suggestion=suggestion, calibration=carry.info,
         )
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -18,16 +20,17 @@ import structlog
 
 from engine.backbones import BackboneInfo
 from engine.datasets import DatasetStore
-from engine.errors import CorruptModel, IncompatibleModel, MmPerPxMismatch, ModelNotFound
+from engine.errors import CorruptModel, FitInProgress, IncompatibleModel, MmPerPxMismatch, ModelNotFound
 from engine.knn import TorchBank, deserialize_index, set_nprobe
 from engine.model_cache import ModelCache
 from engine.schemas import ModelSummary, StateResult
-from engine.storage import ModelStore
+from engine.storage import ModelStore, remove_temp_files
 from engine.validate import check_id, check_recipe, stored_calibration
 
-__all__ = ["LoadedModel", "ModelKey", "ModelRegistry", "model_not_found"]
+__all__ = ["LoadedModel", "ModelKey", "ModelRegistry", "Previous", "model_not_found"]
 
 log = structlog.get_logger("engine.models")
+_WRITE_POLL_S = 0.05     # how often a waiting calibration or delete looks whether a fit took the model
 
 
 class ModelKey(NamedTuple):
@@ -53,6 +56,22 @@ class LoadedModel:
         return int(self.manifest["input"]["side"])
 
 
+@dataclass(frozen=True)
+class Previous:
+    """What a refit replaces: the stored manifest and its calibration (None when uncalibrated)."""
+
+    manifest: dict[str, Any]
+    calibration: dict[str, Any] | None
+
+    @property
+    def version(self) -> int:
+        return int(self.manifest["model_version"])
+
+
+def fit_in_progress(key: ModelKey) -> FitInProgress:
+    return FitInProgress(f"a fit of model {key.where} is running; retry when it has finished")
+
+
 def model_not_found(key: ModelKey) -> ModelNotFound:
     # "memory not found" is also the phrase the existing GUI recognises for an untrained ROI
     return ModelNotFound(f"memory not found for role_id={key.role_id} roi_id={key.roi_id}: fit the model first")
@@ -69,7 +88,7 @@ class ModelRegistry:
         self._device = device
         self._mm_rtol = mm_per_px_rtol
         self._cache: ModelCache[ModelKey, LoadedModel] = ModelCache(cache_size)
-        self._locks: dict[ModelKey, threading.Lock] = {}
+        self._locks: dict[ModelKey, tuple[threading.Lock, threading.Lock]] = {}   # (fitting, writing)
         self._locks_guard = threading.Lock()
 
     # --- naming and places -----------------------------------------------------------------
@@ -87,18 +106,60 @@ class ModelRegistry:
     def datasets(self, recipe: str | None) -> DatasetStore:
         return DatasetStore(self.base(recipe))
 
-    def lock(self, key: ModelKey) -> threading.Lock:
-        """The lock that serializes writes (fit, calibrate, delete) to one model."""
+    def _model_locks(self, key: ModelKey) -> tuple[threading.Lock, threading.Lock]:
         with self._locks_guard:
-            return self._locks.setdefault(key, threading.Lock())
+            return self._locks.setdefault(key, (threading.Lock(), threading.Lock()))
+
+    @contextmanager
+    def fit_guard(self, key: ModelKey) -> Iterator[None]:
+        """Held for a whole fit of ``key``. A second fit of the same model is refused at once.
+
+        Raises:
+            FitInProgress: a fit of this model is running.
+        """
+        fitting, writing = self._model_locks(key)
+        if not fitting.acquire(blocking=False):
+            raise fit_in_progress(key)
+        try:
+            with writing:             # waits only for a calibration or delete being written
+                yield
+        finally:
+            fitting.release()
+
+    @contextmanager
+    def write_guard(self, key: ModelKey) -> Iterator[None]:
+        """Held while a calibration or a delete of ``key`` is written (milliseconds). Never waits
+        for a fit: a door worker stuck behind a long fit could not serve other ROIs.
+
+        Raises:
+            FitInProgress: a fit of this model is running (or starts while this call waits).
+        """
+        fitting, writing = self._model_locks(key)
+        while not writing.acquire(timeout=_WRITE_POLL_S):
+            if fitting.locked():
+                raise fit_in_progress(key)
+        try:
+            if fitting.locked():       # a fit has started and waits for this lock: it comes first
+                raise fit_in_progress(key)
+            yield
+        finally:
+            writing.release()
+
+    def check_not_fitting(self, key: ModelKey) -> None:
+        """Raises FitInProgress when a fit of ``key`` is running (a cheap early check)."""
+        if self._model_locks(key)[0].locked():
+            raise fit_in_progress(key)
 
     def recover_all(self) -> None:
-        """Finish or undo model swaps a crash cut short, in every recipe."""
-        self.store(None).recover_all()
+        """Finish or undo model swaps a crash cut short, and remove temp files a crash left, in every
+        recipe (called once at start-up)."""
         recipes = self.data_root / "recipes"
-        for base in sorted(recipes.iterdir()) if recipes.is_dir() else ():
-            if base.is_dir():
-                ModelStore(base).recover_all()
+        bases = [self.data_root, *(sorted(p for p in recipes.iterdir() if p.is_dir()) if recipes.is_dir() else ())]
+        for base in bases:
+            ModelStore(base).recover_all()
+            removed = sum(remove_temp_files(folder) for folder in DatasetStore(base).sample_folders())
+            if removed:
+                log.info("temp_files_removed", base=str(base), count=removed)
 
     # --- reading ---------------------------------------------------------------------------
 
@@ -110,6 +171,24 @@ class ModelRegistry:
         if manifest is None:
             raise model_not_found(key)
         return manifest
+
+    def previous(self, key: ModelKey) -> Previous | None:
+        """The stored model a refit replaces (manifest and calibration), or None when there is none
+        or its manifest is damaged (a refit repairs it); a damaged calibration counts as none."""
+        store = self.store(key.recipe)
+        try:
+            manifest = store.read_manifest(key.role_id, key.roi_id)
+        except CorruptModel:
+            return None
+        if manifest is None:
+            return None
+        try:
+            calibration = store.read_calibration(key.role_id, key.roi_id, manifest.get("model_version"))
+            stored_calibration(calibration, key.where)
+        except CorruptModel as exc:
+            log.warning("previous_calibration_unreadable", role_id=key.role_id, roi_id=key.roi_id, error=exc.message)
+            calibration = None
+        return Previous(manifest, calibration)
 
     def load(self, key: ModelKey) -> LoadedModel:
         """The model, from the LRU or from disk with every check.
@@ -140,12 +219,14 @@ class ModelRegistry:
             log.warning("precision_differs", role_id=key.role_id, roi_id=key.roi_id, fitted=fitted_precision,
                         running=self._precision,
                         note="scores may shift slightly against the calibrated threshold; refit to align")
-        return LoadedModel(files.manifest, self._serving_index(emb, files.manifest["distance"], index),
-                           files.calibration)
+        return self.serving(files.manifest, emb, index, files.calibration)
 
-    def _serving_index(self, bank: np.ndarray, distance: str, index: Any) -> Any:
+    def serving(self, manifest: dict[str, Any], bank: np.ndarray, index: Any,
+                calibration: dict[str, Any] | None = None) -> LoadedModel:
+        """A model ready to score from a memory in hand (a fit's, before or after it is stored)."""
         # faiss-cpu has no GPU path: on CUDA the exact torch bank serves instead
-        return TorchBank(bank, distance, self._device) if self._device == "cuda" else index  # type: ignore[arg-type]
+        serving = TorchBank(bank, manifest["distance"], self._device) if self._device == "cuda" else index
+        return LoadedModel(manifest, serving, calibration)
 
     def check_compatible(self, manifest: dict[str, Any], where: str) -> None:
         """Raises IncompatibleModel when the model was fitted with another backbone or weights."""
@@ -166,10 +247,11 @@ class ModelRegistry:
     # --- writing and the cache -------------------------------------------------------------
 
     def save(self, key: ModelKey, manifest: dict[str, Any], bank: np.ndarray, index: Any,
-             index_bytes: bytes) -> dict[str, Any]:
-        """Store a fitted model as a unit and serve it at once; returns the manifest written."""
-        written = self.store(key.recipe).save(key.role_id, key.roi_id, manifest, bank, index_bytes)
-        self._cache.put(key, LoadedModel(written, self._serving_index(bank, manifest["distance"], index), None))
+             index_bytes: bytes, calibration: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Store a fitted model (and the calibration carried over to it) as a unit and serve it at
+        once; returns the manifest written."""
+        written = self.store(key.recipe).save(key.role_id, key.roi_id, manifest, bank, index_bytes, calibration)
+        self._cache.put(key, self.serving(written, bank, index, calibration))
         return written
 
     def invalidate(self, key: ModelKey) -> None:

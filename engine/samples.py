@@ -5,8 +5,10 @@ every stored sample against the ROI's model.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
+
+import structlog
 
 from engine.datasets import StoredSamples
 from engine.errors import EngineError, InvalidImage, InvalidInput
@@ -21,11 +23,12 @@ from engine.schemas import (
     InferResult,
 )
 from engine.scoring import Decoder, Scorer
-from engine.validate import LABELS, json_object, label as check_label, positive_number
+from engine.validate import LABELS, label as check_label, positive_number, sample_metadata
 
 __all__ = ["Samples", "sample_extension"]
 
 ProgressFn = Callable[[str, int, int], None]
+log = structlog.get_logger("engine.samples")
 
 
 def sample_extension(image: bytes) -> str:
@@ -48,7 +51,7 @@ class Samples:
         label = check_label(label)
         if not isinstance(image, bytes | bytearray | memoryview):
             raise InvalidImage("a dataset sample must be an encoded image file (PNG, JPEG, BMP, TIFF)")
-        meta = json_object(meta)
+        meta = sample_metadata(meta)
         data = bytes(image)
         self._decode(data)  # store only what the engine can read back
         store = self._models.datasets(key.recipe)
@@ -97,6 +100,22 @@ class Samples:
         """(label, filename) of every stored sample, OK first."""
         store = self._models.datasets(key.recipe)
         return [(label, name) for label in LABELS for name in store.files(key.role_id, key.roi_id, label)]
+
+    def score_stored(self, key: ModelKey, model: LoadedModel, labels: Collection[str], skip: Collection[str],
+                     report: ProgressFn, stage: str, default_mm_per_px: float | None = None) -> dict[str, list[float]]:
+        """Scores of the stored samples of ``labels`` against ``model``, by label; OK samples named in
+        ``skip`` (those that trained the model) are left out, and so is a sample that cannot be
+        scored (logged), e.g. one recorded at another mm_per_px than the model's."""
+        items = [(lb, name) for lb, name in self.items(key) if lb in labels and not (lb == "ok" and name in skip)]
+        out: dict[str, list[float]] = {lb: [] for lb in labels}
+        for done, (lb, name) in enumerate(items, start=1):
+            try:
+                out[lb].append(self.score(key, model, lb, name, False, default_mm_per_px).score)
+            except EngineError as exc:
+                log.warning("sample_not_scored", role_id=key.role_id, roi_id=key.roi_id, filename=name,
+                            error=exc.code, stage=stage)
+            report(stage, done, len(items))
+        return out
 
     def score(self, key: ModelKey, model: LoadedModel, label: str, name: str, include_heatmap: bool,
               default_mm_per_px: float | None = None) -> InferResult:

@@ -32,6 +32,7 @@ __all__ = [
     "OkScoreStats",
     "RawArray",
     "RectShape",
+    "RefitCalibration",
     "Region",
     "Shape",
     "StateResult",
@@ -104,6 +105,21 @@ class OkScoreStats(_Frozen):
     max: float
 
 
+class RefitCalibration(_Frozen):
+    """How a refit of a calibrated model set the new model's threshold (docs/engine.md, "Refit")."""
+
+    carried: bool                            # False: the new model is uncalibrated (428 until calibrated)
+    rule: Literal["ok_ng_midpoint", "ok_percentile"] | None
+    threshold: float | None
+    previous_threshold: float
+    previous_rule: str | None
+    source: Literal["dataset", "scores"]     # where the last calibration's scores came from
+    n_ok: int
+    n_ng: int
+    warning: str | None                      # set when the re-scored OK and NG scores overlap
+    reason: str | None                       # why the rule differs from the last one's, or nothing was carried
+
+
 class FitResult(_Frozen):
     role_id: str
     roi_id: str
@@ -119,9 +135,10 @@ class FitResult(_Frozen):
     distance: str
     memory_fit: bool
     timings_ms: dict[str, float]
-    ok_scores: tuple[float, ...]             # leave-one-image-out scores of the training images
+    ok_scores: tuple[float, ...]             # 5-fold hold-out scores of (up to 64 of) the training images
     ok_score_stats: OkScoreStats | None     # None when fitted on a single image
     threshold_suggestion: float | None       # OK-only calibration rule applied to ok_scores
+    calibration: RefitCalibration | None     # None when the model had no calibration to carry over
 
 
 class CalibrationResult(_Frozen):
@@ -130,6 +147,7 @@ class CalibrationResult(_Frozen):
     recipe_id: str | None
     threshold: float
     method: Literal["ok_ng_midpoint", "ok_percentile"]
+    source: Literal["scores", "dataset"]     # client-sent scores (calibrate_ng) or stored samples
     score_percentile: float                  # as a fraction, 0..1
     area_mm2_thr: float
     safety_factor: float | None

@@ -22,7 +22,7 @@ from engine.models import LoadedModel, ModelKey, ModelRegistry
 from engine.patchcore import patch_scores
 from engine.regions import find_regions
 from engine.schemas import BatchError, HeatmapFormat, InferBatchItem, InferResult, Region
-from engine.validate import positive_number
+from engine.validate import heatmap_format, positive_number
 
 __all__ = ["Decoder", "PreparedRoi", "Scorer", "calibration_missing"]
 
@@ -62,28 +62,37 @@ class Scorer:
         self._decode = decode
 
     def prepare(self, key: ModelKey, mm_per_px: object, image: object, shape: object, *,
-                allow_uncalibrated: bool, model: LoadedModel | None = None,
+                allow_uncalibrated: bool, heatmap: object = None, model: LoadedModel | None = None,
                 timings: dict[str, float] | None = None) -> PreparedRoi:
         """Check one ROI request and bring its image to the model's input.
 
+        The order of the checks is the contract of every scoring path: first the request's own
+        faults (400/413: number formats, heatmap format, image bytes, shape), then the state of
+        the model (404 no model, 428 no calibration, 409 another mm_per_px), so a bad request is
+        never answered with "calibrate first" or "fit first". ``key`` is validated by its maker.
+
         Raises:
-            InvalidInput / InvalidImage / InvalidShape (400), ModelNotFound (404),
-            CalibrationMissing (428), MmPerPxMismatch (409), PayloadTooLarge (413).
+            InvalidInput / InvalidImage / InvalidShape (400), PayloadTooLarge (413), ModelNotFound
+            (404), CalibrationMissing (428), MmPerPxMismatch (409).
         """
         timings = {} if timings is None else timings
         start = time.perf_counter()
         mm = positive_number(mm_per_px)
+        if heatmap is not None:
+            heatmap_format(heatmap)
+        rgb = self._decode(image)
+        height, width = rgb.shape[:2]
+        mask = shape_mask(parse_shape(shape), height, width)                        # type: ignore[arg-type]
+        timings["preprocess"] = _ms(start)
+        start = time.perf_counter()
         model = model or self._models.load(key)
         if model.calibration is None and not allow_uncalibrated:
             raise calibration_missing(key)
         self._models.check_mm(model.manifest, mm)
         timings["load"] = _ms(start)
         start = time.perf_counter()
-        rgb = self._decode(image)
-        height, width = rgb.shape[:2]
-        mask = shape_mask(parse_shape(shape), height, width)                        # type: ignore[arg-type]
         resized = resize_square(rgb, model.side)
-        timings["preprocess"] = _ms(start)
+        timings["preprocess"] += _ms(start)
         return PreparedRoi(key, model, resized, (height, width), mask, mm)
 
     def score(self, roi: PreparedRoi, heatmap: HeatmapFormat, timings: dict[str, float], t0: float,

@@ -192,6 +192,11 @@ class Settings(EnvSettings):
     default_area_mm2_thr: float = Field(
         1.0, ge=0, validation_alias=AliasChoices("CALIB_AREA_MM2_THR", "default_area_mm2_thr")
     )
+    allow_refit_recalibration: bool = Field(
+        True, validation_alias=AliasChoices("CALIB_REFIT_RECALIBRATION", "allow_refit_recalibration"),
+        description="A refit of a calibrated model re-derives its threshold on the new memory with the "
+                    "last calibration's rule (false: the refitted model answers 428 until calibrated).",
+    )
     mm_per_px_rtol: float = Field(
         1e-3, ge=0, validation_alias=AliasChoices("BACKEND_MM_PER_PX_RTOL", "mm_per_px_rtol")
     )

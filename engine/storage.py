@@ -8,12 +8,15 @@ Layout (seed §3), per recipe (the default recipe at the root, others under
     models/<role>/<roi>/manifest.json       everything needed to replay the model, checksums
     models/<role>/<roi>/calibration.json    threshold and how it was obtained (after calibration)
 
-A fit writes a complete new folder ``.<roi>.staging-<id>`` (each file fsynced), then swaps it
-in: ``<roi>`` -> ``.<roi>.old-<id>``, staging -> ``<roi>``, old removed. A crash at any point
-leaves either the old or the new folder complete; ``recover`` puts the old one back when the
-swap was cut between its two renames, and removes leftovers. A delete renames ``<roi>`` to
-``.<roi>.trash-<id>`` before removing it; recovery removes trash, never restores it. Single
-files (calibration, manifest updates) are replaced with temp file + fsync + ``os.replace``.
+Every change of a model folder is one swap. A fit writes a complete new folder
+``.<roi>.staging-<id>`` (each file fsynced; with the calibration it carries over, if any), then
+swaps it in: ``<roi>`` -> ``.<roi>.old-<id>``, staging -> ``<roi>``, old removed. A calibration
+does the same with hard links to the unchanged data files plus its new ``calibration.json`` and
+manifest, so the threshold and the manifest's mirror of it change in one step. A crash at any
+point leaves either the old or the new folder complete; ``recover`` puts the old one back when
+the swap was cut between its two renames, and removes leftovers (``recover_all``, at start-up,
+also removes temp files an older single-file write may have left). A delete renames ``<roi>`` to
+``.<roi>.trash-<id>`` before removing it; recovery removes trash, never restores it.
 Within one process, saves, deletes, recovery and reads of one model folder hold its lock.
 """
 
@@ -35,7 +38,7 @@ import numpy as np
 from engine.errors import CorruptModel, IncompatibleModel, ModelNotFound, StorageError
 
 __all__ = ["SCHEMA_VERSION", "ModelFiles", "ModelStore", "atomic_write_bytes", "atomic_write_json", "fsync_dir",
-           "make_dirs", "seal"]
+           "make_dirs", "remove_temp_files", "seal"]
 
 SCHEMA_VERSION = 1
 EMBEDDINGS = "embeddings.npy"
@@ -43,6 +46,7 @@ INDEX = "coreset.faiss"
 MANIFEST = "manifest.json"
 CALIBRATION = "calibration.json"
 _LEFTOVER = re.compile(r"\.(.+)\.(?:old|staging|trash)-[0-9a-f]{8}")
+_TEMP_FILE = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")        # what atomic_write_bytes writes first
 _FILE_MODE = 0o644
 _DIR_MODE = 0o755
 _LOCKS_GUARD = threading.Lock()
@@ -106,6 +110,16 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+def remove_temp_files(folder: Path) -> int:
+    """Remove the temp files a crash in ``atomic_write_bytes`` left in ``folder``; returns how many."""
+    removed = 0
+    for path in folder.iterdir() if folder.is_dir() else ():
+        if _TEMP_FILE.fullmatch(path.name) and path.is_file():
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
 def _json_bytes(obj: Any) -> bytes:
     return json.dumps(obj, indent=2, sort_keys=True).encode("utf-8")
 
@@ -155,11 +169,29 @@ class ModelStore:
     # --- writing -------------------------------------------------------------------------
 
     def save(self, role_id: str, roi_id: str, manifest: dict[str, Any], embeddings: np.ndarray,
-             index_bytes: bytes) -> dict[str, Any]:
-        """Write a complete new model and swap it in as a unit; returns the manifest written.
+             index_bytes: bytes, calibration: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Write a complete new model (with its ``calibration``, when one is carried over from the
+        previous version) and swap it in as a unit; returns the manifest written.
 
         Raises:
             StorageError: a write failed; the previous model (if any) is untouched.
+        """
+        emb_bytes = _npy_bytes(np.ascontiguousarray(embeddings, dtype=np.float32))
+        manifest = seal({**manifest, "schema_version": SCHEMA_VERSION,
+                         "files": {EMBEDDINGS: _sha256(emb_bytes), INDEX: _sha256(index_bytes)}})
+        files = {EMBEDDINGS: emb_bytes, INDEX: index_bytes, MANIFEST: _json_bytes(manifest)}
+        if calibration is not None:
+            files[CALIBRATION] = _json_bytes(calibration)
+        self._replace(role_id, roi_id, files, {}, f"cannot save model {role_id}/{roi_id}")
+        return manifest
+
+    def _replace(self, role_id: str, roi_id: str, files: dict[str, bytes], links: dict[str, Path],
+                 failure: str) -> None:
+        """Swap in a new folder holding ``files`` (written and fsynced) and ``links`` (hard links
+        to existing files, copies where the file system has no hard links).
+
+        Raises:
+            StorageError: a write failed; the current folder is untouched.
         """
         role_dir = self.models_dir / role_id
         final = role_dir / roi_id
@@ -169,17 +201,15 @@ class ModelStore:
             with _folder_lock(final):
                 make_dirs(role_dir)
                 staging.mkdir(mode=_DIR_MODE)
-                emb_bytes = _npy_bytes(np.ascontiguousarray(embeddings, dtype=np.float32))
-                manifest = seal({**manifest, "schema_version": SCHEMA_VERSION,
-                                 "files": {EMBEDDINGS: _sha256(emb_bytes), INDEX: _sha256(index_bytes)}})
-                for name, data in ((EMBEDDINGS, emb_bytes), (INDEX, index_bytes), (MANIFEST, _json_bytes(manifest))):
+                for name, source in links.items():
+                    _link_or_copy(source, staging / name)
+                for name, data in files.items():
                     _write_synced(staging / name, data)
                 fsync_dir(staging)
                 self._swap_in(staging, final, tag)
         except OSError as exc:
             shutil.rmtree(staging, ignore_errors=True)
-            raise StorageError(f"cannot save model {role_id}/{roi_id}: {exc.strerror or exc}") from exc
-        return manifest
+            raise StorageError(f"{failure}: {exc.strerror or exc}") from exc
 
     def _swap_in(self, staging: Path, final: Path, tag: str) -> None:
         old = final.with_name(f".{final.name}.old-{tag}")
@@ -198,11 +228,21 @@ class ModelStore:
 
     def write_calibration(self, role_id: str, roi_id: str, calibration: dict[str, Any],
                           manifest: dict[str, Any]) -> None:
-        """calibration.json first (the source of truth), then the manifest's mirror of it."""
+        """Replace calibration.json and the manifest (its mirror of the threshold) in one swap; the
+        data files are carried over as hard links.
+
+        Raises:
+            ModelNotFound: no model to calibrate.
+            StorageError: a write failed; the model folder is untouched.
+        """
         folder = self.model_dir(role_id, roi_id)
         with _folder_lock(folder):
-            atomic_write_json(folder / CALIBRATION, calibration)
-            atomic_write_json(folder / MANIFEST, seal(manifest))
+            self.recover(role_id, roi_id)
+            if not (folder / MANIFEST).is_file():
+                raise ModelNotFound(f"memory not found for role_id={role_id} roi_id={roi_id}: fit the model first")
+            files = {CALIBRATION: _json_bytes(calibration), MANIFEST: _json_bytes(seal(manifest))}
+            self._replace(role_id, roi_id, files, {name: folder / name for name in (EMBEDDINGS, INDEX)},
+                          f"cannot write calibration.json of model {role_id}/{roi_id}")
 
     def delete(self, role_id: str, roi_id: str) -> bool:
         final = self.model_dir(role_id, roi_id)
@@ -284,6 +324,19 @@ class ModelStore:
                                    "(checksum mismatch); refit the model")
             return manifest
 
+    def read_calibration(self, role_id: str, roi_id: str, model_version: object) -> dict[str, Any] | None:
+        """calibration.json of the model, when there is one and it belongs to ``model_version``.
+
+        Raises:
+            CorruptModel: calibration.json is not a JSON object.
+        """
+        with _folder_lock(self.model_dir(role_id, roi_id)):
+            path = self.model_dir(role_id, roi_id) / CALIBRATION
+            if not path.is_file():
+                return None
+            calibration = _read_json(path, f"{role_id}/{roi_id}")
+            return calibration if calibration.get("model_version") == model_version else None
+
     def list(self) -> list[tuple[str, str]]:
         """(role_id, roi_id) of every stored model."""
         if not self.models_dir.is_dir():
@@ -315,6 +368,7 @@ class ModelStore:
                 shutil.rmtree(leftover, ignore_errors=True)
 
     def recover_all(self) -> None:
+        """Recover every model (see ``recover``) and remove temp files left inside model folders."""
         if not self.models_dir.is_dir():
             return
         for role in self.models_dir.iterdir():
@@ -323,6 +377,10 @@ class ModelStore:
             rois = {m.group(1) for p in role.iterdir() if (m := _LEFTOVER.fullmatch(p.name))}
             for roi in rois:
                 self.recover(role.name, roi)
+            for folder in role.iterdir():
+                if folder.is_dir() and not folder.name.startswith("."):
+                    with _folder_lock(folder):
+                        remove_temp_files(folder)
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -331,6 +389,16 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
     return buf.getvalue()
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """A hard link to ``source`` (no data copied), or a fsynced copy where links are not supported."""
+    try:
+        os.link(source, target)
+    except OSError:
+        if not source.is_file():
+            raise
+        _write_synced(target, source.read_bytes())   # no hard links here (FAT, some network shares)
 
 
 def _write_synced(path: Path, data: bytes) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from datetime import datetime
 from typing import Any, Literal
 
 from engine.errors import CorruptModel, InvalidId, InvalidInput, ReservedRecipe
@@ -30,6 +31,7 @@ __all__ = [
     "non_negative_number",
     "percentile_fraction",
     "positive_number",
+    "sample_metadata",
     "stored_calibration",
 ]
 
@@ -190,6 +192,38 @@ def json_object(value: object, name: str = "meta") -> dict[str, Any] | None:
         raise InvalidInput(f"{name} must be plain JSON (text keys, no binary, not deeply nested): "
                            f"{type(exc).__name__}") from None
     return value
+
+
+# what the existing GUI reads back from a sample's metadata, typed (shared GUI_CLIENT.md)
+_META_TEXT = ("role_id", "roi_id", "label", "filename", "created_at_utc", "source_path")
+
+
+def sample_metadata(value: object) -> dict[str, Any] | None:
+    """``json_object``, with the fields the GUI reads back typed as its reader needs them:
+    ``mm_per_px`` a finite number > 0, ``angle`` a finite number or null, ``timestamp`` an ISO 8601
+    date-time or null, the text fields text or null (each only when present; others are free).
+
+    Raises:
+        InvalidInput: not a JSON object, or one of those fields of the wrong type.
+    """
+    meta = json_object(value)
+    if meta is None:
+        return None
+    mm = meta.get("mm_per_px", 1.0)
+    if not is_finite(mm) or mm <= 0:
+        raise InvalidInput(f"meta.mm_per_px must be a finite number > 0, got {mm!r}")
+    if meta.get("angle") is not None and not is_finite(meta["angle"]):
+        raise InvalidInput(f"meta.angle must be a finite number or null, got {meta['angle']!r}")
+    for name in _META_TEXT:
+        if meta.get(name) is not None and not isinstance(meta[name], str):
+            raise InvalidInput(f"meta.{name} must be text or null, got {meta[name]!r}")
+    stamp = meta.get("timestamp")
+    try:
+        if stamp is not None:
+            datetime.fromisoformat(stamp.removesuffix("Z") if isinstance(stamp, str) else "")
+    except ValueError:
+        raise InvalidInput(f"meta.timestamp must be an ISO 8601 date-time or null, got {stamp!r}") from None
+    return meta
 
 
 def stored_calibration(calibration: dict[str, Any] | None, where: str) -> None:

@@ -8,6 +8,7 @@ from fastapi import FastAPI
 
 from engine.api import Engine
 from http_compat import routes, routes_datasets
+from http_compat.docs import install_offline_docs
 from http_compat.errors import install_error_handlers
 from http_compat.middleware import RequestGate
 from http_compat.settings import HttpSettings
@@ -19,10 +20,14 @@ REST door of the inspection engine, compatible with the existing desktop GUI.
 
 * Every reply carries `X-Request-Id` (the client's, else a new one) and, in JSON bodies, `request_id`.
 * Errors: `{"error": message, "code": machine code, "request_id": ...}` with 400 bad input,
-  401 API key, 404 model or sample missing, 409 mm_per_px mismatch, 413 too large,
-  422 schema error, 428 calibration missing, 500 internal.
+  401 API key, 404 model or sample missing, 409 mm_per_px mismatch / fit in progress / model
+  changed, 413 too large, 422 schema error, 428 calibration missing, 500 internal.
 * A recipe is chosen with the `recipe_id` form/JSON field, the `recipe_id` query parameter or the
   `X-Recipe-Id` header, in that order of precedence.
+* Error dialect (`http_error_dialect`, default `auto`): a request that carries `model_key` (the
+  existing GUI) gets 400 instead of 404 `model_not_found` and 428 `calibration_missing`.
+* `score_percentile` in replies: `/calibrate_dataset` an integer percent (exact value in
+  `score_percentile_exact`), `/calibrate_ng` the unit the request used (a percent when absent).
 """
 
 
@@ -35,6 +40,7 @@ def create_app(engine: Engine, settings: HttpSettings) -> FastAPI:
         # Starlette's default of 1000 file parts would cut a large fit off with a 400 before the
         # route could answer the configured limit with a 413.
         form_limits={"max_files": engine.settings.max_fit_images + 1},
+        docs_url=None, redoc_url=None,     # served from local files by install_offline_docs
     )
     app.state.engine = engine
     app.state.settings = settings
@@ -43,6 +49,7 @@ def create_app(engine: Engine, settings: HttpSettings) -> FastAPI:
     app.add_middleware(RequestGate, api_key=key, max_request_bytes=settings.max_request_bytes)
     app.include_router(routes.router)
     app.include_router(routes_datasets.router)
+    install_offline_docs(app)
     if key is not None:
         _document_api_key(app)
     return app

@@ -17,6 +17,7 @@ __all__ = [
     "SettingsDep",
     "bind_model",
     "first_recipe",
+    "note_gui_marker",
     "get_engine",
     "get_recipe",
     "get_request_id",
@@ -61,6 +62,13 @@ def bind_model(role_id: object, roi_id: object = None) -> None:
     where the engine call runs; RequestGate has bound the request id and op already)."""
     fields = {name: value for name, value in (("role_id", role_id), ("roi_id", roi_id)) if isinstance(value, str)}
     structlog.contextvars.bind_contextvars(**fields)
+
+
+def note_gui_marker(request: Request, model_key: str | None) -> None:
+    """Record that the request carries ``model_key``, which only the existing GUI sends (the brief's
+    contract has no such field): in the ``auto`` error dialect its errors use the GUI's statuses."""
+    if model_key is not None:
+        request.scope.setdefault("state", {})["gui_marker"] = True
 
 
 EngineDep = Annotated[Engine, Depends(get_engine)]

@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.errors import EngineError
 
-__all__ = ["BodyTimeout", "BodyTooLarge", "door_message", "error_response", "install_error_handlers"]
+__all__ = ["BodyTimeout", "BodyTooLarge", "dialect_status", "door_message", "error_response", "install_error_handlers"]
 
 log = structlog.get_logger("http_compat")
 
@@ -86,13 +86,29 @@ def door_message(exc: EngineError) -> str:
     return f"{msg} ({hint})"
 
 
+# The existing GUI recognises an untrained ROI and a missing calibration only on a 400 (its
+# original backend's statuses); the brief asks for 404 and 428. Only these two codes differ
+# between the dialects, and the body's ``code`` is the same in both.
+_GUI_STATUS: Mapping[str, int] = {"model_not_found": 400, "calibration_missing": 400}
+
+
+def dialect_status(request: Request, exc: EngineError) -> int:
+    """The HTTP status of ``exc`` in the error dialect of this request (``http_error_dialect``)."""
+    if exc.code not in _GUI_STATUS:
+        return exc.status
+    dialect = getattr(getattr(request.app.state, "settings", None), "http_error_dialect", "seed")
+    gui = dialect == "gui" or (dialect == "auto" and bool(request.scope.get("state", {}).get("gui_marker")))
+    return _GUI_STATUS[exc.code] if gui else exc.status
+
+
 async def _engine_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, EngineError)
     # status lives on the error class (ModelNotFound 404, CalibrationMissing 428,
-    # MmPerPxMismatch 409, InvalidInput 400), so both doors map it the same way
+    # MmPerPxMismatch 409, InvalidInput 400), so both doors map it the same way; the GUI's
+    # dialect changes two of them (dialect_status)
     if exc.status >= 500:
         log.error("engine_error", code=exc.code, method=request.method, path=request.url.path, error=str(exc))
-    return error_response(exc.status, exc.code, door_message(exc), _request_id(request))
+    return error_response(dialect_status(request, exc), exc.code, door_message(exc), _request_id(request))
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, Query, UploadFile
+from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 
-from engine.schemas import HeatmapFormat
-from http_compat.deps import EngineDep, RecipeDep, RequestIdDep, SettingsDep, bind_model, first_recipe
+from engine.validate import HEATMAP_FORMATS
+from http_compat.deps import EngineDep, RecipeDep, RequestIdDep, SettingsDep, bind_model, first_recipe, note_gui_marker
 from http_compat.uploads import UploadedImages, collect_images, parse_batch_items
 from http_compat.wire import (
     CalibrateNgRequest,
@@ -38,6 +38,9 @@ _RecipeForm = Annotated[str | None, Form(description="Product recipe; overrides 
 _ModelKeyForm = Annotated[str | None, Form(description="Accepted for the GUI; equals roi_id.")]
 _RoleQuery = Annotated[str, Query()]
 _RoiQuery = Annotated[str, Query()]
+# the heatmap format is checked by the engine (400 invalid_input, as on the ZeroMQ door), not by
+# the form schema (422), so a bad one is reported like every other fault of the request
+_HEATMAPS: dict[str, Any] = {"enum": list(HEATMAP_FORMATS)}
 
 
 @router.get("/health", response_model=HealthReply, summary="Liveness, device and backbone")
@@ -48,40 +51,47 @@ def health(engine: EngineDep, rid: RequestIdDep, recipe: RecipeDep) -> HealthRep
 @router.post("/fit_ok", response_model=FitReply, responses=error_responses(400, 409),
              summary="Build the PatchCore memory from OK images (uploaded, or the stored dataset)")
 def fit_ok(
-    engine: EngineDep, settings: SettingsDep, rid: RequestIdDep, recipe: RecipeDep,
+    request: Request, engine: EngineDep, settings: SettingsDep, rid: RequestIdDep, recipe: RecipeDep,
     role_id: _RoleForm, roi_id: _RoiForm, mm_per_px: _MmForm,
     images: Annotated[list[UploadFile] | None, File(description="One part per OK image.")] = None,
     images_brackets: Annotated[list[UploadFile] | None, File(alias="images[]", description="Same as images.")] = None,
     operator_id: _OptForm = None,
     memory_fit: Annotated[bool, Form(description="true: keep every patch (no coreset).")] = False,
     use_dataset: Annotated[bool, Form(description="true: train on the stored OK samples.")] = False,
+    allow_refit_recalibration: Annotated[bool | None, Form(
+        description="A refit of a calibrated model re-derives its threshold (reply: calibration); "
+                    "false: the model answers calibration_missing until calibrated. Absent: the setting.")] = None,
     model_key: _ModelKeyForm = None,
     recipe_id: _RecipeForm = None,
 ) -> FitReply:
     bind_model(role_id, roi_id)
+    note_gui_marker(request, model_key)
     files = collect_images(settings, images, images_brackets, max_count=settings.max_fit_images)
     res = engine.fit_ok(
         role_id, roi_id, mm_per_px, UploadedImages(files) if files else None, operator_id=operator_id,
-        memory_fit=memory_fit, use_dataset=use_dataset, recipe_id=first_recipe(recipe_id, recipe),
+        memory_fit=memory_fit, use_dataset=use_dataset, allow_refit_recalibration=allow_refit_recalibration,
+        recipe_id=first_recipe(recipe_id, recipe),
     )
     return FitReply(**res.model_dump(), model_key=res.roi_id, request_id=rid)
 
 
 @router.post("/calibrate_ng", response_model=CalibrationReply, responses=error_responses(400, 404, 409),
              summary="Set the threshold from OK (and optionally NG) scores")
-def calibrate_ng(body: CalibrateNgRequest, engine: EngineDep, rid: RequestIdDep, recipe: RecipeDep) -> CalibrationReply:
+def calibrate_ng(request: Request, body: CalibrateNgRequest, engine: EngineDep, rid: RequestIdDep,
+                 recipe: RecipeDep) -> CalibrationReply:
     bind_model(body.role_id, body.roi_id)
+    note_gui_marker(request, body.model_key)
     res = engine.calibrate_ng(
         body.role_id, body.roi_id, body.mm_per_px, body.ok_scores, body.ng_scores,
         body.score_percentile, body.area_mm2_thr, recipe_id=first_recipe(body.recipe_id, recipe),
     )
-    return CalibrationReply(**res.model_dump(), model_key=res.roi_id, request_id=rid)
+    return CalibrationReply.of(res, rid, body.score_percentile)
 
 
 @router.post("/infer", response_model=InferReply, responses=error_responses(400, 404, 409, 428),
              summary="Score one ROI image: score, decision, regions, heatmap")
 def infer(
-    engine: EngineDep, settings: SettingsDep, rid: RequestIdDep, recipe: RecipeDep,
+    request: Request, engine: EngineDep, settings: SettingsDep, rid: RequestIdDep, recipe: RecipeDep,
     role_id: _RoleForm, roi_id: _RoiForm, mm_per_px: _MmForm,
     image: Annotated[UploadFile, File(description="The ROI crop (PNG, JPEG, BMP, TIFF).")],
     shape: Annotated[str | None, Form(description='Mask as JSON text, e.g. {"kind":"circle","cx":224,'
@@ -90,11 +100,12 @@ def infer(
     model_key: _ModelKeyForm = None,
     allow_uncalibrated: Annotated[bool, Form(description="true: raw score, threshold and decision null, "
                                                          "instead of 428.")] = False,
-    heatmap: Annotated[HeatmapFormat, Form(description="png (default), uint8/float32 (adds heatmap_raw), "
-                                                       "none.")] = "png",
+    heatmap: Annotated[str, Form(description="png (default), uint8/float32 (adds heatmap_raw), none; anything "
+                                             "else is 400 invalid_input.", json_schema_extra=_HEATMAPS)] = "png",
     recipe_id: _RecipeForm = None,
 ) -> InferReply:
     bind_model(role_id, roi_id)
+    note_gui_marker(request, model_key)
     (upload,) = collect_images(settings, [image], max_count=1)
     res = engine.infer(
         role_id, roi_id, mm_per_px, UploadedImages([upload])[0], shape if shape and shape.strip() else None,
@@ -113,7 +124,7 @@ def infer_batch(
                                            '[{"roi_id": "a", "mm_per_px": 0.1, "shape": {...}?}, ...]')],
     images: Annotated[list[UploadFile], File(description="One ROI crop per item, in the items' order.")],
     allow_uncalibrated: Annotated[bool, Form()] = False,
-    heatmap: Annotated[HeatmapFormat, Form()] = "none",
+    heatmap: Annotated[str, Form(description="As for /infer; default none.", json_schema_extra=_HEATMAPS)] = "none",
     recipe_id: _RecipeForm = None,
 ) -> InferBatchReply:
     bind_model(role_id)
@@ -128,10 +139,12 @@ def infer_batch(
 @router.get("/state", response_model=StateReply, responses=error_responses(400),
             summary="Whether a ROI has a fitted memory and a calibration")
 def state(
-    engine: EngineDep, rid: RequestIdDep, recipe: RecipeDep, role_id: _RoleQuery, roi_id: _RoiQuery,
+    request: Request, engine: EngineDep, rid: RequestIdDep, recipe: RecipeDep, role_id: _RoleQuery,
+    roi_id: _RoiQuery,
     model_key: Annotated[str | None, Query(description="Accepted for the GUI; equals roi_id.")] = None,
 ) -> StateReply:
     bind_model(role_id, roi_id)
+    note_gui_marker(request, model_key)
     res = engine.state(role_id, roi_id, recipe_id=recipe)
     return StateReply(**res.model_dump(), model_key=res.roi_id, request_id=rid)
 

@@ -13,8 +13,8 @@ from engine.errors import InvalidInput
 from http_compat.deps import EngineDep, RecipeDep, RequestIdDep, SettingsDep, bind_model, first_recipe
 from http_compat.uploads import UploadedImages, collect_images, parse_json_part, part_filename
 from http_compat.wire import (
+    CalibrateDatasetReply,
     CalibrateDatasetRequest,
-    CalibrationReply,
     DatasetClearReply,
     DatasetListingReply,
     DatasetSampleReply,
@@ -111,16 +111,16 @@ def dataset_clear(engine: EngineDep, rid: RequestIdDep, recipe: RecipeDep, role_
     return DatasetClearReply(**res.model_dump(), request_id=rid)
 
 
-@router.post("/calibrate_dataset", response_model=CalibrationReply, responses=error_responses(404, 409),
+@router.post("/calibrate_dataset", response_model=CalibrateDatasetReply, responses=error_responses(404, 409),
              summary="Score the stored OK/NG samples and set the threshold from them")
 def calibrate_dataset(body: CalibrateDatasetRequest, engine: EngineDep, rid: RequestIdDep,
-                      recipe: RecipeDep) -> CalibrationReply:
+                      recipe: RecipeDep) -> CalibrateDatasetReply:
     bind_model(body.role_id, body.roi_id)
     res = engine.calibrate_dataset(
         body.role_id, body.roi_id, body.default_mm_per_px, body.score_percentile, body.area_mm2_thr,
         recipe_id=first_recipe(body.recipe_id, recipe),
     )
-    return CalibrationReply(**res.model_dump(), model_key=res.roi_id, request_id=rid)
+    return CalibrateDatasetReply.of(res, rid)
 
 
 @router.post("/infer_dataset", response_model=InferDatasetReply, responses=error_responses(404, 409, 428),

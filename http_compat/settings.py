@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import SecretStr
 
 from engine.settings import EnvSettings, env_field
@@ -19,3 +21,9 @@ class HttpSettings(EnvSettings):
     allow_remote: bool = env_field(False, "BACKEND_ALLOW_REMOTE", "allow_remote",
                                    description="Must be true to bind to a non-loopback interface.")
     max_request_bytes: int = env_field(512 * 1024 * 1024, "BACKEND_MAX_REQUEST_BYTES", "max_request_bytes", ge=1)
+    http_error_dialect: Literal["auto", "seed", "gui"] = env_field(
+        "auto", "BACKEND_HTTP_ERROR_DIALECT", "http_error_dialect",
+        description="Status of model_not_found and calibration_missing: seed = 404 / 428 (the brief), "
+                    "gui = 400 (what the existing GUI recognises), auto = gui for requests that carry "
+                    "model_key (only that GUI sends it), seed otherwise. docs/curl_examples.md.",
+    )

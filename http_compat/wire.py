@@ -3,11 +3,15 @@
 Replies mirror the engine's result models field for field and add ``request_id`` (and
 ``model_key``, which the GUI expects to equal ``roi_id``). Binary fields become base64 text:
 ``heatmap_png`` -> ``heatmap_png_base64``; a raw map -> ``{dtype, shape, data_base64}``.
+Every reply fits the type the GUI reads it into (shared GUI_CLIENT.md): no null where the GUI
+has a non-nullable number, JSON integers where it has ``int``. Percentile units: docs/engine.md,
+"Percentile units".
 """
 
 from __future__ import annotations
 
 import base64
+import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -32,6 +36,7 @@ from engine.schemas import (
 )
 
 __all__ = [
+    "CalibrateDatasetReply",
     "CalibrateDatasetRequest",
     "CalibrateNgRequest",
     "CalibrationReply",
@@ -53,7 +58,13 @@ __all__ = [
     "ValidationIssue",
     "b64",
     "error_responses",
+    "percent",
 ]
+
+
+def percent(fraction: float) -> float:
+    """A percentile fraction as a percent, without the float noise of the product (0.99 -> 99.0)."""
+    return round(fraction * 100.0, 9)
 
 
 def b64(data: bytes | None) -> str | None:
@@ -120,11 +131,14 @@ class ErrorReply(BaseModel):
 _STATUS_MEANING = {
     400: "Bad input: ids, image, shape, JSON part, reserved recipe (code says which).",
     401: "X-API-Key missing or wrong (only when the server has an API key).",
-    404: "No model (code model_not_found: run /fit_ok first) or no such sample.",
-    409: "mm_per_px differs from the one the model was trained with.",
+    404: "No model (code model_not_found: run /fit_ok first) or no such sample. In the GUI's error dialect "
+         "(docs/curl_examples.md) model_not_found is answered with 400.",
+    409: "mm_per_px differs from the one the model was trained with (mm_per_px_mismatch); a fit of the model "
+         "is running (fit_in_progress: retry later); the model was refitted while a calibration was being "
+         "computed on the previous version (model_changed: calibrate again).",
     413: "Request, image or image count over the configured limits.",
     422: "Schema error: a required field is missing or has the wrong type.",
-    428: "The model has no calibration (code calibration_missing).",
+    428: "The model has no calibration (code calibration_missing); 400 in the GUI's error dialect.",
     500: "Internal or model-file error.",
 }
 
@@ -152,9 +166,35 @@ class FitReply(FitResult):
 
 
 class CalibrationReply(CalibrationResult):
+    """/calibrate_ng: ``ng_mean`` is 0.0 when no NG score was given (``n_ng`` 0 says so);
+    ``score_percentile`` is in the unit the request used (a fraction when it sent one <= 1, else a
+    percent, also when it sent none)."""
+
+    ng_mean: float
+    score_percentile: float
     status: str = "ok"
     model_key: str
     request_id: str
+
+    @classmethod
+    def of(cls, res: CalibrationResult, request_id: str, sent: float | None) -> CalibrationReply:
+        unit = res.score_percentile if sent is not None and sent <= 1 else percent(res.score_percentile)
+        data = {**res.model_dump(), "ng_mean": res.ng_mean or 0.0, "score_percentile": unit}
+        return cls(**data, model_key=res.roi_id, request_id=request_id)
+
+
+class CalibrateDatasetReply(CalibrationReply):
+    """/calibrate_dataset: ``score_percentile`` is the integer percent the GUI reads (its type is
+    ``int``): the exact percent rounded down (99.5 -> 99); ``score_percentile_exact`` is the exact one."""
+
+    score_percentile: int
+    score_percentile_exact: float
+
+    @classmethod
+    def of(cls, res: CalibrationResult, request_id: str, sent: float | None = None) -> CalibrateDatasetReply:
+        exact = percent(res.score_percentile)
+        data = {**res.model_dump(), "ng_mean": res.ng_mean or 0.0, "score_percentile": math.floor(exact)}
+        return cls(**data, score_percentile_exact=exact, model_key=res.roi_id, request_id=request_id)
 
 
 class StateReply(StateResult):

@@ -24,8 +24,8 @@ from http_compat.server import HttpServer
 from ipc import EngineClient, IpcServer, RemoteError
 from service.serve import ServeConfig
 
-__all__ = ["MVTEC_BOTTLE", "REPO", "Doors", "door_settings", "encoded", "free_port", "load_bgr", "noise", "png_bytes",
-           "png_header_only"]
+__all__ = ["MVTEC_BOTTLE", "REPO", "Doors", "door_settings", "encoded", "free_port", "load_bgr", "noise", "part_png",
+           "png_bytes", "png_header_only"]
 
 REPO = Path(__file__).resolve().parents[1]
 # real data for tests and benchmarks only, next to the checkout (never copied into the repo)
@@ -64,6 +64,19 @@ def noise(height: int, width: int | None = None, seed: int = 0) -> np.ndarray:
     """A (height, width, 3) uint8 image of uniform random pixels (square when width is None)."""
     shape = (height, height if width is None else width, 3)
     return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+def part_png(seed: int, defect: bool = False, side: int = 64) -> bytes:
+    """PNG of a synthetic part: one fixed texture plus sensor noise (``seed``); ``defect`` adds a red
+    disc of radius side/7 that a PatchCore model fitted on the plain parts scores far above them."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:side, 0:side] * (64 / side)
+    base = 128 + 60 * np.sin(xx / 6.0) * np.cos(yy / 9.0)
+    image = np.clip(base[..., None] + rng.normal(0, 6, (side, side, 3)), 0, 255).astype(np.uint8)
+    if defect:
+        center = (side * (20 + seed % 24) // 64, side * (24 + seed % 16) // 64)
+        cv2.circle(image, center, max(2, side // 7), (0, 0, 255), -1)
+    return png_bytes(image)
 
 
 def load_bgr(path: Path, side: int) -> np.ndarray:

@@ -23,6 +23,8 @@ EXPECTED = {
     "ModelNotFound": ("model_not_found", 404),
     "SampleNotFound": ("sample_not_found", 404),
     "MmPerPxMismatch": ("mm_per_px_mismatch", 409),
+    "ModelChanged": ("model_changed", 409),
+    "FitInProgress": ("fit_in_progress", 409),
     "PayloadTooLarge": ("payload_too_large", 413),
     "CalibrationMissing": ("calibration_missing", 428),
     "ModelFileError": ("model_file_error", 500),

@@ -26,6 +26,8 @@ from engine.api import Engine
 from engine.settings import Settings
 from http_compat.server import HttpServer
 from http_compat.settings import HttpSettings
+from tests import dotnet_client
+from tests.dotnet_client import TextField, assert_error, dotnet_multipart, gui_reading
 from tests.support import MVTEC_BOTTLE, load_bgr, png_bytes
 
 SIDE = 224                     # images are downscaled from 900x900 to keep the module fast
@@ -46,91 +48,12 @@ SHAPES = {
 
 # ---------------------------------------------------------------- .NET-style requests
 
-TextField = tuple[str, str]
-FilePart = tuple[str, str, bytes]         # field name, file name, bytes
-
-
-def dotnet_multipart(fields: Sequence[TextField], files: Sequence[FilePart] = (),
-                     json_fields: Sequence[TextField] = ()) -> tuple[str, bytes]:
-    """(Content-Type, body) exactly as .NET's MultipartFormDataContent writes them."""
-    boundary = str(uuid.uuid4())
-    out = bytearray()
-    for name, value in fields:
-        out += (f"--{boundary}\r\nContent-Type: text/plain; charset=utf-8\r\n"
-                f"Content-Disposition: form-data; name={name}\r\n\r\n").encode() + value.encode() + b"\r\n"
-    for name, value in json_fields:
-        out += (f"--{boundary}\r\nContent-Type: application/json; charset=utf-8\r\n"
-                f"Content-Disposition: form-data; name={name}\r\n\r\n").encode() + value.encode() + b"\r\n"
-    for name, filename, data in files:
-        out += (f"--{boundary}\r\nContent-Type: image/png\r\nContent-Disposition: form-data; name={name}; "
-                f"filename={filename}; filename*=utf-8''{filename}\r\n\r\n").encode() + data + b"\r\n"
-    out += f"--{boundary}--\r\n".encode()
-    return f'multipart/form-data; boundary="{boundary}"', bytes(out)
-
-
-class Gui:
-    """The GUI's habits: a fresh X-Request-Id per call, X-Recipe-Id when a recipe is chosen."""
-
-    def __init__(self, base_url: str, recipe: str | None = None, api_key: str | None = None) -> None:
-        self.http = httpx.Client(base_url=base_url, timeout=120)
-        self.recipe, self.api_key = recipe, api_key
-
-    def headers(self, content_type: str | None = None) -> dict[str, str]:
-        h = {"X-Request-Id": str(uuid.uuid4())}
-        if self.recipe:
-            h["X-Recipe-Id"] = self.recipe
-        if self.api_key:
-            h["X-API-Key"] = self.api_key
-        if content_type:
-            h["Content-Type"] = content_type
-        return h
-
-    def form(self, path: str, fields: Sequence[TextField], files: Sequence[FilePart] = (),
-             json_fields: Sequence[TextField] = ()) -> httpx.Response:
-        ctype, body = dotnet_multipart(fields, files, json_fields)
-        return self.check_id(self.http.post(path, content=body, headers=self.headers(ctype)))
-
-    def post_json(self, path: str, body: dict[str, Any]) -> httpx.Response:
-        data = json.dumps(body).encode()
-        return self.check_id(self.http.post(path, content=data,
-                                            headers=self.headers("application/json; charset=utf-8")))
-
-    def get(self, path: str, **params: str) -> httpx.Response:
-        return self.check_id(self.http.get(path, params=params, headers=self.headers()))
-
-    def delete(self, path: str, **params: str) -> httpx.Response:
-        return self.check_id(self.http.delete(path, params=params, headers=self.headers()))
+class Gui(dotnet_client.Gui):
+    """The GUI client on this module's role, ROI and scale."""
 
     def infer(self, image: bytes, *, roi: str = ROI, mm: float = MM, shape: dict[str, Any] | str | None = None,
-              extra: Sequence[TextField] = ()) -> httpx.Response:
-        fields = [("role_id", ROLE), ("roi_id", roi), ("mm_per_px", f"{mm}"), ("model_key", roi), *extra]
-        if shape is not None:
-            fields.append(("shape", shape if isinstance(shape, str) else json.dumps(shape)))
-        return self.form("/infer", fields, [("image", "roi.png", image)])
-
-    def __enter__(self) -> Gui:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.http.close()
-
-    @staticmethod
-    def check_id(r: httpx.Response) -> httpx.Response:
-        sent = r.request.headers["x-request-id"]
-        assert r.headers["x-request-id"] == sent
-        if r.headers.get("content-type", "").startswith("application/json"):
-            body = r.json()
-            if isinstance(body, dict) and ("request_id" in body or r.status_code >= 400):
-                assert body["request_id"] == sent
-        return r
-
-
-def assert_error(r: httpx.Response, status: int, *codes: str) -> dict[str, Any]:
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert set(body) >= {"error", "code", "request_id"} and body["code"] in codes, body
-    assert "Traceback" not in body["error"]
-    return body
+              extra: Sequence[TextField] = (), model_key: bool = True) -> httpx.Response:
+        return super().infer(image, role=ROLE, roi=roi, mm=mm, shape=shape, extra=extra, model_key=model_key)
 
 
 # ---------------------------------------------------------------- fixtures
@@ -219,6 +142,9 @@ def test_calibrate_dataset_reply(trained: dict[str, Any]) -> None:
             "recipe_id", "role_id", "roi_id", "model_key"} <= set(calib)
     assert isinstance(calib["threshold"], float) and calib["threshold"] > 0
     assert (calib["n_ok"], calib["n_ng"]) == (6, 2)
+    # the default percentile 0.995: the integer percent the GUI's int reads, and the exact one
+    assert calib["score_percentile"] == 99 and isinstance(calib["score_percentile"], int)
+    assert calib["score_percentile_exact"] == 99.5
     assert calib["model_key"] == calib["roi_id"] == ROI
 
 
@@ -355,8 +281,11 @@ def uncalibrated(server: HttpServer, images: dict[str, list[bytes]]) -> dict[str
 @pytest.mark.slow
 def test_uncalibrated_infer_is_428_unless_raw_scoring_is_asked(gui: Gui, uncalibrated: dict[str, Any],
                                                                images: dict[str, list[bytes]]) -> None:
-    body = assert_error(gui.infer(images["good"][0], roi="raw"), 428, "calibration_missing")
+    body = assert_error(gui.infer(images["good"][0], roi="raw", model_key=False), 428, "calibration_missing")
     assert "calibration_missing" in body["error"]
+    # the GUI (it sends model_key) gets its own dialect: 400 with the text its prompt looks for
+    from_gui = gui.infer(images["good"][0], roi="raw")
+    assert assert_error(from_gui, 400, "calibration_missing") and gui_reading(from_gui) == "calibrate"
     raw = gui.infer(images["broken_large"][0], roi="raw", extra=[("allow_uncalibrated", "true")])
     assert raw.status_code == 200, raw.text
     data = raw.json()
@@ -386,7 +315,10 @@ def test_calibrate_ng_then_infer(gui: Gui, uncalibrated: dict[str, Any], images:
     only_ok = gui.post_json("/calibrate_ng", {"role_id": ROLE, "roi_id": "raw", "mm_per_px": MM,
                                               "ok_scores": uncalibrated["ok_scores"], "ng_scores": None,
                                               "area_mm2_thr": 1.0, "score_percentile": 99})
-    assert only_ok.status_code == 200 and only_ok.json()["ng_mean"] is None
+    assert only_ok.status_code == 200
+    # the GUI's CalibResult.ng_mean is a non-nullable double; the percentile comes back as sent
+    assert (only_ok.json()["ng_mean"], only_ok.json()["n_ng"], only_ok.json()["score_percentile"]) == (0.0, 0, 99.0)
+    assert calib["score_percentile"] == 99.0 and calib["n_ng"] == 1
     assert gui.infer(images["good"][0], roi="raw").json()["threshold"] == pytest.approx(only_ok.json()["threshold"])
 
 
@@ -415,8 +347,10 @@ def test_reserved_recipe_is_400(server: HttpServer, images: dict[str, list[bytes
 # ---------------------------------------------------------------- errors of the brief's section 7
 
 def test_model_missing_is_404_with_gui_wording(gui: Gui, images: dict[str, list[bytes]]) -> None:
-    body = assert_error(gui.infer(images["good"][0], roi="never_fitted"), 404, "model_not_found")
+    body = assert_error(gui.infer(images["good"][0], roi="never_fitted", model_key=False), 404, "model_not_found")
     assert "memory not found" in body["error"] and "run /fit_ok first" in body["error"]
+    from_gui = gui.infer(images["good"][0], roi="never_fitted")
+    assert assert_error(from_gui, 400, "model_not_found") and gui_reading(from_gui) == "untrained"
 
 
 @pytest.mark.slow

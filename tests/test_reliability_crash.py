@@ -1,17 +1,23 @@
-"""``kill -9`` of ``python -m service`` in the middle of ``fit_ok``, over and over.
+"""``kill -9`` of ``python -m service`` in the middle of ``fit_ok`` and of calibrations, over and over.
 
-Each round starts a fresh server process on the same data root, checks what the previous kill
+Fits: each round starts a fresh server process on the same data root, checks what the previous kill
 left (recovery ran at start-up: no ``.<roi>.staging-*`` / ``.old-*`` / ``.trash-*`` folders; the
 model folder is either byte-identical to the one before the kill, or a complete new model one
 version up; either one loads and scores over ZeroMQ), then sends ``fit_ok`` over ZeroMQ and kills
 the process: half of the rounds after a random delay anywhere in the fit, half at a random point
 shortly after the fit's ``save`` progress event (the write-and-swap window). A last round lets a
 fit complete. Marked slow (about 1.5-2.5 min on 2 cores).
+
+Calibrations: each round queues a burst of ``calibrate_ng`` calls (every fifth round a refit
+first, which carries the calibration over) and kills the process at a random point of the burst;
+after the restart, ``state``, ``infer``, the ``manifest`` op and the files on disk must name the
+same calibration, one the burst (or the round before) could have written. About 2-3 min on 2 cores.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import selectors
@@ -186,3 +192,87 @@ def test_kill_9_during_fit_keeps_a_loadable_model(tmp_path: Path) -> None:
     assert len(outcomes) == KILLS
     print(f"kill -9 rounds: {outcomes.count('old')} kept the old model, {outcomes.count('new')} committed the new one; "
           f"killed at: {', '.join(f'{p} x{points.count(p)}' for p in sorted(set(points)))}")
+
+
+CALIBRATION_KILLS = int(os.environ.get("CRASH_CALIBRATION_KILLS", "20"))
+BURST = 12                        # calibrations queued per round (the one worker's queue holds 16)
+
+
+def _calibration_request(round_: int, i: int) -> tuple[dict[str, Any], float, float]:
+    """A calibrate_ng request whose threshold is known exactly: OK scores [v, v] give
+    quantile(v) * 1.1 (the default safety factor); ``area_mm2_thr`` tells the calls apart too."""
+    value, area = 1.0 + 100.0 * round_ + i, float(i + 1)
+    args = {"role_id": ROLE, "roi_id": ROI, "mm_per_px": MM, "ok_scores": [value, value], "area_mm2_thr": area}
+    return args, value * 1.1, area
+
+
+def _calibration_seen(serve: Serve, role_dir: Path) -> tuple[int, float, float]:
+    """(model version, threshold, area) that state, infer, the manifest op and the files all agree on."""
+    leftovers = sorted(p.name for p in role_dir.iterdir() if p.name.startswith("."))
+    assert leftovers == [], f"recovery left {leftovers}"
+    assert not [p.name for p in (role_dir / ROI).iterdir() if p.name.startswith(".")]
+    with EngineClient(serve.endpoint, timeout=60, retries=0) as client:
+        state = client.call("state", {"role_id": ROLE, "roi_id": ROI})
+        manifest = client.call("manifest", {"role_id": ROLE, "roi_id": ROI})
+        result = client.call("infer", {"role_id": ROLE, "roi_id": ROI, "mm_per_px": MM,
+                                       "image": _images(999, 1)[0], "heatmap": "none"})
+    on_disk = json.loads((role_dir / ROI / "calibration.json").read_text())
+    assert state["calib_present"] is True
+    assert state["threshold"] == result["threshold"] == manifest["threshold"] == on_disk["threshold"]
+    assert result["area_mm2_thr"] == manifest["area_mm2_thr"] == on_disk["area_mm2_thr"]
+    assert state["model_version"] == result["model_version"] == manifest["model_version"] == on_disk["model_version"]
+    return state["model_version"], state["threshold"], result["area_mm2_thr"]
+
+
+def test_kill_9_during_calibrations_keeps_state_and_infer_in_step(tmp_path: Path) -> None:
+    rnd = random.Random(20241130)
+    root, log = tmp_path / "data", tmp_path / "serve.log"
+    role_dir = root / "models" / ROLE
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    outcomes: list[str] = []
+    try:
+        serve = Serve(root, log)
+        with EngineClient(serve.endpoint, timeout=120, retries=0) as client:
+            client.call("fit_ok", _fit_args(0))
+            start = time.perf_counter()
+            for i in range(BURST):
+                client.call("calibrate_ng", _calibration_request(0, i)[0])
+            burst_s = time.perf_counter() - start
+            start = time.perf_counter()
+            client.call("fit_ok", _fit_args(1))
+            fit_s = time.perf_counter() - start
+        seen = _calibration_seen(serve, role_dir)
+        for round_ in range(1, CALIBRATION_KILLS + 1):
+            refit = round_ % 5 == 0
+            burst = [_calibration_request(round_, i) for i in range(BURST - 1 if refit else BURST)]
+            dealer = ctx.socket(zmq.DEALER)
+            dealer.setsockopt(zmq.LINGER, 0)
+            dealer.connect(serve.endpoint)
+            messages = [{"v": 1, "op": "calibrate_ng", "id": f"c{round_}-{i}", "args": args}
+                        for i, (args, _, _) in enumerate(burst)]
+            if refit:
+                messages.insert(0, {"v": 1, "op": "fit_ok", "id": f"f{round_}", "args": _fit_args(500 + round_)})
+            for message in messages:
+                dealer.send_multipart([b"", msgpack.packb(message)])
+            time.sleep(rnd.uniform(0.0, burst_s + (fit_s if refit else 0.0)))
+            serve.kill()
+            dealer.close(linger=0)
+
+            serve = Serve(root, log)
+            version, threshold, area = _calibration_seen(serve, role_dir)
+            written = {(t, a) for _, t, a in burst}
+            if version == seen[0] + 1:
+                assert refit, "the model version moved without a refit"
+                outcomes.append("refit committed")     # its carried threshold, or one of the burst after it
+            else:
+                assert version == seen[0]
+                assert (threshold, area) in written | {seen[1:]}, (threshold, area)
+                outcomes.append("unchanged" if (threshold, area) == seen[1:] else "calibrated")
+            seen = (version, threshold, area)
+        serve.stop()
+    finally:
+        if "serve" in locals() and serve.proc.poll() is None:
+            serve.kill()
+        ctx.term()
+    assert len(outcomes) == CALIBRATION_KILLS
+    print(f"kill -9 during calibrations: {', '.join(f'{o} x{outcomes.count(o)}' for o in sorted(set(outcomes)))}")

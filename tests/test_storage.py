@@ -397,18 +397,77 @@ def test_failed_rename_keeps_old_model(store: ModelStore, monkeypatch: pytest.Mo
     _assert_version(store, 1)
 
 
-def test_failed_calibration_write_keeps_previous(store: ModelStore, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("step", ["os.fsync", "os.rename"])
+def test_failed_calibration_write_keeps_previous(store: ModelStore, monkeypatch: pytest.MonkeyPatch,
+                                                 step: str) -> None:
     _save(store, 1)
     manifest = store.read_manifest(ROLE, ROI) or {}
     store.write_calibration(ROLE, ROI, {"threshold": 1.0, "model_version": 1}, {**manifest, "threshold": 1.0})
-    monkeypatch.setattr("engine.storage.os.replace", _enospc)
+    monkeypatch.setattr(f"engine.storage.{step}", _enospc)
     with pytest.raises(StorageError, match="calibration.json"):
         store.write_calibration(ROLE, ROI, {"threshold": 2.0, "model_version": 1}, {**manifest, "threshold": 2.0})
     monkeypatch.undo()
     files = store.load(ROLE, ROI)
     assert files.calibration == {"threshold": 1.0, "model_version": 1}
     assert files.manifest["threshold"] == 1.0
-    assert not [p for p in store.model_dir(ROLE, ROI).iterdir() if p.name.endswith(".tmp")]
+    assert sorted(p.name for p in (store.models_dir / ROLE).iterdir()) == [ROI]
+
+
+def test_calibration_is_swapped_in_with_the_data_files_linked(store: ModelStore) -> None:
+    emb, index = _save(store, 1)
+    folder = store.model_dir(ROLE, ROI)
+    before = {name: (folder / name).stat().st_ino for name in ("embeddings.npy", "coreset.faiss")}
+    manifest = store.read_manifest(ROLE, ROI) or {}
+    store.write_calibration(ROLE, ROI, {"threshold": 3.0, "model_version": 1}, {**manifest, "threshold": 3.0})
+    # the same data files (hard links, nothing copied) under a new folder with both JSON files
+    after = {name: (folder / name).stat().st_ino for name in ("embeddings.npy", "coreset.faiss")}
+    assert after == before
+    files = store.load(ROLE, ROI)
+    np.testing.assert_array_equal(files.embeddings, emb)
+    assert files.index_bytes == index
+    assert (files.calibration or {})["threshold"] == files.manifest["threshold"] == 3.0
+    assert sorted(p.name for p in (store.models_dir / ROLE).iterdir()) == [ROI]
+
+
+def test_calibration_without_a_model_is_model_not_found(store: ModelStore) -> None:
+    with pytest.raises(ModelNotFound):
+        store.write_calibration(ROLE, ROI, {"threshold": 1.0, "model_version": 1}, {"model_version": 1})
+    assert not store.models_dir.exists() or store.list() == []
+
+
+def test_calibration_copies_where_hard_links_fail(store: ModelStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    emb, _ = _save(store, 1)
+    manifest = store.read_manifest(ROLE, ROI) or {}
+    monkeypatch.setattr("engine.storage.os.link", lambda *a, **k: _enospc())
+    store.write_calibration(ROLE, ROI, {"threshold": 4.0, "model_version": 1}, {**manifest, "threshold": 4.0})
+    monkeypatch.undo()
+    files = store.load(ROLE, ROI)
+    np.testing.assert_array_equal(files.embeddings, emb)
+    assert (files.calibration or {})["threshold"] == 4.0
+
+
+def test_save_with_a_carried_calibration_is_one_unit(store: ModelStore) -> None:
+    _save(store, 1)
+    manifest, emb, index = _model(2)
+    store.save(ROLE, ROI, {**manifest, "threshold": 7.5}, emb, index, {"threshold": 7.5, "model_version": 2})
+    files = store.load(ROLE, ROI)
+    assert files.manifest["model_version"] == 2
+    assert (files.calibration or {})["threshold"] == files.manifest["threshold"] == 7.5
+    assert sorted(p.name for p in store.model_dir(ROLE, ROI).iterdir()) == [
+        "calibration.json", "coreset.faiss", "embeddings.npy", "manifest.json"]
+
+
+def test_recover_all_removes_temp_files_of_single_file_writes(store: ModelStore) -> None:
+    _save(store, 1)
+    folder = store.model_dir(ROLE, ROI)
+    stale = folder / ".calibration.json.0badc0de.tmp"
+    stale.write_text("{half")
+    keep = folder / "notes.tmp"                 # not a name atomic_write_bytes uses: left alone
+    keep.write_text("x")
+    store.recover_all()
+    assert not stale.exists() and keep.exists()
+    _, emb, _ = _model(1)
+    np.testing.assert_array_equal(store.load(ROLE, ROI).embeddings, emb)
 
 
 def test_failed_delete_keeps_model(store: ModelStore, monkeypatch: pytest.MonkeyPatch) -> None:
