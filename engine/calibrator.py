@@ -12,13 +12,13 @@ from typing import Any
 import structlog
 
 from engine.calibration import Calibration, calibrate
-from engine.errors import EngineError, InvalidInput
+from engine.errors import EngineError, InvalidInput, PayloadTooLarge
 from engine.fitting import now_utc
 from engine.models import LoadedModel, ModelKey, ModelRegistry
 from engine.samples import Samples
 from engine.schemas import CalibrationResult
 from engine.settings import Settings
-from engine.validate import non_negative_number, percentile_fraction, positive_number
+from engine.validate import mm_per_px as check_mm_per_px, non_negative_number, percentile_fraction
 
 __all__ = ["Calibrator"]
 
@@ -39,7 +39,10 @@ class Calibrator:
                     area_mm2_thr: float | None) -> CalibrationResult:
         """Seed §5: midpoint of p99(OK) and p5(NG), or an OK quantile times the safety factor."""
         s = self._settings
-        mm = positive_number(mm_per_px)
+        mm = check_mm_per_px(mm_per_px)
+        for name, scores in (("ok_scores", ok_scores), ("ng_scores", ng_scores or ())):
+            if len(scores) > s.max_scores:
+                raise PayloadTooLarge(f"{name} holds {len(scores)} scores; the limit is {s.max_scores}")
         percentile = s.calibration_percentile if score_percentile is None else score_percentile
         percentile_fraction(percentile)
         area = non_negative_number(s.default_area_mm2_thr if area_mm2_thr is None else area_mm2_thr, "area_mm2_thr")
@@ -74,7 +77,7 @@ class Calibrator:
         model = self._models.load(key)
         manifest = model.manifest
         if default_mm_per_px is not None:
-            positive_number(default_mm_per_px, "default_mm_per_px")
+            check_mm_per_px(default_mm_per_px, "default_mm_per_px")
         ok_scores, ng_scores = self._sample_scores(key, model, default_mm_per_px, report)
         mm = manifest["mm_per_px"] if default_mm_per_px is None else default_mm_per_px
         return self.from_scores(key, mm, ok_scores, ng_scores or None, score_percentile, area_mm2_thr)
@@ -91,11 +94,10 @@ class Calibrator:
             if label == "ok" and name in held_out:
                 ok_scores.append(float(held_out[name]))
             elif not (label == "ok" and name in trained_sources):
-                try:
-                    result = self._samples.score(key, model, label, name, False, default_mm_per_px)
-                except EngineError as exc:
+                result = self._samples.try_score(key, model, label, name, False, default_mm_per_px)
+                if isinstance(result, EngineError):
                     log.warning("calibration_sample_skipped", role_id=key.role_id, roi_id=key.roi_id,
-                                filename=name, error=exc.code)
+                                filename=name, error=result.code)
                     continue
                 (ok_scores if label == "ok" else ng_scores).append(result.score)
             report("score_samples", done, len(items))
