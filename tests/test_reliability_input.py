@@ -268,13 +268,21 @@ def _nest(depth: int) -> dict[str, Any]:
     return value
 
 
-@pytest.mark.parametrize("depth", [200, 1010])
+@pytest.mark.parametrize("depth", [40, 200, 1010])
 def test_deeply_nested_args(doors: Doors, depth: int) -> None:
-    assert doors.zmq_answer("infer", _zmq_infer(shape=_nest(depth))) == (400, "invalid_shape")
+    """Nesting past zmq_max_depth (32) is refused while the message is unpacked, whatever arg holds it."""
+    assert doors.zmq_answer("infer", _zmq_infer(shape=_nest(depth))) == (400, "malformed_message")
     answer = doors.zmq_answer("dataset_upload", {"role_id": ROLE, "roi_id": "nest", "label": "ok",
                                                  "image": GOOD_PNG, "filename": "n.png", "meta": _nest(depth)})
-    # shallow enough to store as JSON: stored; deeper: refused before anything is written
-    assert answer[0] == 200 if depth == 200 else answer == (400, "invalid_input")
+    assert answer == (400, "malformed_message")
+    assert doors.engine.dataset_list(ROLE, "nest").classes["ok"].count == 0
+
+
+def test_nested_meta_within_the_limits_is_stored(doors: Doors) -> None:
+    args = {"role_id": ROLE, "roi_id": "nest", "label": "ok", "image": GOOD_PNG, "filename": "n.png",
+            "meta": _nest(20)}
+    assert doors.zmq_answer("dataset_upload", args)[0] == 200
+    assert doors.engine.dataset_meta(ROLE, "nest", "ok", "n.png") == _nest(20)
 
 
 def test_meta_with_binary_is_400_not_500(doors: Doors) -> None:
