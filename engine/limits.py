@@ -17,11 +17,12 @@ __all__ = ["ValueRefused", "check_structure", "parse_json"]
 
 class ValueRefused(ValueError):
     """A value the bounds refuse. ``too_large`` (413): too many items; else (400): malformed or
-    nested too deeply."""
+    nested too deeply; ``syntax``: not JSON at all (a JSON syntax error)."""
 
-    def __init__(self, message: str, *, too_large: bool = False) -> None:
+    def __init__(self, message: str, *, too_large: bool = False, syntax: bool = False) -> None:
         super().__init__(message)
         self.too_large = too_large
+        self.syntax = syntax
 
 
 def check_structure(value: Any, *, max_depth: int, max_items: int) -> None:
@@ -81,7 +82,7 @@ def parse_json(text: str | bytes, *, max_depth: int, max_items: int) -> Any:
     except ValueRefused:
         raise
     except json.JSONDecodeError as exc:
-        raise ValueRefused(f"not valid JSON: {exc.msg} at position {exc.pos}") from None
+        raise ValueRefused(f"not valid JSON: {exc.msg} at position {exc.pos}", syntax=True) from None
     except RecursionError:
         raise ValueRefused(f"nested deeper than {max_depth} levels") from None
     except ValueError as exc:                 # UnicodeDecodeError, an int of more than 4300 digits

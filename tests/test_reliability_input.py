@@ -23,7 +23,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import http_compat.middleware
 from engine.api import Engine
 from engine.errors import InvalidImage, InvalidInput
 from engine.images import decode_image
@@ -363,11 +362,10 @@ def test_deeply_nested_metas_is_400(doors: Doors) -> None:
 
 def test_stalled_upload_times_out_with_408(doors: Doors, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Regression: a body that stops arriving held its connection open forever (uvicorn has no body timeout)."""
-    monkeypatch.setattr(http_compat.middleware, "BODY_READ_TIMEOUT_S", 1.5)
-    server = HttpServer(doors.engine, door_settings(tmp_path).http)
+    server = HttpServer(doors.engine, door_settings(tmp_path, http_body_gap_s=1.5).http)
     server.start()
     try:
-        head = (b"POST /infer HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=BB\r\n"
+        head = (b"POST /infer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=BB\r\n"
                 b"Content-Length: 1000000\r\n\r\n--BB\r\nContent-Disposition: form-data; name=\"role_id\"\r\n\r\n")
         with socket.create_connection(("127.0.0.1", server.port), timeout=20) as slow:
             slow.sendall(head)
