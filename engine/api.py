@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,11 +18,12 @@ import structlog
 
 from engine import __version__
 from engine.backbones import build_backbone
+from engine.budget import MemoryBudget
 from engine.calibrator import Calibrator
 from engine.errors import InvalidInput, PayloadTooLarge
 from engine.features import FeatureExtractor, configure_torch_threads
 from engine.fitting import Fitter
-from engine.images import decode_input
+from engine.images import ImageLimits
 from engine.knn import configure_faiss
 from engine.models import ModelRegistry
 from engine.samples import Samples
@@ -46,7 +46,7 @@ from engine.schemas import (
 from engine.scoring import Scorer
 from engine.settings import Settings
 from engine.storage import make_dirs
-from engine.validate import check_id, check_recipe, heatmap_format, positive_number
+from engine.validate import check_id, check_recipe, heatmap_format, mm_per_px as check_mm_per_px
 
 __all__ = ["Engine", "ImageInput", "ProgressFn"]
 
@@ -80,12 +80,13 @@ class Engine:
                                     device=self.device, cache_size=settings.model_cache_size,
                                     mm_per_px_rtol=settings.mm_per_px_rtol)
         self.models.recover_all()   # a crash may have cut a model swap short
-        decode = partial(decode_input, max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
-        self._scorer = Scorer(self.extractor, self.models, decode)
-        self._samples = Samples(self.models, decode, self._scorer)
+        images = ImageLimits(settings.max_image_bytes, settings.max_image_pixels, settings.max_decoded_image_bytes)
+        self.budget = MemoryBudget(settings.memory_budget_bytes, settings.memory_wait_s)
+        self._scorer = Scorer(self.extractor, self.models, images, self.budget)
+        self._samples = Samples(self.models, self._scorer, settings)
         self._calibrator = Calibrator(settings, self.models, self._samples)
-        self._fitter = Fitter(settings, self.extractor, self.backbone_info, self.models,
-                              lambda image, what: decode(image, what=what), self._calibrator.carry)
+        self._fitter = Fitter(settings, self.extractor, self.backbone_info, self.models, self._scorer.decode_held,
+                              self._calibrator.carry)
         log.info("engine_ready", backbone=self.backbone_info.name, reason=self.backbone_reason,
                  device=self.device, precision=self.extractor.precision, data_root=str(self.data_root))
 
@@ -137,7 +138,7 @@ class Engine:
             (413: too many images, or one too large), StorageError (507: the previous model is intact).
         """
         key = self.models.key(role_id, roi_id, recipe_id)
-        mm = positive_number(mm_per_px)
+        mm = check_mm_per_px(mm_per_px)
         sources = None
         if use_dataset:
             images = stored = self._samples.ok_images(key)
@@ -187,10 +188,8 @@ class Engine:
         """
         t0 = time.perf_counter()
         key = self.models.key(role_id, roi_id, recipe_id)
-        timings: dict[str, float] = {}
-        roi = self._scorer.prepare(key, mm_per_px, image, shape, allow_uncalibrated=allow_uncalibrated,
-                                   heatmap=heatmap, timings=timings)
-        return self._scorer.score(roi, heatmap, timings, t0)
+        return self._scorer.infer(key, mm_per_px, image, shape, allow_uncalibrated=allow_uncalibrated,
+                                  heatmap=heatmap, t0=t0)
 
     def infer_batch(
         self, role_id: str, items: Sequence[dict[str, Any]], *, allow_uncalibrated: bool = False,
@@ -198,14 +197,14 @@ class Engine:
     ) -> InferBatchResult:
         """Score several ROIs of one part with one backbone call per input size.
 
-        ``items``: dicts with ``roi_id``, ``image``, ``mm_per_px`` and optional ``shape``. Each
-        item succeeds or fails on its own (its ``error`` then carries the code and status that
-        ``infer`` would have raised); a bad ``role_id`` fails the whole call.
-        """
+        ``items``: dicts with ``roi_id``, ``image``, ``mm_per_px``, ``shape?``. Each item fails on its
+        own (``error``: the code and status ``infer`` would raise); a bad ``role_id`` fails the call."""
         t0 = time.perf_counter()
         check_id("role_id", role_id)
         if not isinstance(items, Sequence) or isinstance(items, str | bytes) or not items:
             raise InvalidInput("items must be a non-empty list of {roi_id, image, mm_per_px, shape?}")
+        if len(items) > self.settings.max_batch_items:
+            raise PayloadTooLarge(f"{len(items)} items exceed the limit of {self.settings.max_batch_items} per batch")
         heatmap_format(heatmap)
         timings: dict[str, float] = {}
         out = self._scorer.score_batch(role_id, items, recipe_id, allow_uncalibrated=allow_uncalibrated,

@@ -35,11 +35,24 @@ def _scores(name: str, values: Sequence[float] | None, required: bool) -> np.nda
         return None
     try:
         arr = np.asarray(values, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:   # OverflowError: an int beyond the float range
         raise InvalidInput(f"{name} must be a list of numbers") from exc
     if arr.ndim != 1 or not np.all(np.isfinite(arr)):
         raise InvalidInput(f"{name} must be a flat list of finite numbers")
     return arr
+
+
+def _finite(calibration: Calibration) -> Calibration:
+    """The calibration, when every number it would store is finite: scores near the float range
+    (``[1.7e308]``) overflow to inf in the quantile, the mean or the safety factor, and a stored
+    ``Infinity`` threshold would fail every later infer of the model."""
+    numbers = {"threshold": calibration.threshold, "ok_mean": calibration.ok_mean, "ok_p99": calibration.ok_p99,
+               "ng_mean": calibration.ng_mean, "ng_p5": calibration.ng_p5}
+    bad = sorted(name for name, value in numbers.items() if value is not None and not math.isfinite(value))
+    if bad:
+        raise InvalidInput(f"these scores give a {' and '.join(bad)} beyond the float range; "
+                           "scores are anomaly distances, far below 1e300")
+    return calibration
 
 
 def calibrate(
@@ -54,12 +67,18 @@ def calibrate(
     OK only: the ``score_percentile`` quantile of the OK scores times ``safety_factor``.
 
     Raises:
-        InvalidInput: empty OK scores, non-finite values, a percentile out of range.
+        InvalidInput: empty OK scores, non-finite values, a percentile out of range, a result
+            beyond the float range (refused, never clamped: nothing is stored).
     """
     frac = percentile_fraction(score_percentile)
     ok = _scores("ok_scores", ok_scores, required=True)
     ng = _scores("ng_scores", ng_scores, required=False)
     assert ok is not None
+    with np.errstate(over="ignore", invalid="ignore"):   # an overflow is refused by _finite below
+        return _finite(_rule(ok, ng, frac, safety_factor))
+
+
+def _rule(ok: np.ndarray, ng: np.ndarray | None, frac: float, safety_factor: float) -> Calibration:
     ok_p99 = float(np.percentile(ok, 99))
     if ng is not None:
         ng_p5 = float(np.percentile(ng, 5))

@@ -15,13 +15,13 @@ from typing import Any, Literal
 import structlog
 
 from engine.calibration import Calibration, calibrate
-from engine.errors import InvalidInput, ModelChanged
+from engine.errors import InvalidInput, ModelChanged, PayloadTooLarge
 from engine.fitting import now_utc
 from engine.models import LoadedModel, ModelKey, ModelRegistry, Previous
 from engine.samples import Samples
 from engine.schemas import CalibrationResult, RefitCalibration
 from engine.settings import Settings
-from engine.validate import LABELS, non_negative_number, percentile_fraction, positive_number
+from engine.validate import LABELS, mm_per_px as check_mm_per_px, non_negative_number, percentile_fraction
 
 __all__ = ["Calibrator", "Carry", "calibration_record", "with_calibration"]
 
@@ -48,7 +48,10 @@ class Calibrator:
         ModelChanged (the model is no longer ``expected_version``), MmPerPxMismatch (409).
         """
         s = self._settings
-        mm = positive_number(mm_per_px)
+        mm = check_mm_per_px(mm_per_px)
+        for name, scores in (("ok_scores", ok_scores), ("ng_scores", ng_scores or ())):
+            if len(scores) > s.max_scores:
+                raise PayloadTooLarge(f"{name} holds {len(scores)} scores; the limit is {s.max_scores}")
         percentile, area = self._rule_values(score_percentile, area_mm2_thr)
         result = calibrate(ok_scores, ng_scores, percentile, s.calibration_safety_factor)
         n_ok, n_ng = len(ok_scores), len(ng_scores or [])
@@ -95,7 +98,7 @@ class Calibrator:
             ModelChanged, MmPerPxMismatch.
         """
         if default_mm_per_px is not None:
-            positive_number(default_mm_per_px, "default_mm_per_px")
+            check_mm_per_px(default_mm_per_px, "default_mm_per_px")
         self._rule_values(score_percentile, area_mm2_thr)
         self._models.check_not_fitting(key)
         model = self._models.load(key)

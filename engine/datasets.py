@@ -7,7 +7,6 @@ or written outside the sample folder.
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -16,12 +15,17 @@ from typing import Any
 
 from engine.errors import InvalidInput, SampleNotFound, StorageError
 from engine.images import IMAGE_SUFFIXES
+from engine.limits import ValueRefused, parse_json
 from engine.storage import atomic_write_bytes, atomic_write_json, make_dirs
 from engine.validate import LABELS, check_filename, label as check_label
 
 __all__ = ["LABELS", "META_SUFFIX", "DatasetStore", "StoredSamples"]
 
 META_SUFFIX = ".meta.json"
+# bounds for reading metadata back: wider than what an upload may store today, so files written
+# under other settings still read, and an older version's oversized file is refused, not a 500
+_META_DEPTH = 256
+_META_ITEMS = 1_000_000
 
 
 class DatasetStore:
@@ -70,16 +74,28 @@ class DatasetStore:
         path = self._existing(role_id, roi_id, label, filename)
         return path.read_bytes()
 
-    def meta(self, role_id: str, roi_id: str, label: str, filename: str) -> dict[str, Any]:
+    def meta(self, role_id: str, roi_id: str, label: str, filename: str, *, strict: bool = False) -> dict[str, Any]:
+        """The sample's metadata; {} when it has none. Metadata that cannot be read (written by hand,
+        or by an older version that stored NaN or deep nesting) is {} too, or with ``strict`` an
+        ``InvalidInput`` naming the sample (scoring must not silently drop its shape).
+
+        Raises:
+            SampleNotFound; InvalidInput (``strict`` only).
+        """
         path = self._existing(role_id, roi_id, label, filename)
         meta_path = path.with_name(path.name + META_SUFFIX)
         if not meta_path.is_file():
             return {}
         try:
-            data = json.loads(meta_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            data = parse_json(meta_path.read_bytes(), max_depth=_META_DEPTH, max_items=_META_ITEMS)
+            if not isinstance(data, dict):
+                raise ValueRefused(f"a JSON {type(data).__name__}, not an object")
+        except (OSError, ValueRefused) as exc:
+            if strict:
+                raise InvalidInput(f"metadata of sample {label}/{filename} is unreadable ({exc}); "
+                                   "delete the sample or upload it again") from None
             return {}
-        return data if isinstance(data, dict) else {}
+        return data
 
     def delete(self, role_id: str, roi_id: str, label: str, filename: str) -> int:
         path = self._existing(role_id, roi_id, label, filename)

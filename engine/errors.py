@@ -7,7 +7,9 @@
     - InvalidShape (400 invalid_shape)
     - InvalidImage (400 invalid_image)
     - ReservedRecipe (400 reserved_recipe)
+    - InvalidHost (400 invalid_host)
   - Unauthorized (401 unauthorized)
+  - CrossSiteRequest (403 cross_site_request)
   - ModelNotFound (404 model_not_found)
   - SampleNotFound (404 sample_not_found)
   - MmPerPxMismatch (409 mm_per_px_mismatch)
@@ -19,6 +21,7 @@
     - CorruptModel (500 corrupt_model)
     - IncompatibleModel (500 incompatible_model)
   - WeightsError (500 weights_invalid)
+  - ServerBusy (503 server_busy)
   - StorageError (507 storage_error)
 """
 
@@ -27,9 +30,11 @@ from __future__ import annotations
 __all__ = [
     "CalibrationMissing",
     "CorruptModel",
+    "CrossSiteRequest",
     "EngineError",
     "FitInProgress",
     "IncompatibleModel",
+    "InvalidHost",
     "InvalidId",
     "InvalidImage",
     "InvalidInput",
@@ -41,6 +46,7 @@ __all__ = [
     "PayloadTooLarge",
     "ReservedRecipe",
     "SampleNotFound",
+    "ServerBusy",
     "StorageError",
     "Unauthorized",
     "WeightsError",
@@ -81,8 +87,20 @@ class ReservedRecipe(InvalidInput):
     code, status = "reserved_recipe", 400
 
 
+class InvalidHost(InvalidInput):
+    """The request's ``Host`` is not a name this server answers to (DNS rebinding)."""
+
+    code, status = "invalid_host", 400
+
+
 class Unauthorized(EngineError):
     code, status = "unauthorized", 401
+
+
+class CrossSiteRequest(EngineError):
+    """A state-changing request sent by a web page of another origin (cross-site request forgery)."""
+
+    code, status = "cross_site_request", 403
 
 
 class ModelNotFound(EngineError):
@@ -133,6 +151,12 @@ class WeightsError(EngineError):
     """A backbone weights file is missing, truncated, or not the expected one."""
 
     code, status = "weights_invalid", 500
+
+
+class ServerBusy(EngineError):
+    """The process-wide memory budget (or a queue) is full; the request did no work: retry later."""
+
+    code, status = "server_busy", 503
 
 
 class StorageError(EngineError):

@@ -16,6 +16,7 @@ import structlog
 from engine import __version__
 from engine.backbones import BackboneInfo
 from engine.calibration import calibrate, score_stats
+from engine.errors import InvalidInput, SampleNotFound
 from engine.features import FeatureExtractor
 from engine.images import resize_square
 from engine.knn import serialize_index
@@ -74,7 +75,8 @@ class Fitter:
         s, timings = self._settings, {}
         with self._models.fit_guard(key):
             previous = self._models.previous(key)
-            features, sizes = self._extract_all(images, report, timings)              # N h w D
+            features, sizes, kept = self._extract_all(images, report, timings)        # N h w D
+            sources = [sources[i] for i in kept] if sources else None
             start = time.perf_counter()
             report("coreset", 0, 1)
             memory = build_memory(
@@ -105,28 +107,42 @@ class Fitter:
         return self._result(key, manifest, len(sizes), timings, ok_scores, carry)
 
     def _extract_all(self, images: Sequence[Any], report: ProgressFn,
-                     timings: dict[str, float]) -> tuple[np.ndarray, list[tuple[int, int]]]:
+                     timings: dict[str, float]) -> tuple[np.ndarray, list[tuple[int, int]], list[int]]:
         """Decode, resize and extract batch by batch, so at most one batch of decoded images is held.
 
-        Returns features (N, h, w, D) and each image's original (H, W).
+        Returns features (N, h, w, D), each image's original (H, W) and the indices of the images
+        used: a stored sample deleted while the fit runs is left out (and out of the manifest's
+        sources), not a reason to abort.
+
+        Raises:
+            InvalidInput: every stored sample was deleted before it could be read.
         """
         side, batch = self._backbone.input_size, self._extractor.batch_size
         decode_ms = extract_ms = 0.0
-        chunks, sizes = [], []
+        chunks, sizes, kept = [], [], []
         for first in range(0, len(images), batch):
             start = time.perf_counter()
             resized = []
             for i in range(first, min(first + batch, len(images))):
-                rgb = self._decode(images[i], f"image {i}")
+                try:
+                    image = images[i]
+                except SampleNotFound:
+                    log.info("fit_sample_deleted", index=i)
+                    continue
+                rgb = self._decode(image, f"image {i}")
                 sizes.append(rgb.shape[:2])
+                kept.append(i)
                 resized.append(resize_square(rgb, side))
             decode_ms += _ms(start)
             start = time.perf_counter()
-            chunks.append(self._extractor(resized))
+            if resized:
+                chunks.append(self._extractor(resized))
             extract_ms += _ms(start)
-            report("extract", len(sizes), len(images))
+            report("extract", i + 1, len(images))
         timings["decode"], timings["extract"] = round(decode_ms, 3), round(extract_ms, 3)
-        return np.concatenate(chunks), sizes
+        if not chunks:
+            raise InvalidInput("every stored OK sample was deleted while the fit ran: nothing to fit")
+        return np.concatenate(chunks), sizes, kept
 
     def _hold_out_scores(self, features: np.ndarray, memory: Memory, sizes: list[tuple[int, int]],
                          report: ProgressFn) -> dict[int, float]:

@@ -1,13 +1,18 @@
 """Image decoding and the input rule: any supported file or pixel buffer -> RGB uint8.
 
 Supported files: PNG, JPEG, BMP, TIFF; gray, RGB, RGBA, palette, CMYK, 16-bit. The pixel count
-is checked from the header before the pixels are decoded (decompression bombs).
+and the decoded size (width x height x channels x bytes per sample) are checked from the header
+before the pixels are decoded (decompression bombs: an 8000x8000 16-bit RGBA PNG of zeros is
+487 KB as a file and 512 MiB decoded). ``probe`` reads that header alone, so callers can reserve
+the memory an image will take before it is decoded (``engine.budget``).
 """
 
 from __future__ import annotations
 
 import io
+import struct
 import warnings
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -16,8 +21,8 @@ from PIL import Image, UnidentifiedImageError
 from engine.errors import InvalidImage, PayloadTooLarge
 
 __all__ = [
-    "IMAGE_SUFFIXES", "MIN_SIDE", "SUPPORTED_FORMATS", "ImageInput", "decode_image", "decode_input", "from_array",
-    "resize_square",
+    "IMAGE_SUFFIXES", "MIN_SIDE", "SUPPORTED_FORMATS", "ImageHeader", "ImageInput", "ImageLimits", "decode_image",
+    "decode_input", "from_array", "probe", "resize_square",
 ]
 
 SUPPORTED_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
@@ -28,39 +33,141 @@ MIN_SIDE = 8
 ImageInput = bytes | bytearray | memoryview | np.ndarray
 
 
-def decode_input(image: object, *, max_bytes: int, max_pixels: int, what: str = "image") -> np.ndarray:
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an image's header says about its pixels, before any is decoded."""
+
+    width: int
+    height: int
+    channels: int
+    sample_bytes: int          # 1 (8-bit), 2 (16-bit), 4 (32-bit int or float)
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+    @property
+    def decoded_bytes(self) -> int:
+        """Width x height x channels x bytes per sample: the decoder's output before conversion."""
+        return self.pixels * self.channels * self.sample_bytes
+
+    @property
+    def decode_peak_bytes(self) -> int:
+        """Memory the decode to RGB uint8 takes at its peak: the decoded pixels, the temporaries of a
+        16/32-bit conversion, and the RGB result."""
+        per_pixel = self.channels * self.sample_bytes + 6
+        if self.sample_bytes > 1:
+            per_pixel += self.channels * 5 + 32
+        return self.pixels * per_pixel
+
+
+# PNG colour type -> channels as OpenCV decodes it (a palette becomes 3 channels)
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}
+_MODE_SAMPLE_BYTES = {"I": 4, "F": 4, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
+
+
+def probe(image: object) -> ImageHeader | None:
+    """The header of encoded bytes or the shape of a pixel array; None when it cannot be read (the
+    decoder then reports why)."""
+    if isinstance(image, np.ndarray):
+        if image.ndim not in (2, 3) or image.size == 0:
+            return None
+        channels = image.shape[2] if image.ndim == 3 else 1
+        return ImageHeader(int(image.shape[1]), int(image.shape[0]), int(channels), image.dtype.itemsize)
+    if not isinstance(image, bytes | bytearray | memoryview) or len(image) < 33:
+        return None
+    head = bytes(image[:33])
+    if head.startswith(b"\x89PNG\r\n\x1a\n") and head[12:16] == b"IHDR":
+        width, height, depth, colour = struct.unpack(">IIBB", head[16:26])
+        return ImageHeader(width, height, _PNG_CHANNELS.get(colour, 4), 2 if depth == 16 else 1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = Image.open(io.BytesIO(image), formats=SUPPORTED_FORMATS)
+            width, height = img.size
+            channels = len(img.getbands())
+            return ImageHeader(width, height, channels, _MODE_SAMPLE_BYTES.get(img.mode, 1))
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return None
+
+
+def _check_header(header: ImageHeader | None, max_pixels: int, max_decoded_bytes: int | None) -> None:
+    if header is None:
+        return
+    if header.pixels > max_pixels:
+        raise PayloadTooLarge(
+            f"image of {header.width}x{header.height} pixels exceeds the limit of {max_pixels} pixels")
+    if max_decoded_bytes is not None and header.decoded_bytes > max_decoded_bytes:
+        raise PayloadTooLarge(
+            f"image of {header.width}x{header.height} pixels, {header.channels} channels of "
+            f"{8 * header.sample_bytes} bits is {header.decoded_bytes} bytes decoded; the limit is "
+            f"{max_decoded_bytes}")
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """The engine's image limits, and the working memory an image will take under them."""
+
+    max_bytes: int
+    max_pixels: int
+    max_decoded_bytes: int
+
+    def decode(self, image: object, what: str = "image") -> np.ndarray:
+        """``decode_input`` within these limits."""
+        return decode_input(image, max_bytes=self.max_bytes, max_pixels=self.max_pixels,
+                            max_decoded_bytes=self.max_decoded_bytes, what=what)
+
+    def working_bytes(self, image: object, per_pixel: int = 0) -> int:
+        """Peak bytes to decode ``image``, plus ``per_pixel`` for each of its pixels (what scoring
+        keeps at full size); 0 when its header is unreadable or over the limits (it is refused
+        before any pixel is decoded)."""
+        header = probe(image)
+        if header is None or header.pixels > self.max_pixels or header.decoded_bytes > self.max_decoded_bytes:
+            return 0
+        return header.decode_peak_bytes + header.pixels * per_pixel
+
+
+def decode_input(image: object, *, max_bytes: int, max_pixels: int, max_decoded_bytes: int | None = None,
+                 what: str = "image") -> np.ndarray:
     """Encoded bytes or a pixel array -> (H, W, 3) uint8 RGB, within the size limits.
 
     ``what`` names the image in error messages ("image 3" of a fit).
 
     Raises:
         InvalidImage: not bytes or an array, or not decodable.
-        PayloadTooLarge: over ``max_bytes`` encoded bytes or ``max_pixels`` pixels.
+        PayloadTooLarge: over ``max_bytes`` encoded bytes, ``max_pixels`` pixels or
+            ``max_decoded_bytes`` decoded bytes (from the header, before decoding).
     """
+    if isinstance(image, InvalidImage):
+        raise image                 # a door could not read this image: its error stands for it
     if isinstance(image, np.ndarray):
+        _check_header(probe(image), max_pixels, max_decoded_bytes)
         return from_array(image, max_pixels)
     if not isinstance(image, bytes | bytearray | memoryview):
         raise InvalidImage(f"{what} must be encoded image bytes or a pixel array")
     if len(image) > max_bytes:
         raise PayloadTooLarge(f"{what} has {len(image)} bytes; the limit is {max_bytes}")
     try:
-        return decode_image(image, max_pixels)
+        return decode_image(image, max_pixels, max_decoded_bytes)
     except (InvalidImage, PayloadTooLarge) as exc:
         if what == "image":
             raise
         raise type(exc)(f"{what}: {exc.message}") from exc
 
 
-def decode_image(data: bytes | bytearray | memoryview, max_pixels: int) -> np.ndarray:
+def decode_image(data: bytes | bytearray | memoryview, max_pixels: int,
+                 max_decoded_bytes: int | None = None) -> np.ndarray:
     """Encoded image bytes -> (H, W, 3) uint8 RGB.
 
     Raises:
         InvalidImage: empty, not an image, unsupported format, truncated, too small.
-        PayloadTooLarge: more than ``max_pixels`` pixels (checked before decoding).
+        PayloadTooLarge: more than ``max_pixels`` pixels or ``max_decoded_bytes`` decoded bytes
+            (checked from the header, before decoding).
     """
     raw = bytes(data)
     if not raw:
         raise InvalidImage("image is empty (0 bytes)")
+    _check_header(probe(raw), max_pixels, max_decoded_bytes)
     try:
         with warnings.catch_warnings():
             # the pixel limit below replaces Pillow's bomb warning; its other warnings (corrupt EXIF,

@@ -4,10 +4,33 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
+import time
 
 import structlog
 
-__all__ = ["configure_logging"]
+__all__ = ["LogThrottle", "configure_logging"]
+
+
+class LogThrottle:
+    """At most one log line per ``interval_s`` for an event that can repeat thousands of times a
+    second (a full client queue, a refused connection): ``due()`` returns how many were skipped
+    since the last line when one may be written now, else None."""
+
+    def __init__(self, interval_s: float = 10.0) -> None:
+        self._interval = interval_s
+        self._next = 0.0
+        self._skipped = 0
+        self._lock = threading.Lock()
+
+    def due(self) -> int | None:
+        now = time.monotonic()
+        with self._lock:
+            if now < self._next:
+                self._skipped += 1
+                return None
+            skipped, self._skipped, self._next = self._skipped, 0, now + self._interval
+            return skipped
 
 
 def configure_logging(level: str = "INFO", json_lines: bool = True) -> None:

@@ -6,19 +6,22 @@ belongs to the shape when its centre (j + 0.5, i + 0.5) does.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np
 from pydantic import TypeAdapter, ValidationError
 
 from engine.errors import InvalidShape
+from engine.limits import ValueRefused, parse_json
 from engine.schemas import AnnulusShape, CircleShape, RectShape, Shape
 
 __all__ = ["BOUNDS_TOLERANCE_PX", "parse_shape", "shape_mask"]
 
 BOUNDS_TOLERANCE_PX = 1.0  # rounding slack for shapes drawn by a GUI on the ROI's edge
 _SHAPE_ADAPTER: TypeAdapter[Any] = TypeAdapter(Shape)
+# a shape is one flat object of a few numbers: anything much bigger is refused before it is built
+_SHAPE_MAX_DEPTH = 4
+_SHAPE_MAX_ITEMS = 256
 
 
 def parse_shape(shape: Shape | dict[str, Any] | str | bytes | None) -> Shape | None:
@@ -34,9 +37,9 @@ def parse_shape(shape: Shape | dict[str, Any] | str | bytes | None) -> Shape | N
         if not text.strip() or text.strip() == "null":
             return None
         try:
-            shape = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise InvalidShape(f"shape is not valid JSON: {exc.msg}") from exc
+            shape = parse_json(text, max_depth=_SHAPE_MAX_DEPTH, max_items=_SHAPE_MAX_ITEMS)
+        except ValueRefused as exc:
+            raise InvalidShape(f"invalid shape: {exc}") from None
     if not isinstance(shape, dict):
         raise InvalidShape("shape must be a JSON object with a 'kind' of rect, circle or annulus")
     try:

@@ -22,8 +22,9 @@ from engine.schemas import (
     InferDatasetResult,
     InferResult,
 )
-from engine.scoring import Decoder, Scorer
-from engine.validate import LABELS, label as check_label, positive_number, sample_metadata
+from engine.scoring import Scorer
+from engine.settings import Settings
+from engine.validate import LABELS, label as check_label, mm_per_px as check_mm_per_px, sample_metadata
 
 __all__ = ["Samples", "sample_extension"]
 
@@ -41,19 +42,19 @@ def sample_extension(image: bytes) -> str:
 class Samples:
     """The dataset store of every recipe, seen per ROI key."""
 
-    def __init__(self, models: ModelRegistry, decode: Decoder, scorer: Scorer) -> None:
+    def __init__(self, models: ModelRegistry, scorer: Scorer, settings: Settings) -> None:
         self._models = models
-        self._decode = decode
         self._scorer = scorer
+        self._settings = settings
 
     def upload(self, key: ModelKey, label: object, image: object, filename: str | None,
                meta: object) -> DatasetSample:
         label = check_label(label)
         if not isinstance(image, bytes | bytearray | memoryview):
             raise InvalidImage("a dataset sample must be an encoded image file (PNG, JPEG, BMP, TIFF)")
-        meta = sample_metadata(meta)
+        meta = sample_metadata(meta, max_depth=self._settings.max_json_depth, max_bytes=self._settings.max_meta_bytes)
         data = bytes(image)
-        self._decode(data)  # store only what the engine can read back
+        self._scorer.decode_held(data)  # store only what the engine can read back
         store = self._models.datasets(key.recipe)
         name, size = store.add(key.role_id, key.roi_id, label, data, filename, meta, sample_extension(data))
         return DatasetSample(role_id=key.role_id, roi_id=key.roi_id, recipe_id=key.recipe, label=label,
@@ -109,45 +110,63 @@ class Samples:
         items = [(lb, name) for lb, name in self.items(key) if lb in labels and not (lb == "ok" and name in skip)]
         out: dict[str, list[float]] = {lb: [] for lb in labels}
         for done, (lb, name) in enumerate(items, start=1):
-            try:
-                out[lb].append(self.score(key, model, lb, name, False, default_mm_per_px).score)
-            except EngineError as exc:
+            result = self.try_score(key, model, lb, name, False, default_mm_per_px)
+            if isinstance(result, EngineError):
                 log.warning("sample_not_scored", role_id=key.role_id, roi_id=key.roi_id, filename=name,
-                            error=exc.code, stage=stage)
+                            error=result.code, stage=stage)
+            else:
+                out[lb].append(result.score)
             report(stage, done, len(items))
         return out
 
     def score(self, key: ModelKey, model: LoadedModel, label: str, name: str, include_heatmap: bool,
               default_mm_per_px: float | None = None) -> InferResult:
         """A stored sample scored like ``infer``: its metadata's mm_per_px (else the default, else the
-        model's), checked against the model (409), and its shape as the mask."""
-        meta = self.meta(key, label, name)
+        model's), checked against the model (409), and its shape as the mask.
+
+        Raises:
+            EngineError: this sample cannot be scored (metadata of an older version included).
+        """
+        meta = self._models.datasets(key.recipe).meta(key.role_id, key.roi_id, label, name, strict=True)
         mm = meta.get("mm_per_px") or default_mm_per_px or model.manifest["mm_per_px"]
         image = self.read(key, label, name)
         timings: dict[str, float] = {}
-        roi = self._scorer.prepare(key, mm, image, meta.get("shape_json") or meta.get("shape"),
-                                   allow_uncalibrated=True, model=model, timings=timings)
-        return self._scorer.score(roi, "png" if include_heatmap else "none", timings, time.perf_counter())
+        with self._scorer.working_memory([image]):
+            roi = self._scorer.prepare(key, mm, image, meta.get("shape_json") or meta.get("shape"),
+                                       allow_uncalibrated=True, model=model, timings=timings)
+            return self._scorer.score(roi, "png" if include_heatmap else "none", timings, time.perf_counter())
+
+    def try_score(self, key: ModelKey, model: LoadedModel, label: str, name: str, include_heatmap: bool,
+                  default_mm_per_px: float | None) -> InferResult | EngineError:
+        """``score``, or the error that stops this one sample: a bad sample is one failed item, never
+        a failed pass over the ROI."""
+        try:
+            return self.score(key, model, label, name, include_heatmap, default_mm_per_px)
+        except EngineError as exc:
+            return exc
+        except Exception as exc:   # a value stored by an older version that no check foresaw
+            log.exception("sample_unscorable", role_id=key.role_id, roi_id=key.roi_id, label=label, filename=name)
+            return EngineError(f"sample {label}/{name} cannot be scored ({type(exc).__name__})")
 
     def infer_all(self, key: ModelKey, default_mm_per_px: float | None, include_heatmap: bool,
                   report: ProgressFn) -> InferDatasetResult:
         """Score every stored sample (raw scores when the model is not calibrated yet)."""
         if default_mm_per_px is not None:
-            positive_number(default_mm_per_px, "default_mm_per_px")
+            check_mm_per_px(default_mm_per_px, "default_mm_per_px")
         model = self._models.load(key)
         items = self.items(key)
         out = []
         for done, (label, name) in enumerate(items, start=1):
-            try:
-                r = self.score(key, model, label, name, include_heatmap, default_mm_per_px)
+            r = self.try_score(key, model, label, name, include_heatmap, default_mm_per_px)
+            if isinstance(r, EngineError):
+                out.append(DatasetItemResult(
+                    label=label, filename=name, mm_per_px=None, score=None, threshold=None, decision=None,
+                    regions=(), n_regions=0, heatmap_png=None, error=f"{r.code}: {r.message}"))
+            else:
                 out.append(DatasetItemResult(
                     label=label, filename=name, mm_per_px=r.mm_per_px, score=r.score, threshold=r.threshold,
                     decision=r.decision, regions=r.regions, n_regions=len(r.regions), heatmap_png=r.heatmap_png,
                     error=None))
-            except EngineError as exc:
-                out.append(DatasetItemResult(
-                    label=label, filename=name, mm_per_px=None, score=None, threshold=None, decision=None,
-                    regions=(), n_regions=0, heatmap_png=None, error=f"{exc.code}: {exc.message}"))
             report("infer_samples", done, len(items))
         n_errors = sum(1 for item in out if item.error)
         return InferDatasetResult(status="ok", role_id=key.role_id, roi_id=key.roi_id, recipe_id=key.recipe,

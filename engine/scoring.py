@@ -5,7 +5,8 @@ items, stored samples), then the anomaly map, score, regions and heatmap of one 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,20 +15,24 @@ import structlog
 
 from engine import heatmap as heatmaps
 from engine.anomaly_map import anomaly_map, masked_percentile
+from engine.budget import MemoryBudget
 from engine.errors import CalibrationMissing, EngineError, InvalidInput
 from engine.features import FeatureExtractor
-from engine.images import resize_square
+from engine.images import ImageLimits, resize_square
 from engine.masks import parse_shape, shape_mask
 from engine.models import LoadedModel, ModelKey, ModelRegistry
 from engine.patchcore import patch_scores
 from engine.regions import find_regions
 from engine.schemas import BatchError, HeatmapFormat, InferBatchItem, InferResult, Region
-from engine.validate import heatmap_format, positive_number
+from engine.validate import heatmap_format, mm_per_px as check_mm_per_px
 
 __all__ = ["Decoder", "PreparedRoi", "Scorer", "calibration_missing"]
 
 Decoder = Callable[[object], np.ndarray]     # image input -> (H, W, 3) uint8 RGB
 _BATCH_ITEM_FIELDS = frozenset({"roi_id", "image", "mm_per_px", "shape"})
+# what scoring keeps at the image's full size, per pixel: the float32 map and its blurred copy,
+# the masked selection, the region labels and the heatmap's temporaries (measured peak ~24)
+SCORE_BYTES_PER_PIXEL = 32
 
 log = structlog.get_logger("engine.scoring")
 
@@ -56,10 +61,39 @@ class PreparedRoi:
 class Scorer:
     """Turns prepared ROIs into ``InferResult``s with the shared feature extractor."""
 
-    def __init__(self, extractor: FeatureExtractor, models: ModelRegistry, decode: Decoder) -> None:
+    def __init__(self, extractor: FeatureExtractor, models: ModelRegistry, images: ImageLimits,
+                 budget: MemoryBudget) -> None:
         self._extractor = extractor
         self._models = models
-        self._decode = decode
+        self._images = images
+        self._decode = images.decode
+        self._budget = budget
+
+    @contextmanager
+    def working_memory(self, images: Sequence[object], *, scoring: bool = True) -> Iterator[None]:
+        """Hold the process budget for decoding (and with ``scoring``, scoring) ``images``.
+
+        Raises:
+            ServerBusy (503): the budget stayed full; PayloadTooLarge (413): it could never fit.
+        """
+        per_pixel = SCORE_BYTES_PER_PIXEL if scoring else 0
+        needed = sum(self._images.working_bytes(image, per_pixel) for image in images)
+        with self._budget.hold(needed, "the images" if len(images) > 1 else "the image"):
+            yield
+
+    def decode_held(self, image: object, what: str = "image") -> np.ndarray:
+        """One image decoded while its decode holds the budget (a fit's images, an upload's check)."""
+        with self.working_memory([image], scoring=False):
+            return self._images.decode(image, what)
+
+    def infer(self, key: ModelKey, mm_per_px: object, image: object, shape: object, *, allow_uncalibrated: bool,
+              heatmap: HeatmapFormat, t0: float) -> InferResult:
+        """``prepare`` and ``score`` one ROI image, its working memory held from decode to result."""
+        timings: dict[str, float] = {}
+        with self.working_memory([image]):
+            roi = self.prepare(key, mm_per_px, image, shape, allow_uncalibrated=allow_uncalibrated, heatmap=heatmap,
+                               timings=timings)
+            return self.score(roi, heatmap, timings, t0)
 
     def prepare(self, key: ModelKey, mm_per_px: object, image: object, shape: object, *,
                 allow_uncalibrated: bool, heatmap: object = None, model: LoadedModel | None = None,
@@ -77,7 +111,7 @@ class Scorer:
         """
         timings = {} if timings is None else timings
         start = time.perf_counter()
-        mm = positive_number(mm_per_px)
+        mm = check_mm_per_px(mm_per_px)
         if heatmap is not None:
             heatmap_format(heatmap)
         rgb = self._decode(image)
@@ -143,17 +177,23 @@ class Scorer:
                     timings: dict[str, float]) -> list[InferBatchItem]:
         """Several ROIs of one part: one backbone call per input side; each item fails on its own."""
         t0 = time.perf_counter()
-        prepared: dict[int, PreparedRoi] = {}
-        errors: dict[int, EngineError] = {}
-        for i, item in enumerate(items):
-            try:
-                prepared[i] = self._prepare_item(i, item, role_id, recipe_id, allow_uncalibrated)
-            except EngineError as exc:
-                errors[i] = exc
-        timings["preprocess"] = _ms(t0)
-        start = time.perf_counter()
-        features = self._extract_by_side(prepared)
-        timings["extract"] = _ms(start)
+        images = [item.get("image") for item in items if isinstance(item, dict)]
+        with self.working_memory(images):
+            prepared: dict[int, PreparedRoi] = {}
+            errors: dict[int, EngineError] = {}
+            for i, item in enumerate(items):
+                try:
+                    prepared[i] = self._prepare_item(i, item, role_id, recipe_id, allow_uncalibrated)
+                except EngineError as exc:
+                    errors[i] = exc
+            timings["preprocess"] = _ms(t0)
+            start = time.perf_counter()
+            features = self._extract_by_side(prepared)
+            timings["extract"] = _ms(start)
+            return self._batch_results(items, prepared, errors, features, heatmap)
+
+    def _batch_results(self, items: Sequence[Any], prepared: dict[int, PreparedRoi], errors: dict[int, EngineError],
+                       features: dict[int, np.ndarray], heatmap: HeatmapFormat) -> list[InferBatchItem]:
         out = []
         for i, item in enumerate(items):
             if i in errors:

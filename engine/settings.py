@@ -214,6 +214,36 @@ class Settings(EnvSettings):
     max_fit_images: int = Field(
         2000, ge=1, validation_alias=AliasChoices("BACKEND_MAX_FIT_IMAGES", "max_fit_images")
     )
+    max_batch_items: int = env_field(
+        256, "BACKEND_MAX_BATCH_ITEMS", "max_batch_items", ge=1, description="ROIs in one infer_batch."
+    )
+    max_scores: int = env_field(
+        100_000, "BACKEND_MAX_SCORES", "max_scores", ge=1,
+        description="Scores in each list of calibrate_ng (ok_scores, ng_scores).",
+    )
+    max_json_depth: int = env_field(
+        32, "BACKEND_MAX_JSON_DEPTH", "max_json_depth", ge=2, le=512,
+        description="Nesting levels of JSON text and metadata (shape, metas, items, meta).",
+    )
+    max_json_items: int = env_field(
+        250_000, "BACKEND_MAX_JSON_ITEMS", "max_json_items", ge=100,
+        description="Containers and items in one JSON text (shape, metas, items).",
+    )
+    max_meta_bytes: int = env_field(
+        64 * 1024, "BACKEND_MAX_META_BYTES", "max_meta_bytes", ge=256,
+        description="A dataset sample's metadata, as JSON.",
+    )
+    max_decoded_image_bytes: int = env_field(
+        256 * 1024 * 1024, "BACKEND_MAX_DECODED_IMAGE_BYTES", "max_decoded_image_bytes", ge=1024,
+        description="Width x height x channels x bytes per sample of one image, read from its header "
+                    "before decoding (an 8000x8000 16-bit RGBA PNG is 512 MiB however small the file).",
+    )
+    memory_budget_bytes: int = env_field(
+        2 * 1024**3, "BACKEND_MEMORY_BUDGET", "memory_budget_bytes", ge=16 * 1024 * 1024,
+        description="Process-wide working memory for images being decoded and scored; a request that "
+                    "does not fit waits up to memory_wait_s, then gets 503 server_busy.",
+    )
+    memory_wait_s: float = env_field(10.0, "BACKEND_MEMORY_WAIT_S", "memory_wait_s", ge=0, le=600)
 
     @property
     def effective_batch_size(self) -> int:

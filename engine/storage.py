@@ -412,8 +412,8 @@ def _write_synced(path: Path, data: bytes) -> None:
 def _read_json(path: Path, where: str) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CorruptModel(f"model {where}: {path.name} is unreadable or not JSON ({exc})") from exc
+    except (OSError, ValueError, RecursionError) as exc:   # ValueError: not UTF-8, not JSON, 4300+ digits
+        raise CorruptModel(f"model {where}: {path.name} is unreadable or not JSON ({str(exc)[:200]})") from exc
     if not isinstance(data, dict):
         raise CorruptModel(f"model {where}: {path.name} is not a JSON object")
     return data

@@ -14,13 +14,15 @@ import re
 from datetime import datetime
 from typing import Any, Literal
 
-from engine.errors import CorruptModel, InvalidId, InvalidInput, ReservedRecipe
+from engine.errors import CorruptModel, InvalidId, InvalidInput, PayloadTooLarge, ReservedRecipe
+from engine.limits import ValueRefused, check_structure
 
 __all__ = [
     "DEFAULT_RECIPE",
     "HEATMAP_FORMATS",
     "LABELS",
     "MAX_ID_LENGTH",
+    "MM_PER_PX_RANGE",
     "check_filename",
     "check_id",
     "check_recipe",
@@ -28,6 +30,7 @@ __all__ = [
     "is_finite",
     "json_object",
     "label",
+    "mm_per_px",
     "non_negative_number",
     "percentile_fraction",
     "positive_number",
@@ -41,8 +44,12 @@ LABELS: tuple[Literal["ok"], Literal["ng"]] = ("ok", "ng")
 HEATMAP_FORMATS = ("png", "uint8", "float32", "none")
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
 _FILENAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\- ]*")
-# names Windows refuses as files or folders, whatever the extension
+# names Windows refuses as files or folders, whatever the extension and trailing blanks ("con .png")
 _WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10))}
+# millimetres per pixel a camera can have (0.001 um to 1 m per pixel): areas stay finite numbers
+MM_PER_PX_RANGE = (1e-6, 1e3)
+# numeric text as a form field carries it: no "0.1_0", "inf", "nan", hex or blanks (float() takes them)
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
 
 # --- identifiers ---------------------------------------------------------------------------
@@ -57,7 +64,7 @@ def _check(kind: str, value: object, pattern: re.Pattern[str], max_length: int) 
             f"{kind} {value[:40]!r} may only hold ASCII letters, digits, '_', '-' and '.' "
             "(no path separators, no '..')"
         )
-    if value.split(".")[0].lower() in _WINDOWS_RESERVED:
+    if value.split(".")[0].rstrip(" ").lower() in _WINDOWS_RESERVED:
         raise InvalidId(f"{kind} {value!r} is a reserved device name on Windows")
     return value
 
@@ -107,6 +114,8 @@ def is_finite(value: object) -> bool:
 
 
 def _number(value: object, name: str) -> float:
+    if isinstance(value, str) and not _DECIMAL.fullmatch(value):
+        raise InvalidInput(f"{name} must be a decimal number, got {value[:40]!r}")
     try:
         number = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError, OverflowError) as exc:   # OverflowError: an int beyond float range
@@ -125,6 +134,19 @@ def positive_number(value: object, name: str = "mm_per_px") -> float:
     number = _number(value, name)
     if number <= 0:
         raise InvalidInput(f"{name} must be a finite number > 0, got {value!r}")
+    return number
+
+
+def mm_per_px(value: object, name: str = "mm_per_px") -> float:
+    """A scale in millimetres per pixel, within ``MM_PER_PX_RANGE`` (numeric text accepted).
+
+    Raises:
+        InvalidInput: not a finite number, or outside the range.
+    """
+    number = positive_number(value, name)
+    low, high = MM_PER_PX_RANGE
+    if not low <= number <= high:
+        raise InvalidInput(f"{name} must be in [{low:g}, {high:g}] mm per pixel, got {value!r}")
     return number
 
 
@@ -176,21 +198,29 @@ def heatmap_format(value: object) -> str:
     raise InvalidInput(f"heatmap must be png, uint8, float32 or none, got {value!r}")
 
 
-def json_object(value: object, name: str = "meta") -> dict[str, Any] | None:
-    """None, or a dict that serializes as plain JSON (stored as a file and read back later).
+def json_object(value: object, name: str = "meta", *, max_depth: int = 32,
+                max_bytes: int = 64 * 1024) -> dict[str, Any] | None:
+    """None, or a dict that serializes as standard JSON (stored as a file and read back later):
+    text keys, finite numbers, at most ``max_depth`` levels and ``max_bytes`` bytes as JSON.
 
     Raises:
-        InvalidInput: not a dict, or bytes, non-text keys, deep nesting.
+        InvalidInput: not a dict, or bytes, non-text keys, NaN/Infinity, deep nesting.
+        PayloadTooLarge: larger than ``max_bytes``.
     """
     if value is None:
         return None
     if not isinstance(value, dict):
         raise InvalidInput(f"{name} must be a JSON object")
     try:
-        json.dumps(value)
+        check_structure(value, max_depth=max_depth, max_items=max_bytes)   # each item is >= 1 byte of JSON
+        size = len(json.dumps(value, allow_nan=False))    # ASCII: non-ASCII text is escaped
+    except ValueRefused as exc:
+        raise (PayloadTooLarge if exc.too_large else InvalidInput)(f"{name}: {exc}") from None
     except (TypeError, ValueError, RecursionError) as exc:
-        raise InvalidInput(f"{name} must be plain JSON (text keys, no binary, not deeply nested): "
+        raise InvalidInput(f"{name} must be standard JSON (text keys, finite numbers, no binary): "
                            f"{type(exc).__name__}") from None
+    if size > max_bytes:
+        raise PayloadTooLarge(f"{name} is {size} bytes as JSON; the limit is {max_bytes}")
     return value
 
 
@@ -198,7 +228,7 @@ def json_object(value: object, name: str = "meta") -> dict[str, Any] | None:
 _META_TEXT = ("role_id", "roi_id", "label", "filename", "created_at_utc", "source_path")
 
 
-def sample_metadata(value: object) -> dict[str, Any] | None:
+def sample_metadata(value: object, *, max_depth: int = 32, max_bytes: int = 64 * 1024) -> dict[str, Any] | None:
     """``json_object``, with the fields the GUI reads back typed as its reader needs them:
     ``mm_per_px`` a finite number > 0, ``angle`` a finite number or null, ``timestamp`` an ISO 8601
     date-time or null, the text fields text or null (each only when present; others are free).
@@ -206,7 +236,7 @@ def sample_metadata(value: object) -> dict[str, Any] | None:
     Raises:
         InvalidInput: not a JSON object, or one of those fields of the wrong type.
     """
-    meta = json_object(value)
+    meta = json_object(value, max_depth=max_depth, max_bytes=max_bytes)
     if meta is None:
         return None
     mm = meta.get("mm_per_px", 1.0)

@@ -33,7 +33,7 @@ _HTTP_CODES: Mapping[int, str] = {
 
 # Starlette's multipart parser reports its count/size limits as a 400 with these messages;
 # they are "too large" failures, so they answer 413 like every other size limit.
-_MULTIPART_LIMITS = ("Too many files", "Too many fields", "Field exceeded maximum size")
+_MULTIPART_LIMITS = ("Too many files", "Too many fields", "Field exceeded maximum size", "Part exceeded maximum size")
 
 
 class BodyTooLarge(StarletteHTTPException):

@@ -6,13 +6,15 @@ Routes are plain ``def`` so FastAPI runs the blocking engine call in its thread 
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
+from pydantic import BeforeValidator
 
 from engine.validate import HEATMAP_FORMATS
 from http_compat.deps import EngineDep, RecipeDep, RequestIdDep, SettingsDep, bind_model, first_recipe, note_gui_marker
-from http_compat.uploads import UploadedImages, collect_images, parse_batch_items
+from http_compat.uploads import UploadedImages, collect_images, one_image_part, parse_batch_items
 from http_compat.wire import (
     CalibrateNgRequest,
     CalibrationReply,
@@ -26,13 +28,26 @@ from http_compat.wire import (
     error_responses,
 )
 
-__all__ = ["router"]
+__all__ = ["decimal_text", "router"]
 
 router = APIRouter(responses=error_responses(401, 413, 422, 500))
+# a decimal with optional exponent; nan/inf pass so the engine refuses them as non-finite (400)
+_DECIMAL = re.compile(r"\s*[+-]?(?:[0-9]+(?:\.[0-9]*)?(?:[eE][+-]?[0-9]+)?|\.[0-9]+(?:[eE][+-]?[0-9]+)?"
+                      r"|nan|inf|infinity)\s*", re.IGNORECASE)
+
+
+def decimal_text(value: object) -> object:
+    """A form number as the GUI writes it ('.' decimal, optional exponent): float() would also take
+    "0.1_0" (digit grouping) and hex floats, which no client means (422 like any non-number)."""
+    if isinstance(value, str) and not _DECIMAL.fullmatch(value):
+        raise ValueError("must be a decimal number such as 0.25")
+    return value
+
 
 _RoleForm = Annotated[str, Form(description="Inspection role (camera/station) id.")]
 _RoiForm = Annotated[str, Form(description="ROI id within the role.")]
-_MmForm = Annotated[float, Form(description="Millimetres per pixel of the images sent ('.' decimal).")]
+_MmForm = Annotated[float, BeforeValidator(decimal_text),
+                    Form(description="Millimetres per pixel of the images sent ('.' decimal).")]
 _OptForm = Annotated[str | None, Form()]
 _RecipeForm = Annotated[str | None, Form(description="Product recipe; overrides query and X-Recipe-Id.")]
 _ModelKeyForm = Annotated[str | None, Form(description="Accepted for the GUI; equals roi_id.")]
@@ -89,7 +104,7 @@ def calibrate_ng(request: Request, body: CalibrateNgRequest, engine: EngineDep, 
 
 
 @router.post("/infer", response_model=InferReply, responses=error_responses(400, 404, 409, 428),
-             summary="Score one ROI image: score, decision, regions, heatmap")
+             summary="Score one ROI image: score, decision, regions, heatmap", dependencies=[Depends(one_image_part)])
 def infer(
     request: Request, engine: EngineDep, settings: SettingsDep, rid: RequestIdDep, recipe: RecipeDep,
     role_id: _RoleForm, roi_id: _RoiForm, mm_per_px: _MmForm,
@@ -128,8 +143,8 @@ def infer_batch(
     recipe_id: _RecipeForm = None,
 ) -> InferBatchReply:
     bind_model(role_id)
-    uploads = UploadedImages(collect_images(settings, images, max_count=settings.max_fit_images))
-    specs = parse_batch_items(items, len(uploads))
+    uploads = UploadedImages(collect_images(settings, images, max_count=settings.max_batch_items))
+    specs = parse_batch_items(items, len(uploads), settings)
     batch = [{**spec, "image": uploads[i]} for i, spec in enumerate(specs)]
     res = engine.infer_batch(role_id, batch, allow_uncalibrated=allow_uncalibrated, heatmap=heatmap,
                              recipe_id=first_recipe(recipe_id, recipe))

@@ -57,7 +57,7 @@ def dataset_upload(
                            max_count=settings.max_fit_images)
     if len(files) != 1:
         raise InvalidInput(f"a dataset upload takes exactly one image part, got {len(files)}")
-    meta = parse_json_part("metas", metas)
+    meta = parse_json_part("metas", metas, settings)
     named = meta.get("filename") if meta else None
     filename = named if isinstance(named, str) and named.strip() else part_filename(files[0])
     res = engine.dataset_upload(

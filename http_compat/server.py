@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import math
 import os
@@ -16,6 +17,7 @@ import uvicorn
 
 from engine.api import Engine
 from http_compat.app import create_app
+from http_compat.connections import ConnectionGuard, GuardedProtocol, SheddingListener, fit_to_descriptors
 from http_compat.settings import HttpSettings
 
 __all__ = ["HttpServer", "is_loopback"]
@@ -89,6 +91,7 @@ class HttpServer:
         self._thread: threading.Thread | None = None
         self._port: int | None = None
         self._failure: BaseException | None = None
+        self.guard: ConnectionGuard | None = None     # the open connections, once started
 
     @property
     def port(self) -> int:
@@ -112,23 +115,33 @@ class HttpServer:
         if not is_loopback(host):
             log.warning("http_remote_bind", host=host, port=self._port, api_key_set=self._settings.api_key is not None,
                         note="non-loopback host (allow_remote=true): reachable from other machines")
-        config = uvicorn.Config(
-            create_app(self._engine, self._settings),
+        server = _ThreadServer(self._config())
+        self._server = server
+        self._thread = threading.Thread(target=self._serve, args=(server, SheddingListener(sock)), name="http-compat",
+                                        daemon=True)
+        self._thread.start()
+        self._wait_started(server, timeout)
+        log.info("http_listening", url=self.url)
+
+    def _config(self) -> uvicorn.Config:
+        s = self._settings
+        cap = fit_to_descriptors(s.http_max_connections)
+        if cap < s.http_max_connections:
+            log.warning("http_max_connections_lowered", configured=s.http_max_connections, used=cap,
+                        reason="the process's file descriptor limit (ulimit -n)")
+        self.guard = ConnectionGuard(cap, s.http_header_timeout_s)
+        return uvicorn.Config(
+            create_app(self._engine, s),
+            http=functools.partial(GuardedProtocol, guard=self.guard),   # type: ignore[arg-type]
             log_config=None,          # the host application owns logging configuration
             lifespan="off",
             proxy_headers=False,      # no proxy in front; never trust X-Forwarded-For
             server_header=False,
             # longer than the idle timeout of .NET's connection pool (60-100 s), so the server never
             # closes a pooled connection just as the GUI sends its next request on it
-            timeout_keep_alive=130,
+            timeout_keep_alive=s.http_keepalive_timeout_s,   # type: ignore[arg-type]
             access_log=False,         # RequestGate logs each request as a structured event
         )
-        server = _ThreadServer(config)
-        self._server = server
-        self._thread = threading.Thread(target=self._serve, args=(server, sock), name="http-compat", daemon=True)
-        self._thread.start()
-        self._wait_started(server, timeout)
-        log.info("http_listening", url=self.url)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop accepting, let running requests finish for up to ``timeout`` s, then cancel them."""

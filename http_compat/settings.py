@@ -1,4 +1,8 @@
-"""Settings of the REST door, read like the engine's (environment, then the BACKEND_CONFIG YAML)."""
+"""Settings of the REST door, read like the engine's (environment, then the BACKEND_CONFIG YAML).
+
+List settings are a JSON list in the environment (``BACKEND_HTTP_ALLOWED_HOSTS='["plant-pc"]'``)
+or a YAML list in the file.
+"""
 
 from __future__ import annotations
 
@@ -27,3 +31,36 @@ class HttpSettings(EnvSettings):
                     "gui = 400 (what the existing GUI recognises), auto = gui for requests that carry "
                     "model_key (only that GUI sends it), seed otherwise. docs/curl_examples.md.",
     )
+
+    # cross-site protection (http_compat.origin)
+    http_allowed_hosts: list[str] = env_field(
+        [], "BACKEND_HTTP_ALLOWED_HOSTS", "http_allowed_hosts",
+        description="Host names the door answers to besides loopback names and its bind address "
+                    "(e.g. the PC's name when allow_remote); '*' = any.")
+    http_allowed_origins: list[str] = env_field(
+        [], "BACKEND_HTTP_ALLOWED_ORIGINS", "http_allowed_origins",
+        description="Web origins (scheme://host:port) allowed to send POST/PUT/PATCH/DELETE; "
+                    "the door's own origin always is.")
+
+    # connections and timeouts (http_compat.connections, http_compat.middleware)
+    http_max_connections: int = env_field(
+        256, "BACKEND_HTTP_MAX_CONNECTIONS", "http_max_connections", ge=4,
+        description="Open connections; at the cap the longest-idle one is closed for a new one "
+                    "(503 when all are busy). Lowered to fit the process's file descriptor limit.")
+    http_header_timeout_s: float = env_field(
+        10.0, "BACKEND_HTTP_HEADER_TIMEOUT_S", "http_header_timeout_s", gt=0,
+        description="A new connection, or a request begun on a kept-alive one, must send its headers "
+                    "within this time (else 408 and close).")
+    http_keepalive_timeout_s: float = env_field(
+        130.0, "BACKEND_HTTP_KEEPALIVE_TIMEOUT_S", "http_keepalive_timeout_s", gt=0,
+        description="Idle time of a kept-alive connection between requests; longer than .NET's "
+                    "connection pool idle timeout (60-100 s), so the GUI never reuses a closed one.")
+    http_body_gap_s: float = env_field(
+        60.0, "BACKEND_HTTP_BODY_GAP_S", "http_body_gap_s", gt=0,
+        description="Longest wait for the next chunk of a request body (408 after).")
+    http_body_timeout_s: float = env_field(
+        300.0, "BACKEND_HTTP_BODY_TIMEOUT_S", "http_body_timeout_s", gt=0,
+        description="Longest time to receive a whole request body, however it trickles (408 after).")
+    http_max_json_bytes: int = env_field(
+        4 * 1024 * 1024, "BACKEND_HTTP_MAX_JSON_BYTES", "http_max_json_bytes", ge=1024,
+        description="A JSON request body (calibrate_ng, calibrate_dataset, infer_dataset).")

@@ -118,10 +118,10 @@ class EngineClient:
             timeout = self.long_timeout if info is not None and info.long else self.timeout
         attempts = 1 + (self.retries if info is not None and info.idempotent else 0)
         req_id = request_id or uuid.uuid4().hex
-        request: dict[str, Any] = {"v": PROTOCOL_VERSION, "op": op, "id": req_id,
-                                   "args": {k: v for k, v in (args or {}).items() if v is not None}}
+        request: dict[str, Any] = {"v": PROTOCOL_VERSION, "op": op, "id": req_id}
         if self._api_key is not None:
-            request["api_key"] = self._api_key
+            request["api_key"] = self._api_key   # before args: the server checks it before unpacking them
+        request["args"] = {k: v for k, v in (args or {}).items() if v is not None}
         payload = pack(request)
         with self._lock:
             for _ in range(attempts):

@@ -16,15 +16,18 @@ import msgpack
 import numpy as np
 
 from engine.errors import InvalidImage
+from engine.limits import ValueRefused, check_structure
 
 __all__ = [
     "OPS",
     "PROTOCOL_VERSION",
     "OpInfo",
+    "UnpackLimits",
     "array_from_wire",
     "array_to_wire",
     "image_from_wire",
     "pack",
+    "peek_envelope",
     "unpack",
 ]
 
@@ -82,13 +85,78 @@ def pack(message: Any) -> bytes:
     return msgpack.packb(message, default=_default, use_bin_type=True, datetime=False)
 
 
-def unpack(data: bytes | memoryview) -> Any:
-    """The object in one msgpack message; raises ValueError on anything that is not exactly one."""
+@dataclass(frozen=True)
+class UnpackLimits:
+    """What unpacking one message may build, checked while it is built (``unpack``)."""
+
+    max_container_len: int = 100_000    # items in one array or map
+    max_items: int = 250_000            # containers and items in the whole message
+    max_depth: int = 32                 # nested arrays and maps
+    max_str_len: int = 1024 * 1024      # characters of one string (bins are bounded by the message size)
+
+
+class _Counter:
+    """The list and map hook of one unpack: counts what was built, stops it past the limit."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.items, self.containers = limit, 0, 0
+
+    def __call__(self, container: Any) -> Any:
+        self.containers += 1
+        self.items += 1 + len(container)
+        if self.items > self.limit:
+            raise ValueRefused(f"more than {self.limit} items in one message", too_large=True)
+        return container
+
+
+def unpack(data: bytes | memoryview, limits: UnpackLimits | None = None) -> Any:
+    """The object in one msgpack message; ValueError on anything that is not exactly one.
+
+    With ``limits``: ``ValueRefused`` when the message breaks them, raised while unpacking (a
+    message of 16 MiB of empty arrays stops at ``max_items``, before it costs more memory);
+    ``too_large`` for lengths and counts (413), not for depth (400).
+    """
+    if limits is None:
+        options: dict[str, Any] = {}
+    else:
+        counter = _Counter(limits.max_items)
+        options = {"list_hook": counter, "object_hook": counter, "max_str_len": limits.max_str_len,
+                   "max_array_len": limits.max_container_len, "max_map_len": limits.max_container_len,
+                   "max_ext_len": 0}
     try:
-        return msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=True)
+        value = msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=True, **options)
+    except ValueRefused:
+        raise
     except Exception as exc:  # ExtraData, FormatError, StackError, UnicodeDecodeError, ...
         detail = f": {exc}" if str(exc) else ""
-        raise ValueError(f"not a msgpack message ({type(exc).__name__}{detail})") from exc
+        message = f"not a msgpack message ({type(exc).__name__}{detail})"
+        if "exceeds max_" in str(exc):    # msgpack's own length limits
+            raise ValueRefused(message, too_large=True) from exc
+        raise ValueError(message) from exc
+    if limits is not None and counter.containers > limits.max_depth:   # fewer cannot nest deeper
+        check_structure(value, max_depth=limits.max_depth, max_items=limits.max_items)
+    return value
+
+
+def peek_envelope(data: bytes | memoryview, prefix: int = 64 * 1024) -> dict[str, Any]:
+    """The top-level entries of a request map that come before ``args`` (its other scalar keys:
+    ``v``, ``op``, ``id``, ``api_key``), read from the first ``prefix`` bytes only; {} when the
+    message does not start as a map. Lets a server refuse a wrong API key before it unpacks a
+    large ``args``.
+    """
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=True, max_buffer_size=prefix, max_str_len=4096,
+                                max_bin_len=4096, max_array_len=16, max_map_len=16, max_ext_len=0)
+    unpacker.feed(bytes(data[:prefix]))
+    found: dict[str, Any] = {}
+    try:
+        for _ in range(min(unpacker.read_map_header(), 8)):
+            key = unpacker.unpack()
+            if key == "args" or not isinstance(key, str):
+                break
+            found[key] = unpacker.unpack()
+    except Exception:   # cut by the prefix, not a map, a value over the tiny limits: stop there
+        pass
+    return found
 
 
 def array_to_wire(arr: np.ndarray) -> dict[str, Any]:

@@ -33,8 +33,11 @@ import zmq
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 from structlog.contextvars import bound_contextvars
 
-from engine.errors import EngineError, PayloadTooLarge, Unauthorized
-from ipc.protocol import OPS, PROTOCOL_VERSION, image_from_wire, pack, unpack
+from engine.errors import EngineError, InvalidImage, PayloadTooLarge, Unauthorized
+from engine.limits import ValueRefused
+from engine.logs import LogThrottle
+from ipc.backpressure import PeerLedger
+from ipc.protocol import OPS, PROTOCOL_VERSION, UnpackLimits, image_from_wire, pack, peek_envelope, unpack
 from ipc.settings import IpcSettings
 
 if TYPE_CHECKING:
@@ -47,6 +50,8 @@ log = structlog.get_logger("ipc")
 _INLINE_PARSE_MAX = 64 * 1024      # the front parses messages up to this size to spot health
 _QUEUE_PER_WORKER = 16             # queued requests per worker before "server_busy"
 _POLL_MS = 50                      # front loop wake-up, bounds how fast stop() is noticed
+_SWEEP_S = 1.0                     # how often the front forgets clients that owe nothing
+_TRACK_MIN_BYTES = 64 * 1024       # replies from this size on are tracked until libzmq has sent them
 _REQUEST_KEYS = frozenset({"v", "op", "id", "api_key", "args"})
 # args holding images: a raw buffer map becomes an ndarray before validation (True = a list of them)
 _IMAGE_ARGS: dict[str, tuple[str, bool]] = {"infer": ("image", False), "fit_ok": ("images", True)}
@@ -146,6 +151,10 @@ class IpcServer:
         key = settings.api_key
         self._api_key = key.get_secret_value().encode() if key is not None else None
         self._max_request = min(settings.max_request_bytes, settings.zmq_max_message_bytes)
+        self._limits = UnpackLimits(max_container_len=settings.zmq_max_container_len,
+                                    max_items=settings.zmq_max_items, max_depth=settings.zmq_max_depth)
+        self._ledger = self._new_ledger()
+        self._drops = LogThrottle()
         self._specs = {op: self._spec(op) for op in OPS}
         self._ctx: zmq.Context[zmq.Socket[bytes]] | None = None
         self._endpoint: str | None = None
@@ -196,6 +205,7 @@ class IpcServer:
             router.setsockopt(zmq.LINGER, 0)
             router.setsockopt(zmq.MAXMSGSIZE, self._settings.zmq_max_message_bytes)
             router.setsockopt(zmq.ROUTER_MANDATORY, 1)   # a gone client raises instead of a silent drop
+            router.setsockopt(zmq.SNDHWM, self._settings.zmq_sndhwm)
             self._endpoint = self._bind(router, self._settings.zmq_endpoint)
             results = ctx.socket(zmq.PULL)
             sockets.append(results)
@@ -218,6 +228,7 @@ class IpcServer:
         self._stopping.clear()
         self._jobs = queue.Queue(_QUEUE_PER_WORKER * self._settings.zmq_workers)
         self._events = queue.SimpleQueue()
+        self._ledger = self._new_ledger()
         # sockets bound here move to their one owning thread; Thread.start() is the memory barrier
         self._workers = [
             threading.Thread(target=self._work, name=f"ipc-worker-{i}", daemon=True)
@@ -261,6 +272,11 @@ class IpcServer:
 
     # -- set-up helpers ------------------------------------------------------------------------
 
+    def _new_ledger(self) -> PeerLedger:
+        s = self._settings
+        return PeerLedger(max_pending=s.zmq_peer_max_pending, max_unread_bytes=s.zmq_peer_max_unread_bytes,
+                          max_inflight_bytes=s.zmq_max_inflight_bytes)
+
     def _check_bind_allowed(self, endpoint: str) -> None:
         if _is_local(endpoint):
             return
@@ -301,9 +317,13 @@ class IpcServer:
         poller.register(router, zmq.POLLIN)
         poller.register(results, zmq.POLLIN)
         accepting = True
+        next_sweep = time.monotonic() + _SWEEP_S
         try:
             while True:
                 ready = dict(poller.poll(_POLL_MS))
+                if time.monotonic() > next_sweep:
+                    self._ledger.sweep()
+                    next_sweep = time.monotonic() + _SWEEP_S
                 if results in ready:
                     self._forward_results(router, results)
                 if accepting and router in ready:
@@ -336,18 +356,32 @@ class IpcServer:
                 frames = results.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            self._send(router, frames[:-1], frames[-1])
+            # a worker's reply: [request size, *envelope, payload]
+            self._ledger.answered(frames[1], int.from_bytes(frames[0], "little"))
+            self._send(router, frames[1:-1], frames[-1])
 
-    @staticmethod
-    def _send(router: zmq.Socket[bytes], envelope: list[bytes], payload: bytes) -> None:
+    def _send(self, router: zmq.Socket[bytes], envelope: list[bytes], payload: bytes) -> None:
+        peer, large = envelope[0], len(payload) >= _TRACK_MIN_BYTES
+        if large and not self._ledger.may_send(peer):
+            self._dropped("the client does not read its replies")
+            return
         try:
-            router.send_multipart([*envelope, payload], zmq.NOBLOCK)
+            if large:
+                tracker = router.send_multipart([*envelope, payload], zmq.NOBLOCK, copy=False, track=True)
+                self._ledger.sent(peer, tracker, len(payload))
+            else:
+                router.send_multipart([*envelope, payload], zmq.NOBLOCK)
         except zmq.Again:
-            log.warning("zmq_reply_dropped", reason="the client's queue is full")
+            self._dropped("the client's queue is full (ZMQ_SNDHWM)")
         except zmq.ZMQError as exc:
             if exc.errno != zmq.EHOSTUNREACH:
                 raise
             log.debug("zmq_reply_dropped", reason="the client disconnected before it came")
+
+    def _dropped(self, reason: str) -> None:
+        skipped = self._drops.due()      # a client that never reads would otherwise flood the log
+        if skipped is not None:
+            log.warning("zmq_reply_dropped", reason=reason, dropped_since_last_line=skipped)
 
     def _on_request(self, router: zmq.Socket[bytes], frames: list[zmq.Frame]) -> None:
         # ROUTER prefixes the peer identity; a REQ peer adds an empty delimiter, a DEALER may not
@@ -374,9 +408,14 @@ class IpcServer:
             if op == "health":
                 self._reply(router, envelope, self._execute(req_id, op, args))
                 return
+        refusal = self._ledger.admit(envelope[0], len(frame))
+        if refusal is not None:
+            self._reply(router, envelope, _error_reply(_msg_id(msg), 503, "server_busy", f"{refusal}; retry later"))
+            return
         try:
             self._jobs.put_nowait(_Job(envelope, frame, msg))
         except queue.Full:
+            self._ledger.answered(envelope[0], len(frame))
             self._reply(router, envelope, _error_reply(
                 _msg_id(msg), 503, "server_busy", "too many queued requests; retry later"))
 
@@ -390,6 +429,7 @@ class IpcServer:
             except queue.Empty:
                 return
             if job is not None:
+                self._ledger.answered(job.envelope[0], len(job.frame))
                 self._reply(router, job.envelope, _error_reply(
                     _msg_id(job.msg), 503, "shutting_down", "the engine is shutting down"))
 
@@ -397,7 +437,11 @@ class IpcServer:
 
     def _parse(self, frame: zmq.Frame) -> dict[str, Any]:
         try:
-            msg = unpack(frame.buffer)
+            msg = unpack(frame.buffer, self._limits)
+        except ValueRefused as exc:
+            if exc.too_large:
+                raise _Rejection(PayloadTooLarge.status, PayloadTooLarge.code, str(exc)) from None
+            raise _Rejection(400, "malformed_message", str(exc)) from None
         except ValueError as exc:
             raise _Rejection(400, "malformed_message", str(exc)) from None
         if not isinstance(msg, dict):
@@ -406,14 +450,12 @@ class IpcServer:
 
     def _check(self, msg: dict[str, Any]) -> tuple[Any, str, dict[str, Any]]:
         """(id, op, args) of a parsed request; _Rejection for anything the engine need not see."""
-        if msg.get("v") != PROTOCOL_VERSION:
-            raise _Rejection(400, "unsupported_version", f"protocol version {msg.get('v')!r} is not supported; "
-                             f"this server speaks v{PROTOCOL_VERSION}")
-        if self._api_key is not None:
-            given = msg.get("api_key")
-            if not isinstance(given, str) or not hmac.compare_digest(given.encode(), self._api_key):
-                raise _Rejection(Unauthorized.status, Unauthorized.code, "missing or wrong api_key")
-        if not isinstance(msg.get("id"), (str, int, type(None))):
+        version = msg.get("v")
+        if type(version) is not int or version != PROTOCOL_VERSION:     # not true, not 1.0
+            raise _Rejection(400, "unsupported_version", f"protocol version {version!r} is not supported; "
+                             f"this server speaks v{PROTOCOL_VERSION} (the integer {PROTOCOL_VERSION})")
+        self._authenticate(msg)
+        if not isinstance(msg.get("id"), str | None):
             raise _Rejection(400, "malformed_message", "id must be a string")
         extra = set(msg) - _REQUEST_KEYS
         if extra:
@@ -427,6 +469,14 @@ class IpcServer:
         if not isinstance(args, dict):
             raise _Rejection(400, "invalid_args", f"args must be a map, got {type(args).__name__}")
         return msg.get("id"), op, args
+
+    def _authenticate(self, msg: dict[str, Any]) -> None:
+        """_Rejection 401 unless the server has no key or ``msg`` carries it (constant-time compare)."""
+        if self._api_key is None:
+            return
+        given = msg.get("api_key")
+        if not isinstance(given, str) or not hmac.compare_digest(given.encode(), self._api_key):
+            raise _Rejection(Unauthorized.status, Unauthorized.code, "missing or wrong api_key")
 
     def _bind_args(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
         spec = self._specs[op]
@@ -448,7 +498,7 @@ class IpcServer:
                     args = {**args, name: image_from_wire(value)}
         if op == "infer_batch" and isinstance(args.get("items"), list):
             args = {**args, "items": [
-                {**item, "image": image_from_wire(item["image"])}
+                {**item, "image": _item_image(item["image"])}
                 if isinstance(item, dict) and "image" in item else item
                 for item in args["items"]]}
         kwargs = {}
@@ -519,7 +569,7 @@ class IpcServer:
                     log.exception("zmq_worker_failed")
                     payload = pack(_error_reply(None, 500, "internal_error", "worker failure"))
                 try:
-                    push.send_multipart([*job.envelope, payload], zmq.NOBLOCK)
+                    push.send_multipart([len(job.frame).to_bytes(8, "little"), *job.envelope, payload], zmq.NOBLOCK)
                 except zmq.Again:            # the front is gone (stop timed out): nobody to answer
                     log.warning("zmq_reply_dropped", reason="the door is closed")
         finally:
@@ -529,11 +579,21 @@ class IpcServer:
         msg = job.msg
         try:
             if msg is None:
+                self._authenticate_early(job.frame)
                 msg = self._parse(job.frame)
             req_id, op, args = self._check(msg)
         except _Rejection as exc:
             return _error_reply(_msg_id(msg), exc.status, exc.code, exc.message)
         return self._execute(req_id, op, args)
+
+    def _authenticate_early(self, frame: zmq.Frame) -> None:
+        """Refuse a wrong key read from the message's head, before a large ``args`` is unpacked
+        (the Python client puts ``api_key`` before ``args``; a key after them is checked after)."""
+        if self._api_key is None:
+            return
+        head = peek_envelope(frame.buffer)
+        if "api_key" in head:
+            self._authenticate(head)
 
     def _publish(self, pub: zmq.Socket[bytes]) -> None:
         try:
@@ -555,6 +615,15 @@ def _msg_id(msg: Any) -> Any:
     """The request id to echo, when the message got far enough to have a usable one."""
     if isinstance(msg, dict):
         rid = msg.get("id")
-        if isinstance(rid, (str, int)):
+        if isinstance(rid, str):
             return rid
     return None
+
+
+def _item_image(value: Any) -> Any:
+    """A batch item's image as the engine takes it; a raw buffer the door cannot read becomes its
+    ``InvalidImage``, which fails that item alone (the engine raises it when it reaches the item)."""
+    try:
+        return image_from_wire(value)
+    except InvalidImage as exc:
+        return exc

@@ -9,7 +9,7 @@ import pytest
 import engine.errors as errors_module
 from engine.errors import EngineError
 
-ALLOWED_STATUSES = {400, 401, 404, 409, 413, 428, 500, 507}
+ALLOWED_STATUSES = {400, 401, 403, 404, 409, 413, 428, 500, 503, 507}
 
 # the deliberate status of every class: a new class, or a changed status, must be added here
 EXPECTED = {
@@ -19,7 +19,9 @@ EXPECTED = {
     "InvalidShape": ("invalid_shape", 400),
     "InvalidImage": ("invalid_image", 400),
     "ReservedRecipe": ("reserved_recipe", 400),
+    "InvalidHost": ("invalid_host", 400),
     "Unauthorized": ("unauthorized", 401),
+    "CrossSiteRequest": ("cross_site_request", 403),
     "ModelNotFound": ("model_not_found", 404),
     "SampleNotFound": ("sample_not_found", 404),
     "MmPerPxMismatch": ("mm_per_px_mismatch", 409),
@@ -31,6 +33,7 @@ EXPECTED = {
     "CorruptModel": ("corrupt_model", 500),
     "IncompatibleModel": ("incompatible_model", 500),
     "WeightsError": ("weights_invalid", 500),
+    "ServerBusy": ("server_busy", 503),
     "StorageError": ("storage_error", 507),
 }
 
@@ -88,6 +91,7 @@ def test_families() -> None:
     from engine.errors import (
         CorruptModel,
         IncompatibleModel,
+        InvalidHost,
         InvalidId,
         InvalidImage,
         InvalidInput,
@@ -95,7 +99,7 @@ def test_families() -> None:
         ModelFileError,
         ReservedRecipe,
     )
-    for cls in (InvalidId, InvalidShape, InvalidImage, ReservedRecipe):
+    for cls in (InvalidId, InvalidShape, InvalidImage, ReservedRecipe, InvalidHost):
         assert issubclass(cls, InvalidInput)
     for cls in (CorruptModel, IncompatibleModel):
         assert issubclass(cls, ModelFileError)

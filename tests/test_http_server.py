@@ -115,7 +115,7 @@ def test_api_key_guards_every_path(limited: HttpServer) -> None:
 
 def test_declared_content_length_over_limit_is_413_before_the_body(limited: HttpServer) -> None:
     status, headers, body = raw_http(limited.port, (
-        b"POST /fit_ok HTTP/1.1\r\nHost: x\r\nX-API-Key: k3y\r\nX-Request-Id: big-1\r\n"
+        b"POST /fit_ok HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: k3y\r\nX-Request-Id: big-1\r\n"
         b"Content-Type: multipart/form-data; boundary=\"b\"\r\nContent-Length: 10000000000\r\n\r\n"))
     assert status == 413
     assert headers["x-request-id"] == "big-1"
@@ -128,7 +128,7 @@ def test_chunked_body_over_limit_is_413(limited: HttpServer) -> None:
     chunk = b'{"role_id": "r", "roi_id": "' + b"x" * 5000 + b'"}'
     # no terminating chunk: the server must answer once the limit is crossed, without the rest
     status, headers, body = raw_http(limited.port, (
-        b"POST /calibrate_ng HTTP/1.1\r\nHost: x\r\nX-API-Key: k3y\r\n"
+        b"POST /calibrate_ng HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: k3y\r\n"
         b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
         + f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n"))
     assert status == 413
@@ -160,7 +160,7 @@ def test_keep_alive_replies_are_not_delayed_by_nagle(engine: Engine, tmp_path: P
         times = []
         for _ in range(15):
             t0 = time.perf_counter()
-            sock.sendall(b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n")
+            sock.sendall(b"GET /nope HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             reply = b""
             while not reply.endswith(b'"}'):
                 reply += sock.recv(65536)

@@ -17,7 +17,7 @@ import http_compat.server
 from engine.errors import EngineError
 from engine.schemas import DatasetItemResult, InferDatasetResult, InferResult
 from http_compat.errors import install_error_handlers
-from http_compat.middleware import RequestGate
+from http_compat.middleware import GateLimits, RequestGate
 from http_compat.server import is_loopback
 from http_compat.uploads import UploadedImages, part_filename
 from http_compat.wire import DatasetItemReply, InferDatasetReply, InferReply
@@ -32,7 +32,8 @@ def _app(*, api_key: str | None = None, max_request_bytes: int = 1 << 20, max_fi
     """A bare app with the shim's handlers and gate, and routes that fail on purpose."""
     app = FastAPI(form_limits={"max_files": max_files})
     install_error_handlers(app)
-    app.add_middleware(RequestGate, api_key=api_key, max_request_bytes=max_request_bytes)
+    app.add_middleware(RequestGate, api_key=api_key, max_request_bytes=max_request_bytes,
+                       limits=GateLimits(allowed_hosts=("testserver",)))
     by_name = {cls.__name__: cls for cls in ERROR_CLASSES}
 
     @app.get("/raise/{name}")

@@ -23,7 +23,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import http_compat.middleware
 from engine.api import Engine
 from engine.errors import InvalidImage, InvalidInput
 from engine.images import decode_image
@@ -268,13 +267,21 @@ def _nest(depth: int) -> dict[str, Any]:
     return value
 
 
-@pytest.mark.parametrize("depth", [200, 1010])
+@pytest.mark.parametrize("depth", [40, 200, 1010])
 def test_deeply_nested_args(doors: Doors, depth: int) -> None:
-    assert doors.zmq_answer("infer", _zmq_infer(shape=_nest(depth))) == (400, "invalid_shape")
+    """Nesting past zmq_max_depth (32) is refused while the message is unpacked, whatever arg holds it."""
+    assert doors.zmq_answer("infer", _zmq_infer(shape=_nest(depth))) == (400, "malformed_message")
     answer = doors.zmq_answer("dataset_upload", {"role_id": ROLE, "roi_id": "nest", "label": "ok",
                                                  "image": GOOD_PNG, "filename": "n.png", "meta": _nest(depth)})
-    # shallow enough to store as JSON: stored; deeper: refused before anything is written
-    assert answer[0] == 200 if depth == 200 else answer == (400, "invalid_input")
+    assert answer == (400, "malformed_message")
+    assert doors.engine.dataset_list(ROLE, "nest").classes["ok"].count == 0
+
+
+def test_nested_meta_within_the_limits_is_stored(doors: Doors) -> None:
+    args = {"role_id": ROLE, "roi_id": "nest", "label": "ok", "image": GOOD_PNG, "filename": "n.png",
+            "meta": _nest(20)}
+    assert doors.zmq_answer("dataset_upload", args)[0] == 200
+    assert doors.engine.dataset_meta(ROLE, "nest", "ok", "n.png") == _nest(20)
 
 
 def test_meta_with_binary_is_400_not_500(doors: Doors) -> None:
@@ -355,11 +362,10 @@ def test_deeply_nested_metas_is_400(doors: Doors) -> None:
 
 def test_stalled_upload_times_out_with_408(doors: Doors, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Regression: a body that stops arriving held its connection open forever (uvicorn has no body timeout)."""
-    monkeypatch.setattr(http_compat.middleware, "BODY_READ_TIMEOUT_S", 1.5)
-    server = HttpServer(doors.engine, door_settings(tmp_path).http)
+    server = HttpServer(doors.engine, door_settings(tmp_path, http_body_gap_s=1.5).http)
     server.start()
     try:
-        head = (b"POST /infer HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=BB\r\n"
+        head = (b"POST /infer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=BB\r\n"
                 b"Content-Length: 1000000\r\n\r\n--BB\r\nContent-Disposition: form-data; name=\"role_id\"\r\n\r\n")
         with socket.create_connection(("127.0.0.1", server.port), timeout=20) as slow:
             slow.sendall(head)

@@ -106,7 +106,7 @@ def test_api_key_is_required_on_the_http_door(keyed: Doors, wrong: str | None) -
 
 def test_keys_are_compared_in_constant_time(keyed: Doors, monkeypatch: pytest.MonkeyPatch) -> None:
     # the code path: both checks call hmac.compare_digest, and neither compares the key with == / !=
-    for func in (ipc.server.IpcServer._check, http_compat.middleware.RequestGate._refuse):
+    for func in (ipc.server.IpcServer._authenticate, http_compat.middleware.RequestGate._refuse):
         source = inspect.getsource(func)
         assert "hmac.compare_digest(" in source
         assert not re.search(r"(==|!=)\s*self\._(api_)?key|self\._(api_)?key\s*(==|!=)", source), source

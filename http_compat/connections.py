@@ -1,0 +1,226 @@
+"""Connection-level defences of the REST door, below the ASGI app: a cap on open connections, a
+time limit on request headers, and an accept loop that survives running out of file descriptors.
+
+uvicorn accepts every connection and keeps an idle one until its first request, however long;
+half-sent headers are waited for forever; and when the process runs out of descriptors, asyncio's
+accept loop logs one error per pending connection per loop tick (hundreds of thousands of lines a
+minute) while the door answers nobody. Here:
+
+* ``ConnectionGuard`` keeps at most ``max_connections`` open. At the cap a new connection closes the
+  one idle longest (no request in progress); when every one is busy the new one gets a 503 and is
+  closed. So idle connections, however many, cannot lock out ``/health`` or the GUI.
+* ``GuardedProtocol`` (uvicorn's h11 protocol) gives a new connection, and a request begun on a
+  kept-alive one, ``header_timeout_s`` to send its complete headers: then 408 and close (nothing was
+  received: just close). Idle kept-alive connections keep uvicorn's ``timeout_keep_alive``.
+* ``SheddingListener`` is the listening socket: when ``accept`` fails with EMFILE/ENFILE it frees a
+  spare descriptor, accepts the waiting connection and closes it at once (the client sees a reset
+  instead of hanging), takes the spare back, and logs once per 10 s with a count.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import time
+from typing import Any
+
+import structlog
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from engine.logs import LogThrottle
+
+__all__ = ["ConnectionGuard", "GuardedProtocol", "SheddingListener", "fit_to_descriptors"]
+
+log = structlog.get_logger("http_compat")
+
+_EXHAUSTED = (errno.EMFILE, errno.ENFILE)
+
+
+def _raw_reply(status: int, reason: str, code: str, message: str) -> bytes:
+    """A complete HTTP/1.1 error reply with the door's JSON body, for a connection no app serves."""
+    body = json.dumps({"error": message, "code": code, "request_id": ""}).encode()
+    head = (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\nconnection: close\r\n"
+            f"content-length: {len(body)}\r\n\r\n")
+    return head.encode("ascii") + body
+
+
+class ConnectionGuard:
+    """The open connections of one server and the cap on them (event loop thread only)."""
+
+    def __init__(self, max_connections: int, header_timeout_s: float) -> None:
+        self.max_connections = max_connections
+        self.header_timeout_s = header_timeout_s
+        self._open: set[GuardedProtocol] = set()
+        self._throttle = LogThrottle()
+        self.evicted = self.refused = self.timed_out = 0
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def admit(self, conn: GuardedProtocol) -> bool:
+        """Count ``conn`` in, closing the longest-idle connection when at the cap; False when every
+        open connection is serving a request (``conn`` must then be refused)."""
+        if len(self._open) >= self.max_connections:
+            idle = [c for c in self._open if not c.in_request]
+            if not idle:
+                self.refused += 1
+                self._note("http_connection_refused", "every connection is serving a request")
+                return False
+            victim = min(idle, key=lambda c: c.idle_since)
+            self._open.discard(victim)
+            victim.close_quietly()
+            self.evicted += 1
+            self._note("http_connection_evicted", "at the connection cap: the longest-idle one was closed")
+        self._open.add(conn)
+        return True
+
+    def closed(self, conn: GuardedProtocol) -> None:
+        self._open.discard(conn)
+
+    def _note(self, event: str, reason: str) -> None:
+        skipped = self._throttle.due()
+        if skipped is not None:
+            log.warning(event, reason=reason, cap=self.max_connections, since_last_line=skipped,
+                        evicted=self.evicted, refused=self.refused, header_timeouts=self.timed_out)
+
+
+class GuardedProtocol(H11Protocol):
+    """uvicorn's h11 protocol under a ``ConnectionGuard`` and a header time limit."""
+
+    def __init__(self, *args: Any, guard: ConnectionGuard, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._guard = guard
+        self._header_timer: Any = None
+        self._received_since_response = False
+        self.idle_since = time.monotonic()
+
+    @property
+    def in_request(self) -> bool:
+        return self.cycle is not None and not self.cycle.response_complete
+
+    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if not self._guard.admit(self):
+            transport.write(_raw_reply(503, "Service Unavailable", "server_busy",
+                                       "too many connections are serving requests; retry later"))
+            transport.close()
+            return
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        if not self.in_request:
+            self._received_since_response = True
+            if self._header_timer is None:        # the first bytes of a request on a kept-alive connection
+                self._arm()
+        super().data_received(data)
+        if self.in_request:
+            self._disarm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self.idle_since = time.monotonic()
+        self._received_since_response = False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        self._guard.closed(self)
+        super().connection_lost(exc)
+
+    def close_quietly(self) -> None:
+        self._disarm()
+        if not self.transport.is_closing():
+            self.transport.close()
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._header_timer = self.loop.call_later(self._guard.header_timeout_s, self._headers_late)
+
+    def _disarm(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_late(self) -> None:
+        self._header_timer = None
+        if self.in_request or self.transport.is_closing():
+            return
+        self._guard.timed_out += 1
+        if self._received_since_response:
+            self.transport.write(_raw_reply(408, "Request Timeout", "request_timeout",
+                                            f"request headers not received within {self._guard.header_timeout_s:g} s"))
+        self.transport.close()
+
+
+class SheddingListener(socket.socket):
+    """A listening socket whose ``accept`` sheds connections instead of failing when the process has
+    no descriptor left (see the module docstring). Only the selector event loop calls ``accept``;
+    Windows' proactor loop accepts through IOCP and has no descriptor limit of this kind."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(sock.family, sock.type, sock.proto, fileno=sock.detach())
+        self._spare: int | None = _open_spare()
+        self._throttle = LogThrottle()
+        self._pause_until = 0.0
+        self.shed = 0
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        if time.monotonic() < self._pause_until:
+            raise BlockingIOError(errno.EAGAIN, "accepting paused")
+        try:
+            return super().accept()
+        except OSError as exc:
+            if exc.errno not in _EXHAUSTED:
+                raise
+            if self._shed_one():
+                raise BlockingIOError(errno.EAGAIN, "connection shed") from None
+            # no spare to shed with: let the event loop back off (it pauses accepting for 1 s), and
+            # refuse the rest of this burst quietly instead of failing once per pending connection
+            self._pause_until = time.monotonic() + 1.0
+            raise
+
+    def _shed_one(self) -> bool:
+        skipped = self._throttle.due()
+        if skipped is not None:
+            log.error("http_out_of_descriptors", note="new connections are closed at once until descriptors "
+                      "are free", shed_since_last_line=skipped, shed_total=self.shed)
+        if self._spare is None:
+            self._spare = _open_spare()
+            return False
+        os.close(self._spare)
+        self._spare = None
+        try:
+            fd, _ = self._accept()   # type: ignore[attr-defined]
+            socket.close(fd)
+            self.shed += 1
+        except OSError:
+            pass
+        self._spare = _open_spare()
+        return True
+
+    def close(self) -> None:
+        if self._spare is not None:
+            os.close(self._spare)
+            self._spare = None
+        super().close()
+
+
+def _open_spare() -> int | None:
+    try:
+        return os.open(os.devnull, os.O_RDONLY)
+    except OSError:
+        return None
+
+
+def fit_to_descriptors(max_connections: int, reserve: int = 128) -> int:
+    """``max_connections`` lowered so the connections use at most half of the descriptors the
+    process may open (the rest: ZeroMQ, model files, uploads spooled to disk)."""
+    try:
+        import resource
+    except ImportError:          # Windows: sockets are handles, not limited descriptors
+        return max_connections
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return max_connections
+    return max(4, min(max_connections, soft // 2 - reserve // 2, soft - reserve))
