@@ -27,11 +27,11 @@ import structlog
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))   # run as a script from anywhere
 
+from bench.suite.common import BOTTLE  # noqa: E402
 from engine.api import Engine  # noqa: E402
 from engine.settings import Settings  # noqa: E402
 from http_compat.server import HttpServer  # noqa: E402
 
-BOTTLE = ROOT.parent / "shared" / "data" / "mvtec_ad" / "bottle"
 SIDE = 448
 MM = 0.05
 ROLE, ROI = "bench", "roi"

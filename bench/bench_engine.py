@@ -29,12 +29,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
+from bench.suite.common import BOTTLE, cpu_model  # noqa: E402
 from engine.api import Engine  # noqa: E402
 from engine.evaluate import list_test, list_train  # noqa: E402
 from engine.settings import Settings  # noqa: E402
-from suite.common import cpu_model  # bench/ is on sys.path when run as a script
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec_ad" / "bottle"
 RATIO = 0.1
 
 
@@ -53,7 +52,7 @@ def _timed(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="MVTec-layout bottle folder")
+    parser.add_argument("--data", type=Path, default=BOTTLE, help="MVTec-layout bottle folder")
     parser.add_argument("--threads", type=int, default=None, help="torch / faiss threads")
     args = parser.parse_args()
     import structlog

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +26,12 @@ import cv2
 import numpy as np
 import structlog
 
-from engine.api import Engine
-from engine.settings import Settings
-from ipc import EngineClient, IpcServer
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-_DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mvtec_ad" / "bottle"
+from bench.suite.common import BOTTLE  # noqa: E402
+from engine.api import Engine  # noqa: E402
+from engine.settings import Settings  # noqa: E402
+from ipc import EngineClient, IpcServer  # noqa: E402
 
 
 def _load(path: Path, size: int) -> np.ndarray:
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=448, help="side of the ROI image sent to infer")
     ap.add_argument("--input-size", type=int, default=224, help="backbone input size (Settings.input_size)")
     ap.add_argument("--fit-images", type=int, default=8)
-    ap.add_argument("--data", type=Path, default=_DEFAULT_DATA, help="MVTec AD bottle folder")
+    ap.add_argument("--data", type=Path, default=BOTTLE, help="MVTec AD bottle folder")
     args = ap.parse_args(argv)
     # the engine logs every infer; keep the table readable
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
@@ -110,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                 for form, image in forms.items():
                     for heatmap in ("none", "png"):
                         kw = dict(role_id=role, roi_id=roi, mm_per_px=mmpp, image=image, heatmap=heatmap)
-                        d, z = _time_pair(lambda: engine.infer(**kw), lambda: client.infer(**kw), args.calls)
+                        d, z = _time_pair(partial(engine.infer, **kw), partial(client.infer, **kw), args.calls)
                         (d50, d99), (z50, z99) = _pcts(d), _pcts(z)
                         print(f"{form:<6}{heatmap:<9}{d50:>11.2f}{d99:>8.2f}{z50:>10.2f}{z99:>8.2f}"
                               f"{z50 - d50:>11.2f}{z99 - d99:>11.2f}")

@@ -1,4 +1,4 @@
-"""Load and soak: many infers through both doors of one ``python -m engine serve`` process.
+"""Load and soak: many infers through both doors of one ``python -m service`` process.
 
 Starts the real server as a subprocess (both doors on loopback, a temporary data root), fits and
 calibrates two ROIs, warms up, then runs ``--zmq-infers`` infers from ``--clients`` concurrent
@@ -79,7 +79,7 @@ def _images(side: int, n: int, seed: int) -> list[bytes]:
 
 
 class Server:
-    """``python -m engine serve`` with both doors; ``ready:`` line parsed for the endpoints."""
+    """``python -m service`` with both doors; ``ready:`` line parsed for the endpoints."""
 
     def __init__(self, root: Path, args: argparse.Namespace) -> None:
         self.zmq = f"tcp://127.0.0.1:{_free_port()}"
@@ -92,7 +92,7 @@ class Server:
         if args.torch_threads:
             env["BACKEND_TORCH_THREADS"] = str(args.torch_threads)
         self.log = open(root / "serve.log", "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "engine", "serve"], cwd=ROOT, env=env,
+        self.proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env,
                                      stdout=subprocess.PIPE, stderr=self.log)
         assert self.proc.stdout is not None
         sel = selectors.DefaultSelector()

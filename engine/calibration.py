@@ -10,8 +10,9 @@ from typing import Literal
 import numpy as np
 
 from engine.errors import InvalidInput
+from engine.validate import percentile_fraction
 
-__all__ = ["Calibration", "calibrate", "percentile_fraction", "score_stats"]
+__all__ = ["Calibration", "calibrate", "score_stats"]
 
 
 @dataclass(frozen=True)
@@ -25,19 +26,6 @@ class Calibration:
     ok_p99: float
     ng_p5: float | None
     warning: str | None
-
-
-def percentile_fraction(value: float) -> float:
-    """A percentile as a fraction: values in (0, 1] are fractions, values in (1, 100] percents.
-
-    Raises:
-        InvalidInput: not a finite number in (0, 100].
-    """
-    # an int is finite however large (math.isfinite would raise OverflowError on one beyond float range)
-    if not isinstance(value, int | float) or not (isinstance(value, int) or math.isfinite(value)) \
-            or not 0 < value <= 100:
-        raise InvalidInput(f"score_percentile must be in (0, 1] (fraction) or (1, 100] (percent), got {value!r}")
-    return float(value) / 100.0 if value > 1 else float(value)
 
 
 def _scores(name: str, values: Sequence[float] | None, required: bool) -> np.ndarray | None:

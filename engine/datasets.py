@@ -9,25 +9,19 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from engine.errors import InvalidInput, SampleNotFound, StorageError
-from engine.ids import check_filename
 from engine.images import IMAGE_SUFFIXES
 from engine.storage import atomic_write_bytes, atomic_write_json, make_dirs
+from engine.validate import LABELS, check_filename, label as check_label
 
-__all__ = ["LABELS", "META_SUFFIX", "DatasetStore"]
+__all__ = ["LABELS", "META_SUFFIX", "DatasetStore", "StoredSamples"]
 
-LABELS: tuple[Literal["ok"], Literal["ng"]] = ("ok", "ng")
 META_SUFFIX = ".meta.json"
-
-
-def _check_label(label: str) -> str:
-    if label not in LABELS:
-        raise InvalidInput(f"label must be 'ok' or 'ng', got {label!r}")
-    return label
 
 
 class DatasetStore:
@@ -37,7 +31,7 @@ class DatasetStore:
         self.root = Path(base) / "datasets"
 
     def folder(self, role_id: str, roi_id: str, label: str) -> Path:
-        return self.root / role_id / roi_id / _check_label(label)
+        return self.root / role_id / roi_id / check_label(label)
 
     def add(self, role_id: str, roi_id: str, label: str, image: bytes, filename: str | None,
             meta: dict[str, Any] | None, extension: str) -> tuple[str, int]:
@@ -101,3 +95,16 @@ class DatasetStore:
         if not path.is_file():
             raise SampleNotFound(f"no {label} sample named {filename!r} for {role_id}/{roi_id}")
         return path
+
+
+class StoredSamples(Sequence[bytes]):
+    """Stored samples of one label read one at a time as a consumer reaches them (bounded memory)."""
+
+    def __init__(self, store: DatasetStore, role_id: str, roi_id: str, label: str, names: list[str]) -> None:
+        self._store, self._role, self._roi, self._label, self.names = store, role_id, roi_id, label, names
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, index: int) -> bytes:  # type: ignore[override]
+        return self._store.read(self._role, self._roi, self._label, self.names[index])

@@ -1,9 +1,9 @@
-"""Image and pixel AUROC of the engine on an MVTec-AD-layout category folder.
+"""Detection quality of the engine on MVTec-AD-layout category folders: image AUROC, pixel AUROC,
+per-region overlap (PRO), fit time and ROI latency, per category.
 
-    python -m engine.evaluate <category dir> [--max-train N] [--input-size S] [--coreset-ratio R]
-                              [--backbone NAME] [--weights FILE] [--data-root DIR] [--json]
-                              [--panel out.png] [--verbose]
-    python -m engine evaluate ...   (same)
+    python -m engine evaluate <category dir> [<category dir> ...] [--max-train N] [--input-size S]
+                              [--coreset-ratio R] [--backbone NAME] [--weights FILE] [--data-root DIR]
+                              [--json] [--out report.json] [--panel out.png] [--verbose]
 
 Layout: ``train/good/*.png`` (fit), ``test/<good|defect>/*.png`` (scored),
 ``ground_truth/<defect>/<name>_mask.png`` (pixel labels; good images count as all-zero masks).
@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from engine.images import IMAGE_SUFFIXES
+from engine.metrics import auroc, pro_auc
 from engine.sampling import spread
 
 __all__ = [
@@ -90,6 +91,7 @@ class EvalReport:
     n_defective: int
     image_auroc: float
     pixel_auroc: float | None       # None when the category has no ground_truth folder
+    pro: float | None               # normalized PRO area up to FPR 0.3 (engine.metrics.pro_auc); idem
     pixel_side: int                 # maps and masks resized to pixel_side x pixel_side for pixel AUROC
     coreset_size: int
     n_embeddings: int
@@ -156,38 +158,6 @@ def list_test(category: Path) -> list[TestImage]:
     return out
 
 
-def auroc(scores: np.ndarray | Sequence[float], labels: np.ndarray | Sequence[int | bool]) -> float:
-    """Exact area under the ROC curve: the Mann-Whitney U statistic, ties counted as one half.
-
-    Args:
-        scores: (N,) any real scores, higher = more positive.
-        labels: (N,) 0/1 or bool, both classes present.
-
-    Raises:
-        ValueError: shapes differ, or a class is missing.
-    """
-    s = np.asarray(scores).ravel()
-    y = np.asarray(labels).ravel().astype(bool)
-    if s.shape != y.shape:
-        raise ValueError(f"scores {s.shape} and labels {y.shape} differ in size")
-    n_pos = int(y.sum())
-    n_neg = y.size - n_pos
-    if n_pos == 0 or n_neg == 0:
-        raise ValueError("AUROC needs both positive and negative labels")
-    order = np.argsort(s, kind="stable")
-    s_sorted = s[order]
-    first = np.empty(s.size, dtype=bool)                 # N: True where a run of equal scores starts
-    first[0] = True
-    np.not_equal(s_sorted[1:], s_sorted[:-1], out=first[1:])
-    starts = np.flatnonzero(first)
-    ends = np.append(starts[1:], s.size)
-    mid_rank = (starts + ends + 1) / 2.0                 # 1-based mean rank of each tie run
-    run_of = np.cumsum(first) - 1                        # N: tie run of each sorted position
-    pos_rank_sum = float(mid_rank[run_of[y[order]]].sum())
-    u = pos_rank_sum - n_pos * (n_pos + 1) / 2.0
-    return u / (n_pos * n_neg)
-
-
 def _resize(array: np.ndarray, side: int, interpolation: int) -> np.ndarray:
     import cv2
 
@@ -210,6 +180,31 @@ def _read_mask(item: TestImage, height: int, width: int, side: int) -> np.ndarra
     return _resize(mask, side, cv2.INTER_NEAREST) > 0
 
 
+def _score_tests(
+    engine: Any, tests: Sequence[TestImage], pixel_side: int, has_truth: bool,
+) -> tuple[np.ndarray, np.ndarray, list[ImageScore], list[dict[str, float]], list[float]]:
+    """Infer every test image: maps and masks (T, S, S), scores, stage timings, heatmap scales."""
+    import cv2
+
+    maps = np.empty((len(tests), pixel_side, pixel_side), dtype=np.float32)  # T S S
+    masks = np.empty((len(tests), pixel_side, pixel_side), dtype=bool)      # T S S
+    scores, timings, scales = [], [], []
+    for i, item in enumerate(tests):
+        result = engine.infer(_ROLE, _ROI, _MM_PER_PX, item.path.read_bytes(), allow_uncalibrated=True,
+                              heatmap="float32")
+        raw = result.heatmap_raw
+        if raw is None or raw.dtype != "float32":
+            raise RuntimeError("the engine returned no float32 heatmap")
+        height, width = raw.shape
+        amap = np.frombuffer(raw.data, dtype=np.float32).reshape(height, width)
+        maps[i] = _resize(amap, pixel_side, cv2.INTER_AREA)
+        masks[i] = _read_mask(item, height, width, pixel_side) if has_truth else False
+        scores.append(ImageScore(item.name, item.label, float(result.score)))
+        timings.append(result.timings_ms)
+        scales.append(result.heatmap_scale)
+    return maps, masks, scores, timings, scales
+
+
 def evaluate(
     category: Path | str, *, max_train: int | None = None, input_size: int | None = None,
     coreset_ratio: float | None = None, backbone: str | None = None, weights: Path | None = None,
@@ -225,8 +220,6 @@ def evaluate(
         pixel_side: side the maps and masks are resized to for the pixel AUROC.
         panel: write a PNG panel (image | heatmap overlay) of ``panel_count`` test images there.
     """
-    import cv2
-
     from engine.api import Engine
     from engine.settings import Settings
 
@@ -241,35 +234,19 @@ def evaluate(
                         ("backbone", backbone), ("weights", weights)):
         if value is not None:
             overrides[name] = value
+    has_truth = (category / "ground_truth").is_dir()
     with tempfile.TemporaryDirectory(prefix="engine-eval-") as tmp:
         settings = Settings(data_root=Path(data_root) if data_root is not None else Path(tmp), **overrides)
         engine = Engine(settings)
         try:
             fit = engine.fit_ok(_ROLE, _ROI, _MM_PER_PX, [p.read_bytes() for p in train])
-            n_test = len(tests)
-            maps = np.empty((n_test, pixel_side, pixel_side), dtype=np.float32)  # T S S
-            masks = np.empty((n_test, pixel_side, pixel_side), dtype=bool)      # T S S
-            scores, timings, scales = [], [], []
-            has_truth = (category / "ground_truth").is_dir()
-            for i, item in enumerate(tests):
-                result = engine.infer(_ROLE, _ROI, _MM_PER_PX, item.path.read_bytes(),
-                                      allow_uncalibrated=True, heatmap="float32")
-                raw = result.heatmap_raw
-                if raw is None or raw.dtype != "float32":
-                    raise RuntimeError("the engine returned no float32 heatmap")
-                height, width = raw.shape
-                amap = np.frombuffer(raw.data, dtype=np.float32).reshape(height, width)
-                maps[i] = _resize(amap, pixel_side, cv2.INTER_AREA)
-                masks[i] = _read_mask(item, height, width, pixel_side) if has_truth else False
-                scores.append(ImageScore(item.name, item.label, float(result.score)))
-                timings.append(result.timings_ms)
-                scales.append(result.heatmap_scale)
+            maps, masks, scores, timings, scales = _score_tests(engine, tests, pixel_side, has_truth)
         finally:
             engine.close()
 
     labels = np.array([s.label for s in scores])
     image_auroc = auroc(np.array([s.score for s in scores]), labels)
-    pixel_auroc = auroc(maps, masks) if has_truth else None
+    pixel_auroc, pro = (auroc(maps, masks), pro_auc(maps, masks)) if has_truth and masks.any() else (None, None)
     panel_path = None
     if panel is not None:
         write_panel(panel, tests, maps, masks, [s.score for s in scores], scales[0], panel_count)
@@ -282,7 +259,8 @@ def evaluate(
         category=category.name, backbone=fit.backbone, input_size=fit.input_size,
         coreset_ratio=settings.coreset_ratio, n_train=len(train), n_test=len(tests),
         n_defective=int(labels.sum()), image_auroc=round(image_auroc, 6),
-        pixel_auroc=None if pixel_auroc is None else round(pixel_auroc, 6), pixel_side=pixel_side,
+        pixel_auroc=None if pixel_auroc is None else round(pixel_auroc, 6),
+        pro=None if pro is None else round(pro, 6), pixel_side=pixel_side,
         coreset_size=fit.coreset_size, n_embeddings=fit.n_embeddings, token_shape=fit.token_shape,
         fit_s=fit_s, infer_ms=infer_ms, wall_s=round(time.perf_counter() - started, 3),
         scores=tuple(scores), panel=panel_path,
@@ -370,6 +348,7 @@ def format_report(report: EvalReport) -> str:
         f"image AUROC   {report.image_auroc:.4f}",
         f"pixel AUROC   {pixel}  (maps INTER_AREA / masks INTER_NEAREST resized to "
         f"{report.pixel_side}x{report.pixel_side})",
+        f"PRO (0.3)     {'n/a' if report.pro is None else f'{report.pro:.4f}'}",
         "fit s         " + "  ".join(f"{k} {v:.2f}" for k, v in report.fit_s.items()),
         "infer ms/img  " + "  ".join(f"{k} {v:.1f}" for k, v in report.infer_ms.items()) + "  (median)",
         f"wall s        {report.wall_s:.1f}",
@@ -393,13 +372,25 @@ def _quiet_logs(verbose: bool) -> None:
         logging.getLogger("engine").setLevel(logging.WARNING)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def format_summary(reports: Sequence[EvalReport]) -> str:
+    """One line per category: the quality figures, the fit time and the ROI latency."""
+    lines = ["category      image AUROC  pixel AUROC  PRO     fit s   infer ms (median)"]
+    for r in reports:
+        pixel = "n/a" if r.pixel_auroc is None else f"{r.pixel_auroc:.4f}"
+        pro = "n/a" if r.pro is None else f"{r.pro:.4f}"
+        lines.append(f"{r.category:<13} {r.image_auroc:<12.4f} {pixel:<12} {pro:<7} {r.fit_s['total']:<7.1f} "
+                     f"{r.infer_ms.get('total', float('nan')):.1f}")
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m engine evaluate",
-        description="Fit on train/good of an MVTec-layout category, score test/*, print image and "
-                    "pixel AUROC and timings.",
+        description="Per MVTec-layout category: fit on train/good, score test/*, print image AUROC, pixel "
+                    "AUROC, PRO, fit time and ROI latency.",
     )
-    parser.add_argument("category", type=Path, help="folder with train/good, test/<good|defect>, ground_truth/")
+    parser.add_argument("categories", type=Path, nargs="+", metavar="category",
+                        help="folder with train/good, test/<good|defect>, ground_truth/")
     parser.add_argument("--max-train", type=int, default=None,
                         help="fit on N evenly spaced train images (sorted by name); default all")
     parser.add_argument("--input-size", type=int, default=None, help="square input side (default: backbone's)")
@@ -409,26 +400,50 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--weights", type=Path, default=None, help="backbone weights file")
     parser.add_argument("--data-root", type=Path, default=None, help="where the model is written (default: temp)")
     parser.add_argument("--pixel-side", type=int, default=256, help="side maps/masks are resized to (256)")
-    parser.add_argument("--panel", type=Path, default=None, help="write a PNG panel of heatmaps there")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--panel", type=Path, default=None,
+                        help="write a PNG panel of heatmaps there (one category: that path; several: "
+                             "<stem>-<category><suffix>)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the text report")
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON report to this file")
     parser.add_argument("--verbose", action="store_true", help="engine logs on stderr")
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    return parser
+
+
+def _panel_path(panel: Path | None, category: Path, several: bool) -> Path | None:
+    if panel is None or not several:
+        return panel
+    return panel.with_name(f"{panel.stem}-{category.name}{panel.suffix}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     from engine.errors import EngineError
 
     _quiet_logs(args.verbose)
+    several = len(args.categories) > 1
+    reports = []
     try:
-        report = evaluate(
-            args.category, max_train=args.max_train, input_size=args.input_size,
-            coreset_ratio=args.coreset_ratio, backbone=args.backbone, weights=args.weights,
-            data_root=args.data_root, pixel_side=args.pixel_side, panel=args.panel,
-        )
+        for category in args.categories:
+            reports.append(evaluate(
+                category, max_train=args.max_train, input_size=args.input_size,
+                coreset_ratio=args.coreset_ratio, backbone=args.backbone, weights=args.weights,
+                data_root=args.data_root, pixel_side=args.pixel_side,
+                panel=_panel_path(args.panel, category, several),
+            ))
     except (FileNotFoundError, ValueError, EngineError) as exc:   # pydantic's ValidationError is a ValueError
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    # one category: the report itself (as before); several: {"categories": [...]}
+    document = reports[0].as_dict() if not several else {"categories": [r.as_dict() for r in reports]}
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(document, indent=1), encoding="utf-8")
     if args.json:
-        print(json.dumps(report.as_dict()))
+        print(json.dumps(document))
     else:
-        print(format_report(report))
+        print("\n\n".join(format_report(r) for r in reports))
+        if several:
+            print("\n" + format_summary(reports))
     return 0
 
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-__all__ = ["THRESHOLD_GREY", "encode_png", "to_uint8"]
+from engine.schemas import HeatmapFormat, RawArray
+
+__all__ = ["THRESHOLD_GREY", "encode", "encode_png", "to_uint8"]
 
 THRESHOLD_GREY = 128
 
@@ -28,3 +30,20 @@ def encode_png(grey: np.ndarray) -> bytes:
     if not ok:
         raise RuntimeError("PNG encoding failed")
     return buf.tobytes()
+
+
+def encode(amap: np.ndarray, scale: float, fmt: HeatmapFormat) -> tuple[bytes | None, RawArray | None]:
+    """(H, W) float map -> (PNG bytes, raw array) in the asked format; the other one is None.
+
+    png: 8-bit grey PNG; uint8: the same grey levels as a raw array; float32: the map itself;
+    none: neither.
+    """
+    if fmt == "png":
+        return encode_png(to_uint8(amap, scale)), None
+    if fmt == "uint8":
+        grey = to_uint8(amap, scale)
+        return None, RawArray(dtype="uint8", shape=grey.shape, data=grey.tobytes())
+    if fmt == "float32":
+        raw = np.ascontiguousarray(amap, np.float32)
+        return None, RawArray(dtype="float32", shape=raw.shape, data=raw.tobytes())
+    return None, None

@@ -15,12 +15,40 @@ from PIL import Image, UnidentifiedImageError
 
 from engine.errors import InvalidImage, PayloadTooLarge
 
-__all__ = ["IMAGE_SUFFIXES", "MIN_SIDE", "SUPPORTED_FORMATS", "decode_image", "from_array", "resize_square"]
+__all__ = [
+    "IMAGE_SUFFIXES", "MIN_SIDE", "SUPPORTED_FORMATS", "ImageInput", "decode_image", "decode_input", "from_array",
+    "resize_square",
+]
 
 SUPPORTED_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
 # file name endings of those formats, wherever images are listed from a folder
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MIN_SIDE = 8
+# what callers may hand the engine as an image: encoded file bytes or a pixel array
+ImageInput = bytes | bytearray | memoryview | np.ndarray
+
+
+def decode_input(image: object, *, max_bytes: int, max_pixels: int, what: str = "image") -> np.ndarray:
+    """Encoded bytes or a pixel array -> (H, W, 3) uint8 RGB, within the size limits.
+
+    ``what`` names the image in error messages ("image 3" of a fit).
+
+    Raises:
+        InvalidImage: not bytes or an array, or not decodable.
+        PayloadTooLarge: over ``max_bytes`` encoded bytes or ``max_pixels`` pixels.
+    """
+    if isinstance(image, np.ndarray):
+        return from_array(image, max_pixels)
+    if not isinstance(image, bytes | bytearray | memoryview):
+        raise InvalidImage(f"{what} must be encoded image bytes or a pixel array")
+    if len(image) > max_bytes:
+        raise PayloadTooLarge(f"{what} has {len(image)} bytes; the limit is {max_bytes}")
+    try:
+        return decode_image(image, max_pixels)
+    except (InvalidImage, PayloadTooLarge) as exc:
+        if what == "image":
+            raise
+        raise type(exc)(f"{what}: {exc.message}") from exc
 
 
 def decode_image(data: bytes | bytearray | memoryview, max_pixels: int) -> np.ndarray:

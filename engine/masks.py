@@ -66,7 +66,9 @@ def shape_mask(shape: Shape | None, height: int, width: int) -> np.ndarray | Non
             )
         xs = np.arange(width) + 0.5
         ys = np.arange(height) + 0.5
-        mask = ((ys >= shape.y) & (ys < shape.y + shape.h))[:, None] & ((xs >= shape.x) & (xs < shape.x + shape.w))[None, :]
+        rows = (ys >= shape.y) & (ys < shape.y + shape.h)
+        cols = (xs >= shape.x) & (xs < shape.x + shape.w)
+        mask = rows[:, None] & cols[None, :]
     else:
         if isinstance(shape, AnnulusShape) and shape.r_inner >= shape.r:
             raise InvalidShape(f"annulus r_inner={shape.r_inner} must be smaller than r={shape.r}")

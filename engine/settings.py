@@ -1,8 +1,9 @@
-"""The engine's one configuration object, read from the environment (and an optional YAML file).
+"""The engine's one configuration object, and the base every settings object of the process uses.
 
 Precedence, highest first: keyword arguments, environment variables, the YAML file named by
 ``BACKEND_CONFIG``, defaults. YAML keys may be the environment names (``PATCHCORE_DISTANCE``)
-or the field names (``distance``).
+or the field names (``distance``). The doors (``ipc.settings``, ``http_compat.settings``) and the
+service (``service.settings``) read their own settings the same way, from the same file.
 """
 
 from __future__ import annotations
@@ -13,18 +14,19 @@ import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, ValidationInfo, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
 
-__all__ = ["Settings"]
+__all__ = ["EnvSettings", "Settings", "env_field"]
 
 
-def _env(name: str, field: str) -> Any:
-    return Field(validation_alias=AliasChoices(name, field))
+def env_field(default: Any, env_name: str, field_name: str, **constraints: Any) -> Any:
+    """A settings field read from ``env_name`` (or ``field_name`` in YAML and keyword arguments)."""
+    return Field(default, validation_alias=AliasChoices(env_name, field_name), **constraints)
 
 
 class _YamlFileSource(PydanticBaseSettingsSource):
@@ -43,13 +45,56 @@ class _YamlFileSource(PydanticBaseSettingsSource):
                 raise ValueError(f"BACKEND_CONFIG file {path!r} cannot be read: {exc}") from exc
             if not isinstance(loaded, dict):
                 raise ValueError(f"BACKEND_CONFIG file {path!r} must hold a mapping")
-            self._data = loaded
+            # one file configures the engine and both doors: each settings class takes its own keys
+            self._data = {key: value for key, value in loaded.items() if key in _names(settings_cls)}
 
     def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
         return self._data.get(field_name), field_name, False
 
     def __call__(self) -> dict[str, Any]:
         return dict(self._data)
+
+
+def _names(settings_cls: type[BaseSettings]) -> set[str]:
+    """Every name a field of ``settings_cls`` answers to: field names and environment names."""
+    names = set()
+    for name, info in settings_cls.model_fields.items():
+        names.add(name)
+        alias = info.validation_alias
+        if isinstance(alias, AliasChoices):
+            names.update(choice for choice in alias.choices if isinstance(choice, str))
+    return names
+
+
+class EnvSettings(BaseSettings):
+    """Base of every settings object of the process (the engine's, each door's, the service's).
+
+    Precedence, highest first: keyword arguments, environment variables, the YAML file named by
+    ``BACKEND_CONFIG``, defaults. Unknown keyword arguments are errors; a YAML file may hold the
+    keys of every settings object.
+    """
+
+    model_config = SettingsConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _blank_is_none(cls, value: Any, info: ValidationInfo) -> Any:
+        # an empty environment variable means "not set" for the fields whose default is None
+        if value == "" and info.field_name is not None and cls.model_fields[info.field_name].default is None:
+            return None
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        yaml_source = _YamlFileSource(settings_cls, os.environ.get("BACKEND_CONFIG"))
+        return init_settings, env_settings, yaml_source
 
 
 def _default_data_root() -> Path:
@@ -71,10 +116,9 @@ def _default_data_root() -> Path:
     return Path.home() / ".local" / "share" / "inspection-engine"
 
 
-class Settings(BaseSettings):
-    """Every knob of the engine and its two doors. Build one and pass it in; no singleton."""
-
-    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True, frozen=True)
+class Settings(EnvSettings):
+    """Every knob of the engine (the doors and the service have their own). Build one and pass it
+    in; no singleton."""
 
     # storage
     data_root: Path = Field(
@@ -165,57 +209,6 @@ class Settings(BaseSettings):
     max_fit_images: int = Field(
         2000, ge=1, validation_alias=AliasChoices("BACKEND_MAX_FIT_IMAGES", "max_fit_images")
     )
-    max_request_bytes: int = Field(
-        512 * 1024 * 1024, ge=1, validation_alias=AliasChoices("BACKEND_MAX_REQUEST_BYTES", "max_request_bytes")
-    )
-
-    # access
-    api_key: SecretStr | None = Field(None, validation_alias=AliasChoices("BACKEND_API_KEY", "api_key"))
-    allow_remote: bool = Field(
-        False, validation_alias=AliasChoices("BACKEND_ALLOW_REMOTE", "allow_remote"),
-        description="Must be true to bind either door to a non-loopback interface.",
-    )
-
-    # doors
-    zmq_enabled: bool = Field(True, validation_alias=AliasChoices("BACKEND_ZMQ_ENABLED", "zmq_enabled"))
-    zmq_endpoint: str = Field(
-        "tcp://127.0.0.1:5555", validation_alias=AliasChoices("BACKEND_ZMQ_ENDPOINT", "zmq_endpoint")
-    )
-    zmq_events: str | None = Field(None, validation_alias=AliasChoices("BACKEND_ZMQ_EVENTS", "zmq_events"))
-    zmq_workers: int = Field(4, ge=1, le=64, validation_alias=AliasChoices("BACKEND_ZMQ_WORKERS", "zmq_workers"))
-    zmq_max_message_bytes: int = Field(
-        128 * 1024 * 1024, ge=1024,
-        validation_alias=AliasChoices("BACKEND_ZMQ_MAX_MESSAGE", "zmq_max_message_bytes"),
-    )
-    http_enabled: bool = Field(True, validation_alias=AliasChoices("BACKEND_HTTP_ENABLED", "http_enabled"))
-    http_host: str = Field("127.0.0.1", validation_alias=AliasChoices("BACKEND_HTTP_HOST", "http_host"))
-    http_port: int = Field(8000, ge=0, le=65535, validation_alias=AliasChoices("BACKEND_HTTP_PORT", "http_port"))
-
-    # logs
-    log_level: str = Field("INFO", validation_alias=AliasChoices("BACKEND_LOG_LEVEL", "log_level"))
-    log_json: bool = Field(True, validation_alias=AliasChoices("BACKEND_LOG_JSON", "log_json"))
-
-    @field_validator("api_key", mode="before")
-    @classmethod
-    def _empty_key_is_none(cls, value: Any) -> Any:
-        return None if value in ("", None) else value
-
-    @field_validator("weights", "zmq_events", mode="before")
-    @classmethod
-    def _empty_is_none(cls, value: Any) -> Any:
-        return None if value == "" else value
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        yaml_source = _YamlFileSource(settings_cls, os.environ.get("BACKEND_CONFIG"))
-        return init_settings, env_settings, yaml_source
 
     @property
     def effective_batch_size(self) -> int:

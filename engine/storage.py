@@ -238,10 +238,11 @@ class ModelStore:
         folder = self.model_dir(role_id, roi_id)
         where = f"{role_id}/{roi_id}"
         if not (folder / MANIFEST).is_file():
-            raise ModelNotFound(f"memory not found for role_id={role_id} roi_id={roi_id}: run /fit_ok first")
+            raise ModelNotFound(f"memory not found for role_id={role_id} roi_id={roi_id}: fit the model first")
         manifest = _read_json(folder / MANIFEST, where)
         if manifest.get("manifest_sha256") != _manifest_digest(manifest):
-            raise CorruptModel(f"model {where}: manifest.json was edited or damaged (checksum mismatch); refit the model")
+            raise CorruptModel(
+                f"model {where}: manifest.json was edited or damaged (checksum mismatch); refit the model")
         version = manifest.get("schema_version")
         if version != SCHEMA_VERSION:
             raise IncompatibleModel(f"model {where} has schema_version {version!r}; this engine reads {SCHEMA_VERSION}")

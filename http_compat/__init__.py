@@ -6,5 +6,6 @@ with uvicorn in a background thread (``start``/``stop``/``port``). Importing doe
 
 from http_compat.app import create_app
 from http_compat.server import HttpServer
+from http_compat.settings import HttpSettings
 
-__all__ = ["HttpServer", "create_app"]
+__all__ = ["HttpServer", "HttpSettings", "create_app"]

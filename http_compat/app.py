@@ -7,10 +7,10 @@ from typing import Any
 from fastapi import FastAPI
 
 from engine.api import Engine
-from engine.settings import Settings
 from http_compat import routes, routes_datasets
 from http_compat.errors import install_error_handlers
 from http_compat.middleware import RequestGate
+from http_compat.settings import HttpSettings
 
 __all__ = ["create_app"]
 
@@ -26,7 +26,7 @@ REST door of the inspection engine, compatible with the existing desktop GUI.
 """
 
 
-def create_app(engine: Engine, settings: Settings) -> FastAPI:
+def create_app(engine: Engine, settings: HttpSettings) -> FastAPI:
     """The shim's app; it serves ``engine`` and never builds or closes it."""
     app = FastAPI(
         title="Inspection engine (REST shim)",
@@ -34,7 +34,7 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
         description=_DESCRIPTION,
         # Starlette's default of 1000 file parts would cut a large fit off with a 400 before the
         # route could answer the configured limit with a 413.
-        form_limits={"max_files": settings.max_fit_images + 1},
+        form_limits={"max_files": engine.settings.max_fit_images + 1},
     )
     app.state.engine = engine
     app.state.settings = settings

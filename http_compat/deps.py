@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
+import structlog
 from fastapi import Depends, Header, Query, Request
 
 from engine.api import Engine
@@ -14,6 +15,7 @@ __all__ = [
     "RecipeDep",
     "RequestIdDep",
     "SettingsDep",
+    "bind_model",
     "first_recipe",
     "get_engine",
     "get_recipe",
@@ -28,8 +30,9 @@ def get_engine(request: Request) -> Engine:
 
 
 def get_settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
+    """The engine's settings (its limits on images and fits apply to uploads before they are read)."""
+    engine: Engine = request.app.state.engine
+    return engine.settings
 
 
 def get_request_id(request: Request) -> str:
@@ -51,6 +54,13 @@ def get_recipe(
 ) -> str | None:
     """The recipe named by the query string, else by the ``X-Recipe-Id`` header."""
     return first_recipe(recipe_id, x_recipe_id)
+
+
+def bind_model(role_id: object, roi_id: object = None) -> None:
+    """Add the model a request names to its log context (call it first in the route's thread,
+    where the engine call runs; RequestGate has bound the request id and op already)."""
+    fields = {name: value for name, value in (("role_id", role_id), ("roi_id", roi_id)) if isinstance(value, str)}
+    structlog.contextvars.bind_contextvars(**fields)
 
 
 EngineDep = Annotated[Engine, Depends(get_engine)]

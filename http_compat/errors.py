@@ -6,10 +6,10 @@ path, 405 wrong method, 413 body too large) and FastAPI's schema errors (422) ge
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -17,9 +17,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.errors import EngineError
 
-__all__ = ["BodyTimeout", "BodyTooLarge", "error_response", "install_error_handlers"]
+__all__ = ["BodyTimeout", "BodyTooLarge", "door_message", "error_response", "install_error_handlers"]
 
-logger = logging.getLogger(__name__)
+log = structlog.get_logger("http_compat")
 
 _HTTP_CODES: Mapping[int, str] = {
     400: "bad_request",
@@ -66,14 +66,24 @@ def _request_id(request: Request) -> str:
     return str(request.scope.get("state", {}).get("request_id", ""))
 
 
-def _gui_message(exc: EngineError) -> str:
-    """The engine's message, with the phrases the GUI looks for guaranteed present."""
+# What a client of this door does about an engine error, added to the engine's message. The
+# existing GUI matches these texts: "memory not found" + "run /fit_ok first" marks an untrained
+# ROI (it then fits from its dataset and retries), "calibration_missing" a missing calibration.
+_HINTS: Mapping[str, tuple[str, str]] = {
+    "model_not_found": ("memory not found", "run /fit_ok first"),
+    "calibration_missing": ("calibration_missing", "run /calibrate_ng or /calibrate_dataset first"),
+}
+
+
+def door_message(exc: EngineError) -> str:
+    """The engine's message with this door's hint, the GUI's phrase guaranteed present."""
     msg = str(exc)
-    if exc.code == "model_not_found" and not ("memory not found" in msg and "run /fit_ok first" in msg):
-        msg = f"{msg} (memory not found; run /fit_ok first)"
-    elif exc.code == "calibration_missing" and "calibration_missing" not in msg:
-        msg = f"calibration_missing: {msg}"
-    return msg
+    if exc.code not in _HINTS:
+        return msg
+    phrase, hint = _HINTS[exc.code]
+    if phrase not in msg:
+        msg = f"{phrase}: {msg}"
+    return f"{msg} ({hint})"
 
 
 async def _engine_error(request: Request, exc: Exception) -> JSONResponse:
@@ -81,9 +91,8 @@ async def _engine_error(request: Request, exc: Exception) -> JSONResponse:
     # status lives on the error class (ModelNotFound 404, CalibrationMissing 428,
     # MmPerPxMismatch 409, InvalidInput 400), so both doors map it the same way
     if exc.status >= 500:
-        logger.error("engine error %s on %s %s: %s", exc.code, request.method, request.url.path, exc,
-                     extra={"request_id": _request_id(request)})
-    return error_response(exc.status, exc.code, _gui_message(exc), _request_id(request))
+        log.error("engine_error", code=exc.code, method=request.method, path=request.url.path, error=str(exc))
+    return error_response(exc.status, exc.code, door_message(exc), _request_id(request))
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:

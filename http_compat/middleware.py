@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import logging
 import re
+import time
 import uuid
 
+import structlog
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -18,7 +19,7 @@ from http_compat.errors import BodyTimeout, BodyTooLarge, error_response
 
 __all__ = ["REQUEST_ID_HEADER", "RequestGate"]
 
-logger = logging.getLogger(__name__)
+log = structlog.get_logger("http_compat")
 
 REQUEST_ID_HEADER = "X-Request-Id"
 # A client id is echoed only when it is short, visible ASCII (a GUID, a trace id); anything else
@@ -28,6 +29,16 @@ _CLOSE = {"Connection": "close"}
 # Longest wait for the next chunk of a request body. uvicorn has no body timeout of its own: an
 # upload that stalls would otherwise hold its connection (and delay shutdown) forever.
 BODY_READ_TIMEOUT_S = 60.0
+
+
+class _ReplyState:
+    """The status of the reply, once its start was sent (0 before)."""
+
+    status: int = 0
+
+    @property
+    def started(self) -> bool:
+        return self.status != 0
 
 
 class RequestGate:
@@ -48,23 +59,55 @@ class RequestGate:
         client_id = headers.get(REQUEST_ID_HEADER, "")
         rid = client_id if _CLIENT_ID.fullmatch(client_id) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = rid
-        started = False
+        # each request runs in its own task (its own context copy), and the routes' worker threads
+        # inherit it: every log line of this request, the engine's included, carries these fields
+        structlog.contextvars.bind_contextvars(request_id=rid, op=scope.get("path", "").strip("/"))
+        reply = _ReplyState()
+        t0 = time.perf_counter()
 
         async def send_tagged(message: Message) -> None:
-            nonlocal started
             if message["type"] == "http.response.start":
-                started = True
+                reply.status = int(message["status"])
                 MutableHeaders(scope=message)[REQUEST_ID_HEADER] = rid
             await send(message)
 
+        try:
+            await self._serve(scope, receive, send_tagged, headers, rid, reply)
+        finally:
+            log.info("http_request", method=scope.get("method"), status=reply.status,
+                     ms=round((time.perf_counter() - t0) * 1e3, 3))
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send, headers: Headers, rid: str,
+                     reply: _ReplyState) -> None:
         refusal = self._refuse(headers)
         if refusal is not None:
             status, code, message = refusal
             # The body was never read: close the connection rather than leave the client's upload
             # (possibly gigabytes) hanging on a keep-alive connection.
-            await error_response(status, code, message, rid, headers=_CLOSE)(scope, receive, send_tagged)
+            await error_response(status, code, message, rid, headers=_CLOSE)(scope, receive, send)
             return
+        try:
+            await self.app(scope, self._counted(receive), send)
+        except BodyTooLarge as exc:
+            if reply.started:
+                raise
+            await error_response(413, "payload_too_large", str(exc.detail), rid, headers=exc.headers)(
+                scope, receive, send
+            )
+        except BodyTimeout as exc:
+            if reply.started:
+                raise
+            await error_response(408, "request_timeout", str(exc.detail), rid, headers=exc.headers)(
+                scope, receive, send
+            )
+        except Exception:
+            if reply.started:
+                raise
+            log.exception("http_unhandled_error", method=scope.get("method"))
+            await error_response(500, "internal_error", "internal server error", rid)(scope, receive, send)
 
+    def _counted(self, receive: Receive) -> Receive:
+        """``receive`` with the body size limit and the per-chunk read timeout enforced."""
         received = 0
         body_done = False
 
@@ -83,28 +126,7 @@ class RequestGate:
                     raise BodyTooLarge(self._max)
             return message
 
-        try:
-            await self.app(scope, receive_counted, send_tagged)
-        except BodyTooLarge as exc:
-            if started:
-                raise
-            await error_response(413, "payload_too_large", str(exc.detail), rid, headers=exc.headers)(
-                scope, receive, send_tagged
-            )
-        except BodyTimeout as exc:
-            if started:
-                raise
-            await error_response(408, "request_timeout", str(exc.detail), rid, headers=exc.headers)(
-                scope, receive, send_tagged
-            )
-        except Exception:
-            if started:
-                raise
-            logger.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"),
-                             extra={"request_id": rid})
-            await error_response(500, "internal_error", "internal server error", rid)(
-                scope, receive, send_tagged
-            )
+        return receive_counted
 
     def _refuse(self, headers: Headers) -> tuple[int, str, str] | None:
         """(status, code, message) when the request must be answered without reading its body."""

@@ -11,12 +11,19 @@ from typing import Annotated, Any
 from fastapi import APIRouter, File, Form, Query, UploadFile
 
 from engine.schemas import HeatmapFormat
-from http_compat.deps import EngineDep, RecipeDep, RequestIdDep, SettingsDep, first_recipe
+from http_compat.deps import EngineDep, RecipeDep, RequestIdDep, SettingsDep, bind_model, first_recipe
 from http_compat.uploads import UploadedImages, collect_images, parse_batch_items
 from http_compat.wire import (
-    CalibrateNgRequest, CalibrationReply, DeleteReply, FitReply, HealthReply, InferBatchReply, InferReply,
+    CalibrateNgRequest,
+    CalibrationReply,
+    DeleteReply,
+    FitReply,
+    HealthReply,
+    InferBatchReply,
+    InferReply,
     ModelsReply,
-    StateReply, error_responses,
+    StateReply,
+    error_responses,
 )
 
 __all__ = ["router"]
@@ -51,6 +58,7 @@ def fit_ok(
     model_key: _ModelKeyForm = None,
     recipe_id: _RecipeForm = None,
 ) -> FitReply:
+    bind_model(role_id, roi_id)
     files = collect_images(settings, images, images_brackets, max_count=settings.max_fit_images)
     res = engine.fit_ok(
         role_id, roi_id, mm_per_px, UploadedImages(files) if files else None, operator_id=operator_id,
@@ -62,6 +70,7 @@ def fit_ok(
 @router.post("/calibrate_ng", response_model=CalibrationReply, responses=error_responses(400, 404, 409),
              summary="Set the threshold from OK (and optionally NG) scores")
 def calibrate_ng(body: CalibrateNgRequest, engine: EngineDep, rid: RequestIdDep, recipe: RecipeDep) -> CalibrationReply:
+    bind_model(body.role_id, body.roi_id)
     res = engine.calibrate_ng(
         body.role_id, body.roi_id, body.mm_per_px, body.ok_scores, body.ng_scores,
         body.score_percentile, body.area_mm2_thr, recipe_id=first_recipe(body.recipe_id, recipe),
@@ -85,6 +94,7 @@ def infer(
                                                        "none.")] = "png",
     recipe_id: _RecipeForm = None,
 ) -> InferReply:
+    bind_model(role_id, roi_id)
     (upload,) = collect_images(settings, [image], max_count=1)
     res = engine.infer(
         role_id, roi_id, mm_per_px, UploadedImages([upload])[0], shape if shape and shape.strip() else None,
@@ -106,6 +116,7 @@ def infer_batch(
     heatmap: Annotated[HeatmapFormat, Form()] = "none",
     recipe_id: _RecipeForm = None,
 ) -> InferBatchReply:
+    bind_model(role_id)
     uploads = UploadedImages(collect_images(settings, images, max_count=settings.max_fit_images))
     specs = parse_batch_items(items, len(uploads))
     batch = [{**spec, "image": uploads[i]} for i, spec in enumerate(specs)]
@@ -120,6 +131,7 @@ def state(
     engine: EngineDep, rid: RequestIdDep, recipe: RecipeDep, role_id: _RoleQuery, roi_id: _RoiQuery,
     model_key: Annotated[str | None, Query(description="Accepted for the GUI; equals roi_id.")] = None,
 ) -> StateReply:
+    bind_model(role_id, roi_id)
     res = engine.state(role_id, roi_id, recipe_id=recipe)
     return StateReply(**res.model_dump(), model_key=res.roi_id, request_id=rid)
 
@@ -127,6 +139,7 @@ def state(
 @router.get("/manifest", response_model=dict[str, Any], responses=error_responses(400, 404),
             summary="The stored manifest.json of a model, verbatim (request id in the header only)")
 def manifest(engine: EngineDep, recipe: RecipeDep, role_id: _RoleQuery, roi_id: _RoiQuery) -> dict[str, Any]:
+    bind_model(role_id, roi_id)
     return engine.manifest(role_id, roi_id, recipe_id=recipe)
 
 
@@ -139,4 +152,5 @@ def list_models(engine: EngineDep, rid: RequestIdDep, recipe: RecipeDep) -> Mode
                summary="Delete one stored model")
 def delete_model(engine: EngineDep, rid: RequestIdDep, recipe: RecipeDep,
                  role_id: _RoleQuery, roi_id: _RoiQuery) -> DeleteReply:
+    bind_model(role_id, roi_id)
     return DeleteReply(**engine.delete_model(role_id, roi_id, recipe_id=recipe).model_dump(), request_id=rid)

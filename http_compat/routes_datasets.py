@@ -10,11 +10,17 @@ from fastapi import APIRouter, File, Form, Path, Query, UploadFile
 from fastapi.responses import Response
 
 from engine.errors import InvalidInput
-from http_compat.deps import EngineDep, RecipeDep, RequestIdDep, SettingsDep, first_recipe
+from http_compat.deps import EngineDep, RecipeDep, RequestIdDep, SettingsDep, bind_model, first_recipe
 from http_compat.uploads import UploadedImages, collect_images, parse_json_part, part_filename
 from http_compat.wire import (
-    CalibrateDatasetRequest, CalibrationReply, DatasetClearReply, DatasetListingReply,
-    DatasetSampleReply, InferDatasetReply, InferDatasetRequest, error_responses,
+    CalibrateDatasetRequest,
+    CalibrationReply,
+    DatasetClearReply,
+    DatasetListingReply,
+    DatasetSampleReply,
+    InferDatasetReply,
+    InferDatasetRequest,
+    error_responses,
 )
 
 __all__ = ["router"]
@@ -46,7 +52,9 @@ def dataset_upload(
                                                   "label, filename, mm_per_px, shape_json, ...")] = None,
     recipe_id: Annotated[str | None, Form()] = None,
 ) -> DatasetSampleReply:
-    files = collect_images(settings, images, images_brackets, [image] if image else None, max_count=settings.max_fit_images)
+    bind_model(role_id, roi_id)
+    files = collect_images(settings, images, images_brackets, [image] if image else None,
+                           max_count=settings.max_fit_images)
     if len(files) != 1:
         raise InvalidInput(f"a dataset upload takes exactly one image part, got {len(files)}")
     meta = parse_json_part("metas", metas)
@@ -62,6 +70,7 @@ def dataset_upload(
 @router.get("/datasets/list", response_model=DatasetListingReply, summary="Stored samples per class")
 def dataset_list(engine: EngineDep, rid: RequestIdDep, recipe: RecipeDep,
                  role_id: _RoleQuery, roi_id: _RoiQuery) -> DatasetListingReply:
+    bind_model(role_id, roi_id)
     return DatasetListingReply(**engine.dataset_list(role_id, roi_id, recipe_id=recipe).model_dump(), request_id=rid)
 
 
@@ -70,6 +79,7 @@ def dataset_list(engine: EngineDep, rid: RequestIdDep, recipe: RecipeDep,
     **error_responses(404)}, summary="The stored image of one sample")
 def dataset_file(engine: EngineDep, recipe: RecipeDep, role_id: _RoleQuery, roi_id: _RoiQuery,
                  label: _LabelQuery, filename: _FilenameQuery) -> Response:
+    bind_model(role_id, roi_id)
     data = engine.dataset_file(role_id, roi_id, label, filename, recipe_id=recipe)
     media = _MEDIA_TYPES.get(PurePath(filename).suffix.lower(), "application/octet-stream")
     return Response(data, media_type=media)
@@ -79,6 +89,7 @@ def dataset_file(engine: EngineDep, recipe: RecipeDep, role_id: _RoleQuery, roi_
                summary="Delete one sample (image and metadata)")
 def dataset_delete(engine: EngineDep, rid: RequestIdDep, recipe: RecipeDep, role_id: _RoleQuery,
                    roi_id: _RoiQuery, label: _LabelQuery, filename: _FilenameQuery) -> DatasetClearReply:
+    bind_model(role_id, roi_id)
     res = engine.dataset_delete(role_id, roi_id, label, filename, recipe_id=recipe)
     return DatasetClearReply(**res.model_dump(), request_id=rid)
 
@@ -87,6 +98,7 @@ def dataset_delete(engine: EngineDep, rid: RequestIdDep, recipe: RecipeDep, role
             summary="The metadata stored with one sample, verbatim (request id in the header only)")
 def dataset_meta(engine: EngineDep, recipe: RecipeDep, role_id: _RoleQuery, roi_id: _RoiQuery,
                  label: _LabelQuery, filename: _FilenameQuery) -> dict[str, Any]:
+    bind_model(role_id, roi_id)
     return engine.dataset_meta(role_id, roi_id, label, filename, recipe_id=recipe)
 
 
@@ -94,6 +106,7 @@ def dataset_meta(engine: EngineDep, recipe: RecipeDep, role_id: _RoleQuery, roi_
                summary="Delete every sample of a ROI, or of one class")
 def dataset_clear(engine: EngineDep, rid: RequestIdDep, recipe: RecipeDep, role_id: _RoleQuery,
                   roi_id: _RoiQuery, label: Annotated[Label | None, Query()] = None) -> DatasetClearReply:
+    bind_model(role_id, roi_id)
     res = engine.dataset_clear(role_id, roi_id, label, recipe_id=recipe)
     return DatasetClearReply(**res.model_dump(), request_id=rid)
 
@@ -102,6 +115,7 @@ def dataset_clear(engine: EngineDep, rid: RequestIdDep, recipe: RecipeDep, role_
              summary="Score the stored OK/NG samples and set the threshold from them")
 def calibrate_dataset(body: CalibrateDatasetRequest, engine: EngineDep, rid: RequestIdDep,
                       recipe: RecipeDep) -> CalibrationReply:
+    bind_model(body.role_id, body.roi_id)
     res = engine.calibrate_dataset(
         body.role_id, body.roi_id, body.default_mm_per_px, body.score_percentile, body.area_mm2_thr,
         recipe_id=first_recipe(body.recipe_id, recipe),
@@ -113,6 +127,7 @@ def calibrate_dataset(body: CalibrateDatasetRequest, engine: EngineDep, rid: Req
              summary="Score every stored sample (per-sample failures are reported in items[].error)")
 def infer_dataset(body: InferDatasetRequest, engine: EngineDep, rid: RequestIdDep,
                   recipe: RecipeDep) -> InferDatasetReply:
+    bind_model(body.role_id, body.roi_id)
     res = engine.infer_dataset(
         body.role_id, body.roi_id, body.default_mm_per_px, body.include_heatmap,
         recipe_id=first_recipe(body.recipe_id, recipe),

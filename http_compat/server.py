@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import logging
 import math
 import os
 import socket
@@ -12,15 +11,16 @@ import threading
 import time
 from collections.abc import Iterator
 
+import structlog
 import uvicorn
 
 from engine.api import Engine
-from engine.settings import Settings
 from http_compat.app import create_app
+from http_compat.settings import HttpSettings
 
 __all__ = ["HttpServer", "is_loopback"]
 
-logger = logging.getLogger(__name__)
+log = structlog.get_logger("http_compat")
 
 
 def is_loopback(host: str) -> bool:
@@ -76,7 +76,7 @@ class HttpServer:
         ValueError: ``http_host`` is not loopback and ``settings.allow_remote`` is false.
     """
 
-    def __init__(self, engine: Engine, settings: Settings) -> None:
+    def __init__(self, engine: Engine, settings: HttpSettings) -> None:
         host = settings.http_host
         if not is_loopback(host) and not settings.allow_remote:
             raise ValueError(
@@ -110,10 +110,8 @@ class HttpServer:
         sock = _listen(host.strip("[]"), port)
         self._port = int(sock.getsockname()[1])
         if not is_loopback(host):
-            logger.warning(
-                "HTTP door bound to non-loopback host %s:%d (allow_remote=true)%s", host, self._port,
-                "" if self._settings.api_key is not None else "; no API key is set, anyone on the network can call it",
-            )
+            log.warning("http_remote_bind", host=host, port=self._port, api_key_set=self._settings.api_key is not None,
+                        note="non-loopback host (allow_remote=true): reachable from other machines")
         config = uvicorn.Config(
             create_app(self._engine, self._settings),
             log_config=None,          # the host application owns logging configuration
@@ -123,13 +121,14 @@ class HttpServer:
             # longer than the idle timeout of .NET's connection pool (60-100 s), so the server never
             # closes a pooled connection just as the GUI sends its next request on it
             timeout_keep_alive=130,
+            access_log=False,         # RequestGate logs each request as a structured event
         )
         server = _ThreadServer(config)
         self._server = server
         self._thread = threading.Thread(target=self._serve, args=(server, sock), name="http-compat", daemon=True)
         self._thread.start()
         self._wait_started(server, timeout)
-        logger.info("HTTP door listening on %s", self.url)
+        log.info("http_listening", url=self.url)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop accepting, let running requests finish for up to ``timeout`` s, then cancel them."""
@@ -143,7 +142,7 @@ class HttpServer:
             server.force_exit = True
             thread.join(5.0)
         if thread.is_alive():
-            logger.error("HTTP door thread did not stop within %.1f s", timeout + 6.0)
+            log.error("http_stop_timeout", seconds=timeout + 6.0)
         self._server = self._thread = None
         self._port = None
 
@@ -159,7 +158,7 @@ class HttpServer:
             server.run(sockets=[sock])
         except BaseException as exc:  # noqa: BLE001 - uvicorn reports startup failures as SystemExit
             self._failure = exc
-            logger.exception("HTTP door stopped with an error")
+            log.exception("http_failed", note="the HTTP door stopped with an error")
         finally:
             sock.close()
 

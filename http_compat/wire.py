@@ -13,9 +13,22 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine.schemas import (
-    BatchError, CalibrationResult, DatasetClearResult, DatasetItemResult, DatasetListing, DatasetSample,
-    DeleteResult, FitResult, HealthResult, InferBatchResult, InferDatasetResult, InferResult, ModelSummary,
-    RawArray, Region, StateResult,
+    BatchError,
+    CalibrationResult,
+    DatasetClearResult,
+    DatasetItemResult,
+    DatasetListing,
+    DatasetSample,
+    DeleteResult,
+    FitResult,
+    HealthResult,
+    InferBatchResult,
+    InferDatasetResult,
+    InferResult,
+    ModelSummary,
+    RawArray,
+    Region,
+    StateResult,
 )
 
 __all__ = [

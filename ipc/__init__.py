@@ -4,6 +4,7 @@ from ipc.client import EngineClient
 from ipc.errors import EngineUnavailable, IpcError, RemoteError
 from ipc.protocol import OPS, PROTOCOL_VERSION, array_from_wire, array_to_wire
 from ipc.server import IpcServer
+from ipc.settings import IpcSettings
 
 __all__ = [
     "OPS",
@@ -12,6 +13,7 @@ __all__ = [
     "EngineUnavailable",
     "IpcError",
     "IpcServer",
+    "IpcSettings",
     "RemoteError",
     "array_from_wire",
     "array_to_wire",

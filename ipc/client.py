@@ -21,8 +21,19 @@ import zmq
 from pydantic import BaseModel
 
 from engine.schemas import (
-    CalibrationResult, DatasetClearResult, DatasetListing, DatasetSample, DeleteResult, FitResult,
-    HealthResult, HeatmapFormat, InferBatchResult, InferDatasetResult, InferResult, ModelSummary, StateResult,
+    CalibrationResult,
+    DatasetClearResult,
+    DatasetListing,
+    DatasetSample,
+    DeleteResult,
+    FitResult,
+    HealthResult,
+    HeatmapFormat,
+    InferBatchResult,
+    InferDatasetResult,
+    InferResult,
+    ModelSummary,
+    StateResult,
 )
 from ipc.errors import EngineUnavailable, RemoteError
 from ipc.protocol import OPS, PROTOCOL_VERSION, array_to_wire, pack, unpack
@@ -113,7 +124,7 @@ class EngineClient:
             request["api_key"] = self._api_key
         payload = pack(request)
         with self._lock:
-            for attempt in range(1, attempts + 1):
+            for _ in range(attempts):
                 reply = self._exchange(payload, req_id, timeout)
                 if reply is not None:
                     break

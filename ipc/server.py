@@ -21,7 +21,6 @@ from __future__ import annotations
 import hmac
 import inspect
 import ipaddress
-import logging
 import queue
 import threading
 import time
@@ -29,19 +28,21 @@ import typing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import structlog
 import zmq
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
+from structlog.contextvars import bound_contextvars
 
 from engine.errors import EngineError, PayloadTooLarge, Unauthorized
-from engine.settings import Settings
 from ipc.protocol import OPS, PROTOCOL_VERSION, image_from_wire, pack, unpack
+from ipc.settings import IpcSettings
 
 if TYPE_CHECKING:
     from engine.api import Engine
 
 __all__ = ["IpcServer"]
 
-log = logging.getLogger(__name__)
+log = structlog.get_logger("ipc")
 
 _INLINE_PARSE_MAX = 64 * 1024      # the front parses messages up to this size to spot health
 _QUEUE_PER_WORKER = 16             # queued requests per worker before "server_busy"
@@ -90,9 +91,27 @@ def _is_local(endpoint: str) -> bool:
         return False
 
 
+# what a client of this door does about an engine error, added to the engine's message
+_HINTS = {"model_not_found": "op fit_ok", "calibration_missing": "op calibrate_ng or calibrate_dataset"}
+
+
 def _error_reply(req_id: Any, status: int, code: str, message: str) -> dict[str, Any]:
     return {"v": PROTOCOL_VERSION, "id": req_id, "ok": False, "status": status,
             "error": {"code": code, "message": message}}
+
+
+def _engine_error_reply(req_id: Any, exc: EngineError) -> dict[str, Any]:
+    hint = _HINTS.get(exc.code)
+    return _error_reply(req_id, exc.status, exc.code, f"{exc.message} ({hint})" if hint else exc.message)
+
+
+def _log_context(req_id: Any, op: str, args: dict[str, Any]) -> dict[str, Any]:
+    """What every log line of this request carries: its id, op, and the model it names."""
+    context: dict[str, Any] = {"request_id": None if req_id is None else str(req_id), "op": op}
+    for name in ("role_id", "roi_id"):
+        if isinstance(args.get(name), str):
+            context[name] = args[name]
+    return context
 
 
 def _to_result(value: Any) -> dict[str, Any]:
@@ -121,7 +140,7 @@ def _describe(exc: ValidationError, name: str) -> str:
 class IpcServer:
     """Serves one Engine over ZeroMQ (msgpack maps, protocol v1) until ``stop()``."""
 
-    def __init__(self, engine: Engine, settings: Settings) -> None:
+    def __init__(self, engine: Engine, settings: IpcSettings) -> None:
         self._engine = engine
         self._settings = settings
         key = settings.api_key
@@ -211,8 +230,7 @@ class IpcServer:
         for t in self._workers:
             t.start()
         self._front.start()
-        log.info("ZeroMQ door listening on %s (events: %s, workers: %d)",
-                 self._endpoint, self._events_endpoint, len(self._workers))
+        log.info("zmq_listening", endpoint=self._endpoint, events=self._events_endpoint, workers=len(self._workers))
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop taking requests, let running ones finish (up to ``timeout`` s), close, join.
@@ -234,12 +252,12 @@ class IpcServer:
         alive = [t.name for t in threads if t.is_alive()]
         if alive:
             # a worker still inside a long engine call: its socket keeps the context open
-            log.warning("ZeroMQ door stopped with threads still running: %s", ", ".join(alive))
+            log.warning("zmq_stopped_with_threads_running", threads=alive)
         else:
             self._ctx.term()
         self._ctx = None
         self._front, self._workers, self._publisher = None, [], None
-        log.info("ZeroMQ door on %s stopped", self._endpoint)
+        log.info("zmq_stopped", endpoint=self._endpoint)
 
     # -- set-up helpers ------------------------------------------------------------------------
 
@@ -251,8 +269,8 @@ class IpcServer:
                 f"refusing to bind {endpoint!r}: not a loopback address. Set BACKEND_ALLOW_REMOTE=true "
                 "(settings.allow_remote) to accept clients from other machines."
             )
-        log.warning("ZeroMQ door binds %s: reachable from other machines%s", endpoint,
-                    "" if self._api_key else ", and no API key is set")
+        log.warning("zmq_remote_bind", endpoint=endpoint, api_key_set=self._api_key is not None,
+                    note="reachable from other machines")
 
     @staticmethod
     def _bind(sock: zmq.Socket[bytes], endpoint: str) -> str:
@@ -307,7 +325,7 @@ class IpcServer:
                     self._forward_results(router, results)
                     break
         except Exception:
-            log.exception("ZeroMQ front loop failed; the door is down")
+            log.exception("zmq_front_failed", note="the ZeroMQ door is down")
         finally:
             router.close(linger=0)
             results.close(linger=0)
@@ -325,11 +343,11 @@ class IpcServer:
         try:
             router.send_multipart([*envelope, payload], zmq.NOBLOCK)
         except zmq.Again:
-            log.warning("reply dropped: the client's queue is full")
+            log.warning("zmq_reply_dropped", reason="the client's queue is full")
         except zmq.ZMQError as exc:
             if exc.errno != zmq.EHOSTUNREACH:
                 raise
-            log.debug("reply dropped: the client disconnected before it came")
+            log.debug("zmq_reply_dropped", reason="the client disconnected before it came")
 
     def _on_request(self, router: zmq.Socket[bytes], frames: list[zmq.Frame]) -> None:
         # ROUTER prefixes the peer identity; a REQ peer adds an empty delimiter, a DEALER may not
@@ -430,7 +448,8 @@ class IpcServer:
                     args = {**args, name: image_from_wire(value)}
         if op == "infer_batch" and isinstance(args.get("items"), list):
             args = {**args, "items": [
-                {**item, "image": image_from_wire(item["image"])} if isinstance(item, dict) and "image" in item else item
+                {**item, "image": image_from_wire(item["image"])}
+                if isinstance(item, dict) and "image" in item else item
                 for item in args["items"]]}
         kwargs = {}
         for name, value in args.items():
@@ -442,6 +461,10 @@ class IpcServer:
         return kwargs
 
     def _execute(self, req_id: Any, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        with bound_contextvars(**_log_context(req_id, op, args)):
+            return self._call(req_id, op, args)
+
+    def _call(self, req_id: Any, op: str, args: dict[str, Any]) -> dict[str, Any]:
         start = time.perf_counter()
         try:
             kwargs = self._bind_args(op, args)
@@ -452,19 +475,19 @@ class IpcServer:
         except _Rejection as exc:
             reply = _error_reply(req_id, exc.status, exc.code, exc.message)
         except EngineError as exc:
-            reply = _error_reply(req_id, exc.status, exc.code, exc.message)
+            reply = _engine_error_reply(req_id, exc)
         except Exception as exc:
-            log.exception("op %s (id %r) failed unexpectedly", op, req_id)
+            log.exception("zmq_op_failed")
             reply = _error_reply(req_id, 500, "internal_error", f"{type(exc).__name__} (see the engine log)")
-        log.debug("op %s id %r -> %s in %.1f ms", op, req_id,
-                  "ok" if reply["ok"] else reply["status"], (time.perf_counter() - start) * 1e3)
+        log.info("zmq_request", status=200 if reply["ok"] else reply["status"],
+                 ms=round((time.perf_counter() - start) * 1e3, 3))
         return reply
 
     def _pack(self, reply: dict[str, Any]) -> bytes:
         try:
             return pack(reply)
         except Exception as exc:
-            log.exception("reply to %r cannot be packed", reply.get("id"))
+            log.exception("zmq_reply_unpackable", request_id=reply.get("id"))
             return pack(_error_reply(reply.get("id"), 500, "internal_error",
                                      f"reply not serializable: {type(exc).__name__}"))
 
@@ -493,12 +516,12 @@ class IpcServer:
                 try:
                     payload = self._pack(self._handle(job))
                 except Exception:            # never lose the worker, never leave a client without reply
-                    log.exception("worker failed on a request")
+                    log.exception("zmq_worker_failed")
                     payload = pack(_error_reply(None, 500, "internal_error", "worker failure"))
                 try:
                     push.send_multipart([*job.envelope, payload], zmq.NOBLOCK)
                 except zmq.Again:            # the front is gone (stop timed out): nobody to answer
-                    log.warning("reply to a request dropped: the door is closed")
+                    log.warning("zmq_reply_dropped", reason="the door is closed")
         finally:
             push.close()
 
@@ -523,7 +546,7 @@ class IpcServer:
                 except zmq.Again:
                     pass                     # PUB drops at its high-water mark; so do we
                 except Exception:
-                    log.exception("progress event not published")
+                    log.exception("zmq_event_not_published")
         finally:
             pub.close(linger=0)
 

@@ -1,7 +1,7 @@
 """Start-up and first-inference figures of the bundle (or of the source tree), for packaging/README.md.
 
     python packaging/measure.py [--exe dist/inspection-engine/inspection-engine] [--runs 3] [--evict]
-    python packaging/measure.py --source            # the same with `python -m engine serve`
+    python packaging/measure.py --source            # the same with `python -m service`
 
 Prepares a data root once (fit on 10 MVTec AD bottle images, 128 px, calibrate), then per run:
 starts the server on it, times process start -> first ZeroMQ ``health`` reply, the first ``infer``
@@ -105,11 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     exe_name = "inspection-engine" + (".exe" if os.name == "nt" else "")
     parser.add_argument("--exe", type=Path, default=ROOT / "dist" / "inspection-engine" / exe_name)
-    parser.add_argument("--source", action="store_true", help="measure `python -m engine serve` instead")
+    parser.add_argument("--source", action="store_true", help="measure `python -m service` instead")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--evict", action="store_true", help="drop the bundle's files from the page cache per run")
     args = parser.parse_args(argv)
-    cmd = [sys.executable, "-m", "engine", "serve"] if args.source else [str(args.exe)]
+    cmd = [sys.executable, "-m", "service"] if args.source else [str(args.exe)]
     train = [_png(p) for p in sorted((DATA / "train" / "good").glob("*.png"))[:10]]
     probe = _png(sorted((DATA / "test" / "broken_large").glob("*.png"))[0])
     with tempfile.TemporaryDirectory() as tmp:
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((health_s, first_ms, second_ms, stop_s))
             print(f"run {run + 1}: first health {health_s:.2f} s, first infer {first_ms:.0f} ms, "
                   f"second infer {second_ms:.0f} ms, SIGTERM -> exit {code} in {stop_s:.2f} s", flush=True)
-    med = [statistics.median(col) for col in zip(*rows)]
+    med = [statistics.median(col) for col in zip(*rows, strict=True)]
     print(f"median of {len(rows)} ({'source' if args.source else args.exe}, {'evicted' if args.evict else 'warm'} "
           f"page cache, {os.cpu_count()} CPUs, {platform.platform()}, load avg "
           f"{os.getloadavg()[0] if hasattr(os, 'getloadavg') else 'n/a'}): first health {med[0]:.2f} s, "

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-MVTEC_BOTTLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mvtec_ad" / "bottle"
+from tests.support import MVTEC_BOTTLE
 
 
 @pytest.fixture(scope="session")

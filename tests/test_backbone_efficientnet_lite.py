@@ -21,8 +21,7 @@ from engine.backbones.efficientnet_lite import (
     load_efficientnet_lite,
 )
 from engine.errors import InvalidShape, WeightsError
-
-BOTTLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mvtec_ad" / "bottle"
+from tests.support import load_bgr
 
 # name -> (reference model name, stride-8 block, stride-16 block, feature dim)
 EXPECTED = {
@@ -180,20 +179,17 @@ def test_missing_package_raises(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "efficientnet-lite0-57934424.pth" in message and SHA256["efficientnet_lite0"] in message
 
 
-def _bottle(index: int, size: int) -> np.ndarray:
-    path = BOTTLE / "train" / "good" / f"{index:03d}.png"
-    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    assert bgr is not None, f"cannot read {path}"
-    rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-    return cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA)  # H W 3 uint8
+def _bottle(folder: Path, index: int, size: int) -> np.ndarray:
+    bgr = load_bgr(folder / "train" / "good" / f"{index:03d}.png", size)
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)  # H W 3 uint8
 
 
-def test_pasted_patch_is_most_anomalous(model: EfficientNetLite) -> None:
-    if not (BOTTLE / "train" / "good").is_dir():
-        pytest.skip(f"MVTec AD bottle data not found at {BOTTLE}")
+@pytest.mark.slow
+def test_pasted_patch_is_most_anomalous(model: EfficientNetLite, bottle_dir: Path) -> None:
+    """A nearest-neighbour memory of 10 real bottles' features: a pasted checkerboard is the farthest patch."""
     size, y0, x0, side = 224, 96, 136, 48
-    bank_images = torch.from_numpy(np.stack([_bottle(i, size) for i in range(10)]))
-    clean = _bottle(10, size)
+    bank_images = torch.from_numpy(np.stack([_bottle(bottle_dir, i, size) for i in range(10)]))
+    clean = _bottle(bottle_dir, 10, size)
     yy, xx = np.mgrid[0:side, 0:side]
     checker = ((yy // 8 + xx // 8) % 2 * 255).astype(np.uint8)  # side side
     defect = clean.copy()

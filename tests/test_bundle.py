@@ -15,7 +15,6 @@ import json
 import os
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -26,12 +25,11 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import cv2
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "mvtec_ad" / "bottle"
+from tests.support import MVTEC_BOTTLE, REPO, encoded, free_port, load_bgr, png_bytes
+
 SIZE = 128            # ROI side sent (the files are 900 x 900)
 MMPP = 0.1
 ROLE = "bundle"
@@ -44,9 +42,10 @@ SOURCES = ("engine", "ipc", "http_compat", "packaging", "pyproject.toml")
 
 pytestmark = [
     pytest.mark.bundle,
+    pytest.mark.slow,                 # fits on real images too
     pytest.mark.timeout(1500),
-    pytest.mark.skipif(not (DATA / "train" / "good").is_dir() or not (DATA / "test" / "broken_large").is_dir(),
-                       reason=f"MVTec AD bottle images (train/good, test/broken_large) not found at {DATA}"),
+    pytest.mark.skipif(not all((MVTEC_BOTTLE / sub).is_dir() for sub in ("train/good", "test/broken_large")),
+                       reason=f"MVTec AD bottle images (train/good, test/broken_large) not found at {MVTEC_BOTTLE}"),
     pytest.mark.skipif(importlib.util.find_spec("PyInstaller") is None,
                        reason="PyInstaller is not installed (pip install -e '.[bundle]')"),
 ]
@@ -54,7 +53,7 @@ pytestmark = [
 
 def _build_module() -> ModuleType:
     # loaded by path: a plain ``import packaging`` is the PyPI package of that name
-    spec = importlib.util.spec_from_file_location("inspection_engine_build", ROOT / "packaging" / "build.py")
+    spec = importlib.util.spec_from_file_location("inspection_engine_build", REPO / "packaging" / "build.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -65,7 +64,7 @@ def _newest_input_mtime() -> float:
     """Latest change to a source file, or to the set of installed packages (site-packages entries)."""
     stamps = [Path(sysconfig.get_paths()["purelib"]).stat().st_mtime]
     for name in SOURCES:
-        path = ROOT / name
+        path = REPO / name
         files = [path] if path.is_file() else [p for p in path.rglob("*")
                                                if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".md"]
         stamps += [p.stat().st_mtime for p in files]
@@ -83,12 +82,12 @@ def _fresh_bundle(build: ModuleType, dist: Path) -> bool:
 @pytest.fixture(scope="module")
 def executable(tmp_path_factory: pytest.TempPathFactory) -> Path:
     build = _build_module()
-    dist = ROOT / "dist"
+    dist = REPO / "dist"
     if not _fresh_bundle(build, dist):
         log = tmp_path_factory.mktemp("build") / "build.log"
         with log.open("wb") as out:
             try:
-                proc = subprocess.run([sys.executable, str(ROOT / "packaging" / "build.py")], cwd=ROOT,
+                proc = subprocess.run([sys.executable, str(REPO / "packaging" / "build.py")], cwd=REPO,
                                       stdout=out, stderr=subprocess.STDOUT, timeout=BUILD_TIMEOUT_S)
             except subprocess.TimeoutExpired:
                 pytest.fail(f"bundle build took over {BUILD_TIMEOUT_S} s; log: {log}")
@@ -100,31 +99,13 @@ def executable(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return exe
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _load(path: Path) -> np.ndarray:
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    assert img is not None, path
-    return cv2.resize(img, (SIZE, SIZE), interpolation=cv2.INTER_AREA)       # H W 3, BGR
-
-
-def _png(img: np.ndarray) -> bytes:
-    ok, buf = cv2.imencode(".png", img)
-    assert ok
-    return buf.tobytes()
-
-
 @pytest.fixture(scope="module")
 def images() -> dict[str, list[np.ndarray]]:
     return {
-        "train": [_load(p) for p in sorted((DATA / "train" / "good").glob("*.png"))[:10]],
-        "test": [_load(p) for p in sorted((DATA / "test" / "good").glob("*.png"))[:2]]
-        + [_load(p) for p in sorted((DATA / "test" / "broken_large").glob("*.png"))[:3]],
-        "ng": [_load(p) for p in sorted((DATA / "test" / "broken_large").glob("*.png"))[3:6]],
+        "train": [load_bgr(p, SIZE) for p in sorted((MVTEC_BOTTLE / "train" / "good").glob("*.png"))[:10]],
+        "test": [load_bgr(p, SIZE) for p in sorted((MVTEC_BOTTLE / "test" / "good").glob("*.png"))[:2]]
+        + [load_bgr(p, SIZE) for p in sorted((MVTEC_BOTTLE / "test" / "broken_large").glob("*.png"))[:3]],
+        "ng": [load_bgr(p, SIZE) for p in sorted((MVTEC_BOTTLE / "test" / "broken_large").glob("*.png"))[3:6]],
     }
 
 
@@ -132,9 +113,9 @@ def images() -> dict[str, list[np.ndarray]]:
 def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """The settings both engines run with (the frozen one through its environment)."""
     return {
-        "BACKEND_ZMQ_ENDPOINT": f"tcp://127.0.0.1:{_free_port()}",
+        "BACKEND_ZMQ_ENDPOINT": f"tcp://127.0.0.1:{free_port()}",
         "BACKEND_HTTP_HOST": "127.0.0.1",
-        "BACKEND_HTTP_PORT": str(_free_port()),
+        "BACKEND_HTTP_PORT": str(free_port()),
         "BACKEND_BACKBONE": "efficientnet_lite0",   # pinned: a DINOv2 file in the torch hub cache must not switch it
         "BACKEND_LOG_JSON": "true",
         "TORCH_HOME": str(tmp_path_factory.mktemp("torch_home")),
@@ -347,19 +328,14 @@ def test_rest_door_matches_source_engine(ready: dict[str, str], reference: Any,
                                          images: dict[str, list[np.ndarray]]) -> None:
     import httpx
 
-    def encoded(ext: str, img: np.ndarray) -> bytes:
-        ok, buf = cv2.imencode(ext, img)
-        assert ok
-        return buf.tobytes()
-
     # the other formats go through Pillow's plugins (imported by name at run time)
-    others = [encoded(ext, images["test"][-1]) for ext in (".jpg", ".bmp", ".tiff")]
+    others = [encoded(images["test"][-1], ext) for ext in (".jpg", ".bmp", ".tiff")]
     with httpx.Client(base_url=ready["http"], timeout=600) as client:
         door = _RestDoor(client)
-        got = _run(door, "rest", _png, images)
+        got = _run(door, "rest", png_bytes, images)
         got_others = [door.infer(ROLE, "rest", MMPP, data, heatmap="none")["score"] for data in others]
     ref = _EngineDoor(reference)
-    want = _run(ref, "rest", _png, images)
+    want = _run(ref, "rest", png_bytes, images)
     want_others = [ref.infer(ROLE, "rest", MMPP, data, heatmap="none")["score"] for data in others]
     print(f"\nrest: first infer {got['first_infer_ms']:.0f} ms (source {want['first_infer_ms']:.0f} ms); "
           f"scores {np.round(got['scores'], 4).tolist()}; jpg/bmp/tiff {np.round(got_others, 4).tolist()}")

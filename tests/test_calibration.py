@@ -7,8 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from engine.calibration import calibrate, percentile_fraction, score_stats
+from engine.calibration import calibrate, score_stats
 from engine.errors import InvalidInput
+from engine.validate import percentile_fraction
 
 OK = [float(v) for v in range(101)]              # 0..100: p99 = 99.0 exactly
 NG = [200.0 + v for v in range(21)]              # 200..220: p5 = 201.0 exactly

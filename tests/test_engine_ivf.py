@@ -4,21 +4,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 
 from engine.api import Engine
 from engine.settings import Settings
+from tests.support import load_bgr, png_bytes
 
 SIDE = 112
 
 
 def _png(path: Path) -> bytes:
-    img = cv2.resize(cv2.imread(str(path), cv2.IMREAD_COLOR), (SIDE, SIDE), interpolation=cv2.INTER_AREA)
-    return cv2.imencode(".png", img)[1].tobytes()
+    return png_bytes(load_bgr(path, SIDE))
 
 
+@pytest.mark.slow
 def test_ivf_memory_scores_like_the_flat_one(bottle_dir: Path, tmp_path: Path) -> None:
     train = [_png(p) for p in sorted((bottle_dir / "train" / "good").glob("*.png"))[:12]]
     tests = [_png(p) for p in sorted((bottle_dir / "test" / "broken_large").glob("*.png"))[:2]]

@@ -84,7 +84,13 @@ def test_error_carries_message_and_wire_dict(name: str) -> None:
 
 def test_families() -> None:
     from engine.errors import (
-        CorruptModel, IncompatibleModel, InvalidId, InvalidImage, InvalidInput, InvalidShape, ModelFileError,
+        CorruptModel,
+        IncompatibleModel,
+        InvalidId,
+        InvalidImage,
+        InvalidInput,
+        InvalidShape,
+        ModelFileError,
         ReservedRecipe,
     )
     for cls in (InvalidId, InvalidShape, InvalidImage, ReservedRecipe):

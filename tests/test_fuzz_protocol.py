@@ -1,7 +1,8 @@
 """Property-based fuzzing of the ZeroMQ door's message decoding and request validation.
 
-* ``ipc.protocol``: ``unpack`` raises only ValueError, ``array_from_wire`` only ValueError,
-  ``image_from_wire`` only InvalidImage, whatever the bytes or maps.
+* ``ipc.protocol``: ``unpack`` reads what msgpack reads, or raises ValueError (cut or padded
+  messages, non-text map keys included); ``pack`` round-trips exactly; ``array_from_wire`` raises
+  only ValueError, ``image_from_wire`` only InvalidImage, whatever the bytes or maps.
 * ``IpcServer``'s request path (parse, check, bind args, call the engine) on arbitrary msgpack maps,
   near-valid requests included: always a reply map, never ``internal_error``.
 
@@ -11,11 +12,11 @@
 from __future__ import annotations
 
 import inspect
+import math
 import os
 from collections.abc import Iterator
 from typing import Any
 
-import cv2
 import msgpack
 import numpy as np
 import pytest
@@ -24,9 +25,10 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from engine.api import Engine
 from engine.errors import InvalidImage
-from engine.settings import Settings
 from ipc.protocol import OPS, array_from_wire, image_from_wire, pack, unpack
 from ipc.server import IpcServer, _Job
+from service.serve import ServeConfig
+from tests.support import noise, png_bytes
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "200"))
 # no subnormal floats: the engine flushes denormals to zero (engine.features, for CPU speed), and
@@ -41,7 +43,7 @@ SCALARS = (st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | FLOATS
 VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4)
                       | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
 
-_OK = cv2.imencode(".png", np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8))[1].tobytes()
+_OK = png_bytes(noise(16))
 RAW_BUFFERS = st.fixed_dictionaries({
     "dtype": st.sampled_from(["uint8", "uint16", "float32", "int64", "<u2", ""]) | st.text(max_size=6),
     "shape": st.lists(st.integers(-2, 20) | st.booleans() | st.floats(0, 5, allow_subnormal=False)
@@ -96,13 +98,13 @@ def requests(draw: st.DrawFn) -> dict[Any, Any]:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IpcServer]:
     """An IpcServer that is never started: requests go straight to its request path."""
-    settings = Settings(data_root=tmp_path_factory.mktemp("fuzz_ipc"), backbone="efficientnet_lite0", input_size=32,
-                        device="cpu", log_level="WARNING", zmq_endpoint="tcp://127.0.0.1:*")
-    engine = Engine(settings)
+    config = ServeConfig.of(data_root=tmp_path_factory.mktemp("fuzz_ipc"), backbone="efficientnet_lite0",
+                            input_size=32, device="cpu", log_level="WARNING", zmq_endpoint="tcp://127.0.0.1:*")
+    engine = Engine(config.engine)
     rng = np.random.default_rng(1)
     engine.fit_ok("cam1", "a", 0.1, [rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(2)])
     engine.calibrate_ng("cam1", "a", 0.1, [1.0])
-    yield IpcServer(engine, settings)
+    yield IpcServer(engine, config.ipc)
     engine.close()
 
 
@@ -137,29 +139,52 @@ def test_arbitrary_bytes_are_refused_cleanly(server: IpcServer, data: bytes) -> 
     _serve_one(server, data)
 
 
+def _same(a: Any, b: Any) -> bool:
+    """Equal values of the same types all the way down (NaN equals NaN, True is not 1)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, float):
+        return a == b or (math.isnan(a) and math.isnan(b))
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    return bool(a == b)
+
+
+def _packb(value: Any) -> bytes:
+    return msgpack.packb(value, use_bin_type=True)
+
+
+# random bytes, real messages, and messages whose map keys are not text (valid msgpack, refused here)
+NON_TEXT_KEYS = st.integers(-5, 5) | st.booleans() | st.floats(0, 1, allow_subnormal=False)
+WIRE_BYTES = (st.binary(max_size=200) | VALUES.map(_packb)
+              | st.dictionaries(NON_TEXT_KEYS, SCALARS, min_size=1, max_size=3).map(_packb))
+
+
 @FUZZ
-@given(data=st.binary(max_size=200) | VALUES.map(lambda v: msgpack.packb(v, use_bin_type=True)))
-def test_unpack_raises_only_value_error(data: bytes) -> None:
+@given(data=WIRE_BYTES)
+def test_unpack_reads_what_msgpack_reads_or_raises_value_error(data: bytes) -> None:
     try:
-        unpack(data)
-    except ValueError:
-        pass
+        expected = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as exc:  # whatever msgpack raises, unpack must turn it into a ValueError
+        with pytest.raises(ValueError, match=r"^not a msgpack message \(") as info:
+            unpack(data)
+        assert type(exc).__name__ in str(info.value) and info.value.__cause__ is not None
+    else:
+        assert _same(unpack(data), expected), (data, expected)
 
 
 @FUZZ
-@given(value=VALUES)
-def test_pack_unpack_round_trip(value: Any) -> None:
-    assert unpack(pack(value)) == value or value != value or _has_nan(value)
-
-
-def _has_nan(value: Any) -> bool:
-    if isinstance(value, float):
-        return value != value
-    if isinstance(value, list):
-        return any(_has_nan(v) for v in value)
-    if isinstance(value, dict):
-        return any(_has_nan(v) for v in value.values())
-    return False
+@given(value=VALUES, cut=st.integers(1, 64), extra=st.binary(min_size=1, max_size=8))
+def test_pack_unpack_round_trip_and_framing(value: Any, cut: int, extra: bytes) -> None:
+    """One message is exactly one value: a proper prefix or trailing bytes are refused."""
+    data = pack(value)
+    assert _same(unpack(data), value), (value, data)
+    with pytest.raises(ValueError, match="not a msgpack message"):
+        unpack(data[: max(0, len(data) - cut)])
+    with pytest.raises(ValueError, match="not a msgpack message"):
+        unpack(data + extra)
 
 
 @FUZZ

@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import pytest
 import torch
@@ -22,8 +21,9 @@ from hypothesis.errors import Unsatisfiable
 schemathesis = pytest.importorskip("schemathesis")
 
 from engine.api import Engine  # noqa: E402
-from engine.settings import Settings  # noqa: E402
 from http_compat.server import HttpServer  # noqa: E402
+from service.serve import ServeConfig  # noqa: E402
+from tests.support import png_bytes  # noqa: E402
 
 OPERATIONS = 16                       # routes in the shim's schema, about
 EXAMPLES = max(10, int(os.environ.get("FUZZ_EXAMPLES", "200")) // OPERATIONS)
@@ -32,15 +32,15 @@ EXAMPLES = max(10, int(os.environ.get("FUZZ_EXAMPLES", "200")) // OPERATIONS)
 @pytest.fixture(scope="module")
 def http_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HttpServer]:
     root: Path = tmp_path_factory.mktemp("schemathesis")
-    settings_ = Settings(data_root=root, backbone="efficientnet_lite0", input_size=32, device="cpu",
-                         http_host="127.0.0.1", http_port=0, log_level="WARNING")
-    engine = Engine(settings_)
+    config = ServeConfig.of(data_root=root, backbone="efficientnet_lite0", input_size=32, device="cpu",
+                            http_host="127.0.0.1", http_port=0, log_level="WARNING")
+    engine = Engine(config.engine)
     rng = np.random.default_rng(0)
-    images = [cv2.imencode(".png", rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))[1].tobytes() for _ in range(2)]
+    images = [png_bytes(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(2)]
     engine.fit_ok("cam1", "a", 0.1, images)
     engine.calibrate_ng("cam1", "a", 0.1, [1.0, 2.0])
     engine.dataset_upload("cam1", "a", "ok", images[0], "s.png", {"mm_per_px": 0.1})
-    server = HttpServer(engine, settings_)
+    server = HttpServer(engine, config.http)
     server.start()
     yield server
     server.stop(timeout=2)

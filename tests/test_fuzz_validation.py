@@ -19,14 +19,26 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 
-from engine.api import _check_calibration, _check_mm_per_px
-from engine.calibration import percentile_fraction
 from engine.errors import (
-    CorruptModel, EngineError, InvalidId, InvalidImage, InvalidInput, InvalidShape, PayloadTooLarge,
+    CorruptModel,
+    EngineError,
+    InvalidId,
+    InvalidImage,
+    InvalidInput,
+    InvalidShape,
+    PayloadTooLarge,
 )
-from engine.ids import MAX_ID_LENGTH, check_filename, check_id, check_recipe
 from engine.images import decode_image, from_array
 from engine.masks import parse_shape, shape_mask
+from engine.validate import (
+    MAX_ID_LENGTH,
+    check_filename,
+    check_id,
+    check_recipe,
+    percentile_fraction,
+    positive_number,
+    stored_calibration,
+)
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "200"))
 # no subnormal floats: the engine flushes denormals to zero (engine.features, for CPU speed), and
@@ -128,7 +140,7 @@ def test_percentile_fraction_is_a_fraction_or_invalid_input(value: Any) -> None:
 @given(value=VALUES | st.sampled_from(["nan", "inf", "-0", "1e400", "0x10", " 1 ", "1_0"]))
 def test_mm_per_px_is_finite_positive_or_invalid_input(value: Any) -> None:
     try:
-        mm = _check_mm_per_px(value)
+        mm = positive_number(value)
     except InvalidInput:
         return
     assert isinstance(mm, float) and math.isfinite(mm) and mm > 0
@@ -138,7 +150,7 @@ def test_mm_per_px_is_finite_positive_or_invalid_input(value: Any) -> None:
 @given(calibration=st.dictionaries(st.sampled_from(["threshold", "area_mm2_thr", "model_version"]), VALUES))
 def test_calibration_file_values_are_numbers_or_corrupt_model(calibration: dict[str, Any]) -> None:
     try:
-        _check_calibration(calibration, "r/a")
+        stored_calibration(calibration, "r/a")
     except CorruptModel:
         return
     assert all(math.isfinite(float(calibration[k])) for k in ("threshold", "area_mm2_thr"))
@@ -206,6 +218,6 @@ def test_int_beyond_float_range_is_invalid_input_not_overflow(huge: int) -> None
     with pytest.raises(InvalidInput):
         percentile_fraction(huge)
     with pytest.raises(InvalidInput):
-        _check_mm_per_px(huge)
+        positive_number(huge)
     with pytest.raises(CorruptModel):
-        _check_calibration({"threshold": huge, "area_mm2_thr": 1.0}, "r/a")
+        stored_calibration({"threshold": huge, "area_mm2_thr": 1.0}, "r/a")

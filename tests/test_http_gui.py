@@ -25,15 +25,16 @@ import pytest
 from engine.api import Engine
 from engine.settings import Settings
 from http_compat.server import HttpServer
+from http_compat.settings import HttpSettings
+from tests.support import MVTEC_BOTTLE, load_bgr, png_bytes
 
-BOTTLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mvtec_ad" / "bottle"
 SIDE = 224                     # images are downscaled from 900x900 to keep the module fast
 MM = 0.1                       # mm per pixel of the downscaled images
 ROLE, ROI = "cam1", "neck"
 
 pytestmark = pytest.mark.skipif(
-    not (BOTTLE / "train" / "good").is_dir(),
-    reason=f"MVTec AD bottle data not found at {BOTTLE} (shared/data is not part of the repo)",
+    not (MVTEC_BOTTLE / "train" / "good").is_dir(),
+    reason=f"MVTec AD bottle data not found at {MVTEC_BOTTLE} (shared/data is not part of the repo)",
 )
 
 SHAPES = {
@@ -134,18 +135,10 @@ def assert_error(r: httpx.Response, status: int, *codes: str) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- fixtures
 
-def _png(path: Path) -> bytes:
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    assert img is not None, path
-    ok, buf = cv2.imencode(".png", cv2.resize(img, (SIDE, SIDE), interpolation=cv2.INTER_AREA))
-    assert ok
-    return buf.tobytes()
-
-
 @pytest.fixture(scope="module")
 def images() -> dict[str, list[bytes]]:
     def take(sub: str, n: int) -> list[bytes]:
-        return [_png(p) for p in sorted((BOTTLE / sub).glob("*.png"))[:n]]
+        return [png_bytes(load_bgr(p, SIDE)) for p in sorted((MVTEC_BOTTLE / sub).glob("*.png"))[:n]]
 
     return {"train": take("train/good", 6), "good": take("test/good", 2),
             "broken_large": take("test/broken_large", 2), "contamination": take("test/contamination", 1)}
@@ -161,9 +154,7 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
 
 
 def _serve(engine: Engine, root: Path, **overrides: Any) -> HttpServer:
-    settings = Settings(data_root=root, backbone="efficientnet_lite0", input_size=SIDE, device="cpu",
-                        http_host="127.0.0.1", http_port=0, **overrides)
-    srv = HttpServer(engine, settings)
+    srv = HttpServer(engine, HttpSettings(http_host="127.0.0.1", http_port=0, **overrides))
     srv.start()
     return srv
 
@@ -212,6 +203,7 @@ def test_health(gui: Gui) -> None:
     assert body["device"] == "cpu"
 
 
+@pytest.mark.slow
 def test_fit_from_dataset_reports_memory(trained: dict[str, Any]) -> None:
     fit = trained["fit"]
     assert isinstance(fit["n_embeddings"], int) and fit["n_embeddings"] > 0
@@ -220,6 +212,7 @@ def test_fit_from_dataset_reports_memory(trained: dict[str, Any]) -> None:
     assert fit["model_key"] == ROI and fit["model_version"] >= 1
 
 
+@pytest.mark.slow
 def test_calibrate_dataset_reply(trained: dict[str, Any]) -> None:
     calib = trained["calib"]
     assert {"status", "threshold", "score_percentile", "area_mm2_thr", "n_ok", "n_ng", "request_id",
@@ -229,6 +222,7 @@ def test_calibrate_dataset_reply(trained: dict[str, Any]) -> None:
     assert calib["model_key"] == calib["roi_id"] == ROI
 
 
+@pytest.mark.slow
 def test_state_after_training(gui: Gui, trained: dict[str, Any]) -> None:
     body = gui.get("/state", role_id=ROLE, roi_id=ROI, model_key=ROI).json()
     assert body["memory_fitted"] is True and body["calib_present"] is True
@@ -237,6 +231,7 @@ def test_state_after_training(gui: Gui, trained: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize("kind", list(SHAPES))
+@pytest.mark.slow
 def test_infer_each_shape_kind(gui: Gui, trained: dict[str, Any], images: dict[str, list[bytes]],
                                kind: str) -> None:
     good = gui.infer(images["good"][0], shape=SHAPES[kind])
@@ -261,6 +256,7 @@ def test_infer_each_shape_kind(gui: Gui, trained: dict[str, Any], images: dict[s
     assert b["decision"] == "ng" and b["regions"]
 
 
+@pytest.mark.slow
 def test_infer_without_shape_means_whole_image(gui: Gui, trained: dict[str, Any],
                                                images: dict[str, list[bytes]]) -> None:
     whole = gui.infer(images["broken_large"][1]).json()
@@ -268,6 +264,7 @@ def test_infer_without_shape_means_whole_image(gui: Gui, trained: dict[str, Any]
     assert whole["score"] == pytest.approx(rect["score"])
 
 
+@pytest.mark.slow
 def test_infer_dataset(gui: Gui, trained: dict[str, Any]) -> None:
     r = gui.post_json("/infer_dataset", {"role_id": ROLE, "roi_id": ROI, "include_heatmap": True,
                                          "default_mm_per_px": MM})
@@ -283,6 +280,7 @@ def test_infer_dataset(gui: Gui, trained: dict[str, Any]) -> None:
     assert scores["ng_broken.png"] > max(v for k, v in scores.items() if k.startswith("ok_"))
 
 
+@pytest.mark.slow
 def test_dataset_list_file_meta_delete(gui: Gui, trained: dict[str, Any], images: dict[str, list[bytes]]) -> None:
     listing = gui.get("/datasets/list", role_id=ROLE, roi_id=ROI).json()["classes"]
     assert listing["ok"]["count"] == 6 and listing["ng"]["count"] == 2
@@ -313,6 +311,7 @@ def test_dataset_clear_one_class(gui: Gui, images: dict[str, list[bytes]]) -> No
 
 
 @pytest.mark.parametrize("expect_continue", [False, True], ids=["plain", "expect-100"])
+@pytest.mark.slow
 def test_dotnet_request_over_a_raw_socket(server: HttpServer, trained: dict[str, Any],
                                           images: dict[str, list[bytes]], expect_continue: bool) -> None:
     ctype, body = dotnet_multipart(
@@ -353,6 +352,7 @@ def uncalibrated(server: HttpServer, images: dict[str, list[bytes]]) -> dict[str
     return r.json()
 
 
+@pytest.mark.slow
 def test_uncalibrated_infer_is_428_unless_raw_scoring_is_asked(gui: Gui, uncalibrated: dict[str, Any],
                                                                images: dict[str, list[bytes]]) -> None:
     body = assert_error(gui.infer(images["good"][0], roi="raw"), 428, "calibration_missing")
@@ -364,6 +364,7 @@ def test_uncalibrated_infer_is_428_unless_raw_scoring_is_asked(gui: Gui, uncalib
     assert data["score"] > 0 and isinstance(data["heatmap_png_base64"], str)
 
 
+@pytest.mark.slow
 def test_raw_map_only_when_asked(gui: Gui, uncalibrated: dict[str, Any], images: dict[str, list[bytes]]) -> None:
     data = gui.infer(images["good"][0], roi="raw",
                      extra=[("allow_uncalibrated", "true"), ("heatmap", "float32")]).json()
@@ -372,6 +373,7 @@ def test_raw_map_only_when_asked(gui: Gui, uncalibrated: dict[str, Any], images:
     assert arr.shape == (SIDE, SIDE) and np.isfinite(arr).all()
 
 
+@pytest.mark.slow
 def test_calibrate_ng_then_infer(gui: Gui, uncalibrated: dict[str, Any], images: dict[str, list[bytes]]) -> None:
     ng = gui.infer(images["broken_large"][0], roi="raw", extra=[("allow_uncalibrated", "true")]).json()["score"]
     r = gui.post_json("/calibrate_ng", {"role_id": ROLE, "roi_id": "raw", "model_key": "raw", "mm_per_px": MM,
@@ -390,6 +392,7 @@ def test_calibrate_ng_then_infer(gui: Gui, uncalibrated: dict[str, Any], images:
 
 # ---------------------------------------------------------------- recipes
 
+@pytest.mark.slow
 def test_recipe_from_header_form_and_query(server: HttpServer, images: dict[str, list[bytes]]) -> None:
     with Gui(server.url, recipe="R-42") as gui, Gui(server.url) as plain:
         r = gui.form("/fit_ok", [("role_id", ROLE), ("roi_id", "rcp"), ("mm_per_px", "0.1")],
@@ -416,6 +419,7 @@ def test_model_missing_is_404_with_gui_wording(gui: Gui, images: dict[str, list[
     assert "memory not found" in body["error"] and "run /fit_ok first" in body["error"]
 
 
+@pytest.mark.slow
 def test_mm_per_px_mismatch_is_409(gui: Gui, trained: dict[str, Any], images: dict[str, list[bytes]]) -> None:
     assert_error(gui.infer(images["good"][0], mm=0.25), 409, "mm_per_px_mismatch")
 
@@ -426,10 +430,12 @@ def test_mm_per_px_mismatch_is_409(gui: Gui, trained: dict[str, Any], images: di
     "not json",
     '{"kind": "annulus", "cx": 112, "cy": 112, "r": 50, "r_inner": 80}',
 ])
+@pytest.mark.slow
 def test_bad_shape_is_400(gui: Gui, trained: dict[str, Any], images: dict[str, list[bytes]], shape: str) -> None:
     assert_error(gui.infer(images["good"][0], shape=shape), 400, "invalid_shape")
 
 
+@pytest.mark.slow
 def test_bad_image_is_400(gui: Gui, trained: dict[str, Any]) -> None:
     assert_error(gui.infer(b"this is not an image"), 400, "invalid_image")
 
@@ -449,17 +455,21 @@ def test_missing_field_is_422(gui: Gui, images: dict[str, list[bytes]]) -> None:
 
 def test_size_limits_are_413(engine: Engine, tmp_path: Path, images: dict[str, list[bytes]]) -> None:
     # (a declared body over max_request_bytes is refused before reading: tests/test_http_server.py)
-    srv = _serve(engine, tmp_path, max_image_bytes=150_000, max_fit_images=2)   # bottle PNGs are ~65 kB
+    # the door refuses uploads over the engine's limits before reading them
+    limited = Engine(Settings(data_root=tmp_path, backbone="efficientnet_lite0", input_size=SIDE, device="cpu",
+                              max_image_bytes=150_000, max_fit_images=2))   # bottle PNGs are ~65 kB
+    srv = _serve(limited, tmp_path)
     try:
         with Gui(srv.url) as gui:
             big = np.random.default_rng(0).integers(0, 255, (300, 300, 3), dtype=np.uint8)
-            big_png = cv2.imencode(".png", big)[1].tobytes()           # noise barely compresses: ~270 kB
+            big_png = png_bytes(big)                                   # noise barely compresses: ~270 kB
             assert "limit is 150000" in assert_error(gui.infer(big_png), 413, "payload_too_large")["error"]
             three = [("images", f"{i}.png", images["train"][i]) for i in range(3)]
             r = gui.form("/fit_ok", [("role_id", ROLE), ("roi_id", "lim"), ("mm_per_px", "0.1")], three)
             assert "3 images" in assert_error(r, 413, "payload_too_large")["error"]
     finally:
         srv.stop()
+        limited.close()
 
 
 def test_api_key_on_real_calls(engine: Engine, tmp_path: Path, images: dict[str, list[bytes]]) -> None:
@@ -481,6 +491,7 @@ def test_request_id_is_generated_when_absent(server: HttpServer) -> None:
     assert len(rid) == 32 and int(rid, 16) >= 0 and r.json()["request_id"] == rid
 
 
+@pytest.mark.slow
 def test_stop_lets_a_running_request_finish(engine: Engine, tmp_path: Path, images: dict[str, list[bytes]]) -> None:
     srv = _serve(engine, tmp_path)
     result: dict[str, Any] = {}
@@ -507,6 +518,7 @@ def srv_busy(srv: HttpServer) -> bool:
     return server is not None and any(task for task in server.server_state.tasks)
 
 
+@pytest.mark.slow
 def test_infer_batch_scores_like_single_infers(gui: Gui, trained: dict[str, Any],
                                                images: dict[str, list[bytes]]) -> None:
     items = [{"roi_id": ROI, "mm_per_px": MM, "shape": SHAPES["circle"]},

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import signal
 import socket
 import statistics
@@ -12,16 +11,17 @@ from pathlib import Path
 
 import httpx
 import pytest
+from structlog.testing import capture_logs
 
 from engine.api import Engine
-from engine.settings import Settings
 from http_compat.server import HttpServer
+from service.serve import ServeConfig
 
 
-def _settings(root: Path, **overrides: object) -> Settings:
+def _settings(root: Path, **overrides: object) -> ServeConfig:
     base: dict[str, object] = {"data_root": root, "backbone": "efficientnet_lite0", "input_size": 224,
                                "device": "cpu", "http_host": "127.0.0.1", "http_port": 0}
-    return Settings(**{**base, **overrides})
+    return ServeConfig.of(**{**base, **overrides})
 
 
 def raw_http(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
@@ -39,7 +39,7 @@ def raw_http(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
-    eng = Engine(_settings(tmp_path_factory.mktemp("engine")))
+    eng = Engine(_settings(tmp_path_factory.mktemp("engine")).engine)
     yield eng
     eng.close()
 
@@ -48,14 +48,14 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
 def limited(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[HttpServer]:
     """A server with an API key and a 4 KiB request limit."""
     srv = HttpServer(engine, _settings(tmp_path_factory.mktemp("limited"), api_key="k3y",
-                                       max_request_bytes=4096))
+                                       max_request_bytes=4096).http)
     srv.start()
     yield srv
     srv.stop()
 
 
 def test_port_zero_binds_a_free_port_and_stop_releases_it(engine: Engine, tmp_path: Path) -> None:
-    a, b = HttpServer(engine, _settings(tmp_path)), HttpServer(engine, _settings(tmp_path))
+    a, b = HttpServer(engine, _settings(tmp_path).http), HttpServer(engine, _settings(tmp_path).http)
     with a, b:
         assert a.port != b.port and a.port > 0
         r = httpx.get(f"{a.url}/openapi.json", headers={"X-Request-Id": "probe-1"})
@@ -69,18 +69,18 @@ def test_port_zero_binds_a_free_port_and_stop_releases_it(engine: Engine, tmp_pa
 
 def test_start_leaves_signal_handlers_alone(engine: Engine, tmp_path: Path) -> None:
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    with HttpServer(engine, _settings(tmp_path)):
+    with HttpServer(engine, _settings(tmp_path).http):
         assert {sig: signal.getsignal(sig) for sig in before} == before
 
 
 def test_start_twice_is_an_error(engine: Engine, tmp_path: Path) -> None:
-    with HttpServer(engine, _settings(tmp_path)) as srv, pytest.raises(RuntimeError):
+    with HttpServer(engine, _settings(tmp_path).http) as srv, pytest.raises(RuntimeError):
         srv.start()
 
 
 def test_busy_port_raises_oserror_in_start(engine: Engine, tmp_path: Path) -> None:
     with socket.create_server(("127.0.0.1", 0)) as taken:
-        srv = HttpServer(engine, _settings(tmp_path, http_port=taken.getsockname()[1]))
+        srv = HttpServer(engine, _settings(tmp_path, http_port=taken.getsockname()[1]).http)
         with pytest.raises(OSError):
             srv.start()
         with pytest.raises(RuntimeError):
@@ -90,15 +90,15 @@ def test_busy_port_raises_oserror_in_start(engine: Engine, tmp_path: Path) -> No
 @pytest.mark.parametrize("host", ["0.0.0.0", "192.168.10.5", "plant-pc"])
 def test_non_loopback_host_needs_allow_remote(engine: Engine, tmp_path: Path, host: str) -> None:
     with pytest.raises(ValueError, match="allow_remote"):
-        HttpServer(engine, _settings(tmp_path, http_host=host))
+        HttpServer(engine, _settings(tmp_path, http_host=host).http)
 
 
-def test_allowed_remote_bind_logs_a_warning(engine: Engine, tmp_path: Path,
-                                            caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="http_compat.server"):
-        with HttpServer(engine, _settings(tmp_path, http_host="0.0.0.0", allow_remote=True)) as srv:
+def test_allowed_remote_bind_logs_a_warning(engine: Engine, tmp_path: Path) -> None:
+    with capture_logs() as events:
+        with HttpServer(engine, _settings(tmp_path, http_host="0.0.0.0", allow_remote=True).http) as srv:
             assert httpx.get(f"http://127.0.0.1:{srv.port}/openapi.json").status_code == 200
-    assert any("non-loopback" in rec.getMessage() and "no API key" in rec.getMessage() for rec in caplog.records)
+    warnings = [e for e in events if e["event"] == "http_remote_bind"]
+    assert warnings and warnings[0]["log_level"] == "warning" and warnings[0]["api_key_set"] is False
 
 
 def test_api_key_guards_every_path(limited: HttpServer) -> None:
@@ -155,7 +155,7 @@ def test_options_probe_on_unknown_path_is_404(limited: HttpServer) -> None:
 def test_keep_alive_replies_are_not_delayed_by_nagle(engine: Engine, tmp_path: Path) -> None:
     # A listening socket made with proto 0 leaves TCP_NODELAY off on accepted connections, and
     # every reply on a kept-alive connection then waits ~40 ms for a delayed ACK.
-    with HttpServer(engine, _settings(tmp_path)) as srv, \
+    with HttpServer(engine, _settings(tmp_path).http) as srv, \
             socket.create_connection(("127.0.0.1", srv.port), timeout=30) as sock:
         times = []
         for _ in range(15):

@@ -148,7 +148,7 @@ def test_public_names() -> None:
     # run the package's __init__ itself: an editable install made before http_compat/__init__.py
     # existed imports the package as a namespace, which would skip that file
     ns = runpy.run_path(str(Path(http_compat.server.__file__).with_name("__init__.py")))
-    assert ns["__all__"] == ["HttpServer", "create_app"]
+    assert ns["__all__"] == ["HttpServer", "HttpSettings", "create_app"]
     assert all(callable(ns[name]) for name in ns["__all__"])
 
 

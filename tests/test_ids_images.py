@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import io
-import struct
-import zlib
 
 import cv2
 import numpy as np
@@ -12,8 +10,9 @@ import pytest
 from PIL import Image
 
 from engine.errors import InvalidId, InvalidImage, InvalidInput, PayloadTooLarge, ReservedRecipe
-from engine.ids import MAX_ID_LENGTH, check_filename, check_id, check_recipe
 from engine.images import MIN_SIDE, decode_image, from_array, resize_square
+from engine.validate import MAX_ID_LENGTH, check_filename, check_id, check_recipe
+from tests.support import png_header_only
 
 MAX_PIXELS = 64_000_000
 
@@ -166,20 +165,9 @@ def test_accepts_bytearray_and_memoryview(rgb: np.ndarray) -> None:
 # --- images: refusals -----------------------------------------------------------------------------
 
 
-def _png_chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-
-def _png_header_only(width: int, height: int) -> bytes:
-    """A tiny PNG whose IHDR declares width x height (1-bit gray) with no real pixel data."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr)
-            + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + _png_chunk(b"IEND", b""))
-
-
 @pytest.mark.parametrize(("width", "height"), [(30_000, 30_000), (10_000, 8_000)])
 def test_huge_declared_size_is_payload_too_large_before_decode(width: int, height: int) -> None:
-    data = _png_header_only(width, height)
+    data = png_header_only(width, height)
     assert len(data) < 200
     with pytest.raises(PayloadTooLarge) as info:
         decode_image(data, MAX_PIXELS)
@@ -195,7 +183,7 @@ def test_pixel_limit_applies_to_real_images(rgb: np.ndarray) -> None:
 
 def test_corrupt_pixel_data_with_small_header_is_invalid() -> None:
     with pytest.raises(InvalidImage):
-        decode_image(_png_header_only(64, 64), MAX_PIXELS)
+        decode_image(png_header_only(64, 64), MAX_PIXELS)
 
 
 @pytest.mark.parametrize("data", [b"", b"\x00", b"not an image at all",

@@ -10,7 +10,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import cv2
@@ -19,31 +18,19 @@ import pytest
 
 from engine.api import Engine
 from engine.schemas import CalibrationResult, FitResult, InferResult
-from engine.settings import Settings
 from ipc import EngineClient, IpcServer, RemoteError, array_from_wire
+from service.serve import ServeConfig
+from tests.support import MVTEC_BOTTLE, load_bgr, png_bytes
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mvtec_ad" / "bottle"
 SIZE = 128           # ROI side sent over the wire (the files are 900 x 900)
 MMPP = 0.1
 ROLE = "top"
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not (DATA / "train" / "good").is_dir(),
-                       reason=f"MVTec AD bottle images not found at {DATA}"),
+    pytest.mark.skipif(not (MVTEC_BOTTLE / "train" / "good").is_dir(),
+                       reason=f"MVTec AD bottle images not found at {MVTEC_BOTTLE}"),
 ]
-
-
-def _load(path: Path) -> np.ndarray:
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    assert img is not None, path
-    return cv2.resize(img, (SIZE, SIZE), interpolation=cv2.INTER_AREA)       # H W 3, BGR
-
-
-def _png(img: np.ndarray) -> bytes:
-    ok, buf = cv2.imencode(".png", img)
-    assert ok
-    return buf.tobytes()
 
 
 class _Events:
@@ -69,29 +56,29 @@ class _Events:
 @pytest.fixture(scope="module")
 def images() -> dict[str, list[np.ndarray]]:
     return {
-        "train": [_load(p) for p in sorted((DATA / "train" / "good").glob("*.png"))[:48]],
-        "good": [_load(p) for p in sorted((DATA / "test" / "good").glob("*.png"))[:2]],
-        "broken": [_load(p) for p in sorted((DATA / "test" / "broken_large").glob("*.png"))[:3]],
+        "train": [load_bgr(p, SIZE) for p in sorted((MVTEC_BOTTLE / "train" / "good").glob("*.png"))[:48]],
+        "good": [load_bgr(p, SIZE) for p in sorted((MVTEC_BOTTLE / "test" / "good").glob("*.png"))[:2]],
+        "broken": [load_bgr(p, SIZE) for p in sorted((MVTEC_BOTTLE / "test" / "broken_large").glob("*.png"))[:3]],
     }
 
 
 @pytest.fixture(scope="module")
-def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    return Settings(data_root=tmp_path_factory.mktemp("ipc_engine"), input_size=SIZE,
+def settings(tmp_path_factory: pytest.TempPathFactory) -> ServeConfig:
+    return ServeConfig.of(data_root=tmp_path_factory.mktemp("ipc_engine"), input_size=SIZE,
                     backbone="efficientnet_lite0", coreset_ratio=0.1, zmq_endpoint="tcp://127.0.0.1:*",
                     zmq_events="tcp://127.0.0.1:*", zmq_workers=2)
 
 
 @pytest.fixture(scope="module")
-def engine(settings: Settings) -> Iterator[Engine]:
-    eng = Engine(settings)
+def engine(settings: ServeConfig) -> Iterator[Engine]:
+    eng = Engine(settings.engine)
     yield eng
     eng.close()
 
 
 @pytest.fixture(scope="module")
-def server(engine: Engine, settings: Settings) -> Iterator[IpcServer]:
-    srv = IpcServer(engine, settings)
+def server(engine: Engine, settings: ServeConfig) -> Iterator[IpcServer]:
+    srv = IpcServer(engine, settings.ipc)
     srv.start()
     yield srv
     srv.stop(timeout=30)
@@ -105,12 +92,12 @@ def client(server: IpcServer) -> Iterator[EngineClient]:
 
 @pytest.fixture(scope="module")
 def fit_a(client: EngineClient, images: dict[str, list[np.ndarray]]) -> FitResult:
-    return client.fit_ok(ROLE, "a", MMPP, [_png(i) for i in images["train"][:8]], operator_id="op1")
+    return client.fit_ok(ROLE, "a", MMPP, [png_bytes(i) for i in images["train"][:8]], operator_id="op1")
 
 
 @pytest.fixture(scope="module")
 def calib_a(client: EngineClient, fit_a: FitResult, images: dict[str, list[np.ndarray]]) -> CalibrationResult:
-    ng = [client.infer(ROLE, "a", MMPP, _png(i), allow_uncalibrated=True, heatmap="none").score
+    ng = [client.infer(ROLE, "a", MMPP, png_bytes(i), allow_uncalibrated=True, heatmap="none").score
           for i in images["broken"]]
     return client.calibrate_ng(ROLE, "a", MMPP, list(fit_a.ok_scores), ng)
 
@@ -120,7 +107,7 @@ def fit_b_under_load(server: IpcServer, client: EngineClient, calib_a: Calibrati
                      images: dict[str, list[np.ndarray]]) -> dict[str, Any]:
     """Fit 40 images on ``b`` in one client while two others poll health and infer on ``a``."""
     out: dict[str, Any] = {}
-    payload = [_png(i) for i in images["train"][8:48]]
+    payload = [png_bytes(i) for i in images["train"][8:48]]
 
     def fit() -> None:
         with EngineClient(server.endpoint, long_timeout=300) as fitter:
@@ -141,7 +128,7 @@ def fit_b_under_load(server: IpcServer, client: EngineClient, calib_a: Calibrati
             poller.health()
             health_ms.append((time.perf_counter() - t0) * 1e3)
             if len(health_ms) % 25 == 0:
-                infers.append(other.infer(ROLE, "a", MMPP, _png(images["good"][0]), heatmap="none"))
+                infers.append(other.infer(ROLE, "a", MMPP, png_bytes(images["good"][0]), heatmap="none"))
             time.sleep(0.002)
         worker.join()
     out.update(health_ms=health_ms, infers=infers, events=events.items)
@@ -166,7 +153,7 @@ def test_calibrate_ng_round_trip(calib_a: CalibrationResult, fit_a: FitResult) -
 def test_infer_encoded_and_raw_buffer_agree(client: EngineClient, calib_a: CalibrationResult,
                                             images: dict[str, list[np.ndarray]]) -> None:
     img = images["broken"][0]
-    by_png = client.infer(ROLE, "a", MMPP, _png(img))
+    by_png = client.infer(ROLE, "a", MMPP, png_bytes(img))
     rgb = np.ascontiguousarray(cv2.cvtColor(img, cv2.COLOR_BGR2RGB))   # raw buffers are RGB
     by_raw = client.infer(ROLE, "a", MMPP, rgb)                        # sent as a raw buffer, no decode
     assert by_png.threshold == pytest.approx(calib_a.threshold)
@@ -182,7 +169,7 @@ def test_infer_encoded_and_raw_buffer_agree(client: EngineClient, calib_a: Calib
 @pytest.mark.parametrize("fmt", ["none", "uint8", "float32"])
 def test_infer_heatmap_forms(client: EngineClient, calib_a: CalibrationResult,
                              images: dict[str, list[np.ndarray]], fmt: str) -> None:
-    res = client.infer(ROLE, "a", MMPP, _png(images["broken"][1]), heatmap=fmt)
+    res = client.infer(ROLE, "a", MMPP, png_bytes(images["broken"][1]), heatmap=fmt)
     assert res.heatmap_png is None
     if fmt == "none":
         assert res.heatmap_raw is None
@@ -195,7 +182,7 @@ def test_infer_heatmap_forms(client: EngineClient, calib_a: CalibrationResult,
 
 def test_infer_with_a_shape(client: EngineClient, calib_a: CalibrationResult,
                             images: dict[str, list[np.ndarray]]) -> None:
-    png = _png(images["good"][1])
+    png = png_bytes(images["good"][1])
     circle = {"kind": "circle", "cx": SIZE / 2, "cy": SIZE / 2, "r": SIZE / 3}
     assert client.infer(ROLE, "a", MMPP, png, circle, heatmap="none").score >= 0
     with pytest.raises(RemoteError) as info:
@@ -205,7 +192,7 @@ def test_infer_with_a_shape(client: EngineClient, calib_a: CalibrationResult,
 
 def test_engine_errors_keep_their_status(client: EngineClient, calib_a: CalibrationResult,
                                          images: dict[str, list[np.ndarray]]) -> None:
-    png = _png(images["good"][0])
+    png = png_bytes(images["good"][0])
     cases = [
         (lambda: client.infer(ROLE, "missing", MMPP, png), 404, "model_not_found"),
         (lambda: client.infer(ROLE, "a", MMPP * 2, png), 409, "mm_per_px_mismatch"),
@@ -244,7 +231,7 @@ def test_fit_publishes_progress(fit_b_under_load: dict[str, Any]) -> None:
 
 def test_uncalibrated_model_is_428_unless_allowed(client: EngineClient, fit_b_under_load: dict[str, Any],
                                                   images: dict[str, list[np.ndarray]]) -> None:
-    png = _png(images["good"][0])
+    png = png_bytes(images["good"][0])
     with pytest.raises(RemoteError) as info:
         client.infer(ROLE, "b", MMPP, png)
     assert (info.value.status, info.value.code) == (428, "calibration_missing")
@@ -267,7 +254,7 @@ def test_state_manifest_list_delete(client: EngineClient, calib_a: CalibrationRe
     assert client.delete_model(ROLE, "b").deleted is True
     assert (ROLE, "b") not in {(m.role_id, m.roi_id) for m in client.list_models()}
     with pytest.raises(RemoteError) as info:
-        client.infer(ROLE, "b", MMPP, _png(np.zeros((SIZE, SIZE, 3), np.uint8)),
+        client.infer(ROLE, "b", MMPP, png_bytes(np.zeros((SIZE, SIZE, 3), np.uint8)),
                      allow_uncalibrated=True)
     assert info.value.status == 404
 
@@ -278,8 +265,8 @@ def test_state_manifest_list_delete(client: EngineClient, calib_a: CalibrationRe
 def test_dataset_ops_round_trip(server: IpcServer, client: EngineClient,
                                 images: dict[str, list[np.ndarray]]) -> None:
     roi = "ds"
-    ok_png = [_png(i) for i in images["train"][:5]]
-    ng_png = [_png(i) for i in images["broken"][:2]]
+    ok_png = [png_bytes(i) for i in images["train"][:5]]
+    ng_png = [png_bytes(i) for i in images["broken"][:2]]
     sent_meta = {"operator": "op1", "shift": 2, "tags": ["a", "b"]}
     uploads = [client.dataset_upload(ROLE, roi, "ok", p, f"ok_{n}.png", sent_meta) for n, p in enumerate(ok_png)]
     uploads += [client.dataset_upload(ROLE, roi, "ng", p, f"ng_{n}.png") for n, p in enumerate(ng_png)]
@@ -317,13 +304,13 @@ def test_dataset_ops_round_trip(server: IpcServer, client: EngineClient,
 
 
 def test_stop_finishes_the_running_fit_and_refuses_the_queued(
-    engine: Engine, settings: Settings, client: EngineClient, images: dict[str, list[np.ndarray]]
+    engine: Engine, settings: ServeConfig, client: EngineClient, images: dict[str, list[np.ndarray]]
 ) -> None:
     before = {t for t in threading.enumerate() if t.name.startswith("ipc-")}
-    srv = IpcServer(engine, settings.model_copy(update={"zmq_workers": 1}))
+    srv = IpcServer(engine, settings.ipc.model_copy(update={"zmq_workers": 1}))
     srv.start()
     out: dict[str, Any] = {}
-    payload = [_png(i) for i in images["train"][:40]]
+    payload = [png_bytes(i) for i in images["train"][:40]]
 
     def call(name: str, fn: Any) -> None:
         with EngineClient(srv.endpoint, timeout=60, long_timeout=300, retries=0) as c:
@@ -357,13 +344,13 @@ def test_infer_batch_matches_single_infers(client: EngineClient, calib_a: Calibr
     broken, good = images["broken"][0], images["good"][0]
     raw_rgb = np.ascontiguousarray(good[:, :, ::-1])
     batch = client.infer_batch(ROLE, [
-        {"roi_id": "a", "image": _png(broken), "mm_per_px": MMPP},
+        {"roi_id": "a", "image": png_bytes(broken), "mm_per_px": MMPP},
         {"roi_id": "a", "image": raw_rgb, "mm_per_px": MMPP, "shape": {"kind": "circle", "cx": 64, "cy": 64, "r": 60}},
-        {"roi_id": "missing", "image": _png(good), "mm_per_px": MMPP},
+        {"roi_id": "missing", "image": png_bytes(good), "mm_per_px": MMPP},
     ])
     assert (batch.n_total, batch.n_errors) == (3, 1)
     first, second, third = batch.items
-    single = client.infer(ROLE, "a", MMPP, _png(broken), heatmap="none")
+    single = client.infer(ROLE, "a", MMPP, png_bytes(broken), heatmap="none")
     assert first.result is not None and abs(first.result.score - single.score) < 1e-4
     assert first.result.decision == single.decision == "ng"
     circle = client.infer(ROLE, "a", MMPP, raw_rgb, {"kind": "circle", "cx": 64, "cy": 64, "r": 60}, heatmap="none")

@@ -15,40 +15,40 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
-from pydantic import SecretStr
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+from pydantic import SecretStr
 
 import ipc
 from engine.api import Engine
-from engine.settings import Settings
+from engine.errors import InvalidImage
 from ipc import EngineClient, EngineUnavailable, IpcServer, RemoteError, array_from_wire, array_to_wire
 from ipc.protocol import image_from_wire
-from engine.errors import InvalidImage
+from service.serve import ServeConfig
 
 LOOPBACK = "tcp://127.0.0.1:*"
 StartServer = Callable[..., IpcServer]
 
 
 @pytest.fixture(scope="module")
-def base_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    return Settings(data_root=tmp_path_factory.mktemp("ipc_protocol"), input_size=128,
+def base_settings(tmp_path_factory: pytest.TempPathFactory) -> ServeConfig:
+    return ServeConfig.of(data_root=tmp_path_factory.mktemp("ipc_protocol"), input_size=128,
                     backbone="efficientnet_lite0", coreset_ratio=0.1, zmq_endpoint=LOOPBACK, zmq_workers=2)
 
 
 @pytest.fixture(scope="module")
-def engine(base_settings: Settings) -> Iterator[Engine]:
-    eng = Engine(base_settings)
+def engine(base_settings: ServeConfig) -> Iterator[Engine]:
+    eng = Engine(base_settings.engine)
     yield eng
     eng.close()
 
 
 @pytest.fixture(scope="module")
-def start_server(engine: Engine, base_settings: Settings) -> Iterator[StartServer]:
+def start_server(engine: Engine, base_settings: ServeConfig) -> Iterator[StartServer]:
     """Start an IpcServer on the shared engine with some settings changed; all stopped at the end."""
     servers: list[IpcServer] = []
 
     def start(**changes: Any) -> IpcServer:
-        srv = IpcServer(engine, base_settings.model_copy(update=changes))
+        srv = IpcServer(engine, base_settings.ipc.model_copy(update=changes))
         srv.start()
         servers.append(srv)
         return srv
@@ -119,7 +119,7 @@ def _ipc_threads() -> set[threading.Thread]:
 
 
 def test_all_lists_the_public_names() -> None:
-    public = {n for n in vars(ipc) if not n.startswith("_")} - {"client", "errors", "protocol", "server"}
+    public = {n for n in vars(ipc) if not n.startswith("_")} - {"client", "errors", "protocol", "server", "settings"}
     assert set(ipc.__all__) == public
 
 
@@ -239,15 +239,15 @@ def test_client_vanishing_mid_request_does_not_hurt_others(
 
 
 def test_unexpected_engine_failure_is_500_and_the_server_lives(
-    base_settings: Settings, zctx: zmq.Context[zmq.Socket[bytes]]
+    base_settings: ServeConfig, zctx: zmq.Context[zmq.Socket[bytes]]
 ) -> None:
     class _BrokenState(Engine):
         # the real engine with one method broken on purpose: only the door's error mapping is tested
         def state(self, role_id: str, roi_id: str, *, recipe_id: str | None = None) -> Any:
             raise RuntimeError("disk on fire")
 
-    eng = _BrokenState(base_settings)
-    srv = IpcServer(eng, base_settings)
+    eng = _BrokenState(base_settings.engine)
+    srv = IpcServer(eng, base_settings.ipc)
     srv.start()
     try:
         with EngineClient(srv.endpoint, timeout=10) as c:
@@ -337,21 +337,21 @@ def test_oversize_messages(start_server: StartServer) -> None:
         assert c.health().status              # nor the sender, once it reconnected
 
 
-def test_non_loopback_bind_needs_allow_remote(engine: Engine, base_settings: Settings) -> None:
+def test_non_loopback_bind_needs_allow_remote(engine: Engine, base_settings: ServeConfig) -> None:
     before = _ipc_threads()
     for endpoint in ("tcp://0.0.0.0:*", "tcp://*:*", "tcp://192.168.1.10:5555", "tcp://eth0:5555"):
-        srv = IpcServer(engine, base_settings.model_copy(update={"zmq_endpoint": endpoint}))
+        srv = IpcServer(engine, base_settings.ipc.model_copy(update={"zmq_endpoint": endpoint}))
         with pytest.raises(ValueError, match="allow_remote|ALLOW_REMOTE"):
             srv.start()
-    srv = IpcServer(engine, base_settings.model_copy(update={"zmq_events": "tcp://0.0.0.0:*"}))
+    srv = IpcServer(engine, base_settings.ipc.model_copy(update={"zmq_events": "tcp://0.0.0.0:*"}))
     with pytest.raises(ValueError):
         srv.start()
     assert _ipc_threads() == before
 
 
-def test_endpoint_in_use_is_an_oserror(engine: Engine, base_settings: Settings, server: IpcServer) -> None:
+def test_endpoint_in_use_is_an_oserror(engine: Engine, base_settings: ServeConfig, server: IpcServer) -> None:
     before = _ipc_threads()
-    clash = IpcServer(engine, base_settings.model_copy(update={"zmq_endpoint": server.endpoint}))
+    clash = IpcServer(engine, base_settings.ipc.model_copy(update={"zmq_endpoint": server.endpoint}))
     with pytest.raises(OSError, match="cannot bind"):
         clash.start()
     assert _ipc_threads() == before
@@ -375,9 +375,9 @@ def test_ipc_path_endpoint(start_server: StartServer, tmp_path: Path) -> None:
 # -- lifecycle -----------------------------------------------------------------------------------
 
 
-def test_stop_closes_and_joins_everything(engine: Engine, base_settings: Settings) -> None:
+def test_stop_closes_and_joins_everything(engine: Engine, base_settings: ServeConfig) -> None:
     before = set(_ipc_threads())
-    srv = IpcServer(engine, base_settings.model_copy(update={"zmq_events": LOOPBACK, "zmq_workers": 3}))
+    srv = IpcServer(engine, base_settings.ipc.model_copy(update={"zmq_events": LOOPBACK, "zmq_workers": 3}))
     srv.start()
     assert len(_ipc_threads()) == len(before) + 5          # front, 3 workers, events
     srv.stop(timeout=5)
@@ -385,8 +385,8 @@ def test_stop_closes_and_joins_everything(engine: Engine, base_settings: Setting
     srv.stop()                                             # twice is harmless
 
 
-def test_timeout_then_recovery_across_a_restart(engine: Engine, base_settings: Settings) -> None:
-    first = IpcServer(engine, base_settings)
+def test_timeout_then_recovery_across_a_restart(engine: Engine, base_settings: ServeConfig) -> None:
+    first = IpcServer(engine, base_settings.ipc)
     first.start()
     endpoint = first.endpoint                              # the random port, kept for the restart
     with EngineClient(endpoint, timeout=0.5, retries=1) as c:
@@ -398,7 +398,7 @@ def test_timeout_then_recovery_across_a_restart(engine: Engine, base_settings: S
         assert time.monotonic() - t0 < 3                   # 2 attempts x 0.5 s, no hang
         with pytest.raises(EngineUnavailable):             # not idempotent: one attempt, no retry
             c.delete_model("a", "b")
-        second = IpcServer(engine, base_settings.model_copy(update={"zmq_endpoint": endpoint}))
+        second = IpcServer(engine, base_settings.ipc.model_copy(update={"zmq_endpoint": endpoint}))
         second.start()
         try:
             assert second.endpoint == endpoint

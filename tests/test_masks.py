@@ -42,7 +42,8 @@ def test_rect_whole_image_and_edge_tolerance() -> None:
 def test_circle_area_close_to_pi_r2() -> None:
     mask = _mask({"kind": "circle", "cx": 50, "cy": 50, "r": 20}, 100, 100)
     assert abs(int(mask.sum()) - math.pi * 20**2) < 0.01 * math.pi * 20**2
-    assert mask[50, 50] and mask[50, 30] and not mask[50, 29]         # centres (30.5, 50.5): d2 = 19.5^2 + 0.5^2 <= 400; (29.5, 50.5): d > 20
+    # pixel centres (30.5, 50.5): d2 = 19.5^2 + 0.5^2 <= 400; (29.5, 50.5): d > 20
+    assert mask[50, 50] and mask[50, 30] and not mask[50, 29]
     assert not mask[29, 29] and not mask[0, 0]
 
 

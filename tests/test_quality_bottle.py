@@ -8,9 +8,8 @@ import cv2
 import numpy as np
 import pytest
 
-from engine.evaluate import auroc, evaluate, list_test, list_train
-
-BOTTLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mvtec_ad" / "bottle"
+from engine.evaluate import evaluate, list_test, list_train
+from engine.metrics import auroc
 
 
 def test_auroc_counts_ties_as_half() -> None:
@@ -35,18 +34,17 @@ def test_auroc_matches_pairwise_definition() -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.skipif(not BOTTLE.is_dir(), reason=f"MVTec AD bottle not found at {BOTTLE}")
-def test_bottle_quality_with_embedded_default(tmp_path: Path) -> None:
+def test_bottle_quality_with_embedded_default(bottle_dir: Path, tmp_path: Path) -> None:
     """Embedded default backbone (EfficientNet-Lite0, 224 px, coreset 10 %) on MVTec AD bottle.
 
     Fits on all 209 train/good images (no subset: the whole evaluation takes ~1 min on 2 cores)
     and scores all 83 test images. Thresholds leave a margin under the measured 1.000 / 0.982
     (PERF_NOTES: 1.000 / 0.981). Pixel AUROC is over maps and masks resized to 256 x 256.
     """
-    assert len(list_train(BOTTLE)) == 209
-    assert len(list_test(BOTTLE)) == 83
+    assert len(list_train(bottle_dir)) == 209
+    assert len(list_test(bottle_dir)) == 83
     panel = tmp_path / "panel.png"
-    report = evaluate(BOTTLE, backbone="efficientnet_lite0", input_size=224, coreset_ratio=0.1,
+    report = evaluate(bottle_dir, backbone="efficientnet_lite0", input_size=224, coreset_ratio=0.1,
                       data_root=tmp_path / "data", panel=panel)
 
     assert (report.n_train, report.n_test, report.n_defective) == (209, 83, 63)

@@ -1,4 +1,4 @@
-"""``kill -9`` of ``python -m engine serve`` in the middle of ``fit_ok``, over and over.
+"""``kill -9`` of ``python -m service`` in the middle of ``fit_ok``, over and over.
 
 Each round starts a fresh server process on the same data root, checks what the previous kill
 left (recovery ran at start-up: no ``.<roi>.staging-*`` / ``.old-*`` / ``.trash-*`` folders; the
@@ -16,46 +16,38 @@ import os
 import random
 import selectors
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import cv2
 import msgpack
 import numpy as np
 import pytest
 import zmq
 
 from ipc import EngineClient
+from tests.support import REPO, free_port, png_bytes
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
 ROLE, ROI, MM, SIDE = "cam1", "a", 0.1, 64
 KILLS = int(os.environ.get("CRASH_KILLS", "20"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Serve:
-    """``python -m engine serve`` on the data root, ZeroMQ only, with progress events."""
+    """``python -m service`` on the data root, ZeroMQ only, with progress events."""
 
     def __init__(self, root: Path, log: Path) -> None:
-        self.endpoint = f"tcp://127.0.0.1:{_free_port()}"
-        self.events = f"tcp://127.0.0.1:{_free_port()}"
+        self.endpoint = f"tcp://127.0.0.1:{free_port()}"
+        self.events = f"tcp://127.0.0.1:{free_port()}"
         env = {k: v for k, v in os.environ.items() if not k.startswith(("BACKEND_", "PATCHCORE_", "CALIB_"))}
         env.update(BACKEND_DATA_ROOT=str(root), BACKEND_ZMQ_ENDPOINT=self.endpoint, BACKEND_ZMQ_EVENTS=self.events,
                    BACKEND_HTTP_ENABLED="false", BACKEND_INPUT_SIZE=str(SIDE), BACKEND_BACKBONE="efficientnet_lite0",
                    BACKEND_DEVICE="cpu", BACKEND_ZMQ_WORKERS="1", BACKEND_LOG_LEVEL="WARNING")
         self._log = open(log, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "engine", "serve"], cwd=REPO, env=env,
+        self.proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=REPO, env=env,
                                      stdout=subprocess.PIPE, stderr=self._log)
         self._wait_ready(90.0)
 
@@ -95,7 +87,7 @@ class Serve:
 
 def _images(seed: int, n: int = 6) -> list[bytes]:
     rng = np.random.default_rng(seed)
-    return [cv2.imencode(".png", rng.integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8))[1].tobytes() for _ in range(n)]
+    return [png_bytes(rng.integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8)) for _ in range(n)]
 
 
 def _hashes(folder: Path) -> dict[str, str]:

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import io
 import socket
-import struct
 import threading
 import time
 import warnings
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,31 +21,19 @@ import httpx
 import msgpack
 import numpy as np
 import pytest
-import zmq
 from PIL import Image
 
 import http_compat.middleware
 from engine.api import Engine
 from engine.errors import InvalidImage, InvalidInput
 from engine.images import decode_image
-from engine.settings import Settings
 from http_compat.server import HttpServer
-from ipc import EngineClient, IpcServer, RemoteError
+from tests.support import Doors, door_settings, noise, png_bytes, png_header_only
 
 ROLE, ROI, MM, SIDE = "cam1", "a", 0.1, 64
 
 
 # --- images --------------------------------------------------------------------------------------
-
-def _rgb(h: int = SIDE, w: int = SIDE, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
-
-
-def _cv_png(arr: np.ndarray) -> bytes:
-    ok, buf = cv2.imencode(".png", arr)
-    assert ok
-    return buf.tobytes()
-
 
 def _pil(img: Image.Image, fmt: str) -> bytes:
     buf = io.BytesIO()
@@ -55,106 +41,39 @@ def _pil(img: Image.Image, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def _png_header_only(width: int, height: int) -> bytes:
-    """A valid PNG signature and IHDR (correct CRC) declaring width x height, with a tiny IDAT."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)       # 8-bit RGB
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-            + chunk(b"IEND", b""))
-
-
-GOOD_PNG = _cv_png(_rgb())
-GOOD_TIFF = _pil(Image.fromarray(_rgb()), "TIFF")
+GOOD_PNG = png_bytes(noise(SIDE))
+GOOD_TIFF = _pil(Image.fromarray(noise(SIDE)), "TIFF")
 REJECTED_IMAGES: dict[str, tuple[bytes, int, str]] = {
     "zero_bytes": (b"", 400, "invalid_image"),
     "truncated_png": (GOOD_PNG[: len(GOOD_PNG) // 2], 400, "invalid_image"),
     "not_an_image": (b"%PDF-1.4 definitely not pixels" * 10, 400, "invalid_image"),
     "gif": (_pil(Image.new("RGB", (SIDE, SIDE)), "GIF"), 400, "invalid_image"),
     "tiff_header_only": (GOOD_TIFF[:8], 400, "invalid_image"),
-    "one_pixel": (_cv_png(_rgb(1, 1)), 400, "invalid_image"),
-    "30000x30000_png": (_png_header_only(30000, 30000), 413, "payload_too_large"),
+    "one_pixel": (png_bytes(noise(1)), 400, "invalid_image"),
+    "30000x30000_png": (png_header_only(30000, 30000), 413, "payload_too_large"),
 }
 ACCEPTED_IMAGES: dict[str, bytes] = {
-    "png_16bit_rgb": _cv_png((_rgb().astype(np.uint16) * 257)),
-    "png_16bit_gray": _cv_png(_rgb()[:, :, 0].astype(np.uint16) * 257),
-    "png_rgba": _cv_png(np.dstack([_rgb(), np.full((SIDE, SIDE), 200, np.uint8)])),
-    "png_gray": _cv_png(_rgb()[:, :, 0]),
-    "png_palette": _pil(Image.fromarray(_rgb()).convert("P"), "PNG"),
-    "jpeg_cmyk": _pil(Image.fromarray(_rgb()).convert("CMYK"), "JPEG"),
-    "jpeg_gray": _pil(Image.fromarray(_rgb()[:, :, 0]), "JPEG"),
-    "bmp": _pil(Image.fromarray(_rgb()), "BMP"),
-    "tiff": _pil(Image.fromarray(_rgb()), "TIFF"),
+    "png_16bit_rgb": png_bytes(noise(SIDE).astype(np.uint16) * 257),
+    "png_16bit_gray": png_bytes(noise(SIDE)[:, :, 0].astype(np.uint16) * 257),
+    "png_rgba": png_bytes(np.dstack([noise(SIDE), np.full((SIDE, SIDE), 200, np.uint8)])),
+    "png_gray": png_bytes(noise(SIDE)[:, :, 0]),
+    "png_palette": _pil(Image.fromarray(noise(SIDE)).convert("P"), "PNG"),
+    "jpeg_cmyk": _pil(Image.fromarray(noise(SIDE)).convert("CMYK"), "JPEG"),
+    "jpeg_gray": _pil(Image.fromarray(noise(SIDE)[:, :, 0]), "JPEG"),
+    "bmp": _pil(Image.fromarray(noise(SIDE)), "BMP"),
+    "tiff": _pil(Image.fromarray(noise(SIDE)), "TIFF"),
 }
 
 
 # --- the server ----------------------------------------------------------------------------------
 
-class Doors:
-    def __init__(self, engine: Engine, settings: Settings) -> None:
-        self.engine, self.settings = engine, settings
-        self.ipc = IpcServer(engine, settings)
-        self.http = HttpServer(engine, settings)
-        self.ipc.start()
-        self.http.start()
-        self.zmq = EngineClient(self.ipc.endpoint, timeout=30, retries=0)
-        self.web = httpx.Client(base_url=self.http.url, timeout=60)
-        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-
-    def close(self) -> None:
-        self.zmq.close()
-        self.web.close()
-        self.ctx.term()
-        self.http.stop(timeout=2)
-        self.ipc.stop(timeout=2)
-
-    def zmq_status(self, op: str, args: dict[str, Any]) -> tuple[int, str | dict[str, Any]]:
-        """(200, result) or (status, code)."""
-        try:
-            return 200, self.zmq.call(op, args)
-        except RemoteError as exc:
-            return exc.status, exc.code
-
-    def zmq_raw(self, payload: bytes, timeout_ms: int = 10_000) -> dict[str, Any] | None:
-        sock = self.ctx.socket(zmq.REQ)
-        sock.setsockopt(zmq.LINGER, 0)
-        try:
-            sock.connect(self.ipc.endpoint)
-            sock.send(payload)
-            if not sock.poll(timeout_ms, zmq.POLLIN):
-                return None
-            reply = msgpack.unpackb(sock.recv())
-            assert isinstance(reply, dict)
-            return reply
-        finally:
-            sock.close(linger=0)
-
-    def http_status(self, method: str, path: str, **kwargs: Any) -> tuple[int, dict[str, Any]]:
-        r = self.web.request(method, path, **kwargs)
-        body = r.json()
-        return r.status_code, body
-
-    def healthy(self) -> None:
-        assert self.zmq.call("health")["status"] == "ok"
-        r = self.web.get("/health")
-        assert r.status_code == 200 and r.json()["status"] == "ok"
-
-
-def _settings(root: Path, **changes: Any) -> Settings:
-    base: dict[str, Any] = {"data_root": root, "backbone": "efficientnet_lite0", "input_size": SIDE, "device": "cpu",
-                            "zmq_endpoint": "tcp://127.0.0.1:*", "zmq_workers": 2, "http_host": "127.0.0.1",
-                            "http_port": 0, "log_level": "WARNING"}
-    return Settings(**{**base, **changes})
-
-
 @pytest.fixture(scope="module")
 def doors(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Doors]:
-    settings = _settings(tmp_path_factory.mktemp("bad_input"))
-    engine = Engine(settings)
-    engine.fit_ok(ROLE, ROI, MM, [_cv_png(_rgb(seed=s)) for s in range(4)])
+    settings = door_settings(tmp_path_factory.mktemp("bad_input"))
+    engine = Engine(settings.engine)
+    engine.fit_ok(ROLE, ROI, MM, [png_bytes(noise(SIDE, seed=s)) for s in range(4)])
     engine.calibrate_ng(ROLE, ROI, MM, [1.0, 2.0])
-    d = Doors(engine, settings)
+    d = Doors(engine, settings, timeout=60)
     yield d
     d.close()
     engine.close()
@@ -164,7 +83,7 @@ def doors(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Doors]:
 def _healthy_after(request: pytest.FixtureRequest) -> Iterator[None]:
     yield
     if "doors" in request.fixturenames:
-        request.getfixturevalue("doors").healthy()
+        request.getfixturevalue("doors").assert_healthy()
 
 
 def _zmq_infer(**changes: Any) -> dict[str, Any]:
@@ -182,14 +101,14 @@ def _http_infer(image: bytes = GOOD_PNG, **fields: str) -> dict[str, Any]:
 def test_rejected_image(doors: Doors, case: str) -> None:
     image, status, code = REJECTED_IMAGES[case]
     start = time.perf_counter()
-    assert doors.zmq_status("infer", _zmq_infer(image=image)) == (status, code)
-    got, body = doors.http_status("POST", "/infer", **_http_infer(image))
+    assert doors.zmq_answer("infer", _zmq_infer(image=image)) == (status, code)
+    got, body = doors.http_answer("POST", "/infer", **_http_infer(image))
     assert (got, body["code"]) == (status, code), body
     assert time.perf_counter() - start < 10     # the 30000x30000 PNG is refused from its header
     # in a fit too: the whole fit is refused and names the image; the stored model is untouched
     version = doors.engine.state(ROLE, ROI).model_version
     fit = {"role_id": ROLE, "roi_id": ROI, "mm_per_px": MM, "images": [GOOD_PNG, image]}
-    assert doors.zmq_status("fit_ok", fit) == (status, code)
+    assert doors.zmq_answer("fit_ok", fit) == (status, code)
     assert doors.engine.state(ROLE, ROI).model_version == version
 
 
@@ -205,23 +124,23 @@ def test_corrupt_tiff_warnings_stay_inside_the_decoder() -> None:
 @pytest.mark.parametrize("case", list(ACCEPTED_IMAGES))
 def test_accepted_image_layouts(doors: Doors, case: str) -> None:
     image = ACCEPTED_IMAGES[case]
-    status, result = doors.zmq_status("infer", _zmq_infer(image=image))
+    status, result = doors.zmq_answer("infer", _zmq_infer(image=image))
     assert status == 200 and isinstance(result, dict) and result["image_shape"] == [SIDE, SIDE], result
-    got, body = doors.http_status("POST", "/infer", **_http_infer(image))
+    got, body = doors.http_answer("POST", "/infer", **_http_infer(image))
     assert got == 200 and body["score"] == pytest.approx(result["score"]), body
 
 
 def test_other_image_size_is_scored_on_its_own_grid(doors: Doors) -> None:
     """A ROI of another size than the fit's: resized to the model's input, map upsampled to its own size."""
-    image = _cv_png(_rgb(80, 100))                               # H 80, W 100
-    status, result = doors.zmq_status("infer", _zmq_infer(image=image, heatmap="uint8"))
+    image = png_bytes(noise(80, 100))                               # H 80, W 100
+    status, result = doors.zmq_answer("infer", _zmq_infer(image=image, heatmap="uint8"))
     assert status == 200 and isinstance(result, dict)
     assert result["image_shape"] == [80, 100] and result["heatmap_raw"]["shape"] == [80, 100]
     assert result["token_shape"] == [SIDE // 8, SIDE // 8]
-    got, body = doors.http_status("POST", "/infer", **_http_infer(image, heatmap="uint8"))
+    got, body = doors.http_answer("POST", "/infer", **_http_infer(image, heatmap="uint8"))
     assert got == 200 and body["heatmap_raw"]["shape"] == [80, 100]
-    png = np.frombuffer(doors.engine.infer(ROLE, ROI, MM, image).heatmap_png or b"", np.uint8)
-    assert cv2.imdecode(png, cv2.IMREAD_UNCHANGED).shape == (80, 100)
+    heatmap = np.frombuffer(doors.engine.infer(ROLE, ROI, MM, image).heatmap_png or b"", np.uint8)
+    assert cv2.imdecode(heatmap, cv2.IMREAD_UNCHANGED).shape == (80, 100)
 
 
 # --- numbers and shapes --------------------------------------------------------------------------
@@ -238,8 +157,8 @@ def test_other_image_size_is_scored_on_its_own_grid(doors: Doors) -> None:
 ])
 def test_bad_mm_per_px(doors: Doors, zmq_value: Any, http_value: str, zmq_answer: tuple[int, str],
                        http_answer: tuple[int, str]) -> None:
-    assert doors.zmq_status("infer", _zmq_infer(mm_per_px=zmq_value)) == zmq_answer
-    status, body = doors.http_status("POST", "/infer", **_http_infer(mm_per_px=http_value))
+    assert doors.zmq_answer("infer", _zmq_infer(mm_per_px=zmq_value)) == zmq_answer
+    status, body = doors.http_answer("POST", "/infer", **_http_infer(mm_per_px=http_value))
     assert (status, body["code"]) == http_answer, body
 
 
@@ -260,15 +179,15 @@ BAD_SHAPES = {
 @pytest.mark.parametrize("case", list(BAD_SHAPES))
 def test_bad_shape_is_400_invalid_shape(doors: Doors, case: str) -> None:
     shape = BAD_SHAPES[case]
-    assert doors.zmq_status("infer", _zmq_infer(shape=shape)) == (400, "invalid_shape")
-    status, body = doors.http_status("POST", "/infer", **_http_infer(shape=shape))
+    assert doors.zmq_answer("infer", _zmq_infer(shape=shape)) == (400, "invalid_shape")
+    status, body = doors.http_answer("POST", "/infer", **_http_infer(shape=shape))
     assert (status, body["code"]) == (400, "invalid_shape"), body
 
 
 def test_shape_as_a_map_on_the_zmq_door(doors: Doors) -> None:
     bad = {"kind": "annulus", "cx": 32, "cy": 32, "r": 5, "r_inner": 9}
-    assert doors.zmq_status("infer", _zmq_infer(shape=bad)) == (400, "invalid_shape")
-    status, result = doors.zmq_status("infer", _zmq_infer(shape={"kind": "circle", "cx": 32, "cy": 32, "r": 20}))
+    assert doors.zmq_answer("infer", _zmq_infer(shape=bad)) == (400, "invalid_shape")
+    status, result = doors.zmq_answer("infer", _zmq_infer(shape={"kind": "circle", "cx": 32, "cy": 32, "r": 20}))
     assert status == 200
 
 
@@ -278,7 +197,7 @@ def test_int_beyond_float_range_is_400(doors: Doors) -> None:
         doors.engine.calibrate_ng(ROLE, ROI, MM, [1.0], area_mm2_thr=10**400)
     with pytest.raises(InvalidInput):
         doors.engine.infer(ROLE, ROI, 10**400, GOOD_PNG)
-    status, body = doors.http_status("POST", "/calibrate_ng", content=(
+    status, body = doors.http_answer("POST", "/calibrate_ng", content=(
         b'{"role_id": "cam1", "roi_id": "a", "mm_per_px": 0.1, "ok_scores": [1], "area_mm2_thr": 1' + b"0" * 400
         + b"}"), headers={"Content-Type": "application/json"})
     assert status in (400, 422), body
@@ -296,17 +215,17 @@ BAD_IDS = {
 @pytest.mark.parametrize("case", list(BAD_IDS))
 def test_bad_role_id_is_400_invalid_id(doors: Doors, case: str) -> None:
     bad = BAD_IDS[case]
-    assert doors.zmq_status("infer", _zmq_infer(role_id=bad)) == (400, "invalid_id")
-    assert doors.zmq_status("state", {"role_id": ROLE, "roi_id": bad}) == (400, "invalid_id")
-    status, body = doors.http_status("POST", "/infer", **_http_infer(role_id=bad))
+    assert doors.zmq_answer("infer", _zmq_infer(role_id=bad)) == (400, "invalid_id")
+    assert doors.zmq_answer("state", {"role_id": ROLE, "roi_id": bad}) == (400, "invalid_id")
+    status, body = doors.http_answer("POST", "/infer", **_http_infer(role_id=bad))
     assert (status, body["code"]) == (400, "invalid_id"), body
-    status, body = doors.http_status("GET", "/state", params={"role_id": ROLE, "roi_id": bad})
+    status, body = doors.http_answer("GET", "/state", params={"role_id": ROLE, "roi_id": bad})
     assert (status, body["code"]) == (400, "invalid_id"), body
 
 
 def test_bad_recipe_id_is_400_on_both_doors(doors: Doors) -> None:
-    assert doors.zmq_status("state", {"role_id": ROLE, "roi_id": ROI, "recipe_id": "../up"}) == (400, "invalid_id")
-    status, body = doors.http_status("GET", "/state", params={"role_id": ROLE, "roi_id": ROI},
+    assert doors.zmq_answer("state", {"role_id": ROLE, "roi_id": ROI, "recipe_id": "../up"}) == (400, "invalid_id")
+    status, body = doors.http_answer("GET", "/state", params={"role_id": ROLE, "roi_id": ROI},
                                      headers={"X-Recipe-Id": "..\\up"})
     assert (status, body["code"]) == (400, "invalid_id")
 
@@ -351,8 +270,8 @@ def _nest(depth: int) -> dict[str, Any]:
 
 @pytest.mark.parametrize("depth", [200, 1010])
 def test_deeply_nested_args(doors: Doors, depth: int) -> None:
-    assert doors.zmq_status("infer", _zmq_infer(shape=_nest(depth))) == (400, "invalid_shape")
-    answer = doors.zmq_status("dataset_upload", {"role_id": ROLE, "roi_id": "nest", "label": "ok",
+    assert doors.zmq_answer("infer", _zmq_infer(shape=_nest(depth))) == (400, "invalid_shape")
+    answer = doors.zmq_answer("dataset_upload", {"role_id": ROLE, "roi_id": "nest", "label": "ok",
                                                  "image": GOOD_PNG, "filename": "n.png", "meta": _nest(depth)})
     # shallow enough to store as JSON: stored; deeper: refused before anything is written
     assert answer[0] == 200 if depth == 200 else answer == (400, "invalid_input")
@@ -362,7 +281,7 @@ def test_meta_with_binary_is_400_not_500(doors: Doors) -> None:
     """Regression: meta holding msgpack bin failed in json.dumps (500 internal_error)."""
     args = {"role_id": ROLE, "roi_id": "meta", "label": "ok", "image": GOOD_PNG, "filename": "m.png",
             "meta": {"blob": b"\x00\x01"}}
-    assert doors.zmq_status("dataset_upload", args) == (400, "invalid_input")
+    assert doors.zmq_answer("dataset_upload", args) == (400, "invalid_input")
     assert doors.engine.dataset_list(ROLE, "meta").classes["ok"].count == 0
 
 
@@ -373,20 +292,20 @@ def test_200_mb_message_is_dropped_and_the_server_lives(doors: Doors) -> None:
     sender = threading.Thread(target=lambda: replies.append(doors.zmq_raw(payload, timeout_ms=5000)))
     sender.start()
     time.sleep(0.5)
-    doors.healthy()                                  # served while the big message is in flight
+    doors.assert_healthy()                                  # served while the big message is in flight
     sender.join(60)
     assert replies == [None]
-    assert doors.zmq_status("infer", _zmq_infer())[0] == 200
+    assert doors.zmq_answer("infer", _zmq_infer())[0] == 200
 
 
 def test_message_over_max_request_bytes_is_413(tmp_path: Path) -> None:
-    settings = _settings(tmp_path, max_request_bytes=1024 * 1024)
-    engine = Engine(settings)
-    d = Doors(engine, settings)
+    settings = door_settings(tmp_path, max_request_bytes=1024 * 1024)
+    engine = Engine(settings.engine)
+    d = Doors(engine, settings, timeout=60)
     try:
         reply = d.zmq_raw(_req("infer", _zmq_infer(image=bytes(2 * 1024 * 1024))))
         assert reply is not None and (reply["status"], reply["error"]["code"]) == (413, "payload_too_large")
-        d.healthy()
+        d.assert_healthy()
     finally:
         d.close()
         engine.close()
@@ -403,12 +322,12 @@ def test_message_over_max_request_bytes_is_413(tmp_path: Path) -> None:
     ("/calibrate_ng", {"json": {"role_id": ROLE, "roi_id": ROI, "mm_per_px": MM, "ok_scores": "many"}}),
 ])
 def test_missing_or_mistyped_http_fields_are_422(doors: Doors, path: str, kwargs: dict[str, Any]) -> None:
-    status, body = doors.http_status("POST", path, **kwargs)
+    status, body = doors.http_answer("POST", path, **kwargs)
     assert (status, body["code"]) == (422, "validation_error"), body
 
 
 def test_fit_without_images_is_400(doors: Doors) -> None:
-    status, body = doors.http_status("POST", "/fit_ok", data={"role_id": ROLE, "roi_id": "x", "mm_per_px": "0.1"})
+    status, body = doors.http_answer("POST", "/fit_ok", data={"role_id": ROLE, "roi_id": "x", "mm_per_px": "0.1"})
     assert (status, body["code"]) == (400, "invalid_input")
 
 
@@ -416,19 +335,19 @@ def test_10000_images_in_one_fit_is_413(doors: Doors) -> None:
     tiny = GOOD_PNG[:64]             # never decoded: the part count is refused while parsing
     files = [("images", (f"{i}.png", tiny, "image/png")) for i in range(10_000)]
     start = time.perf_counter()
-    status, body = doors.http_status("POST", "/fit_ok", data={"role_id": ROLE, "roi_id": "many", "mm_per_px": "0.1"},
+    status, body = doors.http_answer("POST", "/fit_ok", data={"role_id": ROLE, "roi_id": "many", "mm_per_px": "0.1"},
                                      files=files)
     assert (status, body["code"]) == (413, "payload_too_large"), body
-    assert str(doors.settings.max_fit_images + 1) in body["error"]   # stopped at the limit, not at 10 000
+    assert str(doors.config.engine.max_fit_images + 1) in body["error"]   # stopped at the limit, not at 10 000
     assert time.perf_counter() - start < 30
-    assert doors.zmq_status("fit_ok", {"role_id": ROLE, "roi_id": "many", "mm_per_px": MM,
+    assert doors.zmq_answer("fit_ok", {"role_id": ROLE, "roi_id": "many", "mm_per_px": MM,
                                        "images": [tiny] * 10_000}) == (413, "payload_too_large")
 
 
 def test_deeply_nested_metas_is_400(doors: Doors) -> None:
     """Regression: json.loads hit the recursion limit on a deep ``metas`` part (500 internal_error)."""
     metas = '{"k":' * 5000 + "1" + "}" * 5000
-    status, body = doors.http_status("POST", "/datasets/ok/upload", data={"role_id": ROLE, "roi_id": ROI,
+    status, body = doors.http_answer("POST", "/datasets/ok/upload", data={"role_id": ROLE, "roi_id": ROI,
                                                                          "metas": metas},
                                      files={"image": ("x.png", GOOD_PNG, "image/png")})
     assert (status, body["code"]) == (400, "invalid_input"), body
@@ -437,7 +356,7 @@ def test_deeply_nested_metas_is_400(doors: Doors) -> None:
 def test_stalled_upload_times_out_with_408(doors: Doors, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Regression: a body that stops arriving held its connection open forever (uvicorn has no body timeout)."""
     monkeypatch.setattr(http_compat.middleware, "BODY_READ_TIMEOUT_S", 1.5)
-    server = HttpServer(doors.engine, _settings(tmp_path))
+    server = HttpServer(doors.engine, door_settings(tmp_path).http)
     server.start()
     try:
         head = (b"POST /infer HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=BB\r\n"

@@ -19,38 +19,22 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import cv2
-import httpx
 import numpy as np
 import pytest
 
 from engine.api import Engine
 from engine.errors import CorruptModel, StorageError
-from engine.settings import Settings
 from engine.storage import ModelStore, seal
-from http_compat.server import HttpServer
-from ipc import EngineClient, IpcServer, RemoteError
+from tests.support import Doors, door_settings, png_bytes
 
 ROLE = "cam1"
 MM = 0.1
 SIDE = 64
 
 
-def _settings(root: Path) -> Settings:
-    return Settings(data_root=root, backbone="efficientnet_lite0", input_size=SIDE, device="cpu",
-                    zmq_endpoint="tcp://127.0.0.1:*", zmq_workers=2, http_host="127.0.0.1", http_port=0,
-                    log_level="WARNING")
-
-
-def _png(img: np.ndarray) -> bytes:
-    ok, buf = cv2.imencode(".png", img)
-    assert ok
-    return buf.tobytes()
-
-
 def _images(seed: int, n: int = 3) -> list[bytes]:
     rng = np.random.default_rng(seed)
-    return [_png(rng.integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8)) for _ in range(n)]
+    return [png_bytes(rng.integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8)) for _ in range(n)]
 
 
 def _tree_hash(folder: Path) -> dict[str, str]:
@@ -59,42 +43,6 @@ def _tree_hash(folder: Path) -> dict[str, str]:
 
 def _leftovers(role_dir: Path) -> list[str]:
     return sorted(p.name for p in role_dir.iterdir() if p.name.startswith("."))
-
-
-class Doors:
-    """One engine behind both doors, with a ZeroMQ client and an HTTP client."""
-
-    def __init__(self, engine: Engine, settings: Settings) -> None:
-        self.engine = engine
-        self.ipc = IpcServer(engine, settings)
-        self.http = HttpServer(engine, settings)
-
-    def __enter__(self) -> Doors:
-        self.ipc.start()
-        self.http.start()
-        self.zmq = EngineClient(self.ipc.endpoint, timeout=30, retries=0)
-        self.web = httpx.Client(base_url=self.http.url, timeout=30)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.zmq.close()
-        self.web.close()
-        self.http.stop(timeout=2)
-        self.ipc.stop(timeout=2)
-
-    def zmq_error(self, op: str, args: dict[str, Any]) -> tuple[int, str, str]:
-        with pytest.raises(RemoteError) as info:
-            self.zmq.call(op, args)
-        return info.value.status, info.value.code, info.value.message
-
-    def http_reply(self, method: str, path: str, **kwargs: Any) -> tuple[int, dict[str, Any]]:
-        r = self.web.request(method, path, **kwargs)
-        return r.status_code, r.json()
-
-    def assert_healthy(self) -> None:
-        assert self.zmq.call("health")["status"] == "ok"
-        status, body = self.http_reply("GET", "/health")
-        assert status == 200 and body["status"] == "ok"
 
 
 def _http_infer(roi: str, image: bytes) -> dict[str, Any]:
@@ -165,8 +113,8 @@ def full_disk(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytes
 
 
 def test_full_disk_is_507_and_keeps_the_old_model(full_disk: _Disk) -> None:
-    settings = _settings(full_disk.root)
-    engine = Engine(settings)
+    settings = door_settings(full_disk.root)
+    engine = Engine(settings.engine)
     images = _images(1)
     engine.fit_ok(ROLE, "a", MM, images)
     engine.calibrate_ng(ROLE, "a", MM, [1.0, 2.0])
@@ -179,13 +127,13 @@ def test_full_disk_is_507_and_keeps_the_old_model(full_disk: _Disk) -> None:
         assert info.value.status == 507 and "cannot save model" in info.value.message
         assert doors.zmq_error("fit_ok", {"role_id": ROLE, "roi_id": "a", "mm_per_px": MM,
                                           "images": _images(3)})[:2] == (507, "storage_error")
-        status, body = doors.http_reply("POST", "/fit_ok", **_http_fit("a", _images(4)))
+        status, body = doors.http_answer("POST", "/fit_ok", **_http_fit("a", _images(4)))
         assert (status, body["code"]) == (507, "storage_error"), body
         with pytest.raises(StorageError):
             engine.calibrate_ng(ROLE, "a", MM, [5.0, 6.0])
         assert doors.zmq_error("dataset_upload", {"role_id": ROLE, "roi_id": "a", "label": "ok",
                                                   "image": images[0]})[:2] == (507, "storage_error")
-        status, body = doors.http_reply("POST", "/datasets/ok/upload", data={"role_id": ROLE, "roi_id": "a"},
+        status, body = doors.http_answer("POST", "/datasets/ok/upload", data={"role_id": ROLE, "roi_id": "a"},
                                         files={"image": ("x.png", images[0], "image/png")})
         assert (status, body["code"]) == (507, "storage_error"), body
         doors.assert_healthy()
@@ -274,8 +222,8 @@ DAMAGE: dict[str, tuple[Callable[[Path], None], str, bool]] = {
 def damaged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Doors]:
     """A fresh engine (nothing cached) over a data root where each DAMAGE roi is broken, plus an intact one."""
     root = tmp_path_factory.mktemp("damaged")
-    settings = _settings(root)
-    builder = Engine(settings)
+    settings = door_settings(root)
+    builder = Engine(settings.engine)
     for i, roi in enumerate(["intact", *DAMAGE]):
         builder.fit_ok(ROLE, roi, MM, _images(10 + i))
         builder.calibrate_ng(ROLE, roi, MM, [1.0, 2.0])
@@ -283,7 +231,7 @@ def damaged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Doors]:
     store = ModelStore(root)
     for roi, (damage, _, _) in DAMAGE.items():
         damage(store.model_dir(ROLE, roi))
-    engine = Engine(settings)
+    engine = Engine(settings.engine)
     with Doors(engine, settings) as doors:
         yield doors
     engine.close()
@@ -299,11 +247,11 @@ def test_damaged_model_is_corrupt_model_on_both_doors(damaged: Doors, roi: str) 
         status, code, message = damaged.zmq_error("infer", {"role_id": ROLE, "roi_id": roi, "mm_per_px": MM,
                                                             "image": image})
         assert (status, code) == (500, "corrupt_model") and fragment in message and roi in message
-        status, body = damaged.http_reply("POST", "/infer", **_http_infer(roi, image))
+        status, body = damaged.http_answer("POST", "/infer", **_http_infer(roi, image))
         assert (status, body["code"]) == (500, "corrupt_model") and fragment in body["error"], body
     if state_sees_it:
         assert damaged.zmq_error("state", {"role_id": ROLE, "roi_id": roi})[:2] == (500, "corrupt_model")
-        status, body = damaged.http_reply("GET", "/state", params={"role_id": ROLE, "roi_id": roi})
+        status, body = damaged.http_answer("GET", "/state", params={"role_id": ROLE, "roi_id": roi})
         assert (status, body["code"]) == (500, "corrupt_model")
     damaged.assert_healthy()
     result = damaged.zmq.call("infer", {"role_id": ROLE, "roi_id": "intact", "mm_per_px": MM, "image": image})
@@ -314,7 +262,7 @@ def test_list_models_skips_a_damaged_manifest(damaged: Doors) -> None:
     listed = {m["roi_id"] for m in damaged.zmq.call("list_models")["items"]}
     assert "intact" in listed and "truncated_faiss" in listed
     assert not listed & {"edited_manifest", "wrong_checksum", "manifest_not_json"}
-    status, body = damaged.http_reply("GET", "/models")
+    status, body = damaged.http_answer("GET", "/models")
     assert status == 200 and {m["roi_id"] for m in body["models"]} == listed
 
 
@@ -340,8 +288,8 @@ def test_refit_repairs_every_damaged_model(damaged: Doors) -> None:
 
 def test_start_up_recovers_a_swap_cut_in_a_recipe(tmp_path: Path) -> None:
     """Regression: start-up recovery covered the default recipe only."""
-    settings = _settings(tmp_path)
-    engine = Engine(settings)
+    settings = door_settings(tmp_path)
+    engine = Engine(settings.engine)
     engine.fit_ok(ROLE, "a", MM, _images(1), recipe_id="line2")
     engine.close()
     role_dir = tmp_path / "recipes" / "line2" / "models" / ROLE
@@ -351,15 +299,15 @@ def test_start_up_recovers_a_swap_cut_in_a_recipe(tmp_path: Path) -> None:
     staging = role_dir / f".a.staging-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     (staging / "embeddings.npy").write_bytes(b"half")
-    engine = Engine(settings)
+    engine = Engine(settings.engine)
     assert _leftovers(role_dir) == [] and _tree_hash(role_dir / "a") == before
     assert [m.roi_id for m in engine.list_models(recipe_id="line2")] == ["a"]
     engine.close()
 
 
 def test_leftovers_never_block_a_later_fit(tmp_path: Path) -> None:
-    settings = _settings(tmp_path)
-    engine = Engine(settings)
+    settings = door_settings(tmp_path)
+    engine = Engine(settings.engine)
     engine.fit_ok(ROLE, "a", MM, _images(1))
     role_dir = tmp_path / "models" / ROLE
     for kind in ("staging", "old", "trash"):

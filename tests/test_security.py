@@ -18,7 +18,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import cv2
 import httpx
 import numpy as np
 import pytest
@@ -29,58 +28,24 @@ import ipc.server
 from engine.api import Engine
 from engine.backbones import load_weights_file
 from engine.errors import CorruptModel, InvalidId, InvalidInput, WeightsError
-from engine.settings import Settings
 from engine.storage import ModelStore, seal
 from http_compat.server import HttpServer
+from http_compat.settings import HttpSettings
 from ipc import EngineClient, IpcServer, RemoteError
+from ipc.settings import IpcSettings
+from tests.support import REPO, Doors, door_settings, noise, png_bytes
 
 ROLE, ROI, MM, SIDE = "cam1", "a", 0.1, 64
-REPO = Path(__file__).resolve().parents[1]
 KEY = "s3cret-Key_42"
 
 
-def _settings(root: Path, **changes: Any) -> Settings:
-    base: dict[str, Any] = {"data_root": root, "backbone": "efficientnet_lite0", "input_size": SIDE, "device": "cpu",
-                            "zmq_endpoint": "tcp://127.0.0.1:*", "zmq_workers": 2, "http_host": "127.0.0.1",
-                            "http_port": 0, "log_level": "WARNING"}
-    return Settings(**{**base, **changes})
-
-
-def _png(seed: int = 0, h: int = SIDE, w: int = SIDE) -> bytes:
-    ok, buf = cv2.imencode(".png", np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
-    assert ok
-    return buf.tobytes()
-
-
-class Doors:
-    def __init__(self, engine: Engine, settings: Settings, key: str | None = None) -> None:
-        self.engine = engine
-        self.ipc, self.http = IpcServer(engine, settings), HttpServer(engine, settings)
-        self.ipc.start()
-        self.http.start()
-        self.zmq = EngineClient(self.ipc.endpoint, api_key=key, timeout=30, retries=0)
-        self.web = httpx.Client(base_url=self.http.url, timeout=30, headers={"X-API-Key": key} if key else None)
-
-    def close(self) -> None:
-        self.zmq.close()
-        self.web.close()
-        self.http.stop(timeout=2)
-        self.ipc.stop(timeout=2)
-
-    def zmq_answer(self, op: str, args: dict[str, Any], key: str | None = None) -> tuple[int, Any]:
-        client = self.zmq if key is None else EngineClient(self.ipc.endpoint, api_key=key, timeout=30, retries=0)
-        try:
-            return 200, client.call(op, args)
-        except RemoteError as exc:
-            return exc.status, exc.code
-        finally:
-            if client is not self.zmq:
-                client.close()
+def _png(seed: int = 0) -> bytes:
+    return png_bytes(noise(SIDE, seed=seed))
 
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
-    eng = Engine(_settings(tmp_path_factory.mktemp("security")))
+    eng = Engine(door_settings(tmp_path_factory.mktemp("security")).engine)
     eng.fit_ok(ROLE, ROI, MM, [_png(s) for s in range(3)])
     eng.calibrate_ng(ROLE, ROI, MM, [1.0, 2.0])
     yield eng
@@ -89,14 +54,14 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
 
 @pytest.fixture(scope="module")
 def keyed(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Doors]:
-    doors = Doors(engine, _settings(engine.data_root, api_key=KEY), key=KEY)
+    doors = Doors(engine, door_settings(engine.data_root, api_key=KEY), api_key=KEY)
     yield doors
     doors.close()
 
 
 @pytest.fixture(scope="module")
 def doors(engine: Engine) -> Iterator[Doors]:
-    d = Doors(engine, _settings(engine.data_root))
+    d = Doors(engine, door_settings(engine.data_root))
     yield d
     d.close()
 
@@ -164,14 +129,15 @@ def test_keys_are_compared_in_constant_time(keyed: Doors, monkeypatch: pytest.Mo
 def test_defaults_bind_loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("BACKEND_ZMQ_ENDPOINT", "BACKEND_HTTP_HOST", "BACKEND_ALLOW_REMOTE", "BACKEND_CONFIG"):
         monkeypatch.delenv(name, raising=False)
-    s = Settings()
-    assert s.zmq_endpoint.startswith("tcp://127.0.0.1:") and s.http_host == "127.0.0.1" and not s.allow_remote
+    ipc, http = IpcSettings(), HttpSettings()
+    assert ipc.zmq_endpoint.startswith("tcp://127.0.0.1:") and not ipc.allow_remote
+    assert http.http_host == "127.0.0.1" and not http.allow_remote
 
 
 @pytest.mark.parametrize("endpoint", ["tcp://0.0.0.0:*", "tcp://*:*", "tcp://192.168.1.10:5555", "tcp://eth0:5555",
                                       "tcp://[::]:5555", "tcp://plant-pc.local:5555"])
 def test_zmq_remote_bind_needs_allow_remote(engine: Engine, endpoint: str) -> None:
-    server = IpcServer(engine, _settings(engine.data_root, zmq_endpoint=endpoint))
+    server = IpcServer(engine, door_settings(engine.data_root, zmq_endpoint=endpoint).ipc)
     with pytest.raises(ValueError, match="allow_remote|ALLOW_REMOTE"):
         server.start()
     with pytest.raises(RuntimeError):
@@ -181,13 +147,13 @@ def test_zmq_remote_bind_needs_allow_remote(engine: Engine, endpoint: str) -> No
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.10", "plant-pc.local"])
 def test_http_remote_bind_needs_allow_remote(engine: Engine, host: str) -> None:
     with pytest.raises(ValueError, match="allow_remote"):
-        HttpServer(engine, _settings(engine.data_root, http_host=host))
+        HttpServer(engine, door_settings(engine.data_root, http_host=host).http)
 
 
 def test_remote_bind_with_explicit_opt_in(engine: Engine) -> None:
-    settings = _settings(engine.data_root, zmq_endpoint="tcp://0.0.0.0:*", http_host="0.0.0.0", allow_remote=True,
+    settings = door_settings(engine.data_root, zmq_endpoint="tcp://0.0.0.0:*", http_host="0.0.0.0", allow_remote=True,
                          api_key=KEY)
-    ipc_door, http_door = IpcServer(engine, settings), HttpServer(engine, settings)
+    ipc_door, http_door = IpcServer(engine, settings.ipc), HttpServer(engine, settings.http)
     ipc_door.start()
     http_door.start()
     try:
@@ -270,11 +236,11 @@ def test_pickle_bomb_weights_are_refused_never_unpickled(tmp_path: Path) -> None
         load_weights_file(bomb)
     for backbone in ("dinov2_vits14", "auto", "efficientnet_lite0"):
         with pytest.raises(WeightsError):
-            Engine(_settings(tmp_path / "data", backbone=backbone, weights=bomb))
+            Engine(door_settings(tmp_path / "data", backbone=backbone, weights=bomb).engine)
     (tmp_path / "data" / "weights").mkdir(parents=True, exist_ok=True)
     os.replace(bomb, tmp_path / "data" / "weights" / bomb.name)      # found by "auto" in <data_root>/weights
     with pytest.raises(WeightsError):
-        Engine(_settings(tmp_path / "data", backbone="auto"))
+        Engine(door_settings(tmp_path / "data", backbone="auto").engine)
     assert not marker.exists()
 
 
@@ -285,8 +251,8 @@ def test_data_root_is_not_world_writable_even_with_umask_0(tmp_path: Path) -> No
     old = os.umask(0)
     try:
         root = tmp_path / "fresh" / "data"
-        settings = _settings(root)
-        engine = Engine(settings)
+        settings = door_settings(root)
+        engine = Engine(settings.engine)
         d = Doors(engine, settings)
         try:
             engine.fit_ok(ROLE, ROI, MM, [_png(1)])

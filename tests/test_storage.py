@@ -110,7 +110,7 @@ def test_refit_replaces_model_and_drops_calibration(store: ModelStore) -> None:
 
 
 def test_missing_model_is_model_not_found(store: ModelStore) -> None:
-    with pytest.raises(ModelNotFound, match="memory not found.*run /fit_ok first"):
+    with pytest.raises(ModelNotFound, match="memory not found.*fit the model first"):
         store.load(ROLE, ROI)
     assert store.read_manifest(ROLE, ROI) is None
     assert not store.exists(ROLE, ROI)

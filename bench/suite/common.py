@@ -19,11 +19,13 @@ from typing import Any
 
 import numpy as np
 
+from engine.images import IMAGE_SUFFIXES
+from engine.sampling import spread
+
 ROOT = Path(__file__).resolve().parents[2]
 BOTTLE = ROOT.parent / "shared" / "data" / "mvtec_ad" / "bottle"
 ROLE = "bench"
 MM = 0.05                     # mm per pixel of every benchmark ROI (areas are not what is measured)
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 
 
 # --- logs and progress -----------------------------------------------------------------------
@@ -227,15 +229,6 @@ def bottle_train() -> list[Path]:
 
 def bottle_test(defect: str) -> list[Path]:
     return image_files(BOTTLE / "test" / defect)
-
-
-def spread(n: int, most: int) -> list[int]:
-    """``most`` indices spread evenly over range(n) (all of them when n <= most)."""
-    if most >= n:
-        return list(range(n))
-    if most <= 1:
-        return [0]
-    return [int(round(i * (n - 1) / (most - 1))) for i in range(most)]
 
 
 def read_rgb(path: Path, side: int | None = None) -> np.ndarray:

@@ -13,7 +13,16 @@ from pathlib import Path
 from typing import Any
 
 from bench.suite.common import (
-    MM, ROLE, AugmentedImages, RssSampler, backbone_kwargs, mib, peak_rss_bytes, rss_bytes, run_child, say,
+    MM,
+    ROLE,
+    AugmentedImages,
+    RssSampler,
+    backbone_kwargs,
+    mib,
+    peak_rss_bytes,
+    rss_bytes,
+    run_child,
+    say,
     scratch_dir,
 )
 

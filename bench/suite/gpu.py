@@ -16,8 +16,18 @@ from pathlib import Path
 from typing import Any
 
 from bench.suite.common import (
-    MM, ROLE, AugmentedImages, backbone_kwargs, bottle_test, png_bytes, read_rgb, round_robin, say, scratch_dir,
-    stats, synthetic_rgb,
+    MM,
+    ROLE,
+    AugmentedImages,
+    backbone_kwargs,
+    bottle_test,
+    png_bytes,
+    read_rgb,
+    round_robin,
+    say,
+    scratch_dir,
+    stats,
+    synthetic_rgb,
 )
 
 FULL: dict[str, Any] = {"side": 448, "fit_images": 200, "warmup_fit_images": 16, "budget_s": 20.0, "n_min": 50,

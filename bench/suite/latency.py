@@ -27,8 +27,19 @@ from typing import Any
 import numpy as np
 
 from bench.suite.common import (
-    MM, ROLE, AugmentedImages, backbone_kwargs, bottle_test, png_bytes, read_rgb, round_robin, run_child, say,
-    scratch_dir, stats, synthetic_rgb,
+    MM,
+    ROLE,
+    AugmentedImages,
+    backbone_kwargs,
+    bottle_test,
+    png_bytes,
+    read_rgb,
+    round_robin,
+    run_child,
+    say,
+    scratch_dir,
+    stats,
+    synthetic_rgb,
 )
 
 FULL: dict[str, Any] = {

@@ -15,8 +15,19 @@ from pathlib import Path
 from typing import Any
 
 from bench.suite.common import (
-    MM, ROLE, AugmentedImages, backbone_kwargs, bottle_test, mib, peak_rss_bytes, read_rgb, rss_bytes, run_child,
-    say, scratch_dir, synthetic_rgb,
+    MM,
+    ROLE,
+    AugmentedImages,
+    backbone_kwargs,
+    bottle_test,
+    mib,
+    peak_rss_bytes,
+    read_rgb,
+    rss_bytes,
+    run_child,
+    say,
+    scratch_dir,
+    synthetic_rgb,
 )
 
 FULL: dict[str, Any] = {"levels": [1, 10, 100], "images_per_model": 10, "backbone": "efficientnet_lite0",

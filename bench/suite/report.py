@@ -267,8 +267,9 @@ def _coreset_md(sec: dict[str, Any]) -> list[str]:
     t = sec.get("target", {})
     if t and "error" not in t:
         sub = t["subset"]
-        lines += ["", f"Against exact greedy, synthetic: {t['n']} x {t['d']} at {t['ratio']:.0%}: engine {t['approx_s']:.2f} s "
-                  f"(runs {t['approx_runs_s']}); exact numpy {t['exact_ms_per_pick']:.1f} ms/pick, "
+        lines += ["", f"Against exact greedy, synthetic: {t['n']} x {t['d']} at {t['ratio']:.0%}: "
+                  f"engine {t['approx_s']:.2f} s (runs {t['approx_runs_s']}); "
+                  f"exact numpy {t['exact_ms_per_pick']:.1f} ms/pick, "
                   f"~{t['exact_full_estimated_s']:.0f} s estimated for all {t['k']} picks. On a {sub['rows']}-row "
                   f"subset (k={sub['k']}), both run in full: engine {sub['approx_s']:.2f} s, "
                   f"exact {sub['exact_s']:.1f} s "

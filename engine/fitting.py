@@ -1,0 +1,182 @@
+"""Fitting one ROI model: stream the OK images through the backbone, build the PatchCore memory,
+score the training images by 5-fold hold-out, and store it all with its manifest.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import structlog
+
+from engine import __version__
+from engine.backbones import BackboneInfo
+from engine.calibration import calibrate, score_stats
+from engine.errors import CorruptModel
+from engine.features import FeatureExtractor
+from engine.images import resize_square
+from engine.knn import serialize_index
+from engine.models import ModelKey, ModelRegistry
+from engine.patchcore import Memory, build_memory, leave_out_scores
+from engine.sampling import spread
+from engine.schemas import FitResult, OkScoreStats
+from engine.settings import Settings
+
+__all__ = ["HOLD_OUT_FOLDS", "Fitter", "ProgressFn"]
+
+ProgressFn = Callable[[str, int, int], None]   # (stage, done, total)
+# training images are scored against the memory built without their fold (an estimate of how
+# unseen OK parts score); at most this many images are scored, spread over the set
+HOLD_OUT_FOLDS = 5
+_HOLD_OUT_MAX_IMAGES = 64
+
+log = structlog.get_logger("engine.fitting")
+
+
+def _ms(start: float) -> float:
+    return round((time.perf_counter() - start) * 1000.0, 3)
+
+
+def now_utc() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class Fitter:
+    """Builds and stores models; fits of one model are serialized by the registry's lock."""
+
+    def __init__(self, settings: Settings, extractor: FeatureExtractor, backbone: BackboneInfo,
+                 models: ModelRegistry, decode: Callable[[object, str], np.ndarray]) -> None:
+        self._settings = settings
+        self._extractor = extractor
+        self._backbone = backbone
+        self._models = models
+        self._decode = decode
+
+    def fit(self, key: ModelKey, mm_per_px: float, images: Sequence[Any], *, operator_id: str | None,
+            memory_fit: bool, sources: list[str] | None, report: ProgressFn) -> FitResult:
+        """Fit and store the model of ``key`` from OK ``images`` (``sources`` names stored samples)."""
+        s, timings = self._settings, {}
+        with self._models.lock(key):
+            features, sizes = self._extract_all(images, report, timings)              # N h w D
+            start = time.perf_counter()
+            report("coreset", 0, 1)
+            memory = build_memory(
+                features, s.coreset_ratio, memory_fit, s.distance, projection_dim=s.coreset_projection_dim,
+                seed=s.seed, device=self._extractor.device.type, ivf_min_rows=s.ivf_min_rows,
+            )
+            report("coreset", 1, 1)
+            timings["coreset_index"] = _ms(start)
+            start = time.perf_counter()
+            held_out = self._hold_out_scores(features, memory, sizes, report)
+            timings["ok_scores"] = _ms(start)
+            start = time.perf_counter()
+            report("save", 0, 1)
+            manifest = self._manifest(key, mm_per_px, operator_id, memory_fit, features.shape, memory, held_out,
+                                      sources)
+            manifest = self._models.save(key, manifest, memory.bank, memory.index, serialize_index(memory.index))
+            report("save", 1, 1)
+            timings["save"] = _ms(start)
+        ok_scores = [held_out[i] for i in sorted(held_out)]
+        log.info("fit_done", role_id=key.role_id, roi_id=key.roi_id, recipe_id=key.recipe,
+                 model_version=manifest["model_version"], n_images=len(sizes), coreset_size=len(memory.bank),
+                 timings_ms=timings)
+        return self._result(key, manifest, len(sizes), timings, ok_scores)
+
+    def _extract_all(self, images: Sequence[Any], report: ProgressFn,
+                     timings: dict[str, float]) -> tuple[np.ndarray, list[tuple[int, int]]]:
+        """Decode, resize and extract batch by batch, so at most one batch of decoded images is held.
+
+        Returns features (N, h, w, D) and each image's original (H, W).
+        """
+        side, batch = self._backbone.input_size, self._extractor.batch_size
+        decode_ms = extract_ms = 0.0
+        chunks, sizes = [], []
+        for first in range(0, len(images), batch):
+            start = time.perf_counter()
+            resized = []
+            for i in range(first, min(first + batch, len(images))):
+                rgb = self._decode(images[i], f"image {i}")
+                sizes.append(rgb.shape[:2])
+                resized.append(resize_square(rgb, side))
+            decode_ms += _ms(start)
+            start = time.perf_counter()
+            chunks.append(self._extractor(resized))
+            extract_ms += _ms(start)
+            report("extract", len(sizes), len(images))
+        timings["decode"], timings["extract"] = round(decode_ms, 3), round(extract_ms, 3)
+        return np.concatenate(chunks), sizes
+
+    def _hold_out_scores(self, features: np.ndarray, memory: Memory, sizes: list[tuple[int, int]],
+                         report: ProgressFn) -> dict[int, float]:
+        s = self._settings
+        scored = spread(len(sizes), _HOLD_OUT_MAX_IMAGES)
+        report("ok_scores", 0, len(scored))
+        held_out = leave_out_scores(features, memory, sizes, scored, s.distance, s.knn_k, s.gaussian_sigma,
+                                    s.score_percentile, HOLD_OUT_FOLDS)
+        report("ok_scores", len(held_out), len(scored))
+        return held_out
+
+    def _previous_version(self, key: ModelKey) -> int:
+        store = self._models.store(key.recipe)
+        try:
+            previous = store.read_manifest(key.role_id, key.roi_id) if store.exists(key.role_id, key.roi_id) else None
+        except CorruptModel:
+            previous = None   # a damaged model is what a refit repairs: never let it block the fit
+        return int(previous["model_version"]) if previous else 0
+
+    def _manifest(self, key: ModelKey, mm_per_px: float, operator_id: str | None, memory_fit: bool,
+                  features_shape: tuple[int, ...], memory: Memory, held_out: dict[int, float],
+                  sources: list[str] | None) -> dict[str, Any]:
+        """Everything needed to replay a model (seed §3 fields first); storage adds checksums."""
+        n, h, w, _ = features_shape
+        info, s = self._backbone, self._settings
+        scored = sorted(held_out)
+        return {
+            "role_id": key.role_id, "roi_id": key.roi_id, "recipe_id": key.recipe,
+            "model_version": self._previous_version(key) + 1,
+            "mm_per_px": mm_per_px, "n_embeddings": int(n * h * w), "coreset_size": len(memory.bank),
+            "threshold": None, "created_at": now_utc(), "operator_id": operator_id, "n_images": int(n),
+            "memory_fit": bool(memory_fit), "token_shape": [int(h), int(w)],
+            "backbone": {"name": info.name, "weights_sha256": info.weights_sha256, "stride": info.stride,
+                         "feature_dim": info.feature_dim, "precision": self._extractor.precision},
+            "input": {"rule": "resize_square", "side": info.input_size, "interpolation": "area_down_linear_up",
+                      "normalization": {"mean": list(info.mean), "std": list(info.std), "scale": "0..255"}},
+            "distance": s.distance, "knn_k": s.knn_k,
+            "score": {"percentile": s.score_percentile, "gaussian_sigma": s.gaussian_sigma, "upsample": "bilinear"},
+            "coreset": {"ratio": s.coreset_ratio, "method": "greedy_k_center",
+                        "principal_axes": s.coreset_projection_dim if s.coreset_projection_dim < info.feature_dim
+                        else None, "seed": s.seed},
+            "index": memory.choice.as_dict(),
+            "ok_scores": {"values": [held_out[i] for i in scored], "images": [int(i) for i in scored],
+                          "sources": [sources[i] for i in scored] if sources else None, "folds": HOLD_OUT_FOLDS},
+            "library_versions": _library_versions(),
+        }
+
+    def _result(self, key: ModelKey, manifest: dict[str, Any], n_images: int, timings: dict[str, float],
+                ok_scores: list[float]) -> FitResult:
+        s = self._settings
+        stats = OkScoreStats(**score_stats(ok_scores)) if ok_scores else None
+        suggestion = None
+        if ok_scores:
+            suggestion = calibrate(ok_scores, None, s.calibration_percentile, s.calibration_safety_factor).threshold
+        return FitResult(
+            role_id=key.role_id, roi_id=key.roi_id, recipe_id=key.recipe, mm_per_px=manifest["mm_per_px"],
+            n_images=n_images, n_embeddings=manifest["n_embeddings"], coreset_size=manifest["coreset_size"],
+            token_shape=tuple(manifest["token_shape"]), model_version=manifest["model_version"],
+            backbone=self._backbone.name, input_size=self._backbone.input_size, distance=s.distance,
+            memory_fit=bool(manifest["memory_fit"]), timings_ms=timings, ok_scores=tuple(ok_scores),
+            ok_score_stats=stats, threshold_suggestion=suggestion,
+        )
+
+
+def _library_versions() -> dict[str, str]:
+    import cv2
+    import faiss
+    import torch
+
+    return {"engine": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "faiss": faiss.__version__, "numpy": np.__version__, "opencv": cv2.__version__}

@@ -1,0 +1,214 @@
+"""The stateful layer around stored models: where they live, loading with its checks, the LRU of
+loaded models, per-model fit locks, and start-up recovery.
+
+Every model is named by a ``ModelKey`` (recipe, role, ROI); the default recipe (None) lives
+directly under the data root, the others under ``recipes/<recipe>/``.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import structlog
+
+from engine.backbones import BackboneInfo
+from engine.datasets import DatasetStore
+from engine.errors import CorruptModel, IncompatibleModel, MmPerPxMismatch, ModelNotFound
+from engine.knn import TorchBank, deserialize_index, set_nprobe
+from engine.model_cache import ModelCache
+from engine.schemas import ModelSummary, StateResult
+from engine.storage import ModelStore
+from engine.validate import check_id, check_recipe, stored_calibration
+
+__all__ = ["LoadedModel", "ModelKey", "ModelRegistry", "model_not_found"]
+
+log = structlog.get_logger("engine.models")
+
+
+class ModelKey(NamedTuple):
+    recipe: str | None
+    role_id: str
+    roi_id: str
+
+    @property
+    def where(self) -> str:
+        return f"{self.role_id}/{self.roi_id}"
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model ready to score: its manifest, search index and calibration."""
+
+    manifest: dict[str, Any]
+    index: Any
+    calibration: dict[str, Any] | None
+
+    @property
+    def side(self) -> int:
+        return int(self.manifest["input"]["side"])
+
+
+def model_not_found(key: ModelKey) -> ModelNotFound:
+    # "memory not found" is also the phrase the existing GUI recognises for an untrained ROI
+    return ModelNotFound(f"memory not found for role_id={key.role_id} roi_id={key.roi_id}: fit the model first")
+
+
+class ModelRegistry:
+    """Stored models of every recipe under one data root, and the ones loaded in memory."""
+
+    def __init__(self, data_root: Path, backbone: BackboneInfo, *, precision: str, device: str,
+                 cache_size: int, mm_per_px_rtol: float) -> None:
+        self.data_root = Path(data_root)
+        self._backbone = backbone
+        self._precision = precision
+        self._device = device
+        self._mm_rtol = mm_per_px_rtol
+        self._cache: ModelCache[ModelKey, LoadedModel] = ModelCache(cache_size)
+        self._locks: dict[ModelKey, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+
+    # --- naming and places -----------------------------------------------------------------
+
+    def key(self, role_id: object, roi_id: object, recipe_id: str | None = None) -> ModelKey:
+        """Validated key. Raises InvalidId / ReservedRecipe."""
+        return ModelKey(check_recipe(recipe_id), check_id("role_id", role_id), check_id("roi_id", roi_id))
+
+    def base(self, recipe: str | None) -> Path:
+        return self.data_root if recipe is None else self.data_root / "recipes" / recipe
+
+    def store(self, recipe: str | None) -> ModelStore:
+        return ModelStore(self.base(recipe))
+
+    def datasets(self, recipe: str | None) -> DatasetStore:
+        return DatasetStore(self.base(recipe))
+
+    def lock(self, key: ModelKey) -> threading.Lock:
+        """The lock that serializes writes (fit, calibrate, delete) to one model."""
+        with self._locks_guard:
+            return self._locks.setdefault(key, threading.Lock())
+
+    def recover_all(self) -> None:
+        """Finish or undo model swaps a crash cut short, in every recipe."""
+        self.store(None).recover_all()
+        recipes = self.data_root / "recipes"
+        for base in sorted(recipes.iterdir()) if recipes.is_dir() else ():
+            if base.is_dir():
+                ModelStore(base).recover_all()
+
+    # --- reading ---------------------------------------------------------------------------
+
+    def manifest(self, key: ModelKey) -> dict[str, Any] | None:
+        return self.store(key.recipe).read_manifest(key.role_id, key.roi_id)
+
+    def require_manifest(self, key: ModelKey) -> dict[str, Any]:
+        manifest = self.manifest(key)
+        if manifest is None:
+            raise model_not_found(key)
+        return manifest
+
+    def load(self, key: ModelKey) -> LoadedModel:
+        """The model, from the LRU or from disk with every check.
+
+        Raises:
+            ModelNotFound, CorruptModel, IncompatibleModel.
+        """
+        return self._cache.get_or_load(key, lambda: self._read(key))
+
+    def _read(self, key: ModelKey) -> LoadedModel:
+        files = self.store(key.recipe).load(key.role_id, key.roi_id)
+        where = key.where
+        self.check_compatible(files.manifest, where)
+        try:
+            index = deserialize_index(files.index_bytes)
+        except RuntimeError as exc:   # faiss's error for bytes that are no index
+            raise CorruptModel(f"model {where}: coreset.faiss is not a faiss index; refit the model") from exc
+        try:
+            set_nprobe(index, int(files.manifest.get("index", {}).get("nprobe", 0)))
+        except RuntimeError as exc:   # the manifest says IVF, the file holds another index
+            raise CorruptModel(f"model {where}: coreset.faiss does not match its manifest; refit the model") from exc
+        emb = files.embeddings
+        if emb.ndim != 2 or index.ntotal != len(emb) or index.d != emb.shape[1]:
+            raise CorruptModel(f"model {where}: index and embeddings disagree; refit the model")
+        stored_calibration(files.calibration, where)
+        fitted_precision = files.manifest.get("backbone", {}).get("precision")
+        if fitted_precision not in (None, self._precision):
+            log.warning("precision_differs", role_id=key.role_id, roi_id=key.roi_id, fitted=fitted_precision,
+                        running=self._precision,
+                        note="scores may shift slightly against the calibrated threshold; refit to align")
+        return LoadedModel(files.manifest, self._serving_index(emb, files.manifest["distance"], index),
+                           files.calibration)
+
+    def _serving_index(self, bank: np.ndarray, distance: str, index: Any) -> Any:
+        # faiss-cpu has no GPU path: on CUDA the exact torch bank serves instead
+        return TorchBank(bank, distance, self._device) if self._device == "cuda" else index  # type: ignore[arg-type]
+
+    def check_compatible(self, manifest: dict[str, Any], where: str) -> None:
+        """Raises IncompatibleModel when the model was fitted with another backbone or weights."""
+        fitted, info = manifest.get("backbone", {}), self._backbone
+        if fitted.get("name") != info.name or fitted.get("weights_sha256") != info.weights_sha256:
+            raise IncompatibleModel(
+                f"model {where} was fitted with backbone {fitted.get('name')} "
+                f"(weights {str(fitted.get('weights_sha256'))[:12]}), but this engine runs {info.name} "
+                f"(weights {info.weights_sha256[:12]}): refit it, or start the engine with that backbone"
+            )
+
+    def check_mm(self, manifest: dict[str, Any], mm_per_px: float) -> None:
+        """Raises MmPerPxMismatch when ``mm_per_px`` is not the scale the model was fitted at."""
+        fitted = float(manifest["mm_per_px"])
+        if not math.isclose(mm_per_px, fitted, rel_tol=self._mm_rtol, abs_tol=0.0):
+            raise MmPerPxMismatch(f"mm_per_px {mm_per_px} differs from the {fitted} the model was fitted with")
+
+    # --- writing and the cache -------------------------------------------------------------
+
+    def save(self, key: ModelKey, manifest: dict[str, Any], bank: np.ndarray, index: Any,
+             index_bytes: bytes) -> dict[str, Any]:
+        """Store a fitted model as a unit and serve it at once; returns the manifest written."""
+        written = self.store(key.recipe).save(key.role_id, key.roi_id, manifest, bank, index_bytes)
+        self._cache.put(key, LoadedModel(written, self._serving_index(bank, manifest["distance"], index), None))
+        return written
+
+    def invalidate(self, key: ModelKey) -> None:
+        self._cache.invalidate(key)
+
+    def loaded_keys(self) -> list[ModelKey]:
+        return self._cache.keys()
+
+    def close(self) -> None:
+        for key in self._cache.keys():
+            self._cache.invalidate(key)
+
+    # --- summaries -------------------------------------------------------------------------
+
+    def state(self, key: ModelKey) -> StateResult:
+        manifest = self.manifest(key)
+        m = manifest or {}
+        calibrated = m.get("threshold") is not None
+        return StateResult(
+            status="ready" if calibrated else ("fitted" if manifest else "empty"),
+            role_id=key.role_id, roi_id=key.roi_id, recipe_id=key.recipe,
+            memory_fitted=manifest is not None, calib_present=calibrated,
+            model_version=m.get("model_version"), threshold=m.get("threshold"), mm_per_px=m.get("mm_per_px"),
+            token_shape=tuple(m["token_shape"]) if manifest else None, coreset_size=m.get("coreset_size"),
+            backbone=m.get("backbone", {}).get("name") if manifest else None,
+        )
+
+    def summaries(self, recipe: str | None) -> list[ModelSummary]:
+        store, out = self.store(recipe), []
+        for role_id, roi_id in store.list():
+            try:
+                manifest = store.read_manifest(role_id, roi_id)
+            except CorruptModel as exc:   # one damaged model must not hide the others
+                log.warning("model_skipped", role_id=role_id, roi_id=roi_id, error=exc.message)
+                continue
+            if manifest is not None:
+                out.append(ModelSummary(
+                    role_id=role_id, roi_id=roi_id, recipe_id=recipe, model_version=manifest["model_version"],
+                    calibrated=manifest.get("threshold") is not None, coreset_size=manifest["coreset_size"],
+                    backbone=manifest["backbone"]["name"], created_at=manifest["created_at"],
+                ))
+        return out

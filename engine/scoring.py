@@ -1,0 +1,188 @@
+"""Scoring ROI images against their models: one ``prepare`` for every path (single infer, batch
+items, stored samples), then the anomaly map, score, regions and heatmap of one ROI.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import structlog
+
+from engine import heatmap as heatmaps
+from engine.anomaly_map import anomaly_map, masked_percentile
+from engine.errors import CalibrationMissing, EngineError, InvalidInput
+from engine.features import FeatureExtractor
+from engine.images import resize_square
+from engine.masks import parse_shape, shape_mask
+from engine.models import LoadedModel, ModelKey, ModelRegistry
+from engine.patchcore import patch_scores
+from engine.regions import find_regions
+from engine.schemas import BatchError, HeatmapFormat, InferBatchItem, InferResult, Region
+from engine.validate import positive_number
+
+__all__ = ["Decoder", "PreparedRoi", "Scorer", "calibration_missing"]
+
+Decoder = Callable[[object], np.ndarray]     # image input -> (H, W, 3) uint8 RGB
+_BATCH_ITEM_FIELDS = frozenset({"roi_id", "image", "mm_per_px", "shape"})
+
+log = structlog.get_logger("engine.scoring")
+
+
+def calibration_missing(key: ModelKey) -> CalibrationMissing:
+    # "calibration_missing" is also the phrase the existing GUI recognises
+    return CalibrationMissing(f"calibration_missing: model {key.where} has no threshold; calibrate it first")
+
+
+def _ms(start: float) -> float:
+    return round((time.perf_counter() - start) * 1000.0, 3)
+
+
+@dataclass(frozen=True)
+class PreparedRoi:
+    """A ROI image checked against its model and resized to the model's input side."""
+
+    key: ModelKey
+    model: LoadedModel
+    resized: np.ndarray          # (S, S, 3) uint8
+    size: tuple[int, int]        # (H, W) as received
+    mask: np.ndarray | None      # (H, W) bool, None = whole image
+    mm_per_px: float
+
+
+class Scorer:
+    """Turns prepared ROIs into ``InferResult``s with the shared feature extractor."""
+
+    def __init__(self, extractor: FeatureExtractor, models: ModelRegistry, decode: Decoder) -> None:
+        self._extractor = extractor
+        self._models = models
+        self._decode = decode
+
+    def prepare(self, key: ModelKey, mm_per_px: object, image: object, shape: object, *,
+                allow_uncalibrated: bool, model: LoadedModel | None = None,
+                timings: dict[str, float] | None = None) -> PreparedRoi:
+        """Check one ROI request and bring its image to the model's input.
+
+        Raises:
+            InvalidInput / InvalidImage / InvalidShape (400), ModelNotFound (404),
+            CalibrationMissing (428), MmPerPxMismatch (409), PayloadTooLarge (413).
+        """
+        timings = {} if timings is None else timings
+        start = time.perf_counter()
+        mm = positive_number(mm_per_px)
+        model = model or self._models.load(key)
+        if model.calibration is None and not allow_uncalibrated:
+            raise calibration_missing(key)
+        self._models.check_mm(model.manifest, mm)
+        timings["load"] = _ms(start)
+        start = time.perf_counter()
+        rgb = self._decode(image)
+        height, width = rgb.shape[:2]
+        mask = shape_mask(parse_shape(shape), height, width)                        # type: ignore[arg-type]
+        resized = resize_square(rgb, model.side)
+        timings["preprocess"] = _ms(start)
+        return PreparedRoi(key, model, resized, (height, width), mask, mm)
+
+    def score(self, roi: PreparedRoi, heatmap: HeatmapFormat, timings: dict[str, float], t0: float,
+              features: np.ndarray | None = None) -> InferResult:
+        """Score, regions and heatmap of one prepared ROI; ``features`` (h, w, D) when already extracted."""
+        manifest = roi.model.manifest
+        height, width = roi.size
+        if features is None:
+            start = time.perf_counter()
+            features = self._extractor([roi.resized])[0]                            # h w D
+            timings["extract"] = _ms(start)
+        start = time.perf_counter()
+        patches = patch_scores(roi.model.index, features, manifest["distance"], int(manifest["knn_k"]))
+        timings["knn"] = _ms(start)
+        start = time.perf_counter()
+        amap = anomaly_map(patches, height, width, float(manifest["score"]["gaussian_sigma"]))
+        score = masked_percentile(amap, roi.mask, float(manifest["score"]["percentile"]))
+        timings["map"] = _ms(start)
+        start = time.perf_counter()
+        threshold, area_thr, regions = self._decide(roi, amap)
+        timings["regions"] = _ms(start)
+        start = time.perf_counter()
+        scale = threshold if threshold and threshold > 0 else _uncalibrated_scale(manifest, amap)
+        png, raw = heatmaps.encode(amap, scale, heatmap)
+        timings["heatmap"] = _ms(start)
+        timings["total"] = _ms(t0)
+        decision = None if threshold is None else ("ng" if regions else "ok")
+        key = roi.key
+        log.info("infer", role_id=key.role_id, roi_id=key.roi_id, recipe_id=key.recipe, score=round(score, 5),
+                 decision=decision, n_regions=len(regions), timings_ms=timings)
+        return InferResult(
+            role_id=key.role_id, roi_id=key.roi_id, recipe_id=key.recipe, score=score, threshold=threshold,
+            decision=decision, area_mm2_thr=area_thr, regions=regions, heatmap_png=png, heatmap_raw=raw,
+            heatmap_scale=scale, token_shape=tuple(manifest["token_shape"]), image_shape=(height, width),
+            model_version=int(manifest["model_version"]), mm_per_px=roi.mm_per_px, timings_ms=timings,
+        )
+
+    @staticmethod
+    def _decide(roi: PreparedRoi, amap: np.ndarray) -> tuple[float | None, float | None, tuple[Region, ...]]:
+        calibration = roi.model.calibration
+        if calibration is None:
+            return None, None, ()
+        threshold, area_thr = float(calibration["threshold"]), float(calibration["area_mm2_thr"])
+        return threshold, area_thr, tuple(find_regions(amap, threshold, roi.mask, roi.mm_per_px, area_thr))
+
+    def score_batch(self, role_id: str, items: Sequence[Any], recipe_id: str | None, *,
+                    allow_uncalibrated: bool, heatmap: HeatmapFormat,
+                    timings: dict[str, float]) -> list[InferBatchItem]:
+        """Several ROIs of one part: one backbone call per input side; each item fails on its own."""
+        t0 = time.perf_counter()
+        prepared: dict[int, PreparedRoi] = {}
+        errors: dict[int, EngineError] = {}
+        for i, item in enumerate(items):
+            try:
+                prepared[i] = self._prepare_item(i, item, role_id, recipe_id, allow_uncalibrated)
+            except EngineError as exc:
+                errors[i] = exc
+        timings["preprocess"] = _ms(t0)
+        start = time.perf_counter()
+        features = self._extract_by_side(prepared)
+        timings["extract"] = _ms(start)
+        out = []
+        for i, item in enumerate(items):
+            if i in errors:
+                exc = errors[i]
+                roi_id = str(item.get("roi_id")) if isinstance(item, dict) else ""
+                error = BatchError(code=exc.code, status=exc.status, message=exc.message)
+                out.append(InferBatchItem(roi_id=roi_id, result=None, error=error))
+            else:
+                result = self.score(prepared[i], heatmap, {}, time.perf_counter(), features=features[i])
+                out.append(InferBatchItem(roi_id=prepared[i].key.roi_id, result=result, error=None))
+        return out
+
+    def _prepare_item(self, i: int, item: object, role_id: str, recipe_id: str | None,
+                      allow_uncalibrated: bool) -> PreparedRoi:
+        if not isinstance(item, dict):
+            raise InvalidInput(f"item {i} must be an object with roi_id, image, mm_per_px")
+        unknown = set(item) - _BATCH_ITEM_FIELDS
+        if unknown:
+            raise InvalidInput(f"item {i} has unknown fields: {', '.join(sorted(map(str, unknown)))}")
+        key = self._models.key(role_id, item.get("roi_id"), recipe_id)
+        return self.prepare(key, item.get("mm_per_px"), item.get("image"), item.get("shape"),
+                            allow_uncalibrated=allow_uncalibrated)
+
+    def _extract_by_side(self, prepared: dict[int, PreparedRoi]) -> dict[int, np.ndarray]:
+        by_side: dict[int, list[int]] = {}
+        for i, roi in prepared.items():
+            by_side.setdefault(roi.model.side, []).append(i)
+        features: dict[int, np.ndarray] = {}
+        for indices in by_side.values():
+            batch = self._extractor([prepared[i].resized for i in indices])          # n h w D
+            features.update(zip(indices, batch, strict=True))
+        return features
+
+
+def _uncalibrated_scale(manifest: dict[str, Any], amap: np.ndarray) -> float:
+    """Heatmap scale without a threshold: the largest hold-out OK score of the fit."""
+    values = manifest.get("ok_scores", {}).get("values") or []
+    if values and max(values) > 0:
+        return float(max(values))
+    top = float(amap.max())
+    return top if top > 0 else 1.0
