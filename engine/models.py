@@ -21,6 +21,7 @@ from engine.datasets import DatasetStore
 from engine.errors import CorruptModel, IncompatibleModel, MmPerPxMismatch, ModelNotFound
 from engine.knn import TorchBank, deserialize_index, set_nprobe
 from engine.model_cache import ModelCache
+from engine.patchcore import MemorySearch, searcher
 from engine.schemas import ModelSummary, StateResult
 from engine.storage import ModelStore
 from engine.validate import check_id, check_recipe, stored_calibration
@@ -42,10 +43,10 @@ class ModelKey(NamedTuple):
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A model ready to score: its manifest, search index and calibration."""
+    """A model ready to score: its manifest, search of its memory and calibration."""
 
     manifest: dict[str, Any]
-    index: Any
+    index: MemorySearch | TorchBank
     calibration: dict[str, Any] | None
 
     @property
@@ -140,12 +141,18 @@ class ModelRegistry:
             log.warning("precision_differs", role_id=key.role_id, roi_id=key.roi_id, fitted=fitted_precision,
                         running=self._precision,
                         note="scores may shift slightly against the calibrated threshold; refit to align")
-        return LoadedModel(files.manifest, self._serving_index(emb, files.manifest["distance"], index),
-                           files.calibration)
+        try:
+            serving = self._serving_index(emb, files.manifest, index)
+        except ValueError as exc:     # an index layout this engine does not search
+            raise CorruptModel(f"model {where}: coreset.faiss has an unsupported layout; refit the model") from exc
+        return LoadedModel(files.manifest, serving, files.calibration)
 
-    def _serving_index(self, bank: np.ndarray, distance: str, index: Any) -> Any:
+    def _serving_index(self, bank: np.ndarray, manifest: dict[str, Any], index: Any) -> MemorySearch | TorchBank:
+        distance = manifest["distance"]
         # faiss-cpu has no GPU path: on CUDA the exact torch bank serves instead
-        return TorchBank(bank, distance, self._device) if self._device == "cuda" else index  # type: ignore[arg-type]
+        if self._device == "cuda":
+            return TorchBank(bank, distance, self._device)
+        return searcher(index, bank, distance, int(manifest["knn_k"]), manifest.get("index") or {})
 
     def check_compatible(self, manifest: dict[str, Any], where: str) -> None:
         """Raises IncompatibleModel when the model was fitted with another backbone or weights."""
@@ -169,7 +176,7 @@ class ModelRegistry:
              index_bytes: bytes) -> dict[str, Any]:
         """Store a fitted model as a unit and serve it at once; returns the manifest written."""
         written = self.store(key.recipe).save(key.role_id, key.roi_id, manifest, bank, index_bytes)
-        self._cache.put(key, LoadedModel(written, self._serving_index(bank, manifest["distance"], index), None))
+        self._cache.put(key, LoadedModel(written, self._serving_index(bank, manifest, index), None))
         return written
 
     def invalidate(self, key: ModelKey) -> None:

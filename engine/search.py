@@ -38,7 +38,7 @@ from typing import Literal
 import faiss
 import numpy as np
 
-from engine.knn import Distance, build_index, knn_distances
+from engine.knn import Distance, build_index, knn_distances, prepare_rows
 
 __all__ = ["AXES", "IndexChoice", "MemorySearch", "RowFilter", "build_search_index", "keep_rows"]
 
@@ -95,7 +95,7 @@ def build_search_index(
     """
     if len(bank) < ivf_min_rows or probe_queries is None or len(probe_queries) == 0:
         return build_index(bank, distance), IndexChoice("flat")
-    prepared = _prepare(bank, distance)
+    prepared = prepare_rows(bank, distance)
     axes = min(axes, prepared.shape[1] - 1)
     # 4 sqrt(M) lists, and at least 39 training rows per list (below that faiss warns)
     nlist = int(np.clip(min(round(4 * math.sqrt(len(bank))), len(bank) // 39), _MIN_LISTS, _MAX_LISTS))
@@ -104,10 +104,10 @@ def build_search_index(
     # slack for rounding: the flat index's BLAS path (|q|^2 + |b|^2 - 2 q.b) loses precision on
     # near-duplicate patches, where the direct distances here are the more exact ones
     slack = exact * 1e-3 + 1e-3 * float(np.mean(exact))
+    search = MemorySearch(index, bank, distance, 1)
     nprobe, recall = 1, 0.0
     while True:
-        search = MemorySearch(index, bank, distance, 1, nprobe=nprobe)
-        found = search.search(probe_queries)[0]
+        found = search.search(probe_queries, nprobe=nprobe)[0]
         recall = float(np.mean(found <= exact + slack))
         if recall >= target_recall or nprobe >= nlist:
             break
@@ -179,18 +179,20 @@ class MemorySearch:
         index: the memory's faiss index (flat, ``IndexIVFFlat``, or the projected layout).
         bank: (M, D) the memory rows, in the order of the index's ids.
         distance, k: as the model was fitted.
-        nprobe: lists probed by ``search`` (inverted files).
+        nprobe: lists probed by ``search`` (inverted files); 0 = the index's own.
         candidates: rows per query whose true distance ``search`` takes (projected layout).
     """
 
-    def __init__(self, index: faiss.Index, bank: np.ndarray, distance: Distance, k: int, *, nprobe: int = 1,
+    def __init__(self, index: faiss.Index, bank: np.ndarray, distance: Distance, k: int, *, nprobe: int = 0,
                  candidates: int = _CANDIDATES) -> None:
         self.index = index
         self.distance = distance
-        self.bank = _prepare(bank, distance)                                      # M D
-        self.k = max(1, min(int(k), len(self.bank)))
         self.ivf, self.projection = _inverted_file(index)
-        self.nprobe = max(1, int(nprobe))
+        # true distances come from the rows themselves; a flat index holds its own copy
+        self.bank = prepare_rows(bank, distance) if self.ivf is not None else np.zeros((0, index.d), np.float32)
+        self.k = max(1, min(int(k), index.ntotal))
+        # 0: the probe count stored in the index itself (models written before it was in the manifest)
+        self.nprobe = int(nprobe) if nprobe > 0 else (self.ivf.nprobe if self.ivf is not None else 1)
         self.candidates = max(self.k, int(candidates))
         if self.ivf is not None:
             self._blocks = _Blocks.of(self.ivf)
@@ -199,15 +201,17 @@ class MemorySearch:
     def approximate(self) -> bool:
         return self.ivf is not None
 
-    def search(self, queries: np.ndarray, only: RowFilter | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(Q,) mean distance to the k nearest rows found, and (Q,) the k-th of them (a reach)."""
-        x = _prepare(queries, self.distance)
+    def search(self, queries: np.ndarray, only: RowFilter | None = None, *,
+               nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(Q,) mean distance to the k nearest rows found, and (Q,) the k-th of them (a reach).
+        ``nprobe`` overrides the lists probed for this call."""
+        x = prepare_rows(queries, self.distance)
         selector = only.selector if only is not None else None
         if self.ivf is None:
             params = faiss.SearchParameters(sel=selector) if selector is not None else None
             raw, _ = self.index.search(x, self.k, params=params)
             return self._finish(_squared_l2(raw, self.distance))
-        params = faiss.SearchParametersIVF(nprobe=min(self.nprobe, self.ivf.nlist), sel=selector)
+        params = faiss.SearchParametersIVF(nprobe=min(nprobe or self.nprobe, self.ivf.nlist), sel=selector)
         if self.projection is None:
             raw, _ = self.ivf.search(x, self.k, params=params)
             return self._finish(_squared_l2(raw, self.distance))
@@ -219,7 +223,7 @@ class MemorySearch:
         upper bound of its k-th nearest distance, such as ``search``'s second result."""
         if self.ivf is None:
             return self.search(queries, only)[0]
-        x = _prepare(queries, self.distance)
+        x = prepare_rows(queries, self.distance)
         coords = x if self.projection is None else self.projection(x)
         reach_sq = np.square(_as_l2(np.asarray(reach, dtype=np.float64), self.distance))
         # slack for float32 rounding in the faiss and numpy distances: a row kept in vain costs a
@@ -245,13 +249,6 @@ class MemorySearch:
         squared = np.maximum(squared, 0.0)
         dist = np.sqrt(squared) if self.distance == "l2" else squared / 2.0   # unit vectors: 1 - cos = |q-b|^2 / 2
         return dist.mean(axis=1).astype(np.float32), dist[:, -1].astype(np.float32)
-
-
-def _prepare(x: np.ndarray, distance: Distance) -> np.ndarray:
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if distance == "cosine":
-        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    return x
 
 
 def _squared_l2(raw: np.ndarray, distance: Distance) -> np.ndarray:
@@ -286,11 +283,16 @@ def _inverted_file(index: faiss.Index) -> tuple[faiss.IndexIVFFlat | None, _Proj
 
 def _k_smallest(query: np.ndarray, values: np.ndarray, n: int, k: int) -> np.ndarray:
     """(n, k) the k smallest ``values`` of each query (pairs (query[i], values[i])), ascending."""
+    out = np.full((n, k), np.inf, dtype=np.float32)
+    if k == 1:                              # the usual case: one radix sort and a segmented min
+        order = np.argsort(query, kind="stable")
+        grouped = query[order]
+        present = np.flatnonzero(np.bincount(grouped, minlength=n))
+        out[present, 0] = np.minimum.reduceat(values[order], np.searchsorted(grouped, present))
+        return out
     order = np.lexsort((values, query))
     query, values = query[order], values[order]
-    first = np.searchsorted(query, np.arange(n))
-    rank = np.arange(len(query)) - first[query]
-    out = np.full((n, k), np.inf, dtype=np.float32)
+    rank = np.arange(len(query)) - np.searchsorted(query, np.arange(n))[query]
     keep = rank < k
     out[query[keep], rank[keep]] = values[keep]
     return out
