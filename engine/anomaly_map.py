@@ -1,23 +1,76 @@
-"""From patch distances to a full-size anomaly map and an image score."""
+"""From patch distances to a full-size anomaly map and an image score.
+
+The map is a bilinear upsample (OpenCV ``INTER_LINEAR``) followed by a Gaussian blur (kernel of
+2 * round(4 sigma) + 1 taps, reflected border, as the PatchCore reference implementation uses).
+Both steps are linear and separable, so the whole map is ``A @ s @ B.T`` with ``A`` (H, h) and
+``B`` (W, w) the two steps applied to the identity along each axis. The matrices depend only on
+the sizes and sigma and are cached; the two products cost ~2 ms for a 900 x 900 map where
+resize + blur cost ~9 ms, and give the same values up to float rounding (~1e-6 relative).
+
+Every weight is nonnegative, so the map is monotone in the patch distances: larger distances
+never lower any pixel. ``engine.refine`` relies on that, and on :func:`patch_support` (which
+patches feed which pixels).
+"""
 
 from __future__ import annotations
+
+import math
+from functools import lru_cache
 
 import cv2
 import numpy as np
 
-__all__ = ["anomaly_map", "masked_percentile"]
+__all__ = ["anomaly_map", "axis_weights", "masked_percentile", "patch_support", "percentile_if_above"]
+
+
+def _kernel_size(sigma: float) -> int:
+    return 2 * int(4.0 * sigma + 0.5) + 1
+
+
+@lru_cache(maxsize=64)
+def axis_weights(size: int, cells: int, sigma: float) -> np.ndarray:
+    """(size, cells) float32 weights of one axis: bilinear upsample of ``cells`` values to ``size``
+    pixels, then the Gaussian blur along that axis. Read-only (cached)."""
+    eye = np.eye(cells, dtype=np.float32)                                        # cells cells
+    # resizing only the first axis of the identity gives the upsample's weights; a size-1
+    # dimension would make OpenCV treat the array as one row, hence the square identity
+    weights = cv2.resize(eye, (cells, size), interpolation=cv2.INTER_LINEAR)     # size cells
+    if sigma > 0:
+        kernel = cv2.getGaussianKernel(_kernel_size(sigma), sigma, cv2.CV_32F)
+        weights = cv2.sepFilter2D(weights, -1, np.ones((1, 1), np.float32), kernel,
+                                  borderType=cv2.BORDER_REFLECT)
+    weights = np.ascontiguousarray(weights, dtype=np.float32)
+    weights.flags.writeable = False
+    return weights
 
 
 def anomaly_map(patch_scores: np.ndarray, height: int, width: int, sigma: float) -> np.ndarray:
     """(h, w) patch distances -> (height, width) float32 map: bilinear upsample, Gaussian blur."""
     scores = np.ascontiguousarray(patch_scores, dtype=np.float32)
-    full = cv2.resize(scores, (width, height), interpolation=cv2.INTER_LINEAR)
-    if sigma > 0:
-        # kernel of 2 * round(4 sigma) + 1 taps, as the PatchCore reference implementation uses
-        ksize = 2 * int(4.0 * sigma + 0.5) + 1
-        full = cv2.GaussianBlur(full, (ksize, ksize), sigmaX=sigma, sigmaY=sigma,
-                                borderType=cv2.BORDER_REFLECT)
-    return full
+    h, w = scores.shape
+    rows = axis_weights(height, h, float(sigma))                                 # H h
+    cols = axis_weights(width, w, float(sigma))                                  # W w
+    return (rows @ scores) @ cols.T                                              # H W
+
+
+@lru_cache(maxsize=64)
+def _support_bounds(size: int, cells: int, sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    """For each cell, the first and one-past-last pixel of the pixels it feeds along one axis."""
+    fed = axis_weights(size, cells, sigma) > 0                                   # size cells
+    first = np.argmax(fed, axis=0)
+    last = size - np.argmax(fed[::-1], axis=0)
+    return first, last
+
+
+def patch_support(pixels: np.ndarray, cells: tuple[int, int], sigma: float) -> np.ndarray:
+    """(h, w) bool: the patches that feed at least one true pixel of ``pixels`` (H, W) bool."""
+    height, width = pixels.shape
+    h, w = cells
+    y0, y1 = _support_bounds(height, h, float(sigma))
+    x0, x1 = _support_bounds(width, w, float(sigma))
+    counts = cv2.integral(pixels.view(np.uint8))                                 # H+1 W+1 int32
+    inside = (counts[y1][:, x1] - counts[y0][:, x1] - counts[y1][:, x0] + counts[y0][:, x0])  # h w
+    return inside > 0
 
 
 def masked_percentile(values: np.ndarray, mask: np.ndarray | None, percentile: float) -> float:
@@ -26,3 +79,27 @@ def masked_percentile(values: np.ndarray, mask: np.ndarray | None, percentile: f
     if selected.size == 0:
         raise ValueError("mask selects no pixel")
     return float(np.percentile(selected, percentile))
+
+
+def percentile_if_above(
+    values: np.ndarray, mask: np.ndarray | None, percentile: float, level: float,
+) -> float | None:
+    """``masked_percentile`` when both order statistics it interpolates are >= level, else None.
+
+    Only the values >= level are sorted, so a high percentile costs one comparison pass.
+    """
+    count = int(np.count_nonzero(mask)) if mask is not None else values.size
+    if count == 0:
+        raise ValueError("mask selects no pixel")
+    rank = percentile / 100.0 * (count - 1)
+    low = math.floor(rank)
+    hot = values >= level
+    if mask is not None:
+        hot &= mask
+    top = values[hot]                          # the values at sorted positions >= count - top.size
+    first = top.size - (count - low)           # position of order statistic `low` inside top
+    if first < 0:
+        return None
+    high = min(first + 1, top.size - 1)
+    part = np.partition(top, [first, high]) if high > first else np.partition(top, first)
+    return float(np.percentile(part[first : high + 1], 100.0 * (rank - low)))

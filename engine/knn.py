@@ -1,8 +1,11 @@
-"""Nearest-neighbour distances from patch features to a memory bank, with faiss."""
+"""Nearest-neighbour basics: exact (flat) faiss indexes, their bytes, and the torch bank for CUDA.
+
+The serving search of large memories (approximate, then exact where it matters) is in
+``engine.search``.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 import faiss
@@ -10,13 +13,12 @@ import numpy as np
 
 __all__ = [
     "Distance",
-    "IndexChoice",
     "TorchBank",
     "build_index",
-    "build_search_index",
     "configure_faiss",
     "deserialize_index",
     "knn_distances",
+    "prepare_rows",
     "serialize_index",
     "set_nprobe",
 ]
@@ -33,7 +35,8 @@ def configure_faiss(threads: int | None = None) -> None:
         faiss.omp_set_num_threads(threads)
 
 
-def _prepare(x: np.ndarray, distance: Distance) -> np.ndarray:
+def prepare_rows(x: np.ndarray, distance: Distance) -> np.ndarray:
+    """(N, D) float32 C-contiguous rows as the indexes hold them: unit length for cosine."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     if distance == "cosine":
         norms = np.linalg.norm(x, axis=1, keepdims=True)
@@ -47,56 +50,8 @@ def build_index(bank: np.ndarray, distance: Distance) -> faiss.Index:
         raise ValueError(f"bank must be (M, D) with M > 0, got {bank.shape}")
     dim = bank.shape[1]
     index = faiss.IndexFlatL2(dim) if distance == "l2" else faiss.IndexFlatIP(dim)
-    index.add(_prepare(bank, distance))
+    index.add(prepare_rows(bank, distance))
     return index
-
-
-@dataclass(frozen=True)
-class IndexChoice:
-    """Which index a memory got, and for IVF the probe count and its measured recall."""
-
-    kind: Literal["flat", "ivf"]
-    nlist: int = 0
-    nprobe: int = 0
-    recall: float = 1.0
-
-    def as_dict(self) -> dict[str, float | int | str]:
-        return {"kind": self.kind, "nlist": self.nlist, "nprobe": self.nprobe, "recall": self.recall}
-
-
-def build_search_index(
-    bank: np.ndarray, distance: Distance, *, ivf_min_rows: int, probe_queries: np.ndarray | None,
-    target_recall: float = 0.99, seed: int = 0,
-) -> tuple[faiss.Index, IndexChoice]:
-    """The serving index for a memory bank (M, D): flat (exact) below ``ivf_min_rows`` rows,
-    above it an inverted-file index whose probe count is the smallest power of two that finds
-    the exact nearest neighbour for ``target_recall`` of ``probe_queries`` (held-out patches).
-    """
-    if len(bank) < ivf_min_rows or probe_queries is None or len(probe_queries) == 0:
-        return build_index(bank, distance), IndexChoice("flat")
-    prepared = _prepare(bank, distance)
-    dim = prepared.shape[1]
-    nlist = max(1, int(4 * np.sqrt(len(bank))))
-    metric = faiss.METRIC_L2 if distance == "l2" else faiss.METRIC_INNER_PRODUCT
-    quantizer = faiss.IndexFlatL2(dim) if distance == "l2" else faiss.IndexFlatIP(dim)
-    index = faiss.IndexIVFFlat(quantizer, dim, nlist, metric)
-    rng = np.random.default_rng(seed)
-    train = prepared[rng.choice(len(prepared), size=min(len(prepared), 64 * nlist), replace=False)]
-    index.train(train)
-    index.add(prepared)
-    exact = knn_distances(build_index(bank, distance), probe_queries, distance, 1)
-    # slack for rounding: the flat index's BLAS path (|q|^2 + |b|^2 - 2 q.b) loses precision on
-    # near-duplicate patches, where IVF's direct distances are the more exact ones
-    slack = exact * 1e-3 + 1e-3 * float(np.mean(exact))
-    nprobe, recall = 1, 0.0
-    while True:
-        index.nprobe = nprobe
-        found = knn_distances(index, probe_queries, distance, 1)
-        recall = float(np.mean(found <= exact + slack))   # found the nearest neighbour (or a tie)
-        if recall >= target_recall or nprobe >= nlist:
-            break
-        nprobe = min(nlist, nprobe * 2)
-    return index, IndexChoice("ivf", nlist=nlist, nprobe=nprobe, recall=round(recall, 5))
 
 
 def set_nprobe(index: faiss.Index, nprobe: int) -> None:
@@ -111,7 +66,7 @@ def knn_distances(index: faiss.Index, queries: np.ndarray, distance: Distance, k
     l2: Euclidean distance. cosine: 1 - cosine similarity.
     """
     k = min(k, index.ntotal)
-    sims, _ = index.search(_prepare(queries, distance), k)
+    sims, _ = index.search(prepare_rows(queries, distance), k)
     if distance == "l2":
         dist = np.sqrt(np.maximum(sims, 0.0))  # faiss L2 indexes return squared distances
     else:
@@ -139,7 +94,7 @@ class TorchBank:
 
         self.distance = distance
         self.device = torch.device(device)
-        self.bank = torch.from_numpy(_prepare(bank, distance)).to(self.device)       # M D
+        self.bank = torch.from_numpy(prepare_rows(bank, distance)).to(self.device)       # M D
         self.bank_sq = (self.bank * self.bank).sum(1)                                  # M
         self.ntotal = int(self.bank.shape[0])
 
@@ -149,7 +104,7 @@ class TorchBank:
 
         k = min(k, self.ntotal)
         with torch.inference_mode():
-            q = torch.from_numpy(_prepare(queries, self.distance)).to(self.device)    # Q D
+            q = torch.from_numpy(prepare_rows(queries, self.distance)).to(self.device)    # Q D
             dots = q @ self.bank.T                                                      # Q M
             if self.distance == "l2":
                 d2 = (q * q).sum(1, keepdim=True) + self.bank_sq[None, :] - 2.0 * dots

@@ -23,6 +23,7 @@ from engine.datasets import DatasetStore
 from engine.errors import CorruptModel, FitInProgress, IncompatibleModel, MmPerPxMismatch, ModelNotFound
 from engine.knn import TorchBank, deserialize_index, set_nprobe
 from engine.model_cache import ModelCache
+from engine.patchcore import MemorySearch, searcher
 from engine.schemas import ModelSummary, StateResult
 from engine.storage import ModelStore, remove_temp_files
 from engine.validate import check_id, check_recipe, stored_calibration
@@ -45,10 +46,10 @@ class ModelKey(NamedTuple):
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A model ready to score: its manifest, search index and calibration."""
+    """A model ready to score: its manifest, search of its memory and calibration."""
 
     manifest: dict[str, Any]
-    index: Any
+    index: MemorySearch | TorchBank
     calibration: dict[str, Any] | None
 
     @property
@@ -219,14 +220,24 @@ class ModelRegistry:
             log.warning("precision_differs", role_id=key.role_id, roi_id=key.roi_id, fitted=fitted_precision,
                         running=self._precision,
                         note="scores may shift slightly against the calibrated threshold; refit to align")
-        return self.serving(files.manifest, emb, index, files.calibration)
+        try:
+            return self.serving(files.manifest, emb, index, files.calibration)
+        except ValueError as exc:     # an index layout this engine does not search
+            raise CorruptModel(f"model {where}: coreset.faiss has an unsupported layout; refit the model") from exc
 
     def serving(self, manifest: dict[str, Any], bank: np.ndarray, index: Any,
                 calibration: dict[str, Any] | None = None) -> LoadedModel:
-        """A model ready to score from a memory in hand (a fit's, before or after it is stored)."""
+        """A model ready to score from a memory in hand (a fit's, before or after it is stored).
+
+        Raises:
+            ValueError: an index layout this engine does not search.
+        """
         # faiss-cpu has no GPU path: on CUDA the exact torch bank serves instead
-        serving = TorchBank(bank, manifest["distance"], self._device) if self._device == "cuda" else index
-        return LoadedModel(manifest, serving, calibration)
+        if self._device == "cuda":
+            search: MemorySearch | TorchBank = TorchBank(bank, manifest["distance"], self._device)
+        else:
+            search = searcher(index, bank, manifest["distance"], int(manifest["knn_k"]), manifest.get("index") or {})
+        return LoadedModel(manifest, search, calibration)
 
     def check_compatible(self, manifest: dict[str, Any], where: str) -> None:
         """Raises IncompatibleModel when the model was fitted with another backbone or weights."""

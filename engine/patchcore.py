@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -11,9 +12,14 @@ import torch
 
 from engine.anomaly_map import anomaly_map, masked_percentile
 from engine.coreset import greedy_coreset
-from engine.knn import Distance, IndexChoice, TorchBank, build_index, build_search_index, knn_distances
+from engine.knn import Distance, TorchBank, build_index
+from engine.refine import RefinedMap, refine_map
+from engine.search import IndexChoice, MemorySearch, RowFilter, build_search_index, keep_rows
 
-__all__ = ["Memory", "build_memory", "leave_out_scores", "patch_scores"]
+__all__ = ["Memory", "MemorySearch", "build_memory", "leave_out_scores", "score_map", "searcher"]
+
+# rows of patches the memory left out, on which the probe count of an inverted file is tuned
+_PROBE_QUERIES = 2000
 
 
 @dataclass(frozen=True)
@@ -26,7 +32,7 @@ class Memory:
 
 def build_memory(
     features: np.ndarray, ratio: float, keep_all: bool, distance: Distance, *,
-    projection_dim: int, seed: int, device: str, ivf_min_rows: int = 100_000,
+    projection_dim: int, seed: int, device: str, ivf_min_rows: int,
 ) -> Memory:
     """features (N, h, w, D) -> memory of about ``ratio * N * h * w`` rows (all with keep_all)."""
     n, h, w, d = features.shape
@@ -46,18 +52,69 @@ def build_memory(
         # recall is measured on patches the memory did not keep: they stand for unseen parts
         rest = np.setdiff1d(np.arange(len(flat)), keep)
         rng = np.random.default_rng(seed)
-        probes = flat[rng.choice(rest, size=min(len(rest), 2000), replace=False)] if len(rest) else None
+        probes = flat[rng.choice(rest, size=min(len(rest), _PROBE_QUERIES), replace=False)] if len(rest) else None
     index, choice = build_search_index(bank, distance, ivf_min_rows=ivf_min_rows, probe_queries=probes, seed=seed)
     return Memory(bank, sources[keep], index, choice)
 
 
-def patch_scores(index: faiss.Index | TorchBank, features: np.ndarray, distance: Distance, k: int) -> np.ndarray:
-    """features (h, w, D) -> (h, w) distance of each patch to the memory (faiss or torch bank)."""
+def searcher(index: faiss.Index, bank: np.ndarray, distance: Distance, k: int, choice: dict[str, object]) -> MemorySearch:
+    """The search of a stored memory; ``choice`` is the manifest's ``index`` entry."""
+    nprobe = int(choice.get("nprobe", 0) or 0)             # type: ignore[call-overload]
+    candidates = int(choice.get("candidates", 0) or 0)     # type: ignore[call-overload]
+    return MemorySearch(index, bank, distance, k, nprobe=nprobe, candidates=candidates or 4)
+
+
+def score_map(
+    search: MemorySearch | TorchBank, features: np.ndarray, height: int, width: int, sigma: float,
+    mask: np.ndarray | None, percentile: float, threshold: float | None, *, k: int = 1,
+    only: RowFilter | None = None, timings: dict[str, float] | None = None,
+) -> RefinedMap:
+    """features (h, w, D) -> anomaly map (height, width), its score and the patch distances.
+
+    An exact search scores every patch exactly; an approximate one is refined (``engine.refine``)
+    until the score, and the pixels at or above ``threshold``, are those of exact search.
+    ``k`` is the neighbour count of a torch bank (a ``MemorySearch`` holds its own).
+    ``timings`` receives milliseconds: ``knn`` (searches, exact re-scoring included) and ``map``.
+    """
     h, w, d = features.shape
-    flat = features.reshape(-1, d)
-    if isinstance(index, TorchBank):
-        return index.distances(flat, k).reshape(h, w)
-    return knn_distances(index, flat, distance, k).reshape(h, w)
+    flat = features.reshape(-1, d)                                                   # h*w D
+    clock = _Clock()
+    with clock:
+        if isinstance(search, TorchBank):
+            patches = search.distances(flat, k)
+        else:
+            patches, reach = search.search(flat, only)
+    start = time.perf_counter()
+    if isinstance(search, TorchBank) or not search.approximate:
+        amap = anomaly_map(patches.reshape(h, w), height, width, sigma)
+        scored = RefinedMap(amap, masked_percentile(amap, mask, percentile), patches.reshape(h, w), float("-inf"), 0, 0)
+    else:
+        def exact(indices: np.ndarray) -> np.ndarray:
+            with clock:
+                return search.exact(flat[indices], reach[indices], only)
+
+        scored = refine_map(patches.reshape(h, w), exact, height, width, sigma, mask, percentile, threshold)
+    if timings is not None:
+        spent = clock.seconds * 1000.0
+        timings["knn"] = round(spent, 3)
+        timings["map"] = round((time.perf_counter() - start) * 1000.0 - (spent - clock.first * 1000.0), 3)
+    return scored
+
+
+class _Clock:
+    """Adds up the seconds spent inside ``with clock:`` blocks (``first``: the first block's)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.first = -1.0
+
+    def __enter__(self) -> None:
+        self._start = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        spent = time.perf_counter() - self._start
+        self.first = spent if self.first < 0 else self.first
+        self.seconds += spent
 
 
 def leave_out_scores(
@@ -67,23 +124,30 @@ def leave_out_scores(
     """Image scores of training images ``scored``, each against the memory without its own fold.
 
     Image i belongs to fold ``i % folds``; it is scored like an inference (whole image, no mask)
-    against an index of the memory rows that came from other folds, so the scores estimate
-    what unseen OK parts will score. Needs at least two training images.
+    against the memory rows that came from other folds, so the scores estimate what unseen OK
+    parts will score. A flat memory gets one flat index per fold; an inverted file is searched
+    once, each fold's rows filtered out, with exact refinement of the score. Needs at least
+    two training images.
     """
     n = features.shape[0]
     folds = min(folds, n)
     if folds < 2:
         return {}
     fold_of = memory.sources % folds
+    approximate = memory.choice.kind != "flat"
+    shared = MemorySearch(memory.index, memory.bank, distance, k, nprobe=memory.choice.nprobe,
+                          candidates=memory.choice.candidates) if approximate else None
     out: dict[int, float] = {}
     for fold in range(folds):
         members = [i for i in scored if i % folds == fold]
-        rows = memory.bank[fold_of != fold]
-        if not members or len(rows) == 0:
+        others = fold_of != fold
+        if not members or not others.any():
             continue
-        index = build_index(rows, distance)
+        if shared is not None:
+            search, only = shared, keep_rows(others)
+        else:
+            search, only = MemorySearch(build_index(memory.bank[others], distance), memory.bank[others], distance, k), None
         for i in members:
             height, width = image_sizes[i]
-            amap = anomaly_map(patch_scores(index, features[i], distance, k), height, width, sigma)
-            out[i] = masked_percentile(amap, None, percentile)
+            out[i] = score_map(search, features[i], height, width, sigma, None, percentile, None, only=only).score
     return out

@@ -14,14 +14,13 @@ import numpy as np
 import structlog
 
 from engine import heatmap as heatmaps
-from engine.anomaly_map import anomaly_map, masked_percentile
 from engine.budget import MemoryBudget
 from engine.errors import CalibrationMissing, EngineError, InvalidInput
 from engine.features import FeatureExtractor
 from engine.images import ImageLimits, resize_square
 from engine.masks import parse_shape, shape_mask
 from engine.models import LoadedModel, ModelKey, ModelRegistry
-from engine.patchcore import patch_scores
+from engine.patchcore import score_map
 from engine.regions import find_regions
 from engine.schemas import BatchError, HeatmapFormat, InferBatchItem, InferResult, Region
 from engine.validate import heatmap_format, mm_per_px as check_mm_per_px
@@ -138,15 +137,14 @@ class Scorer:
             start = time.perf_counter()
             features = self._extractor([roi.resized])[0]                            # h w D
             timings["extract"] = _ms(start)
+        calibration = roi.model.calibration
+        threshold = None if calibration is None else float(calibration["threshold"])
+        scored = score_map(roi.model.index, features, height, width, float(manifest["score"]["gaussian_sigma"]),
+                           roi.mask, float(manifest["score"]["percentile"]), threshold, k=int(manifest["knn_k"]),
+                           timings=timings)
+        amap, score = scored.amap, scored.score
         start = time.perf_counter()
-        patches = patch_scores(roi.model.index, features, manifest["distance"], int(manifest["knn_k"]))
-        timings["knn"] = _ms(start)
-        start = time.perf_counter()
-        amap = anomaly_map(patches, height, width, float(manifest["score"]["gaussian_sigma"]))
-        score = masked_percentile(amap, roi.mask, float(manifest["score"]["percentile"]))
-        timings["map"] = _ms(start)
-        start = time.perf_counter()
-        threshold, area_thr, regions = self._decide(roi, amap)
+        area_thr, regions = self._regions(roi, amap)
         timings["regions"] = _ms(start)
         start = time.perf_counter()
         scale = threshold if threshold and threshold > 0 else _uncalibrated_scale(manifest, amap)
@@ -156,7 +154,7 @@ class Scorer:
         decision = None if threshold is None else ("ng" if regions else "ok")
         key = roi.key
         log.info("infer", role_id=key.role_id, roi_id=key.roi_id, recipe_id=key.recipe, score=round(score, 5),
-                 decision=decision, n_regions=len(regions), timings_ms=timings)
+                 decision=decision, n_regions=len(regions), refined_patches=scored.refined, timings_ms=timings)
         return InferResult(
             role_id=key.role_id, roi_id=key.roi_id, recipe_id=key.recipe, score=score, threshold=threshold,
             decision=decision, area_mm2_thr=area_thr, regions=regions, heatmap_png=png, heatmap_raw=raw,
@@ -165,12 +163,12 @@ class Scorer:
         )
 
     @staticmethod
-    def _decide(roi: PreparedRoi, amap: np.ndarray) -> tuple[float | None, float | None, tuple[Region, ...]]:
+    def _regions(roi: PreparedRoi, amap: np.ndarray) -> tuple[float | None, tuple[Region, ...]]:
         calibration = roi.model.calibration
         if calibration is None:
-            return None, None, ()
+            return None, ()
         threshold, area_thr = float(calibration["threshold"]), float(calibration["area_mm2_thr"])
-        return threshold, area_thr, tuple(find_regions(amap, threshold, roi.mask, roi.mm_per_px, area_thr))
+        return area_thr, tuple(find_regions(amap, threshold, roi.mask, roi.mm_per_px, area_thr))
 
     def score_batch(self, role_id: str, items: Sequence[Any], recipe_id: str | None, *,
                     allow_uncalibrated: bool, heatmap: HeatmapFormat,

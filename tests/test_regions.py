@@ -113,6 +113,14 @@ def test_heatmap_scale_threshold_at_grey_128() -> None:
     assert THRESHOLD_GREY == 128
 
 
+def test_heatmap_grey_levels_equal_the_numpy_rounding() -> None:
+    rng = np.random.default_rng(3)
+    amap = rng.uniform(-0.5, 3.0, (300, 200)).astype(np.float32)
+    amap[0, :8] = np.array([0.5, 1.5, 2.5, 126.5, 127.5, 254.5, 255.5, 300.0], np.float32) / 128  # ties, saturation
+    expected = np.clip(np.rint(amap.astype(np.float64) * 128.0), 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(to_uint8(amap, 1.0), expected)
+
+
 def test_heatmap_bad_scale_raises() -> None:
     with pytest.raises(ValueError):
         to_uint8(np.zeros((2, 2), np.float32), 0.0)

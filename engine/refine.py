@@ -1,0 +1,128 @@
+"""Exact scores and regions from an approximate nearest-neighbour search.
+
+Why it is exact. An approximate search only ever misses neighbours, so each patch's approximate
+distance ``a`` is never below its exact distance ``e``. The anomaly map is a nonnegative linear
+map of the patch distances (``engine.anomaly_map``), so the map ``M(a)`` is an upper bound of
+the exact map ``M(e)`` at every pixel, and so is the map of any mix of exact and approximate
+distances. Take a level ``L`` and the current scores ``s`` (e <= s <= a), and re-score exactly
+every patch that feeds a pixel where ``M(s) >= L``, giving ``s'``. Then
+
+* at every pixel where ``M(s) >= L``, all its patches are exact: ``M(s') = M(e)`` there;
+* at every other pixel, ``M(e) <= M(s') <= M(s) < L``.
+
+So the pixels at or above ``L`` are the same in ``M(s')`` and ``M(e)``, with the same values.
+Whatever only looks at values >= L is then exact:
+
+* the image score, a (masked) percentile, when both order statistics it interpolates are >= L
+  (checked on ``M(s')``; if not, the exact score is below ``L``: lower ``L`` and repeat, which
+  only re-scores more patches, so it ends, at worst with every patch exact);
+* the regions at the threshold ``T`` and the decision, when ``L <= T``.
+
+Pixels below ``L`` keep upper bounds that stay below ``L`` (heatmap values only).
+
+The first level is ``min(T, approximate score) * (1 - margin)``: with a good approximate search
+the exact score is rarely more than a few percent lower, and the margin trades re-scored patches
+against a second round.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.anomaly_map import anomaly_map, patch_support, percentile_if_above
+
+__all__ = ["ExactDistances", "RefinedMap", "refine_map"]
+
+# exact distances of the patches at these flat (row-major) grid indices
+ExactDistances = Callable[[np.ndarray], np.ndarray]
+
+# every `_ESTIMATE_STEP`-th pixel along each axis estimates the approximate map's score
+_ESTIMATE_STEP = 4
+
+
+@dataclass(frozen=True)
+class RefinedMap:
+    """The map, the image score and the patch distances after refinement."""
+
+    amap: np.ndarray            # (H, W) float32: exact wherever >= level, upper bounds below it
+    score: float                # the masked percentile of the exact map
+    patch_scores: np.ndarray    # (h, w) float32: exact where refined, approximate elsewhere
+    level: float                # the final level L
+    refined: int                # patches re-scored exactly
+    rounds: int                 # levels tried (1 unless the first one was above the exact score)
+
+
+def refine_map(
+    approx: np.ndarray, exact: ExactDistances, height: int, width: int, sigma: float, mask: np.ndarray | None,
+    percentile: float, threshold: float | None = None, *, margin: float = 0.02,
+) -> RefinedMap:
+    """Map, score and regions-relevant pixels equal to exact search's, from approximate distances.
+
+    Args:
+        approx: (h, w) patch distances from an approximate search (each >= the exact one).
+        exact: returns the exact distances (n,) of the patches at flat indices (n,).
+        height, width, sigma: the map's size and blur (see ``engine.anomaly_map``).
+        mask: (height, width) bool pixels the score and regions see; None = all.
+        percentile: the image score's percentile (0..100).
+        threshold: the decision threshold; None when uncalibrated (the score level only).
+        margin: relative gap between the first level and min(threshold, approximate score).
+    """
+    if not 0.0 <= margin < 1.0:
+        raise ValueError(f"margin must be in [0, 1), got {margin}")
+    scores = np.array(approx, dtype=np.float32)                                 # h w
+    done = np.zeros(scores.shape, dtype=bool)                                   # h w
+    amap = anomaly_map(scores, height, width, sigma)                            # H W
+    level = _first_level(amap, mask, percentile, threshold, margin)
+    rounds = 0
+    while True:
+        rounds += 1
+        hot = amap >= level
+        if mask is not None:
+            hot &= mask
+        need = patch_support(hot, scores.shape, sigma) & ~done                  # h w
+        if need.any():
+            flat = np.flatnonzero(need)
+            scores.flat[flat] = exact(flat)
+            done |= need
+            amap = anomaly_map(scores, height, width, sigma)
+        score = percentile_if_above(amap, mask, percentile, level)
+        if score is not None:
+            return RefinedMap(amap, score, scores, level, int(done.sum()), rounds)
+        level = _lower_level(amap, mask, percentile, threshold, margin)
+
+
+def _cap(value: float, threshold: float | None, margin: float) -> float:
+    top = value if threshold is None else min(value, threshold)
+    return top - margin * abs(top)
+
+
+def _first_level(
+    amap: np.ndarray, mask: np.ndarray | None, percentile: float, threshold: float | None, margin: float,
+) -> float:
+    """min(threshold, estimated score) less the margin; the score estimated on a pixel subsample."""
+    step = _ESTIMATE_STEP
+    sample = amap[::step, ::step]
+    chosen = mask[::step, ::step] if mask is not None else None
+    if chosen is not None and not chosen.any():
+        sample, chosen = amap, mask
+    values = sample[chosen] if chosen is not None else sample.ravel()
+    if values.size == 0:
+        raise ValueError("mask selects no pixel")
+    return _cap(float(np.percentile(values, percentile)), threshold, margin)
+
+
+def _lower_level(
+    amap: np.ndarray, mask: np.ndarray | None, percentile: float, threshold: float | None, margin: float,
+) -> float:
+    """A level at or below the lower order statistic of the score on the current map.
+
+    The current map bounds the exact one from above, so the exact score is below the level
+    that just failed; this one is below the current map's order statistic, so the next check
+    passes as soon as no patch feeding the pixels above it is approximate.
+    """
+    values = amap[mask] if mask is not None else amap.ravel()
+    low = int(np.floor(percentile / 100.0 * (values.size - 1)))
+    return _cap(float(np.partition(values, low)[low]), threshold, margin)

@@ -1,0 +1,84 @@
+"""The anomaly map as separable products: same values as resize + blur, its support, its percentile."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from engine.anomaly_map import anomaly_map, axis_weights, masked_percentile, patch_support, percentile_if_above
+
+
+def _resize_then_blur(scores: np.ndarray, height: int, width: int, sigma: float) -> np.ndarray:
+    """The map as it was computed before: OpenCV bilinear resize, then Gaussian blur."""
+    full = cv2.resize(scores, (width, height), interpolation=cv2.INTER_LINEAR)
+    if sigma > 0:
+        ksize = 2 * int(4.0 * sigma + 0.5) + 1
+        full = cv2.GaussianBlur(full, (ksize, ksize), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT)
+    return full
+
+
+@pytest.mark.parametrize(("h", "w", "height", "width", "sigma"), [
+    (28, 28, 900, 900, 4.0), (28, 28, 224, 224, 4.0), (56, 56, 448, 640, 4.0), (16, 16, 1000, 37, 2.5),
+    (8, 8, 8, 8, 4.0), (28, 28, 9, 8, 4.0), (3, 5, 100, 60, 0.0), (40, 28, 901, 641, 1.0),
+])
+def test_map_equals_resize_then_blur(h: int, w: int, height: int, width: int, sigma: float) -> None:
+    scores = np.random.default_rng(h * w + height).uniform(0, 20, (h, w)).astype(np.float32)
+    expected = _resize_then_blur(scores, height, width, sigma)
+    got = anomaly_map(scores, height, width, sigma)
+    assert got.shape == (height, width) and got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, rtol=0, atol=2e-6 * float(expected.max()))
+
+
+def test_weights_are_nonnegative_and_rows_sum_to_one() -> None:
+    for size, cells in ((900, 28), (30, 56), (224, 28)):
+        weights = axis_weights(size, cells, 4.0)
+        assert weights.min() >= 0.0
+        np.testing.assert_allclose(weights.sum(1), 1.0, atol=1e-5)   # a constant map stays constant
+        assert not weights.flags.writeable                          # cached: nobody may change it
+
+
+def test_support_holds_exactly_the_patches_that_change_the_pixels() -> None:
+    rng = np.random.default_rng(0)
+    h, w, height, width, sigma = 12, 10, 300, 257, 4.0
+    base = rng.uniform(0, 5, (h, w)).astype(np.float32)
+    reference = anomaly_map(base, height, width, sigma)
+    for _ in range(6):
+        i, j = int(rng.integers(h)), int(rng.integers(w))
+        bumped = base.copy()
+        bumped[i, j] += 3.0
+        changed = anomaly_map(bumped, height, width, sigma) != reference
+        support = patch_support(changed, (h, w), sigma)
+        assert support[i, j]                                 # the pixels it changes map back to it
+        # a pixel is fed by patch (a, b) iff both axis weights are positive: brute force
+        rows = axis_weights(height, h, sigma) > 0
+        cols = axis_weights(width, w, sigma) > 0
+        ys, xs = np.nonzero(changed)
+        brute = (rows[ys].T.astype(int) @ cols[xs].astype(int)) > 0
+        np.testing.assert_array_equal(support, brute)
+
+
+def test_percentile_if_above_is_the_percentile_or_none() -> None:
+    rng = np.random.default_rng(1)
+    for trial in range(300):
+        n = int(rng.integers(1, 2000))
+        values = rng.random(n).astype(np.float32)
+        if trial % 3 == 0:
+            values = np.round(values * 10).astype(np.float32)             # many ties
+        mask = rng.random(n) < 0.7
+        if not mask.any():
+            continue
+        q = float(rng.choice([99.0, 50.0, 100.0, 0.0, rng.uniform(0, 100)]))
+        level = float(rng.uniform(0, 10 if trial % 3 == 0 else 1))
+        got = percentile_if_above(values, mask, q, level)
+        ordered = np.sort(values[mask])
+        low = int(np.floor(q / 100 * (mask.sum() - 1)))
+        if ordered[low] >= level:
+            assert got == masked_percentile(values, mask, q)
+        else:
+            assert got is None
+
+
+def test_percentile_of_an_empty_mask_is_refused() -> None:
+    with pytest.raises(ValueError):
+        percentile_if_above(np.ones(4, np.float32), np.zeros(4, bool), 99.0, 0.0)

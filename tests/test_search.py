@@ -1,0 +1,88 @@
+"""The memory search: approximate results bound the exact ones, exact re-scoring equals brute force."""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import pytest
+
+from engine.knn import build_index, deserialize_index, knn_distances, serialize_index
+from engine.search import MemorySearch, build_search_index, keep_rows
+
+
+def _clustered(n: int, d: int, seed: int, spread: float = 1.0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = np.random.default_rng(99).normal(size=(48, d)).astype(np.float32) * 4
+    return (centres[rng.integers(0, 48, n)] + rng.normal(size=(n, d)) * spread).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def bank() -> np.ndarray:
+    return _clustered(15_000, 32, 0)
+
+
+@pytest.fixture(scope="module")
+def queries() -> np.ndarray:
+    q = _clustered(600, 32, 1)
+    q[:100] = _clustered(100, 32, 2, spread=4.0)                      # outliers, as defects are
+    return q
+
+
+@pytest.mark.parametrize("distance", ["l2", "cosine"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_exact_equals_brute_force_and_search_bounds_it(bank: np.ndarray, queries: np.ndarray, distance: str,
+                                                       k: int) -> None:
+    index, choice = build_search_index(bank, distance, ivf_min_rows=1000, probe_queries=_clustered(400, 32, 3),
+                                       axes=16)
+    assert choice.kind == "projected_ivf" and choice.as_dict()["axes"] == 16
+    search = MemorySearch(deserialize_index(serialize_index(index)), bank, distance, k, nprobe=choice.nprobe)
+    truth = knn_distances(build_index(bank, distance), queries, distance, k)
+    approx, reach = search.search(queries)
+    assert np.all(approx >= truth - 1e-4)                     # a search that misses is never closer
+    np.testing.assert_allclose(search.exact(queries, reach), truth, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(search.exact(queries, reach * 3), truth, rtol=1e-4, atol=1e-4)  # a loose reach
+
+
+@pytest.mark.parametrize("distance", ["l2", "cosine"])
+def test_a_row_filter_hides_rows_from_both_searches(bank: np.ndarray, queries: np.ndarray, distance: str) -> None:
+    index, choice = build_search_index(bank, distance, ivf_min_rows=1000, probe_queries=_clustered(400, 32, 3),
+                                       axes=16)
+    search = MemorySearch(index, bank, distance, 1, nprobe=choice.nprobe)
+    allowed = np.random.default_rng(4).random(len(bank)) < 0.5
+    truth = knn_distances(build_index(bank[allowed], distance), queries, distance, 1)
+    approx, reach = search.search(queries, keep_rows(allowed))
+    assert np.all(approx >= truth - 1e-4)
+    np.testing.assert_allclose(search.exact(queries, reach, keep_rows(allowed)), truth, rtol=1e-4, atol=1e-4)
+
+
+def test_plain_ivf_models_are_searched_exactly_too(bank: np.ndarray, queries: np.ndarray) -> None:
+    """Models stored with a full-dimension IndexIVFFlat keep loading, and get exact re-scoring."""
+    ivf = faiss.IndexIVFFlat(faiss.IndexFlatL2(32), 32, 64)
+    ivf.train(bank)
+    ivf.add(bank)
+    search = MemorySearch(deserialize_index(serialize_index(ivf)), bank, "l2", 1, nprobe=2)
+    truth = knn_distances(build_index(bank, "l2"), queries, "l2", 1)
+    approx, reach = search.search(queries)
+    assert search.approximate and np.all(approx >= truth - 1e-4) and np.any(approx > truth + 1e-3)
+    np.testing.assert_allclose(search.exact(queries, reach), truth, rtol=1e-4, atol=1e-4)
+
+
+def test_small_memories_stay_flat_and_exact(queries: np.ndarray) -> None:
+    small = _clustered(500, 32, 5)
+    index, choice = build_search_index(small, "l2", ivf_min_rows=1000, probe_queries=queries)
+    assert choice.kind == "flat" and choice.as_dict() == {"kind": "flat", "nlist": 0, "nprobe": 0, "recall": 1.0}
+    search = MemorySearch(index, small, "l2", 1)
+    assert not search.approximate
+    np.testing.assert_allclose(search.search(queries)[0], knn_distances(build_index(small, "l2"), queries, "l2"),
+                               rtol=1e-6)
+
+
+def test_probe_count_reaches_the_recall_target_on_held_out_rows(bank: np.ndarray) -> None:
+    probes = _clustered(500, 32, 6)
+    index, choice = build_search_index(bank, "l2", ivf_min_rows=1000, probe_queries=probes, axes=16,
+                                       target_recall=0.9)
+    found = MemorySearch(index, bank, "l2", 1, nprobe=choice.nprobe).search(probes)[0]
+    truth = knn_distances(build_index(bank, "l2"), probes, "l2")
+    recall = float(np.mean(found <= truth * 1.001 + 1e-3))
+    assert choice.recall == pytest.approx(recall, abs=0.02)
+    assert choice.recall >= 0.9 or choice.nprobe == choice.nlist
