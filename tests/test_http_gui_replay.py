@@ -97,6 +97,10 @@ def test_the_gui_workflow_end_to_end(gui: Gui) -> None:
     meta = read(gui.get("/datasets/meta", role_id=ROLE, roi_id=ROI, label="ok", filename="ok_000.png"),
                 SampleMetadata)
     assert (meta.mm_per_px, meta.angle, meta.filename) == (MM, 12.5, "ok_000.png")
+    stored = gui.get("/datasets/file", role_id=ROLE, roi_id=ROI, label="ok", filename="ok_000.png")
+    assert stored.status_code == 200 and stored.content == part_png(0)
+    upload(gui, ROI, "ok", range(90, 91))                   # saved by mistake, deleted again
+    assert gui.delete("/datasets/file", role_id=ROLE, roi_id=ROI, label="ok", filename="ok_090.png").is_success
     fit, _ = fit_from_dataset(gui, ROI)
     assert fit.n_embeddings > 0 and 0 < fit.coreset_size <= fit.n_embeddings and fit.token_shape == [8, 8]
     state = read(gui.get("/state", role_id=ROLE, roi_id=ROI, model_key=ROI), BackendStateInfo)

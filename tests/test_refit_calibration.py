@@ -96,20 +96,20 @@ def test_refit_carries_the_dataset_rule_with_stored_samples_rescored(engine: Eng
 
 
 def test_client_ng_scores_without_stored_ng_fall_back_to_the_ok_only_rule(engine: Engine) -> None:
-    first = engine.fit_ok(ROLE, "clientng", MM, [part(s) for s in range(6)])
+    first = engine.fit_ok(ROLE, "clientng", MM, [part(s) for s in range(4)])
     ng = [engine.infer(ROLE, "clientng", MM, part(s, True), allow_uncalibrated=True).score for s in (1, 2)]
     cal = engine.calibrate_ng(ROLE, "clientng", MM, list(first.ok_scores), ng, 99)
     assert cal.method == "ok_ng_midpoint"
-    carried = engine.fit_ok(ROLE, "clientng", MM, [part(s) for s in range(20, 26)]).calibration
+    carried = engine.fit_ok(ROLE, "clientng", MM, [part(s) for s in range(20, 24)]).calibration
     assert carried is not None and carried.carried and carried.rule == "ok_percentile"
     assert carried.previous_rule == "ok_ng_midpoint" and "OK-only" in (carried.reason or "")
     _agree(engine, "clientng", carried.threshold or 0)
 
 
 def test_refit_recalibration_can_be_turned_off_per_call_and_by_setting(engine: Engine, tmp_path: Path) -> None:
-    first = engine.fit_ok(ROLE, "off", MM, [part(s) for s in range(6)])
+    first = engine.fit_ok(ROLE, "off", MM, [part(s) for s in range(3)])
     engine.calibrate_ng(ROLE, "off", MM, list(first.ok_scores))
-    carried = engine.fit_ok(ROLE, "off", MM, [part(s) for s in range(6)], allow_refit_recalibration=False)
+    carried = engine.fit_ok(ROLE, "off", MM, [part(s) for s in range(3)], allow_refit_recalibration=False)
     assert carried.calibration is not None and not carried.calibration.carried
     assert carried.calibration.threshold is None and "allow_refit_recalibration" in (carried.calibration.reason or "")
     assert not engine.state(ROLE, "off").calib_present
@@ -119,11 +119,11 @@ def test_refit_recalibration_can_be_turned_off_per_call_and_by_setting(engine: E
 
     strict = Engine(door_settings(tmp_path, allow_refit_recalibration=False).engine)
     try:
-        fit = strict.fit_ok(ROLE, "s", MM, [part(s) for s in range(6)])
+        fit = strict.fit_ok(ROLE, "s", MM, [part(s) for s in range(3)])
         strict.calibrate_ng(ROLE, "s", MM, list(fit.ok_scores))
-        assert strict.fit_ok(ROLE, "s", MM, [part(s) for s in range(6)]).calibration.carried is False  # type: ignore[union-attr]
+        assert strict.fit_ok(ROLE, "s", MM, [part(s) for s in range(3)]).calibration.carried is False  # type: ignore[union-attr]
         assert not strict.state(ROLE, "s").calib_present
-        again = strict.fit_ok(ROLE, "s", MM, [part(s) for s in range(6)], allow_refit_recalibration=True)
+        again = strict.fit_ok(ROLE, "s", MM, [part(s) for s in range(3)], allow_refit_recalibration=True)
         assert again.calibration is None                   # the model was uncalibrated: nothing to carry
     finally:
         strict.close()

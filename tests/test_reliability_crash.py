@@ -11,7 +11,8 @@ fit complete. Marked slow (about 1.5-2.5 min on 2 cores).
 Calibrations: each round queues a burst of ``calibrate_ng`` calls (every fifth round a refit
 first, which carries the calibration over) and kills the process at a random point of the burst;
 after the restart, ``state``, ``infer``, the ``manifest`` op and the files on disk must name the
-same calibration, one the burst (or the round before) could have written. About 2-3 min on 2 cores.
+same calibration, one the burst (or the round before) could have written. About 2-3 min on 2 cores
+(21 process starts dominate: 195 s measured at load average 4-5 on the shared 2-core VM).
 """
 
 from __future__ import annotations
