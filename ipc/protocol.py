@@ -109,6 +109,10 @@ class _Counter:
         return container
 
 
+def _no_ext(code: int, data: bytes) -> Any:
+    raise ValueError(f"msgpack extension type {code} is not part of the protocol")
+
+
 def unpack(data: bytes | memoryview, limits: UnpackLimits | None = None) -> Any:
     """The object in one msgpack message; ValueError on anything that is not exactly one.
 
@@ -122,7 +126,7 @@ def unpack(data: bytes | memoryview, limits: UnpackLimits | None = None) -> Any:
         counter = _Counter(limits.max_items)
         options = {"list_hook": counter, "object_hook": counter, "max_str_len": limits.max_str_len,
                    "max_array_len": limits.max_container_len, "max_map_len": limits.max_container_len,
-                   "max_ext_len": 0}
+                   "ext_hook": _no_ext}
     try:
         value = msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=True, **options)
     except ValueRefused:

@@ -274,7 +274,9 @@ class IpcServer:
 
     def _new_ledger(self) -> PeerLedger:
         s = self._settings
-        return PeerLedger(max_pending=s.zmq_peer_max_pending, max_unread_bytes=s.zmq_peer_max_unread_bytes,
+        # one client may hold at most half of the request queue: others keep a way in
+        max_pending = min(s.zmq_peer_max_pending, max(1, _QUEUE_PER_WORKER * s.zmq_workers // 2))
+        return PeerLedger(max_pending=max_pending, max_unread_bytes=s.zmq_peer_max_unread_bytes,
                           max_inflight_bytes=s.zmq_max_inflight_bytes)
 
     def _check_bind_allowed(self, endpoint: str) -> None:

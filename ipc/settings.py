@@ -33,8 +33,9 @@ class IpcSettings(EnvSettings):
     # back-pressure: replies a client does not read
     zmq_sndhwm: int = env_field(128, "BACKEND_ZMQ_SNDHWM", "zmq_sndhwm", ge=1,
                                 description="ZMQ_SNDHWM of the ROUTER: replies libzmq queues per client.")
-    zmq_peer_max_pending: int = env_field(64, "BACKEND_ZMQ_PEER_MAX_PENDING", "zmq_peer_max_pending", ge=1,
-                                          description="Requests in progress plus large replies unread, per client.")
+    zmq_peer_max_pending: int = env_field(32, "BACKEND_ZMQ_PEER_MAX_PENDING", "zmq_peer_max_pending", ge=1,
+                                          description="Requests in progress plus large replies unread, per client "
+                                                      "(at most half the request queue).")
     zmq_peer_max_unread_bytes: int = env_field(64 * 1024 * 1024, "BACKEND_ZMQ_PEER_MAX_UNREAD",
                                                "zmq_peer_max_unread_bytes", ge=1024,
                                                description="Bytes of replies sent and not yet read, per client.")

@@ -6,8 +6,14 @@ as ``from tests.support import ...``.
 
 from __future__ import annotations
 
+import os
+import selectors
+import signal
 import socket
 import struct
+import subprocess
+import sys
+import time
 import zlib
 from pathlib import Path
 from typing import Any
@@ -24,8 +30,8 @@ from http_compat.server import HttpServer
 from ipc import EngineClient, IpcServer, RemoteError
 from service.serve import ServeConfig
 
-__all__ = ["MVTEC_BOTTLE", "REPO", "Doors", "door_settings", "encoded", "free_port", "load_bgr", "noise", "part_png",
-           "png_bytes", "png_header_only"]
+__all__ = ["MVTEC_BOTTLE", "REPO", "Doors", "ServiceProcess", "door_settings", "encoded", "free_port", "load_bgr",
+           "noise", "part_png", "png_bytes", "png_header_only"]
 
 REPO = Path(__file__).resolve().parents[1]
 # real data for tests and benchmarks only, next to the checkout (never copied into the repo)
@@ -172,3 +178,92 @@ class Doors:
         assert self.zmq.call("health")["status"] == "ok"
         status, body = self.http_answer("GET", "/health")
         assert status == 200 and body["status"] == "ok"
+
+
+class ServiceProcess:
+    """``python -m service`` as a child process on loopback (both doors, a small CPU engine), for
+    tests that watch the server's own memory, descriptors and log.
+
+    ``env`` adds environment settings; ``max_files`` sets the child's RLIMIT_NOFILE (POSIX).
+    """
+
+    def __init__(self, root: Path, env: dict[str, str] | None = None, max_files: int | None = None) -> None:
+        self.root = root
+        self.http_port, zmq_port = free_port(), free_port()
+        self.zmq_endpoint = f"tcp://127.0.0.1:{zmq_port}"
+        self.url = f"http://127.0.0.1:{self.http_port}"
+        base = {k: v for k, v in os.environ.items() if not k.startswith(("BACKEND_", "PATCHCORE_", "CALIB_"))}
+        base.update(BACKEND_DATA_ROOT=str(root / "data"), BACKEND_BACKBONE="efficientnet_lite0",
+                    BACKEND_INPUT_SIZE="64", BACKEND_DEVICE="cpu", BACKEND_ZMQ_ENDPOINT=self.zmq_endpoint,
+                    BACKEND_HTTP_PORT=str(self.http_port), BACKEND_ZMQ_WORKERS="2", BACKEND_LOG_LEVEL="INFO")
+        base.update(env or {})
+        self.log_path = root / "service.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=REPO, env=base, stdout=subprocess.PIPE,
+                                     stderr=self._log, preexec_fn=_limit_files(max_files) if max_files else None)
+        self._wait_ready()
+
+    def _wait_ready(self) -> None:
+        assert self.proc.stdout is not None
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.proc.stdout, selectors.EVENT_READ)
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                if sel.select(timeout=0.5):
+                    line = self.proc.stdout.readline()
+                    if line.startswith(b"ready:"):
+                        return
+                    if not line:
+                        break
+        self.stop()
+        raise RuntimeError(f"python -m service did not start; see {self.log_path}")
+
+    def _status(self, field: str) -> int:
+        with open(f"/proc/{self.proc.pid}/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError(f"no {field} line")
+
+    @property
+    def rss(self) -> int:
+        """Resident memory now (bytes)."""
+        return self._status("VmRSS")
+
+    @property
+    def peak_rss(self) -> int:
+        """Peak resident memory since start or the last ``reset_peak`` (bytes)."""
+        return self._status("VmHWM")
+
+    def reset_peak(self) -> None:
+        """Start a new peak measurement (Linux: writing 5 to clear_refs resets VmHWM to VmRSS)."""
+        with open(f"/proc/{self.proc.pid}/clear_refs", "w", encoding="ascii") as fh:
+            fh.write("5")
+
+    def open_files(self) -> int:
+        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+
+    def log_lines(self) -> list[str]:
+        self._log.flush()
+        return self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        self._log.close()
+
+
+def _limit_files(count: int) -> Any:
+    def limit() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_NOFILE, (count, count))
+
+    return limit
