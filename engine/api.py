@@ -21,7 +21,7 @@ from engine.backbones import build_backbone
 from engine.budget import MemoryBudget
 from engine.calibrator import Calibrator
 from engine.errors import InvalidInput, PayloadTooLarge
-from engine.features import FeatureExtractor, configure_torch_threads
+from engine.features import FeatureExtractor
 from engine.fitting import Fitter
 from engine.images import ImageLimits
 from engine.knn import configure_faiss
@@ -46,6 +46,7 @@ from engine.schemas import (
 from engine.scoring import Scorer
 from engine.settings import Settings
 from engine.storage import make_dirs
+from engine.threads import configure_threads
 from engine.validate import check_id, check_recipe, heatmap_format, mm_per_px as check_mm_per_px
 
 __all__ = ["Engine", "ImageInput", "ProgressFn"]
@@ -68,8 +69,8 @@ class Engine:
         self._started = time.monotonic()
         self.data_root = Path(settings.data_root)
         make_dirs(self.data_root)
-        configure_faiss(settings.torch_threads)
-        configure_torch_threads(settings.torch_threads)
+        configure_faiss()
+        configure_threads(settings.torch_threads)
         backbone, self.backbone_reason = build_backbone(
             settings.backbone, settings.weights, self.data_root, settings.input_size, settings.dinov2_block
         )

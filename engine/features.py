@@ -9,13 +9,7 @@ import torch
 
 from engine.backbones import Backbone
 
-__all__ = ["FeatureExtractor", "configure_torch_threads"]
-
-
-def configure_torch_threads(threads: int | None) -> None:
-    """Process-wide intra-op threads of torch (None keeps torch's default); call once at start-up."""
-    if threads is not None:
-        torch.set_num_threads(threads)
+__all__ = ["FeatureExtractor"]
 
 
 class FeatureExtractor:

@@ -57,7 +57,8 @@ def build_memory(
     return Memory(bank, sources[keep], index, choice)
 
 
-def searcher(index: faiss.Index, bank: np.ndarray, distance: Distance, k: int, choice: dict[str, object]) -> MemorySearch:
+def searcher(index: faiss.Index, bank: np.ndarray, distance: Distance, k: int,
+             choice: dict[str, object]) -> MemorySearch:
     """The search of a stored memory; ``choice`` is the manifest's ``index`` entry."""
     nprobe = int(choice.get("nprobe", 0) or 0)             # type: ignore[call-overload]
     candidates = int(choice.get("candidates", 0) or 0)     # type: ignore[call-overload]
@@ -146,7 +147,8 @@ def leave_out_scores(
         if shared is not None:
             search, only = shared, keep_rows(others)
         else:
-            search, only = MemorySearch(build_index(memory.bank[others], distance), memory.bank[others], distance, k), None
+            rows = memory.bank[others]
+            search, only = MemorySearch(build_index(rows, distance), rows, distance, k), None
         for i in members:
             height, width = image_sizes[i]
             out[i] = score_map(search, features[i], height, width, sigma, None, percentile, None, only=only).score

@@ -229,7 +229,10 @@ class MemorySearch:
         # slack for float32 rounding in the faiss and numpy distances: a row kept in vain costs a
         # distance, a row wrongly dropped would cost exactness
         reach_sq = (reach_sq * (1 + 1e-3) + 1e-4).astype(np.float32)
-        query, rows = self._blocks.within(coords, reach_sq, None if only is None else only.rows)
+        query, rows = self._blocks.within(coords, reach_sq)
+        if only is not None:
+            allowed = only.rows[rows]
+            query, rows = np.ascontiguousarray(query[allowed]), np.ascontiguousarray(rows[allowed])
         true_sq = np.empty(len(query), dtype=np.float32)
         faiss.pairwise_indexed_L2sqr(x.shape[1], len(query), faiss.swig_ptr(x), faiss.swig_ptr(query),
                                      faiss.swig_ptr(self.bank), faiss.swig_ptr(rows), faiss.swig_ptr(true_sq))
@@ -302,13 +305,14 @@ def _k_smallest(query: np.ndarray, values: np.ndarray, n: int, k: int) -> np.nda
 class _Blocks:
     """The rows of an inverted file regrouped into blocks of neighbouring lists, for exact search.
 
-    Block b holds rows ``coords[start[b]:start[b + 1]]`` (memory rows ``ids[...]``), inside the
-    ball (``centre[b]``, ``radius[b]``). A query needs a block only if that ball comes within its
-    reach; inside a block, one matrix product gives every lower bound at once.
+    Block b holds rows ``start[b]:start[b + 1]`` (memory rows ``ids[...]``), inside the ball
+    (``centre[b]``, ``radius[b]``). A query needs a block only if that ball comes within its
+    reach. Rows are stored as ``(-2 w, 1, |w|^2)`` so that one matrix product with queries
+    ``(q, |q|^2, 1)`` gives every squared distance of a block at once.
     """
 
-    coords: np.ndarray      # (M, d) float32, block after block
-    sq: np.ndarray          # (M,) squared norms of coords
+    rows: np.ndarray        # (M, d + 2) float32, block after block
+    norm_sq: np.ndarray     # (B,) largest |w|^2 of each block (for the rounding slack)
     ids: np.ndarray         # (M,) int64 memory row of each
     start: np.ndarray       # (B + 1,) first row of each block
     centre: np.ndarray      # (B, d) float32
@@ -327,36 +331,38 @@ class _Blocks:
             group = np.zeros(ivf.nlist, dtype=np.int64)
         block = group[lists]
         order = np.argsort(block, kind="stable")
-        coords, ids, block = np.ascontiguousarray(coords[order]), ids[order], block[order]
+        coords, ids, block = coords[order], ids[order], block[order]
         start = np.searchsorted(block, np.arange(count + 1))
+        sq = np.einsum("nd,nd->n", coords, coords)
         centre = np.zeros((count, coords.shape[1]), dtype=np.float32)
         radius = np.zeros(count, dtype=np.float32)
+        norm_sq = np.zeros(count, dtype=np.float32)
         for b in range(count):
-            members = coords[start[b] : start[b + 1]]
-            if len(members):
-                centre[b] = members.mean(0)
-                radius[b] = math.sqrt(float(np.einsum("nd,nd->n", members - centre[b], members - centre[b]).max()))
-        return cls(coords, np.einsum("nd,nd->n", coords, coords), ids, start, centre, radius)
+            s, e = start[b], start[b + 1]
+            if e > s:
+                centre[b] = coords[s:e].mean(0)
+                offset = coords[s:e] - centre[b]
+                radius[b] = math.sqrt(float(np.einsum("nd,nd->n", offset, offset).max()))
+                norm_sq[b] = sq[s:e].max()
+        rows = np.concatenate([-2.0 * coords, np.ones((len(coords), 1), np.float32), sq[:, None]], axis=1)
+        return cls(np.ascontiguousarray(rows, dtype=np.float32), norm_sq, ids, start, centre, radius)
 
-    def within(self, q: np.ndarray, reach_sq: np.ndarray, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        """Pairs (query index, memory row), both (P,) int64, of every allowed row whose
-        coordinate distance to the query (Q, d) is within its ``reach_sq`` (Q,)."""
+    def within(self, q: np.ndarray, reach_sq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Pairs (query index, memory row), both (P,) int64, of every row whose coordinate
+        distance to the query (Q, d) is within its ``reach_sq`` (Q,) (and a few just beyond)."""
         q = np.ascontiguousarray(q, dtype=np.float32)
         q_sq = np.einsum("qd,qd->q", q, q)
         gap = np.sqrt(np.maximum(q_sq[:, None] + np.einsum("bd,bd->b", self.centre, self.centre)[None, :]
                                  - 2.0 * (q @ self.centre.T), 0.0)) - self.radius[None, :]      # Q B
         # rounding slack of |q|^2 + |c|^2 - 2 q.c in float32, relative to the norms
         need = gap <= np.sqrt(reach_sq)[:, None] + 1e-3 * np.sqrt(q_sq)[:, None] + 1e-4
+        augmented = np.concatenate([q, q_sq[:, None], np.ones((len(q), 1), np.float32)], axis=1)   # Q d+2
         queries, rows = [], []
         for b in np.flatnonzero(need.any(0)):
             s, e = self.start[b], self.start[b + 1]
             who = np.flatnonzero(need[:, b])
-            d2 = self.sq[s:e][None, :] - 2.0 * (q[who] @ self.coords[s:e].T)                      # n rows
-            d2 += q_sq[who, None]
-            hit = d2 <= reach_sq[who, None] + 1e-5 * (q_sq[who, None] + self.sq[s:e][None, :])
-            if allowed is not None:
-                hit &= allowed[self.ids[s:e]][None, :]
-            i, j = np.nonzero(hit)
+            limit = reach_sq[who] + 1e-5 * (q_sq[who] + self.norm_sq[b])
+            i, j = np.nonzero(augmented[who] @ self.rows[s:e].T <= limit[:, None])   # squared distances
             queries.append(who[i])
             rows.append(self.ids[s + j])
         if not queries:

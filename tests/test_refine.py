@@ -111,14 +111,16 @@ def test_brute_force_agrees_through_the_projected_search(distance: str) -> None:
     assert choice.kind == "projected_ivf"
     search = MemorySearch(index, bank, distance, 1, nprobe=1)
     flat = build_index(bank, distance)
-    for trial in range(3):
+    for _ in range(3):
         grid = _grid_queries(rng, centres, 16, 14)
         flat_q = grid.reshape(-1, 24)
         approx, reach = search.search(flat_q)
         truth = anomaly_map(knn_distances(flat, flat_q, distance).reshape(16, 14), H, W, SIGMA)
         threshold = float(np.percentile(truth, 97))
-        out = refine_map(approx.reshape(16, 14), lambda i: search.exact(flat_q[i], reach[i]), H, W, SIGMA, None, P,
-                         threshold)
+        def exact(i: np.ndarray, q: np.ndarray = flat_q, r: np.ndarray = reach) -> np.ndarray:
+            return search.exact(q[i], r[i])
+
+        out = refine_map(approx.reshape(16, 14), exact, H, W, SIGMA, None, P, threshold)
         assert out.score == pytest.approx(masked_percentile(truth, None, P), rel=1e-4)
         assert [r[1] for r in _regions(out.amap, threshold, None)] == [r[1] for r in _regions(truth, threshold, None)]
         assert np.mean(approx > knn_distances(flat, flat_q, distance) + 1e-4) > 0   # the search did miss some
