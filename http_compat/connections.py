@@ -7,8 +7,11 @@ accept loop logs one error per pending connection per loop tick (hundreds of tho
 minute) while the door answers nobody. Here:
 
 * ``ConnectionGuard`` keeps at most ``max_connections`` open. At the cap a new connection closes the
-  one idle longest (no request in progress); when every one is busy the new one gets a 503 and is
-  closed. So idle connections, however many, cannot lock out ``/health`` or the GUI.
+  one idle longest (no request in progress), preferring connections that never completed a request
+  over kept-alive ones; when every one is busy the new one gets a 503 and is closed. So idle
+  connections, however many, cannot lock out ``/health`` or the GUI.
+* ``SheddingListener`` accepts at most 32 connections per event-loop iteration, so a flood of
+  connections is taken in slices between the requests of the connections already open.
 * ``GuardedProtocol`` (uvicorn's h11 protocol) gives a new connection, and a request begun on a
   kept-alive one, ``header_timeout_s`` to send its complete headers: then 408 and close (nothing was
   received: just close). Idle kept-alive connections keep uvicorn's ``timeout_keep_alive``.
@@ -19,11 +22,13 @@ minute) while the door answers nobody. Here:
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 import os
 import socket
 import time
+from collections import OrderedDict
 from typing import Any
 
 import structlog
@@ -36,6 +41,9 @@ __all__ = ["ConnectionGuard", "GuardedProtocol", "SheddingListener", "fit_to_des
 log = structlog.get_logger("http_compat")
 
 _EXHAUSTED = (errno.EMFILE, errno.ENFILE)
+# connections accepted per event-loop iteration: a burst of thousands is taken in slices, with the
+# requests of connections already open served in between
+_ACCEPT_BURST = 32
 
 
 def _raw_reply(status: int, reason: str, code: str, message: str) -> bytes:
@@ -53,6 +61,10 @@ class ConnectionGuard:
         self.max_connections = max_connections
         self.header_timeout_s = header_timeout_s
         self._open: set[GuardedProtocol] = set()
+        # idle connections, longest idle first: those that never completed a request (a flood of
+        # bare connections) are closed before those kept alive between requests (the GUI's)
+        self._fresh: OrderedDict[GuardedProtocol, None] = OrderedDict()
+        self._kept: OrderedDict[GuardedProtocol, None] = OrderedDict()
         self._throttle = LogThrottle()
         self.evicted = self.refused = self.timed_out = 0
 
@@ -60,24 +72,38 @@ class ConnectionGuard:
         return len(self._open)
 
     def admit(self, conn: GuardedProtocol) -> bool:
-        """Count ``conn`` in, closing the longest-idle connection when at the cap; False when every
-        open connection is serving a request (``conn`` must then be refused)."""
+        """Count ``conn`` in (as idle), closing the longest-idle connection when at the cap; False
+        when every open connection is serving a request (``conn`` must then be refused). O(1): a
+        flood of new connections costs the event loop little per connection."""
         if len(self._open) >= self.max_connections:
-            idle = [c for c in self._open if not c.in_request]
+            idle = self._fresh or self._kept
             if not idle:
                 self.refused += 1
                 self._note("http_connection_refused", "every connection is serving a request")
                 return False
-            victim = min(idle, key=lambda c: c.idle_since)
+            victim, _ = idle.popitem(last=False)
             self._open.discard(victim)
             victim.close_quietly()
             self.evicted += 1
             self._note("http_connection_evicted", "at the connection cap: the longest-idle one was closed")
         self._open.add(conn)
+        self._fresh[conn] = None
         return True
+
+    def busy(self, conn: GuardedProtocol) -> None:
+        """``conn`` is serving a request: it cannot be evicted."""
+        self._fresh.pop(conn, None)
+        self._kept.pop(conn, None)
+
+    def idle(self, conn: GuardedProtocol) -> None:
+        """``conn`` finished a request: it is now the most recently idle kept-alive connection."""
+        if conn in self._open:
+            self._kept.pop(conn, None)
+            self._kept[conn] = None
 
     def closed(self, conn: GuardedProtocol) -> None:
         self._open.discard(conn)
+        self.busy(conn)
 
     def _note(self, event: str, reason: str) -> None:
         skipped = self._throttle.due()
@@ -94,7 +120,6 @@ class GuardedProtocol(H11Protocol):
         self._guard = guard
         self._header_timer: Any = None
         self._received_since_response = False
-        self.idle_since = time.monotonic()
 
     @property
     def in_request(self) -> bool:
@@ -117,10 +142,11 @@ class GuardedProtocol(H11Protocol):
         super().data_received(data)
         if self.in_request:
             self._disarm()
+            self._guard.busy(self)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        self.idle_since = time.monotonic()
+        self._guard.idle(self)
         self._received_since_response = False
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -163,13 +189,14 @@ class SheddingListener(socket.socket):
         self._spare: int | None = _open_spare()
         self._throttle = LogThrottle()
         self._pause_until = 0.0
+        self._burst = 0
         self.shed = 0
 
     def accept(self) -> tuple[socket.socket, Any]:
-        if time.monotonic() < self._pause_until:
+        if time.monotonic() < self._pause_until or self._burst >= _ACCEPT_BURST:
             raise BlockingIOError(errno.EAGAIN, "accepting paused")
         try:
-            return super().accept()
+            accepted = super().accept()
         except OSError as exc:
             if exc.errno not in _EXHAUSTED:
                 raise
@@ -179,6 +206,16 @@ class SheddingListener(socket.socket):
             # refuse the rest of this burst quietly instead of failing once per pending connection
             self._pause_until = time.monotonic() + 1.0
             raise
+        if self._burst == 0:
+            try:
+                asyncio.get_running_loop().call_soon(self._next_burst)   # runs in the next loop iteration
+            except RuntimeError:                                         # accept() outside an event loop
+                return accepted
+        self._burst += 1
+        return accepted
+
+    def _next_burst(self) -> None:
+        self._burst = 0
 
     def _shed_one(self) -> bool:
         skipped = self._throttle.due()

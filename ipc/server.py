@@ -56,6 +56,9 @@ _REQUEST_KEYS = frozenset({"v", "op", "id", "api_key", "args"})
 # args holding images: a raw buffer map becomes an ndarray before validation (True = a list of them)
 _IMAGE_ARGS: dict[str, tuple[str, bool]] = {"infer": ("image", False), "fit_ok": ("images", True)}
 _STRICT = ConfigDict(arbitrary_types_allowed=True, strict=True)   # msgpack types only, no "1.5" -> 1.5
+# list args counted before their items are converted or validated: (op, arg) -> engine setting
+_LIST_LIMITS = {("fit_ok", "images"): "max_fit_images", ("infer_batch", "items"): "max_batch_items",
+                ("calibrate_ng", "ok_scores"): "max_scores", ("calibrate_ng", "ng_scores"): "max_scores"}
 
 
 class _Rejection(Exception):
@@ -490,6 +493,7 @@ class IpcServer:
             spec.signature.bind(**args)
         except TypeError as exc:
             raise _Rejection(400, "invalid_args", f"{op}: {exc}") from None
+        self._count_lists(op, args)
         if op in _IMAGE_ARGS:
             name, many = _IMAGE_ARGS[op]
             if name in args:
@@ -511,6 +515,15 @@ class IpcServer:
             except ValidationError as exc:
                 raise _Rejection(400, "invalid_args", f"{op}: {_describe(exc, name)}") from None
         return kwargs
+
+    def _count_lists(self, op: str, args: dict[str, Any]) -> None:
+        """413 for a list arg over the engine's limit, before any of its items costs work."""
+        for (limited_op, name), setting in _LIST_LIMITS.items():
+            value = args.get(name) if op == limited_op else None
+            limit = getattr(self._engine.settings, setting)
+            if isinstance(value, list) and len(value) > limit:
+                raise _Rejection(PayloadTooLarge.status, PayloadTooLarge.code,
+                                 f"{name} holds {len(value)} items; the limit is {limit} ({setting})")
 
     def _execute(self, req_id: Any, op: str, args: dict[str, Any]) -> dict[str, Any]:
         with bound_contextvars(**_log_context(req_id, op, args)):

@@ -15,6 +15,7 @@ from engine.errors import PayloadTooLarge, ServerBusy
 from engine.images import ImageLimits, probe
 from engine.limits import ValueRefused, check_structure, parse_json
 from engine.logs import LogThrottle
+from http_compat.connections import ConnectionGuard
 from http_compat.origin import host_allowed, host_name, origin_allowed
 from ipc.backpressure import PeerLedger
 from tests.support import encoded, noise, png_bytes, png_header_only
@@ -177,3 +178,31 @@ def test_origin_rules() -> None:
                    "file://", "http://127.0.0.1:99999"):
         assert not origin_allowed(origin, **rules), origin                 # type: ignore[arg-type]
     assert host_name("[::1]:80") == "::1" and host_name("Example.COM.") == "example.com"
+
+
+# --- the REST connection cap ----------------------------------------------------------------------------
+
+class _Conn:
+    def __init__(self, name: str) -> None:
+        self.name, self.closed = name, False
+
+    def close_quietly(self) -> None:
+        self.closed = True
+
+
+def test_the_connection_cap_closes_bare_connections_before_kept_alive_ones() -> None:
+    guard = ConnectionGuard(3, header_timeout_s=10)
+    gui, bare1, bare2 = _Conn("gui"), _Conn("bare1"), _Conn("bare2")
+    for conn in (gui, bare1, bare2):
+        assert guard.admit(conn)                                   # type: ignore[arg-type]
+    guard.busy(gui)                                                # type: ignore[arg-type]
+    guard.idle(gui)                                                # served a request: kept alive
+    newcomers = [_Conn(f"new{i}") for i in range(3)]
+    for conn in newcomers:
+        assert guard.admit(conn)                                   # type: ignore[arg-type]
+    assert bare1.closed and bare2.closed and newcomers[0].closed and not gui.closed   # the GUI's survives
+    assert len(guard) == 3 and guard.evicted == 3
+    for conn in (gui, *newcomers[1:]):
+        guard.busy(conn)                                           # type: ignore[arg-type]
+    refused = _Conn("refused")
+    assert not guard.admit(refused) and guard.refused == 1         # type: ignore[arg-type]
