@@ -62,14 +62,12 @@ class Fitter:
         s, timings = self._settings, {}
         with self._models.lock(key):
             features, sizes = self._extract_all(images, report, timings)              # N h w D
-            start = time.perf_counter()
             report("coreset", 0, 1)
             memory = build_memory(
                 features, s.coreset_ratio, memory_fit, s.distance, projection_dim=s.coreset_projection_dim,
-                seed=s.seed, device=self._extractor.device.type, ivf_min_rows=s.ivf_min_rows,
+                seed=s.seed, device=self._extractor.device.type, ivf_min_rows=s.ivf_min_rows, timings=timings,
             )
             report("coreset", 1, 1)
-            timings["coreset_index"] = _ms(start)
             start = time.perf_counter()
             held_out = self._hold_out_scores(features, memory, sizes, report)
             timings["ok_scores"] = _ms(start)
