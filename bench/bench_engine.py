@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_engine.py [--data DIR] [--threads N]
 
 (a) fit of MVTec AD bottle's 209 train images at 224 px through ``Engine.fit_ok``, by stage
-    (FitResult.timings_ms: decode / extract / coreset_index / ok_scores / save);
+    (FitResult.timings_ms: decode / extract / coreset / index / ok_scores / save);
 (b) ``Engine.infer`` ms/image by stage, median over the 83 bottle test images (float32 heatmap).
 
 The coreset against exact greedy is measured by the suite: ``python bench/run_all.py --only coreset``.

@@ -77,14 +77,12 @@ class Fitter:
             previous = self._models.previous(key)
             features, sizes, kept = self._extract_all(images, report, timings)        # N h w D
             sources = [sources[i] for i in kept] if sources else None
-            start = time.perf_counter()
             report("coreset", 0, 1)
             memory = build_memory(
                 features, s.coreset_ratio, memory_fit, s.distance, projection_dim=s.coreset_projection_dim,
-                seed=s.seed, device=self._extractor.device.type, ivf_min_rows=s.ivf_min_rows,
+                seed=s.seed, device=self._extractor.device.type, ivf_min_rows=s.ivf_min_rows, timings=timings,
             )
             report("coreset", 1, 1)
-            timings["coreset_index"] = _ms(start)
             start = time.perf_counter()
             held_out = self._hold_out_scores(features, memory, sizes, report)
             timings["ok_scores"] = _ms(start)

@@ -32,9 +32,13 @@ class Memory:
 
 def build_memory(
     features: np.ndarray, ratio: float, keep_all: bool, distance: Distance, *,
-    projection_dim: int, seed: int, device: str, ivf_min_rows: int,
+    projection_dim: int, seed: int, device: str, ivf_min_rows: int, timings: dict[str, float] | None = None,
 ) -> Memory:
-    """features (N, h, w, D) -> memory of about ``ratio * N * h * w`` rows (all with keep_all)."""
+    """features (N, h, w, D) -> memory of about ``ratio * N * h * w`` rows (all with keep_all).
+
+    ``timings`` receives the milliseconds of the ``coreset`` selection and the ``index`` build.
+    """
+    start = time.perf_counter()
     n, h, w, d = features.shape
     flat = features.reshape(-1, d)                                   # N*h*w D
     sources = np.repeat(np.arange(n), h * w)
@@ -47,6 +51,7 @@ def build_memory(
             x = torch.nn.functional.normalize(x, dim=1)
         keep = greedy_coreset(x, k, projection_dim=projection_dim, seed=seed).cpu().numpy()
     bank = np.ascontiguousarray(flat[keep])
+    coreset_done = time.perf_counter()
     probes = None
     if len(bank) >= ivf_min_rows:
         # recall is measured on patches the memory did not keep: they stand for unseen parts
@@ -54,6 +59,9 @@ def build_memory(
         rng = np.random.default_rng(seed)
         probes = flat[rng.choice(rest, size=min(len(rest), _PROBE_QUERIES), replace=False)] if len(rest) else None
     index, choice = build_search_index(bank, distance, ivf_min_rows=ivf_min_rows, probe_queries=probes, seed=seed)
+    if timings is not None:
+        timings["coreset"] = round((coreset_done - start) * 1000.0, 3)
+        timings["index"] = round((time.perf_counter() - coreset_done) * 1000.0, 3)
     return Memory(bank, sources[keep], index, choice)
 
 
@@ -62,7 +70,9 @@ def searcher(index: faiss.Index, bank: np.ndarray, distance: Distance, k: int,
     """The search of a stored memory; ``choice`` is the manifest's ``index`` entry."""
     nprobe = int(choice.get("nprobe", 0) or 0)             # type: ignore[call-overload]
     candidates = int(choice.get("candidates", 0) or 0)     # type: ignore[call-overload]
-    return MemorySearch(index, bank, distance, k, nprobe=nprobe, candidates=candidates or 4)
+    if candidates > 0:
+        return MemorySearch(index, bank, distance, k, nprobe=nprobe, candidates=candidates)
+    return MemorySearch(index, bank, distance, k, nprobe=nprobe)
 
 
 def score_map(

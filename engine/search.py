@@ -43,7 +43,8 @@ from engine.knn import Distance, build_index, knn_distances, prepare_rows
 __all__ = ["AXES", "IndexChoice", "MemorySearch", "RowFilter", "build_search_index", "keep_rows"]
 
 AXES = 31                     # principal coordinates of the projected index (plus the residual: 32)
-_CANDIDATES = 4               # rows per query whose true distance the approximate search takes
+_CANDIDATES = 8               # rows per query whose true distance the approximate search takes
+_MAX_PROBES = 16              # the recall tuning stops here: exactness comes from refinement anyway
 _ROWS_PER_BLOCK = 2048        # memory rows per block of the exact search
 _MIN_LISTS, _MAX_LISTS = 16, 4096
 
@@ -88,8 +89,8 @@ def build_search_index(
     target_recall: float = 0.9, axes: int = AXES, seed: int = 0,
 ) -> tuple[faiss.Index, IndexChoice]:
     """The serving index for a memory bank (M, D): flat below ``ivf_min_rows`` rows; above it a
-    projected inverted file whose probe count is the smallest power of two for which the
-    approximate search finds the exact nearest neighbour for ``target_recall`` of
+    projected inverted file whose probe count is the smallest power of two (at most 16) for
+    which the approximate search finds the exact nearest neighbour for ``target_recall`` of
     ``probe_queries`` (patches the memory left out). Exactness where it matters comes from
     ``engine.refine``, so the target only trades approximate against exact work.
     """
@@ -109,9 +110,9 @@ def build_search_index(
     while True:
         found = search.search(probe_queries, nprobe=nprobe)[0]
         recall = float(np.mean(found <= exact + slack))
-        if recall >= target_recall or nprobe >= nlist:
+        if recall >= target_recall or nprobe >= min(nlist, _MAX_PROBES):
             break
-        nprobe = min(nlist, nprobe * 2)
+        nprobe = min(nlist, _MAX_PROBES, nprobe * 2)
     return index, IndexChoice("projected_ivf", nlist=nlist, nprobe=nprobe, recall=round(recall, 5), axes=axes,
                               candidates=_CANDIDATES)
 

@@ -181,7 +181,7 @@ def test_fit_result(engine: Engine, fitted: FitResult) -> None:
     assert stats.max == pytest.approx(max(fitted.ok_scores))
     # OK-only rule: the 0.995 quantile of the OK scores times the safety factor 1.1
     assert fitted.threshold_suggestion == pytest.approx(float(np.quantile(fitted.ok_scores, 0.995)) * 1.1)
-    assert {"decode", "extract", "coreset_index", "ok_scores", "save"} <= set(fitted.timings_ms)
+    assert {"decode", "extract", "coreset", "index", "ok_scores", "save"} <= set(fitted.timings_ms)
     manifest = engine.manifest(ROLE, "cap")
     assert manifest["operator_id"] == "op1" and manifest["n_embeddings"] == 1568
     assert manifest["input"]["side"] == INPUT

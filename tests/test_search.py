@@ -85,4 +85,4 @@ def test_probe_count_reaches_the_recall_target_on_held_out_rows(bank: np.ndarray
     truth = knn_distances(build_index(bank, "l2"), probes, "l2")
     recall = float(np.mean(found <= truth * 1.001 + 1e-3))
     assert choice.recall == pytest.approx(recall, abs=0.02)
-    assert choice.recall >= 0.9 or choice.nprobe == choice.nlist
+    assert choice.recall >= 0.9 or choice.nprobe == min(choice.nlist, 16)

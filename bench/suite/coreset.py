@@ -33,7 +33,7 @@ from bench.suite.common import RssSampler, mib, peak_rss_bytes, rss_bytes, run_c
 
 CLUSTERS = 1000
 FULL: dict[str, Any] = {
-    "sizes": [10_000, 100_000, 200_000, 1_000_000], "dims": [152, 384], "ratio": 0.1,
+    "sizes": [10_000, 100_000, 200_000, 600_000], "dims": [152], "ratio": 0.1,
     "target": {"n": 200_000, "d": 384, "ratio": 0.1, "subset": 50_000, "probe_picks": 200, "repeats": 2,
                "real_images": 64, "real_384_images": 64},
     "timeout_s": 600,

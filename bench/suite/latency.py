@@ -1,25 +1,28 @@
-"""Infer latency per ROI: backbone forward alone, in-process, ZeroMQ and REST, and a multi-ROI part.
+"""ROI latency on production-sized models, by stage and door; thread counts; small-model figures.
 
-One child process per (backbone, input side). Each fits a small calibrated model on bottle
-train images at the input side, then times the same ROI image (a bottle test image with a
-defect, resized to the input side) through every path, called in turn:
-
-* ``forward``: ``engine.extractor([rgb])`` - uint8 RGB in, patch features out (normalization
-  included); what the backbone alone costs.
-* ``in-process`` / ``ZeroMQ`` / ``REST``: ``infer`` with the ROI as PNG bytes and a PNG heatmap
-  back (what the GUI sends and gets): ``Engine.infer``, ``ipc.EngineClient.infer`` over
-  tcp://127.0.0.1, ``POST /infer`` multipart on a kept-alive httpx connection.
-* ``in-process raw`` / ``ZeroMQ raw``: the ROI as a raw RGB array, no heatmap: the engine's
-  compute (extract + kNN + map + regions) and the door's transport only.
-
-Then a part with several ROIs (one model each): ``infer_batch`` (one call) against N single
-``infer`` calls, in-process and through ZeroMQ.
+* production: EfficientNet-Lite0 fitted on all 209 bottle train images (900 x 900 PNG files) at
+  224, 320 and 448 px (448 gives a memory of >= 60k rows), calibrated on its hold-out OK
+  scores. Two 900 x 900 PNG ROIs (a defective and a good bottle test image, the files as they
+  are) go through every path, called in turn so drift hits all alike:
+  ``decode+resize`` (decode_image + resize_square), ``forward`` (extractor), ``in-process``
+  (``Engine.infer``, PNG in, PNG heatmap out), ``ZeroMQ`` (the same through the ZeroMQ door on
+  loopback) and ``ZeroMQ raw`` (RGB array in, no heatmap). Stages are the medians of the
+  in-process ``timings_ms``; the ratio is ZeroMQ p50 / (decode+resize p50 + forward p50), all
+  from one run. Then every bottle test image is scored in-process to count the patches the
+  refinement re-scored exactly, and a few are checked against a flat (exact) search.
+* threads: the 224 model, loaded in a fresh process per ``BACKEND_TORCH_THREADS`` value, under
+  1, 2 and 4 clients sending PNG ROIs through the ZeroMQ door at once: ROIs per second and
+  per-request p50.
+* crossover: kNN stage of flat against refined search on memories of increasing size (random
+  subsets of 224 px bottle patch features): where the refined search starts to pay.
+* small: 10-image models of other backbones (labelled as such), forward against infer.
 """
 
 from __future__ import annotations
 
 import contextlib
 import statistics
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -32,9 +35,12 @@ from bench.suite.common import (
     AugmentedImages,
     backbone_kwargs,
     bottle_test,
+    bottle_train,
+    mib,
     png_bytes,
     read_rgb,
     round_robin,
+    rss_bytes,
     run_child,
     say,
     scratch_dir,
@@ -43,183 +49,329 @@ from bench.suite.common import (
 )
 
 FULL: dict[str, Any] = {
-    "configs": [["efficientnet_lite0", 224], ["efficientnet_lite0", 448], ["efficientnet_lite2", 224],
-                ["efficientnet_lite2", 448], ["dinov2_vits14", 224], ["dinov2_vits14", 448]],
-    "fit_images": 10, "budget_s": 25.0, "n_min": 10, "n_max": 200,
-    "multi_rois": 4, "multi_fit_images": 2, "multi_budget_s": 12.0, "multi_n_min": 3, "multi_n_max": 60,
-    "timeout_s": 420,
+    "production": [[224, 209], [320, 209], [448, 209]],
+    "budget_s": 40.0, "n_min": 15, "n_max": 150, "exact_checks": 8,
+    "thread_counts": [1, 2, 0], "clients": [1, 2, 4], "throughput_s": 8.0,
+    "crossover_rows": [2000, 4000, 8000, 16000, 32000, 64000],
+    "small": [["efficientnet_lite0", 224], ["efficientnet_lite2", 224], ["dinov2_vits14", 224]],
+    "small_fit_images": 10, "small_budget_s": 8.0, "timeout_s": 900,
 }
 QUICK: dict[str, Any] = {
-    **FULL, "configs": [["efficientnet_lite0", 224], ["efficientnet_lite0", 448], ["efficientnet_lite2", 224],
-                        ["dinov2_vits14", 224]],
-    "fit_images": 3, "budget_s": 2.0, "n_min": 3, "n_max": 20,
-    "multi_rois": 3, "multi_budget_s": 1.0, "multi_n_min": 2, "multi_n_max": 5, "timeout_s": 180,
+    **FULL, "production": [[224, 24]], "budget_s": 4.0, "n_min": 4, "n_max": 20, "exact_checks": 2,
+    "thread_counts": [1, 0], "clients": [1, 2], "throughput_s": 2.0, "crossover_rows": [2000, 16000],
+    "small": [["efficientnet_lite0", 224]], "small_budget_s": 2.0, "timeout_s": 300,
 }
 SECTION = "latency"
+PROBES = {"defective": ("broken_large", 0), "good": ("good", 0)}
 
 
 def run(params: dict[str, Any]) -> dict[str, Any]:
-    results = []
-    for backbone, side in params["configs"]:
-        say(SECTION, f"{backbone} @ {side}")
-        child = {k: v for k, v in params.items() if k != "configs"}
-        out = run_child("latency:one_config", {**child, "backbone": backbone, "side": side},
-                        timeout=params["timeout_s"])
-        out.update(backbone=backbone, side=side)
-        if "error" in out:
-            say(SECTION, f"{backbone} @ {side} failed: {out['error']}")
-        results.append(out)
-    return {"configs": results}
+    out: dict[str, Any] = {"production": [], "threads": [], "small": []}
+    with scratch_dir("bench-latency-") as root:
+        for side, images in params["production"]:
+            say(SECTION, f"production model: bottle {images} images @ {side}")
+            result = run_child("latency:one_production", {**params, "side": side, "images": images, "root": root},
+                               timeout=params["timeout_s"])
+            result.update(side=side, images=images)
+            out["production"].append(result)
+            if "error" in result:
+                say(SECTION, f"{images} @ {side} failed: {result['error']}")
+        first = params["production"][0]
+        for threads in params["thread_counts"]:
+            say(SECTION, f"threads {threads or 'default'}: {', '.join(map(str, params['clients']))} clients")
+            result = run_child("latency:one_threads", {**params, "side": first[0], "root": root,
+                                                       "threads": threads or None}, timeout=params["timeout_s"])
+            result["torch_threads"] = threads or "default"
+            out["threads"].append(result)
+    say(SECTION, "flat against refined search by memory size")
+    out["crossover"] = run_child("latency:crossover", params, timeout=params["timeout_s"])
+    for backbone, side in params["small"]:
+        say(SECTION, f"10-image model: {backbone} @ {side}")
+        result = run_child("latency:one_small", {**params, "backbone": backbone, "side": side},
+                           timeout=params["timeout_s"])
+        result.update(backbone=backbone, side=side)
+        out["small"].append(result)
+    return out
 
 
-def _probe_images(side: int, count: int) -> tuple[list[np.ndarray], str]:
-    files = bottle_test("broken_large") + bottle_test("contamination") + bottle_test("broken_small")
-    if files:
-        return [read_rgb(files[i % len(files)], side) for i in range(count)], "MVTec AD bottle test (defective)"
-    return [synthetic_rgb(side, 1000 + i) for i in range(count)], "synthetic"
+def _probe_files() -> dict[str, bytes]:
+    """The probe ROIs as PNG files (900 x 900 bottle test images; synthetic without the data)."""
+    out = {}
+    for name, (folder, index) in PROBES.items():
+        files = bottle_test(folder)
+        out[name] = files[index].read_bytes() if files else png_bytes(synthetic_rgb(900, 7 + index))
+    return out
 
 
-def one_config(params: dict[str, Any]) -> dict[str, Any]:
+def _train_files(count: int) -> list[Any]:
+    files = bottle_train()
+    if len(files) >= count:
+        return [p.read_bytes() for p in files[:count]]
+    images = AugmentedImages(count, source_side=900)
+    return [png_bytes(images[i]) for i in range(count)]
+
+
+def _engine(root: Path, side: int, threads: int | None, zmq_workers: int = 4) -> tuple[Any, Any]:
     from engine.api import Engine
-    from engine.settings import Settings
+    from service.serve import ServeConfig
 
-    backbone, side = params["backbone"], int(params["side"])
-    rois = int(params["multi_rois"])
-    with scratch_dir("bench-latency-") as tmp, contextlib.ExitStack() as stack:
-        settings = Settings(
-            data_root=Path(tmp) / "data", zmq_endpoint="tcp://127.0.0.1:*", zmq_events=None, http_host="127.0.0.1",
-            http_port=0, api_key=None, model_cache_size=max(16, rois + 1), torch_threads=params.get("threads"),
-            device="cpu", **backbone_kwargs(backbone, side, Path(tmp)),
-        )
-        t0 = time.perf_counter()
-        engine = Engine(settings)
-        stack.callback(engine.close)
-        start_s = time.perf_counter() - t0
-        info = engine.backbone_info
+    config = ServeConfig.of(data_root=root, backbone="efficientnet_lite0", input_size=side, device="cpu",
+                            torch_threads=threads, zmq_endpoint="tcp://127.0.0.1:*", zmq_workers=zmq_workers,
+                            zmq_events=None, log_level="WARNING")
+    return Engine(config.engine), config
 
-        train = AugmentedImages(int(params["fit_images"]) + rois * int(params["multi_fit_images"]), source_side=side)
-        n_fit = int(params["fit_images"])
+
+@contextlib.contextmanager
+def _zmq_door(engine: Any, config: Any) -> Any:
+    from ipc.client import EngineClient
+    from ipc.server import IpcServer
+
+    server = IpcServer(engine, config.ipc)
+    server.start()
+    try:
+        yield server.endpoint, EngineClient
+    finally:
+        server.stop()
+
+
+def one_production(params: dict[str, Any]) -> dict[str, Any]:
+    side, images = int(params["side"]), int(params["images"])
+    root = Path(params["root"]) / f"p{side}"
+    engine, config = _engine(root, side, params.get("threads"))
+    try:
         t0 = time.perf_counter()
-        fit = engine.fit_ok(ROLE, "roi", MM, [train[i] for i in range(n_fit)])
+        fit = engine.fit_ok(ROLE, "roi", MM, _train_files(images))
         fit_s = time.perf_counter() - t0
         engine.calibrate_ng(ROLE, "roi", MM, list(fit.ok_scores))
-        probes, probe_source = _probe_images(side, max(1, rois))
-        rgb = probes[0]
-        png = png_bytes(rgb)
-        say(SECTION, f"{backbone} @ {side}: engine {start_s:.1f} s, fit {n_fit} images {fit_s:.1f} s "
-                     f"(coreset {fit.coreset_size}/{fit.n_embeddings})")
-
-        stage_log: list[dict[str, float]] = []
-
-        def in_process() -> Any:
-            result = engine.infer(ROLE, "roi", MM, png, heatmap="png")
-            stage_log.append(result.timings_ms)
-            return result
-
-        calls: dict[str, Any] = {
-            "forward": lambda: engine.extractor([rgb]),
-            "in-process": in_process,
-        }
-        notes: list[str] = []
-        client = _zmq(stack, engine, settings, notes)
-        if client is not None:
-            calls["ZeroMQ"] = lambda: client.infer(ROLE, "roi", MM, png, heatmap="png")
-        http = _rest(stack, engine, settings, notes)
-        if http is not None:
-            fields = {"role_id": ROLE, "roi_id": "roi", "mm_per_px": str(MM), "heatmap": "png"}
-
-            def rest() -> Any:
-                r = http.post("/infer", data=fields, files={"image": ("roi.png", png, "image/png")})
-                r.raise_for_status()
-                return r.json()
-
-            calls["REST"] = rest
-        calls["in-process raw"] = lambda: engine.infer(ROLE, "roi", MM, rgb, heatmap="none")
-        if client is not None:
-            calls["ZeroMQ raw"] = lambda: client.infer(ROLE, "roi", MM, rgb, heatmap="none")
-
-        check = engine.infer(ROLE, "roi", MM, png, heatmap="png")
-        times = round_robin(calls, params["budget_s"], params["n_min"], params["n_max"])
-        stage_log = stage_log[-len(times["forward"]):]
-        stages = {k: round(statistics.median(t[k] for t in stage_log if k in t), 3)
-                  for k in dict.fromkeys(k for t in stage_log for k in t)}
-        say(SECTION, f"{backbone} @ {side}: "
-                     + ", ".join(f"{k} p50 {stats(v)['p50']:.1f} ms" for k, v in times.items()))
-
-        multi = _multi_roi(engine, client, train, n_fit, probes, params) if rois > 1 else None
+        manifest = engine.manifest(ROLE, "roi")
+        say(SECTION, f"{images} @ {side}: fit {fit_s:.1f} s, memory {fit.coreset_size} rows "
+                     f"({manifest['index']['kind']}), threshold {manifest['threshold']:.3f}")
+        with _zmq_door(engine, config) as (endpoint, client_class), \
+                client_class(endpoint, timeout=300, long_timeout=1800) as client:
+            timing = _time_paths(engine, client, side, params)
+        before = rss_bytes()
+        refinement = _refinement(engine, side, int(params["exact_checks"]))
         return {
-            "backbone_name": info.name, "input_size": info.input_size, "feature_dim": info.feature_dim,
-            "token_shape": list(fit.token_shape), "random_init_weights": backbone == "dinov2_vits14",
-            "engine_start_s": round(start_s, 3), "fit_images": n_fit, "fit_s": round(fit_s, 3),
-            "coreset_size": fit.coreset_size, "n_embeddings": fit.n_embeddings, "probe_source": probe_source,
-            "probe_png_kib": round(len(png) / 1024, 1), "probe_decision": check.decision,
-            "probe_score": round(check.score, 5), "threshold": check.threshold,
-            "doors": {name: stats(ms) for name, ms in times.items()},
-            "in_process_stages_ms_p50": stages, "multi_roi": multi, "notes": notes,
+            "fit_s": round(fit_s, 3), "fit_timings_ms": dict(fit.timings_ms), "coreset_size": fit.coreset_size,
+            "n_embeddings": fit.n_embeddings, "token_shape": list(fit.token_shape), "index": manifest["index"],
+            "threshold": manifest["threshold"], **timing, "refinement": refinement, "rss_mib": mib(before),
         }
+    finally:
+        engine.close()
 
 
-def _zmq(stack: contextlib.ExitStack, engine: Any, settings: Any, notes: list[str]) -> Any:
-    try:
-        from ipc.client import EngineClient
-        from ipc.server import IpcServer
-    except ImportError as exc:
-        notes.append(f"ZeroMQ door not available: {exc}")
-        return None
-    server = IpcServer(engine, settings)
-    server.start()
-    stack.callback(server.stop)
-    return stack.enter_context(EngineClient(server.endpoint, timeout=300, long_timeout=1800))
+def _time_paths(engine: Any, client: Any, side: int, params: dict[str, Any]) -> dict[str, Any]:
+    from engine.images import decode_image, resize_square
 
+    probes = _probe_files()
+    rgbs = {name: decode_image(png, 10**9) for name, png in probes.items()}
+    stage_log: dict[str, list[dict[str, float]]] = {name: [] for name in probes}
+    calls: dict[str, Any] = {}
+    for name, png in probes.items():
+        resized = resize_square(rgbs[name], side)
 
-def _rest(stack: contextlib.ExitStack, engine: Any, settings: Any, notes: list[str]) -> Any:
-    try:
-        import httpx
+        def in_process(name: str = name, png: bytes = png) -> None:
+            stage_log[name].append(dict(engine.infer(ROLE, "roi", MM, png, heatmap="png").timings_ms))
 
-        from http_compat.server import HttpServer
-    except ImportError as exc:
-        notes.append(f"REST door not available: {exc}")
-        return None
-    try:
-        server = HttpServer(engine, settings)
-        server.start()
-    except Exception as exc:  # noqa: BLE001 - the shim may still be in progress
-        notes.append(f"REST door failed to start: {type(exc).__name__}: {exc}")
-        return None
-    stack.callback(server.stop)
-    return stack.enter_context(httpx.Client(base_url=server.url, timeout=300))
-
-
-def _multi_roi(engine: Any, client: Any, train: AugmentedImages, first: int, probes: list[np.ndarray],
-               params: dict[str, Any]) -> dict[str, Any]:
-    """One part with R ROIs, each its own model: infer_batch vs R single infers."""
-    rois, per = int(params["multi_rois"]), int(params["multi_fit_images"])
-    for r in range(rois):
-        images = [train[first + r * per + j] for j in range(per)]
-        fit = engine.fit_ok(ROLE, f"part_{r}", MM, images)
-        engine.calibrate_ng(ROLE, f"part_{r}", MM, list(fit.ok_scores) or [0.0])
-    items = [{"roi_id": f"part_{r}", "image": png_bytes(probes[r % len(probes)]), "mm_per_px": MM}
-             for r in range(rois)]
-    check = engine.infer_batch(ROLE, items, heatmap="png")
-    if check.n_errors:
-        raise RuntimeError(f"infer_batch returned errors: {[i.error for i in check.items if i.error]}")
-
-    def singles(call: Any) -> None:
-        for item in items:
-            call(ROLE, item["roi_id"], MM, item["image"], heatmap="png")
-
-    calls: dict[str, Any] = {
-        "batch in-process": lambda: engine.infer_batch(ROLE, items, heatmap="png"),
-        "singles in-process": lambda: singles(engine.infer),
-    }
-    if client is not None:
-        calls["batch ZeroMQ"] = lambda: client.infer_batch(ROLE, items, heatmap="png")
-        calls["singles ZeroMQ"] = lambda: singles(client.infer)
-    times = round_robin(calls, params["multi_budget_s"], params["multi_n_min"], params["multi_n_max"], warmup=1)
-    out = {"rois": rois, "fit_images_per_roi": per, "per_part_ms": {k: stats(v) for k, v in times.items()}}
-    out["per_roi_p50_ms"] = {k: round(v["p50"] / rois, 3) for k, v in out["per_part_ms"].items()}
-    for door in ("in-process", "ZeroMQ"):
-        b, s = out["per_part_ms"].get(f"batch {door}"), out["per_part_ms"].get(f"singles {door}")
-        if b and s:
-            out[f"batch_speedup_{door}"] = round(s["p50"] / b["p50"], 3)
+        calls[f"decode+resize {name}"] = lambda png=png: resize_square(decode_image(png, 10**9), side)
+        calls[f"forward {name}"] = lambda resized=resized: engine.extractor([resized])
+        calls[f"in-process {name}"] = in_process
+        calls[f"ZeroMQ {name}"] = lambda png=png: client.infer(ROLE, "roi", MM, png, heatmap="png")
+        calls[f"ZeroMQ raw {name}"] = lambda rgb=rgbs[name]: client.infer(ROLE, "roi", MM, rgb, heatmap="none")
+    times = round_robin(calls, params["budget_s"], params["n_min"], params["n_max"])
+    doors = {key: stats(ms) for key, ms in times.items()}
+    out: dict[str, Any] = {"doors": doors, "probes": {}}
+    for name in probes:
+        log = stage_log[name][-len(times[f"forward {name}"]):]
+        names = dict.fromkeys(k for t in log for k in t)
+        stages = {k: round(statistics.median(t[k] for t in log if k in t), 3) for k in names}
+        base = doors[f"decode+resize {name}"]["p50"] + doors[f"forward {name}"]["p50"]
+        zmq = doors[f"ZeroMQ {name}"]["p50"]
+        result = engine.infer(ROLE, "roi", MM, probes[name], heatmap="png")
+        out["probes"][name] = {
+            "stages_ms_p50": stages, "decode_resize_forward_p50": round(base, 3),
+            "zmq_ratio": round(zmq / base, 3), "zmq_raw_ratio": round(doors[f"ZeroMQ raw {name}"]["p50"] / base, 3),
+            "knn_share_of_zmq": round(stages.get("knn", 0.0) / zmq, 4),
+            "door_ms": round(zmq - doors[f"in-process {name}"]["p50"], 3),
+            "decision": result.decision, "score": round(result.score, 5), "png_kib": round(len(probes[name]) / 1024, 1),
+            "heatmap_kib": round(len(result.heatmap_png or b"") / 1024, 1),
+        }
+        say(SECTION, f"@ {side} {name}: ZeroMQ p50 {zmq:.1f} ms = {zmq / base:.2f}x (decode+resize + forward "
+                     f"{base:.1f} ms); kNN {stages.get('knn', 0):.1f} ms")
     return out
+
+
+def _refinement(engine: Any, side: int, exact_checks: int) -> dict[str, Any]:
+    """Patches re-scored exactly over the bottle test set, and a few ROIs against a flat search."""
+    from engine.anomaly_map import anomaly_map, masked_percentile
+    from engine.images import decode_image, resize_square
+    from engine.knn import build_index, knn_distances
+    from engine.patchcore import score_map
+    from engine.regions import find_regions
+
+    model = engine.models.load(engine.models.key(ROLE, "roi"))
+    manifest, threshold = model.manifest, float(model.calibration["threshold"])
+    sigma, percentile = float(manifest["score"]["gaussian_sigma"]), float(manifest["score"]["percentile"])
+    files = [p for folder in ("good", "broken_large", "broken_small", "contamination") for p in bottle_test(folder)]
+    bank = engine.models.store(None).load(ROLE, "roi").embeddings
+    flat = build_index(bank, manifest["distance"]) if exact_checks else None
+    rows, checks = [], []
+    for i, path in enumerate(files):
+        rgb = decode_image(path.read_bytes(), 10**9)
+        features = engine.extractor([resize_square(rgb, side)])[0]
+        timings: dict[str, float] = {}
+        got = score_map(model.index, features, rgb.shape[0], rgb.shape[1], sigma, None, percentile, threshold,
+                        timings=timings)
+        rows.append({"refined": got.refined, "rounds": got.rounds,
+                     "patches": int(features.shape[0] * features.shape[1]),
+                     "knn_ms": timings["knn"], "map_ms": timings["map"], "defective": path.parent.name != "good"})
+        if flat is not None and i % max(1, len(files) // exact_checks) == 0 and len(checks) < exact_checks:
+            patches = knn_distances(flat, features.reshape(-1, features.shape[-1]), manifest["distance"],
+                                    int(manifest["knn_k"])).reshape(features.shape[:2])
+            truth = anomaly_map(patches, rgb.shape[0], rgb.shape[1], sigma)
+            want = find_regions(truth, threshold, None, MM)
+            have = find_regions(got.amap, threshold, None, MM)
+            checks.append({"file": f"{path.parent.name}/{path.name}",
+                           "score_rel_diff": abs(got.score - masked_percentile(truth, None, percentile))
+                           / max(1e-12, masked_percentile(truth, None, percentile)),
+                           "same_decision": bool(want) == bool(have),
+                           "same_regions": [(r.bbox, r.area_px) for r in want] == [(r.bbox, r.area_px) for r in have]})
+    refined = np.array([r["refined"] for r in rows])
+    return {
+        "images": len(rows), "patches_per_image": rows[0]["patches"] if rows else 0,
+        "refined_mean": round(float(refined.mean()), 1) if rows else 0, "refined_max": int(refined.max(initial=0)),
+        "refined_mean_good": round(float(np.mean([r["refined"] for r in rows if not r["defective"]] or [0])), 1),
+        "refined_mean_defective": round(float(np.mean([r["refined"] for r in rows if r["defective"]] or [0])), 1),
+        "share_refined": round(float(np.mean(refined > 0)), 3) if rows else 0,
+        "more_than_one_round": int(sum(r["rounds"] > 1 for r in rows)),
+        "knn_ms_p50": round(float(np.median([r["knn_ms"] for r in rows])), 3) if rows else None,
+        "exact_checks": checks,
+        "exact_max_score_rel_diff": max((c["score_rel_diff"] for c in checks), default=None),
+        "exact_same_decisions": all(c["same_decision"] for c in checks),
+        "exact_same_regions": all(c["same_regions"] for c in checks),
+    }
+
+
+def one_threads(params: dict[str, Any]) -> dict[str, Any]:
+    """ROIs per second through the ZeroMQ door with 1, 2, 4 clients, at one thread setting."""
+    side = int(params["side"])
+    root = Path(params["root"]) / f"p{side}"
+    engine, config = _engine(root, side, params.get("threads"))
+    png = _probe_files()["defective"]
+    rows = []
+    try:
+        with _zmq_door(engine, config) as (endpoint, client_class):
+            with client_class(endpoint, timeout=300) as warm:
+                for _ in range(3):
+                    warm.infer(ROLE, "roi", MM, png, heatmap="png")
+            for clients in params["clients"]:
+                rows.append(_throughput(endpoint, client_class, png, int(clients), float(params["throughput_s"])))
+                say(SECTION, f"threads {params.get('threads') or 'default'}, {clients} clients: "
+                             f"{rows[-1]['rois_per_s']:.1f} ROI/s, p50 {rows[-1]['latency_ms']['p50']:.1f} ms")
+    finally:
+        engine.close()
+    return {"rows": rows}
+
+
+def _throughput(endpoint: str, client_class: Any, png: bytes, clients: int, seconds: float) -> dict[str, Any]:
+    latencies: list[list[float]] = [[] for _ in range(clients)]
+    stop = threading.Event()
+
+    def work(slot: int) -> None:
+        with client_class(endpoint, timeout=300) as client:
+            while not stop.is_set():
+                t0 = time.perf_counter()
+                client.infer(ROLE, "roi", MM, png, heatmap="png")
+                latencies[slot].append((time.perf_counter() - t0) * 1000.0)
+
+    workers = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(clients)]
+    t0 = time.perf_counter()
+    for w in workers:
+        w.start()
+    time.sleep(seconds)
+    stop.set()
+    for w in workers:
+        w.join()
+    wall = time.perf_counter() - t0
+    done = [ms for slot in latencies for ms in slot]
+    return {"clients": clients, "requests": len(done), "rois_per_s": round(len(done) / wall, 2),
+            "latency_ms": stats(done)}
+
+
+def crossover(params: dict[str, Any]) -> dict[str, Any]:
+    """kNN stage (ms p50) of flat and refined search over memories of growing size."""
+    from engine.backbones import build_backbone
+    from engine.images import decode_image, resize_square
+    from engine.knn import build_index
+    from engine.patchcore import score_map
+    from engine.search import MemorySearch, build_search_index
+    from engine.threads import configure_threads
+
+    configure_threads(params.get("threads"))
+    from engine.features import FeatureExtractor
+
+    with scratch_dir("bench-crossover-") as tmp:
+        backbone, _ = build_backbone("efficientnet_lite0", None, Path(tmp), 224, None)
+    extract = FeatureExtractor(backbone, "cpu", "auto", 1)
+    train = AugmentedImages(96, source_side=448)
+    rows_all = np.concatenate([extract([resize_square(train[i], 224)]) for i in range(len(train))]).reshape(-1, 152)
+    probes = {name: decode_image(png, 10**9) for name, png in _probe_files().items()}
+    probe_features = {name: extract([resize_square(rgb, 224)])[0] for name, rgb in probes.items()}
+    rng = np.random.default_rng(0)
+    out = []
+    for m in params["crossover_rows"]:
+        if m > len(rows_all):
+            continue
+        bank = np.ascontiguousarray(rows_all[np.sort(rng.choice(len(rows_all), m, replace=False))])
+        held = rows_all[rng.choice(len(rows_all), 2000, replace=False)] + 0.01
+        index, choice = build_search_index(bank, "l2", ivf_min_rows=1, probe_queries=held)
+        searches = {"flat": MemorySearch(build_index(bank, "l2"), bank, "l2", 1),
+                    "refined": MemorySearch(index, bank, "l2", 1, nprobe=choice.nprobe)}
+        row: dict[str, Any] = {"rows": m, "nlist": choice.nlist, "nprobe": choice.nprobe}
+        # one threshold per memory: 0.9 x the defective probe's exact score (regions on the defect)
+        defective = probe_features["defective"]
+        threshold = 0.9 * score_map(searches["flat"], defective, *probes["defective"].shape[:2], 4.0, None, 99.0,
+                                    None).score
+        for name, feats in probe_features.items():
+            h, w = probes[name].shape[:2]
+            for kind, search in searches.items():
+                ms = []
+                for _ in range(5):
+                    timings: dict[str, float] = {}
+                    score_map(search, feats, h, w, 4.0, None, 99.0, threshold, timings=timings)
+                    ms.append(timings["knn"])
+                row[f"{kind} {name}"] = round(float(np.median(ms)), 3)
+        out.append(row)
+        say(SECTION, f"crossover {m} rows: " + ", ".join(f"{k} {v}" for k, v in row.items() if " " in k))
+    return {"rows": out, "source": f"Lite0 @ 224 patch features of {train.source}, random subsets"}
+
+
+def one_small(params: dict[str, Any]) -> dict[str, Any]:
+    """A 10-image model of another backbone: forward against in-process and ZeroMQ infer (PNG in/out)."""
+    from engine.api import Engine
+    from service.serve import ServeConfig
+
+    backbone, side = params["backbone"], int(params["side"])
+    with scratch_dir("bench-small-") as tmp:
+        config = ServeConfig.of(data_root=Path(tmp) / "data", device="cpu", torch_threads=params.get("threads"),
+                                zmq_endpoint="tcp://127.0.0.1:*", zmq_events=None, log_level="WARNING",
+                                **backbone_kwargs(backbone, side, Path(tmp)))
+        engine = Engine(config.engine)
+        try:
+            train = AugmentedImages(int(params["small_fit_images"]), source_side=side)
+            fit = engine.fit_ok(ROLE, "roi", MM, [train[i] for i in range(len(train))])
+            engine.calibrate_ng(ROLE, "roi", MM, list(fit.ok_scores) or [1.0])
+            files = bottle_test("broken_large")
+            rgb = read_rgb(files[0], side) if files else synthetic_rgb(side, 3)
+            png = png_bytes(rgb)
+            with _zmq_door(engine, config) as (endpoint, client_class), \
+                    client_class(endpoint, timeout=300) as client:
+                calls = {"forward": lambda: engine.extractor([rgb]),
+                         "in-process": lambda: engine.infer(ROLE, "roi", MM, png, heatmap="png"),
+                         "ZeroMQ": lambda: client.infer(ROLE, "roi", MM, png, heatmap="png")}
+                times = round_robin(calls, params["small_budget_s"], 5, 100)
+            return {"fit_images": len(train), "coreset_size": fit.coreset_size, "input_size": side,
+                    "random_init_weights": backbone == "dinov2_vits14",
+                    "doors": {k: stats(v) for k, v in times.items()}}
+        finally:
+            engine.close()

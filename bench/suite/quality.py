@@ -1,9 +1,14 @@
-"""Quality against speed: bottle image / pixel AUROC for each coreset ratio x input size.
+"""Quality: refined search against exact search, and bottle AUROC against coreset ratio.
 
-One child process per combination. Fits on ``max_train`` evenly spaced bottle train images (a
-subset, stated in the report) and scores all 83 test images, through ``engine.evaluate.evaluate``
-(the project's evaluation: pixel AUROC on maps and masks resized to 256 x 256). An error there
-is the combination's result (``error``), never a different method.
+* exact check: ``engine.evaluate.evaluate`` on the bottle category with the engine's defaults
+  (all 209 train images; the 16k-row memory is above ``ivf_min_rows``, so it is searched
+  approximately with exact refinement), then again with ``PATCHCORE_IVF_MIN_ROWS`` so high that
+  the same memory is searched flat (exact). Image and pixel AUROC and every image score are
+  compared; then both models are calibrated with one threshold (the exact fit's suggestion)
+  and every test image is inferred on both: decisions and regions compared.
+* sweep: for each coreset ratio x input size, a fit on ``max_train`` evenly spaced train images
+  (a subset, stated in the report) and all 83 test images scored (pixel AUROC on maps and masks
+  resized to 256 x 256). An error there is the combination's result (``error``).
 """
 
 from __future__ import annotations
@@ -12,9 +17,10 @@ from typing import Any
 
 from bench.suite.common import BOTTLE, run_child, say
 
-FULL: dict[str, Any] = {"sizes": [224, 320], "ratios": [0.01, 0.1, 0.25], "max_train": 100,
-                        "backbone": "efficientnet_lite0", "timeout_s": 600}
-QUICK: dict[str, Any] = {**FULL, "sizes": [224], "ratios": [0.1], "max_train": 10, "timeout_s": 240}
+FULL: dict[str, Any] = {"sizes": [224], "ratios": [0.01, 0.25], "max_train": 100, "exact_train": None,
+                        "backbone": "efficientnet_lite0", "timeout_s": 900}
+QUICK: dict[str, Any] = {**FULL, "sizes": [224], "ratios": [0.1], "max_train": 10, "exact_train": 24,
+                         "timeout_s": 300}
 SECTION = "quality"
 PIXEL_SIDE = 256
 
@@ -22,6 +28,10 @@ PIXEL_SIDE = 256
 def run(params: dict[str, Any]) -> dict[str, Any]:
     if not (BOTTLE / "train" / "good").is_dir():
         return {"error": f"bottle data not found at {BOTTLE}"}
+    say(SECTION, "refined against exact search on the engine's default model")
+    exact = run_child("quality:exact_check", params, timeout=params["timeout_s"])
+    if "error" in exact:
+        say(SECTION, f"exact check failed: {exact['error']}")
     rows = []
     for side in params["sizes"]:
         for ratio in params["ratios"]:
@@ -35,7 +45,7 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
                              f"{out['pixel_auroc']:.4f}, fit {out['fit_s']:.1f} s, infer {out['infer_ms_p50']:.1f} ms")
             rows.append(out)
     return {"backbone": params["backbone"], "max_train": params["max_train"], "dataset": "MVTec AD bottle",
-            "rows": rows}
+            "rows": rows, "exact_check": exact}
 
 
 def one_eval(params: dict[str, Any]) -> dict[str, Any]:
@@ -51,3 +61,65 @@ def one_eval(params: dict[str, Any]) -> dict[str, Any]:
         "fit_stages_s": fit_s, "infer_ms_p50": report.infer_ms.get("total"), "infer_stages_ms_p50": report.infer_ms,
         "wall_s": report.wall_s,
     }
+
+
+def exact_check(params: dict[str, Any]) -> dict[str, Any]:
+    """Refined (default) and flat (exact) search on the same bottle fit: AUROCs, scores, decisions."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from engine.evaluate import evaluate
+
+    train = params.get("exact_train")
+    reports, roots = {}, {}
+    with tempfile.TemporaryDirectory(prefix="bench-exact-") as tmp:
+        for name, min_rows in (("refined", None), ("exact", str(10**9))):
+            if min_rows is not None:
+                os.environ["PATCHCORE_IVF_MIN_ROWS"] = min_rows
+            roots[name] = Path(tmp) / name
+            reports[name] = evaluate(BOTTLE, max_train=train, data_root=roots[name], pixel_side=PIXEL_SIDE)
+            say(SECTION, f"{name}: image AUROC {reports[name].image_auroc:.6f}, pixel AUROC "
+                         f"{reports[name].pixel_auroc:.6f}, kNN {reports[name].infer_ms.get('knn', 0):.1f} ms")
+        os.environ.pop("PATCHCORE_IVF_MIN_ROWS", None)
+        decisions = _decisions(roots)
+    refined, exact = reports["refined"], reports["exact"]
+    pairs = list(zip(refined.scores, exact.scores, strict=True))
+    rel = [abs(a.score - b.score) / max(1e-12, abs(b.score)) for a, b in pairs]
+    return {
+        "n_train": exact.n_train, "n_test": exact.n_test, "coreset_size": exact.coreset_size,
+        "image_auroc": {"refined": refined.image_auroc, "exact": exact.image_auroc},
+        "pixel_auroc": {"refined": refined.pixel_auroc, "exact": exact.pixel_auroc},
+        "image_auroc_diff": round(abs(refined.image_auroc - exact.image_auroc), 6),
+        "pixel_auroc_diff": round(abs((refined.pixel_auroc or 0) - (exact.pixel_auroc or 0)), 6),
+        "max_score_rel_diff": max(rel), "infer_ms": {"refined": refined.infer_ms, "exact": exact.infer_ms},
+        "fit_s": {"refined": refined.fit_s, "exact": exact.fit_s}, **decisions,
+    }
+
+
+def _decisions(roots: dict[str, Any]) -> dict[str, Any]:
+    """Both evaluation models calibrated with one threshold; decisions and regions of every test image."""
+    from engine.api import Engine
+    from engine.evaluate import list_test
+    from engine.settings import Settings
+
+    role, roi, mm = "evaluate", "category", 1.0      # where engine.evaluate stores its model
+    engines = {name: Engine(Settings(data_root=root)) for name, root in roots.items()}
+    try:
+        ok = engines["exact"].manifest(role, roi)["ok_scores"]["values"]
+        threshold = min(e.calibrate_ng(role, roi, mm, ok, area_mm2_thr=0.0).threshold for e in engines.values())
+        same_decisions = same_regions = 0
+        tests = list_test(BOTTLE)
+        ng = 0
+        for item in tests:
+            data = item.path.read_bytes()
+            got = {name: e.infer(role, roi, mm, data, heatmap="none") for name, e in engines.items()}
+            a, b = got["refined"], got["exact"]
+            same_decisions += a.decision == b.decision
+            same_regions += [(r.bbox, r.area_px) for r in a.regions] == [(r.bbox, r.area_px) for r in b.regions]
+            ng += b.decision == "ng"
+    finally:
+        for engine in engines.values():
+            engine.close()
+    return {"threshold": threshold, "decisions_equal": same_decisions, "regions_equal": same_regions,
+            "decisions_total": len(tests), "ng_by_exact": ng}
