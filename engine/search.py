@@ -325,7 +325,8 @@ class _Blocks:
         count = int(np.clip(len(coords) // _ROWS_PER_BLOCK, 1, ivf.nlist))
         centroids = np.ascontiguousarray(ivf.quantizer.reconstruct_n(0, ivf.nlist), dtype=np.float32)
         if count > 1:     # neighbouring lists go to the same block: k-means on the list centroids
-            kmeans = faiss.Kmeans(centroids.shape[1], count, niter=10, seed=0, verbose=False)
+            kmeans = faiss.Kmeans(centroids.shape[1], count, niter=10, seed=0, verbose=False,
+                                  min_points_per_centroid=1)
             kmeans.train(centroids)
             group = kmeans.index.search(centroids, 1)[1][:, 0]
         else:
