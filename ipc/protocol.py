@@ -36,13 +36,17 @@ PROTOCOL_VERSION = 1
 
 @dataclass(frozen=True)
 class OpInfo:
-    """How the client may treat an op: retry it after a timeout, and wait longer for it."""
+    """How the client may treat an op: retry it after a timeout, and wait longer for it.
+
+    ``part``: the Engine attribute whose method serves the op (None: the Engine itself)."""
 
     idempotent: bool
     long: bool = False
+    part: str | None = None
 
 
-# op name = Engine method name; args = its keyword arguments (``progress`` is the server's).
+# op name = the method name on the Engine (or on its ``part``); args = its keyword arguments
+# (``progress`` is the server's).
 OPS: dict[str, OpInfo] = {
     "health": OpInfo(idempotent=True),
     "fit_ok": OpInfo(idempotent=False, long=True),

@@ -305,7 +305,8 @@ class IpcServer:
         return bound.decode() if isinstance(bound, bytes) else str(bound)
 
     def _spec(self, op: str) -> _OpSpec:
-        method = getattr(self._engine, op)
+        part = OPS[op].part
+        method = getattr(getattr(self._engine, part) if part else self._engine, op)
         signature = inspect.signature(method)
         hints = typing.get_type_hints(method, include_extras=True)
         adapters = {
