@@ -18,6 +18,7 @@ class FeatureExtractor:
     def __init__(self, backbone: Backbone, device: str, precision: str, batch_size: int) -> None:
         self.device = torch.device(device)
         self.dtype = _dtype(precision, self.device)
+        backbone.fold_batch_norms()
         self.backbone = backbone.to(self.device)
         if self.dtype != torch.float32:
             self.backbone = self.backbone.to(self.dtype)
