@@ -79,7 +79,7 @@ class Fitter:
             sources = [sources[i] for i in kept] if sources else None
             report("coreset", 0, 1)
             memory = build_memory(
-                features, s.coreset_ratio, memory_fit, s.distance, projection_dim=s.coreset_projection_dim,
+                features, s.coreset_ratio, memory_fit, s.distance, rule=s.coreset_rule,
                 seed=s.seed, device=self._extractor.device.type, ivf_min_rows=s.ivf_min_rows, timings=timings,
             )
             report("coreset", 1, 1)
@@ -172,8 +172,7 @@ class Fitter:
             "distance": s.distance, "knn_k": s.knn_k,
             "score": {"percentile": s.score_percentile, "gaussian_sigma": s.gaussian_sigma, "upsample": "bilinear"},
             "coreset": {"ratio": s.coreset_ratio, "method": "greedy_k_center",
-                        "principal_axes": s.coreset_projection_dim if s.coreset_projection_dim < info.feature_dim
-                        else None, "seed": s.seed},
+                        "principal_axes": memory.coreset_axes, "seed": s.seed},
             "index": memory.choice.as_dict(),
             "ok_scores": {"values": [held_out[i] for i in scored], "images": [int(i) for i in scored],
                           "sources": [sources[i] for i in scored] if sources else None, "folds": HOLD_OUT_FOLDS},

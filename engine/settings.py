@@ -12,7 +12,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import AliasChoices, Field, ValidationInfo, field_validator
 from pydantic_settings import (
@@ -20,6 +20,9 @@ from pydantic_settings import (
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
+
+if TYPE_CHECKING:
+    from engine.coreset import CoresetRule
 
 __all__ = ["EnvSettings", "Settings", "env_field"]
 
@@ -159,6 +162,17 @@ class Settings(EnvSettings):
         description="Principal axes the greedy coreset selects on; features with no more dimensions "
                     "than this are used as they are (see engine.coreset).",
     )
+    coreset_exact_max_rows: int = Field(
+        200_000, ge=1,
+        validation_alias=AliasChoices("PATCHCORE_CORESET_EXACT_MAX_ROWS", "coreset_exact_max_rows"),
+        description="Banks up to this many patch rows are thinned on coreset_projection_dim axes; larger "
+                    "ones on at most coreset_large_projection_dim (engine.coreset.CoresetRule).",
+    )
+    coreset_large_projection_dim: int = Field(
+        96, ge=8,
+        validation_alias=AliasChoices("PATCHCORE_LARGE_PROJECTION_DIM", "coreset_large_projection_dim"),
+        description="Principal axes the coreset of a bank above coreset_exact_max_rows is selected on.",
+    )
     ivf_min_rows: int = Field(
         12_000, ge=1, validation_alias=AliasChoices("PATCHCORE_IVF_MIN_ROWS", "ivf_min_rows"),
         description="Memories with at least this many rows get a projected inverted-file index: an "
@@ -251,6 +265,12 @@ class Settings(EnvSettings):
     @property
     def effective_batch_size(self) -> int:
         return self.batch_size or (16 if self.resolved_device == "cuda" else 1)
+
+    @property
+    def coreset_rule(self) -> CoresetRule:
+        from engine.coreset import CoresetRule  # torch and faiss: imported when a fit needs them
+
+        return CoresetRule(self.coreset_projection_dim, self.coreset_exact_max_rows, self.coreset_large_projection_dim)
 
     @property
     def resolved_device(self) -> str:
