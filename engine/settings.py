@@ -267,6 +267,16 @@ class Settings(EnvSettings):
         return self.batch_size or (16 if self.resolved_device == "cuda" else 1)
 
     @property
+    def fit_workers(self) -> int:
+        """Threads that extract a fit's images side by side (CPU; one on CUDA): BACKEND_TORCH_THREADS,
+        else one per usable core (engine.features.FeatureExtractor.stream)."""
+        if self.resolved_device != "cpu":
+            return 1
+        if self.torch_threads:
+            return self.torch_threads
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+    @property
     def coreset_rule(self) -> CoresetRule:
         from engine.coreset import CoresetRule  # torch and faiss: imported when a fit needs them
 
