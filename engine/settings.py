@@ -174,11 +174,12 @@ class Settings(EnvSettings):
         description="Principal axes the coreset of a bank above coreset_exact_max_rows is selected on.",
     )
     ivf_min_rows: int = Field(
-        12_000, ge=1, validation_alias=AliasChoices("PATCHCORE_IVF_MIN_ROWS", "ivf_min_rows"),
+        4_000, ge=1, validation_alias=AliasChoices("PATCHCORE_IVF_MIN_ROWS", "ivf_min_rows"),
         description="Memories with at least this many rows get a projected inverted-file index: an "
                     "approximate search refined to exact scores, decisions and regions (engine.search, "
                     "engine.refine); smaller ones, and memory_fit ones (nothing left out to tune on), a "
-                    "flat one. Below ~12k rows the flat search was the faster (bench latency section).",
+                    "flat one. At 320 px (1 600 patches per ROI) the refined search was faster from 4k rows "
+                    "on (bench latency section, crossover).",
     )
     distance: Literal["l2", "cosine"] = Field(
         "l2", validation_alias=AliasChoices("PATCHCORE_DISTANCE", "distance")

@@ -318,13 +318,14 @@ def crossover(params: dict[str, Any]) -> dict[str, Any]:
     configure_threads(params.get("threads"))
     from engine.features import FeatureExtractor
 
+    side = int(params["production"][0][0])      # the default model's side
     with scratch_dir("bench-crossover-") as tmp:
-        backbone, _ = build_backbone("efficientnet_lite0", None, Path(tmp), 224, None)
+        backbone, _ = build_backbone("efficientnet_lite0", None, Path(tmp), side, None)
     extract = FeatureExtractor(backbone, "cpu", "auto", 1)
     train = AugmentedImages(96, source_side=448)
-    rows_all = np.concatenate([extract([resize_square(train[i], 224)]) for i in range(len(train))]).reshape(-1, 152)
+    rows_all = np.concatenate([extract([resize_square(train[i], side)]) for i in range(len(train))]).reshape(-1, 152)
     probes = {name: decode_image(png, 10**9) for name, png in _probe_files().items()}
-    probe_features = {name: extract([resize_square(rgb, 224)])[0] for name, rgb in probes.items()}
+    probe_features = {name: extract([resize_square(rgb, side)])[0] for name, rgb in probes.items()}
     rng = np.random.default_rng(0)
     out = []
     for m in params["crossover_rows"]:
@@ -351,7 +352,7 @@ def crossover(params: dict[str, Any]) -> dict[str, Any]:
                 row[f"{kind} {name}"] = round(float(np.median(ms)), 3)
         out.append(row)
         say(SECTION, f"crossover {m} rows: " + ", ".join(f"{k} {v}" for k, v in row.items() if " " in k))
-    return {"rows": out, "source": f"Lite0 @ 224 patch features of {train.source}, random subsets"}
+    return {"rows": out, "source": f"Lite0 @ {side} patch features of {train.source}, random subsets"}
 
 
 def one_small(params: dict[str, Any]) -> dict[str, Any]:
