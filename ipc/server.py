@@ -240,9 +240,7 @@ class IpcServer:
         ]
         self._front = threading.Thread(target=self._serve, args=(router, results), name="ipc-front", daemon=True)
         if pub is not None:
-            self._publisher = threading.Thread(target=self._publish, args=(pub,), name="ipc-events", daemon=True)
-            self._publisher.start()
-            self._unsubscribe = self._engine.monitor.subscribe(self._drift_event)
+            self._start_events(pub)
         for t in self._workers:
             t.start()
         self._front.start()
@@ -571,6 +569,12 @@ class IpcServer:
                         "total": int(total)})
 
         return progress
+
+    def _start_events(self, pub: zmq.Socket[bytes]) -> None:
+        """The publisher thread, fed by progress callbacks and the engine's drift state changes."""
+        self._publisher = threading.Thread(target=self._publish, args=(pub,), name="ipc-events", daemon=True)
+        self._publisher.start()
+        self._unsubscribe = self._engine.monitor.subscribe(self._drift_event)
 
     def _drift_event(self, event: dict[str, Any]) -> None:
         """A drift state change as a progress event (stage ``drift_state``; done/total: the
