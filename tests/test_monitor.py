@@ -145,6 +145,7 @@ def test_a_model_without_row_sources_still_scores_and_says_so(world: World) -> N
 
 def test_history_records_inspections_and_answers_queries(world: World) -> None:
     engine, roi = world.engine, "ds"
+    engine.monitor.flush()
     before = engine.monitor.history(ROLE, roi, limit=10_000).n
     decisions = []
     for i, path in enumerate([*world.good[:4], *world.broken[:2]]):
@@ -211,6 +212,8 @@ def test_both_doors_record_with_the_request_id_and_query_the_history(world: Worl
     result = doors.zmq.call("history", {"role_id": ROLE, "roi_id": "ds", "limit": 2,
                                         "since": body["items"][1]["time"]})
     assert [i["request_id"] for i in result["items"]] == ["zmq-req-1", "http-req-1"]
+    typed = doors.zmq.history(ROLE, "ds", until=body["items"][1]["time"], limit=1, thumbnails=True)
+    assert typed.items[0].request_id == "http-req-1" and typed.items[0].thumbnail_png is not None
     assert "thumbnail_png_base64" not in doors.http_answer("GET", "/history", params={
         "role_id": ROLE, "roi_id": "ds", "limit": 1})[1]["items"][0]
     status, body = doors.http_answer("GET", "/history", params={"role_id": ROLE, "roi_id": "ds", "limit": 0})
@@ -220,7 +223,7 @@ def test_both_doors_record_with_the_request_id_and_query_the_history(world: Worl
 
 def test_both_doors_report_drift_and_explain(world: World, doors: Doors) -> None:
     status, web = doors.http_answer("GET", "/drift", params={"role_id": ROLE, "roi_id": "ds"})
-    zmq = doors.zmq.call("drift", {"role_id": ROLE, "roi_id": "ds"})
+    zmq = doors.zmq.drift(ROLE, "ds").model_dump()
     assert status == 200 and web["state"] == zmq["state"] and web["n_window"] == zmq["n_window"] > 0
     assert web["model_version"] == zmq["model_version"] == 1 and web["window"] == 200
     assert doors.http_answer("GET", "/drift", params={"role_id": ROLE, "roi_id": "nothing"})[0] == 404
@@ -236,9 +239,8 @@ def test_both_doors_report_drift_and_explain(world: World, doors: Doors) -> None
     crop = doors.zmq.call("explain_patch", {"role_id": ROLE, "roi_id": "ds", "image_index": e["image_index"],
                                             "patch_row": e["source_patch"][0], "patch_col": e["source_patch"][1]})
     assert crop["png"] == r.content
-    result = doors.zmq.call("infer", {"role_id": ROLE, "roi_id": "sent", "mm_per_px": MM, "explain": True,
-                                      "image": _png(world.broken[6]), "heatmap": "none"})
-    e = result["regions"][0]["explanation"]
+    result = doors.zmq.infer(ROLE, "sent", MM, _png(world.broken[6]), heatmap="none", explain=True)
+    e = result.regions[0].explanation.model_dump()                               # type: ignore[union-attr]
     status, body = doors.http_answer("GET", "/explain_patch", params={
         "role_id": ROLE, "roi_id": "sent", "image_index": e["image_index"], "patch_row": 0, "patch_col": 0})
     assert status == 404 and body["code"] == "image_not_kept"
