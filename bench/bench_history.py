@@ -1,13 +1,15 @@
 """What the inspection history costs: ROI latency with history on vs off, history query times,
 and what a killed process loses.
 
-    .venv/bin/python bench/bench_history.py [--train 200] [--n 10000] [--side 448] [--threads N]
+    .venv/bin/python bench/bench_history.py [--train 200] [--n 10000] [--prefill 0] [--side 448]
 
 (a) One model fitted on ``--train`` bottle OK images (EfficientNet-Lite0, its default 224 px
     input), served by two engines in this process on the same data root: history on (recording,
     thumbnails, drift) and off. ``--n`` inspections on each, interleaved one by one (the order
     alternates), the same bottle test images (``--side`` px PNG ROIs) on both; p50 / p90 of the
-    ``infer`` call's wall time per engine, and their ratio.
+    ``infer`` call's wall time per engine, and their ratio. ``--prefill K`` first writes K copies
+    of one real inspection's record (times spread over the last day) so that a shorter timed run
+    still meets a full history (the per-ROI bound and its pruning at work).
 (b) Query times of the ``history`` op on the ROI's ``--n`` records (median / max of 20 calls).
 (c) A child process infers in a loop with the history on and is killed with SIGKILL; the
     inspections it reported done against the records found on disk.
@@ -40,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from bench.suite.common import BOTTLE, cpu_model  # noqa: E402
 from engine.api import Engine  # noqa: E402
 from engine.evaluate import list_test, list_train  # noqa: E402
+from engine.history import InspectionHistory, InspectionRecord  # noqa: E402
 from engine.settings import Settings  # noqa: E402
 
 MM = 0.1
@@ -73,6 +76,27 @@ def _fit(engine: Engine, n_train: int, side: int) -> None:
     fit = engine.fit_ok(ROLE, ROI, MM, images)
     engine.calibrate_ng(ROLE, ROI, MM, list(fit.ok_scores))
     print(f"fit: {fit.n_images} images, {fit.coreset_size} memory rows, {time.perf_counter() - start:.1f} s")
+
+
+def prefill(on: Engine, png: bytes, count: int) -> None:
+    """``count`` records of the ROI, copies of one real inspection's, written before the timed run."""
+    if count <= 0:
+        return
+    on.infer(ROLE, ROI, MM, png, heatmap="none")
+    on.monitor.flush(30.0)
+    (model,) = on.monitor.history(ROLE, ROI, limit=1, thumbnails=True).items
+    history = InspectionHistory(on.data_root / "history.sqlite", flush_interval_s=0.2)
+    now = time.time()
+    for i in range(count):
+        history.record(InspectionRecord(
+            time=now - 86_400 + i * 86_400 / count, recipe_id="", role_id=ROLE, roi_id=ROI,
+            model_version=model.model_version, score=model.score, threshold=model.threshold, decision=model.decision,
+            n_regions=model.n_regions, area_mm2=model.area_mm2, max_area_mm2=model.max_area_mm2,
+            request_id=f"prefill-{i}", operator_id=None, boxes="", image_h=model.image_shape[0],
+            image_w=model.image_shape[1], thumbnail=model.thumbnail_png, heatmap=model.heatmap_png))
+    history.flush(120.0)
+    history.close()
+    print(f"prefill: {count} records written before the timed run")
 
 
 def latency(on: Engine, off: Engine, rois: list[bytes], n: int) -> None:
@@ -173,6 +197,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train", type=int, default=200, help="OK images of the fit")
     parser.add_argument("--n", type=int, default=10_000, help="inspections per engine")
+    parser.add_argument("--prefill", type=int, default=0, help="records written before the timed run")
     parser.add_argument("--side", type=int, default=448, help="ROI side sent, pixels")
     parser.add_argument("--kill-after", type=float, default=8.0, help="seconds before the SIGKILL of (c)")
     parser.add_argument("--threads", type=int, default=None, help="torch / faiss threads")
@@ -187,6 +212,7 @@ def main() -> None:
         try:
             _fit(off, args.train, args.side)
             rois = [_png(item.path, args.side) for item in list_test(BOTTLE)]
+            prefill(on, rois[0], args.prefill)
             latency(on, off, rois, args.n)
             queries(on)
         finally:

@@ -27,7 +27,7 @@ __all__ = ["InspectionHistory", "InspectionRecord"]
 
 log = structlog.get_logger("engine.history")
 
-_QUEUE_LIMIT = 100_000          # records waiting for the writer; beyond it new ones are dropped
+_QUEUE_LIMIT = 10_000           # records waiting for the writer (thumbnails: ~16 KB each); more are dropped
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS inspections (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
