@@ -23,6 +23,8 @@ import cv2
 import numpy as np
 import structlog
 
+from engine.schemas import HistoryEntry
+
 __all__ = ["InspectionHistory", "InspectionRecord"]
 
 log = structlog.get_logger("engine.history")
@@ -66,8 +68,23 @@ class InspectionRecord:
     heatmap: bytes | np.ndarray | None = None     # small heatmap, grey 128 = threshold (likewise)
     id: int | None = None                    # set on the records a query returns
 
+    def entry(self) -> HistoryEntry:
+        """The record as the ``history`` op returns it (thumbnails as PNG bytes when queried)."""
+        return HistoryEntry(
+            id=self.id or 0, time=self.time, model_version=self.model_version, score=self.score,
+            threshold=self.threshold, decision=self.decision, n_regions=self.n_regions, area_mm2=self.area_mm2,
+            max_area_mm2=self.max_area_mm2, boxes=_boxes(self.boxes), image_shape=(self.image_h, self.image_w),
+            request_id=self.request_id, operator_id=self.operator_id,
+            thumbnail_png=self.thumbnail if isinstance(self.thumbnail, bytes) else None,
+            heatmap_png=self.heatmap if isinstance(self.heatmap, bytes) else None)
+
 
 _COLUMNS = tuple(f.name for f in fields(InspectionRecord) if f.name != "id")
+
+
+def _boxes(text: str) -> tuple[tuple[int, int, int, int], ...]:
+    """Boxes from their stored text, "x,y,w,h;x,y,w,h"."""
+    return tuple(tuple(int(v) for v in part.split(",")) for part in text.split(";") if part)  # type: ignore[misc]
 _BLOBS = ("thumbnail", "heatmap")
 
 

@@ -9,9 +9,11 @@ window; it never raises. See docs/observability.md.
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any, Literal
 
 import cv2
@@ -24,7 +26,7 @@ from engine.explain import patch_box
 from engine.history import InspectionHistory, InspectionRecord
 from engine.models import ModelKey, ModelRegistry
 from engine.samples import Samples
-from engine.schemas import DriftResult, ExplainPatchResult, HistoryEntry, HistoryResult
+from engine.schemas import DriftResult, ExplainPatchResult, HistoryResult
 from engine.scoring import Inspection, Scorer
 from engine.settings import Settings
 
@@ -68,12 +70,22 @@ class Monitor:
         self._models = models
         self._samples = samples
         self._decode = scorer.decode_held
-        self._history = InspectionHistory(
-            models.data_root / "history.sqlite", max_per_roi=settings.history_max_per_roi,
-            flush_interval_s=settings.history_flush_interval_s) if settings.history_enabled else None
+        self._history = self._open_history(settings, models.data_root / "history.sqlite")
         self._watch = DriftWatch(settings.drift_window)
         self._listeners: list[DriftListener] = []
         scorer.recorder = self.record
+
+    @staticmethod
+    def _open_history(settings: Settings, path: Path) -> InspectionHistory | None:
+        """The history, or None when it is off or its file cannot be opened (the engine serves on)."""
+        if not settings.history_enabled:
+            return None
+        try:
+            return InspectionHistory(path, max_per_roi=settings.history_max_per_roi,
+                                     flush_interval_s=settings.history_flush_interval_s)
+        except (sqlite3.Error, OSError) as exc:
+            log.error("history_unavailable", path=str(path), error=str(exc))
+            return None
 
     def close(self) -> None:
         if self._history is not None:
@@ -166,7 +178,7 @@ class Monitor:
         records = [] if self._history is None else self._history.query(
             key.role_id, key.roi_id, key.recipe, since=since, until=until, decision=decision, limit=limit,
             thumbnails=thumbnails)
-        items = tuple(_entry(r) for r in records)
+        items = tuple(r.entry() for r in records)
         return HistoryResult(role_id=key.role_id, roi_id=key.roi_id, recipe_id=key.recipe, n=len(items),
                              items=items, dropped=self._history.dropped if self._history else 0,
                              enabled=self._history is not None)
@@ -185,7 +197,7 @@ class Monitor:
         report = watch.report if watch is not None and watch.model_version == version else None
         baseline = watch.baseline if report is not None and watch is not None else None
         rule = {name: float(value) for name, value in asdict(self._watch.rule).items()}
-        reason = ("inspection history is off (history_enabled)" if self._history is None else
+        reason = ("inspection history is off or unavailable (see the log)" if self._history is None else
                   "the model has no hold-out OK scores (fitted on one image)" if not reference else
                   report.reason if report is not None else "no inspection of this model yet")
         return DriftResult(
@@ -233,17 +245,3 @@ class Monitor:
             source_patch=(patch_row, patch_col), source_box=box, crop_box=(x0, y0, x1 - x0, y1 - y0),
             png=png.tobytes())
 
-
-def _boxes(text: str) -> tuple[tuple[int, int, int, int], ...]:
-    return tuple(tuple(int(v) for v in part.split(",")) for part in text.split(";") if part)  # type: ignore[misc]
-
-
-def _entry(record: InspectionRecord) -> HistoryEntry:
-    return HistoryEntry(
-        id=record.id or 0, time=record.time, model_version=record.model_version, score=record.score,
-        threshold=record.threshold, decision=record.decision, n_regions=record.n_regions,
-        area_mm2=record.area_mm2, max_area_mm2=record.max_area_mm2, boxes=_boxes(record.boxes),
-        image_shape=(record.image_h, record.image_w), request_id=record.request_id,
-        operator_id=record.operator_id,
-        thumbnail_png=record.thumbnail if isinstance(record.thumbnail, bytes) else None,
-        heatmap_png=record.heatmap if isinstance(record.heatmap, bytes) else None)
