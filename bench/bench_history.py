@@ -93,7 +93,7 @@ def prefill(on: Engine, png: bytes, count: int) -> None:
             model_version=model.model_version, score=model.score, threshold=model.threshold, decision=model.decision,
             n_regions=model.n_regions, area_mm2=model.area_mm2, max_area_mm2=model.max_area_mm2,
             request_id=f"prefill-{i}", operator_id=None, boxes="", image_h=model.image_shape[0],
-            image_w=model.image_shape[1], thumbnail=model.thumbnail_png, heatmap=model.heatmap_png))
+            image_w=model.image_shape[1], thumbnail=model.thumbnail_jpeg, heatmap=model.heatmap_png))
     history.flush(120.0)
     history.close()
     print(f"prefill: {count} records written before the timed run")

@@ -164,7 +164,7 @@ class Monitor:
         recipe_id: str | None = None,
     ) -> HistoryResult:
         """The ROI's last inspections, newest first: in [since, until] (epoch seconds), of one
-        ``decision``, at most ``limit`` (1..10000); ``thumbnails`` adds the 64-px PNGs.
+        ``decision``, at most ``limit`` (1..10000); ``thumbnails`` adds the 64-px thumbnails.
 
         Raises: InvalidInput / InvalidId (400)."""
         key = self._models.key(role_id, roi_id, recipe_id)

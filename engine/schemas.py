@@ -339,7 +339,7 @@ class HistoryEntry(_Frozen):
     image_shape: tuple[int, int]
     request_id: str | None
     operator_id: str | None
-    thumbnail_png: bytes | None = None             # 64-px image thumbnail, only when asked for
+    thumbnail_jpeg: bytes | None = None            # 64-px image thumbnail (JPEG), only when asked for
     heatmap_png: bytes | None = None               # 64-px heatmap thumbnail (grey 128 = threshold)
 
 

@@ -46,9 +46,9 @@ def _data_png(data: bytes) -> str:
 
 def _overlay(entry: HistoryEntry) -> bytes | None:
     """The image thumbnail with its heatmap blended over it (jet colours), as PNG bytes."""
-    if entry.thumbnail_png is None or entry.heatmap_png is None:
+    if entry.thumbnail_jpeg is None or entry.heatmap_png is None:
         return None
-    image = cv2.imdecode(np.frombuffer(entry.thumbnail_png, np.uint8), cv2.IMREAD_COLOR)
+    image = cv2.imdecode(np.frombuffer(entry.thumbnail_jpeg, np.uint8), cv2.IMREAD_COLOR)
     heat = cv2.imdecode(np.frombuffer(entry.heatmap_png, np.uint8), cv2.IMREAD_GRAYSCALE)
     if image is None or heat is None or image.shape[:2] != heat.shape[:2]:
         return None

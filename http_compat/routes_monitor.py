@@ -27,7 +27,8 @@ def history(
     until: Annotated[float | None, Query(description="Seconds since the epoch (UTC), inclusive.")] = None,
     decision: Annotated[Literal["ok", "ng"] | None, Query()] = None,
     limit: Annotated[int, Query(description="1..10000.")] = 100,
-    thumbnails: Annotated[bool, Query(description="true: add the 64-px image and heatmap PNGs (base64).")] = False,
+    thumbnails: Annotated[bool, Query(description="true: add the 64-px image (JPEG) and heatmap (PNG) "
+                                                  "thumbnails, base64.")] = False,
 ) -> HistoryReply:
     bind_model(role_id, roi_id)
     res = engine.monitor.history(role_id, roi_id, since, until, decision, limit, thumbnails=thumbnails,

@@ -333,7 +333,7 @@ class DeleteReply(DeleteResult):
 
 
 class HistoryEntryReply(_Reply):
-    """One recorded inspection; the thumbnails (base64 PNG) only when asked for."""
+    """One recorded inspection; the thumbnails (base64 JPEG and PNG) only when asked for."""
 
     id: int
     time: float
@@ -348,13 +348,13 @@ class HistoryEntryReply(_Reply):
     image_shape: tuple[int, int]
     request_id: str | None
     operator_id: str | None
-    thumbnail_png_base64: str | None = Field(None, exclude_if=lambda v: v is None)
+    thumbnail_jpeg_base64: str | None = Field(None, exclude_if=lambda v: v is None)
     heatmap_png_base64: str | None = Field(None, exclude_if=lambda v: v is None)
 
     @classmethod
     def of(cls, entry: HistoryEntry) -> HistoryEntryReply:
-        data = entry.model_dump(exclude={"thumbnail_png", "heatmap_png"})
-        return cls(**data, thumbnail_png_base64=b64(entry.thumbnail_png), heatmap_png_base64=b64(entry.heatmap_png))
+        data = entry.model_dump(exclude={"thumbnail_jpeg", "heatmap_png"})
+        return cls(**data, thumbnail_jpeg_base64=b64(entry.thumbnail_jpeg), heatmap_png_base64=b64(entry.heatmap_png))
 
 
 class HistoryReply(_Reply):

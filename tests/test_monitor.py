@@ -164,11 +164,11 @@ def test_history_records_inspections_and_answers_queries(world: World) -> None:
     window = engine.monitor.history(ROLE, roi, since=newest[4].time, until=newest[1].time)
     assert [item.id for item in window.items] == [item.id for item in newest[1:5]]
     shot = engine.monitor.history(ROLE, roi, limit=1, thumbnails=True).items[0]
-    assert shot.thumbnail_png is not None and shot.heatmap_png is not None
-    thumb = cv2.imdecode(np.frombuffer(shot.thumbnail_png, np.uint8), cv2.IMREAD_COLOR)
+    assert shot.thumbnail_jpeg is not None and shot.heatmap_png is not None
+    thumb = cv2.imdecode(np.frombuffer(shot.thumbnail_jpeg, np.uint8), cv2.IMREAD_COLOR)
     heat = cv2.imdecode(np.frombuffer(shot.heatmap_png, np.uint8), cv2.IMREAD_GRAYSCALE)
     assert thumb.shape[:2] == heat.shape[:2] == (64, 64)
-    assert engine.monitor.history(ROLE, roi, limit=1).items[0].thumbnail_png is None
+    assert engine.monitor.history(ROLE, roi, limit=1).items[0].thumbnail_jpeg is None
     with pytest.raises(InvalidInput):
         engine.monitor.history(ROLE, roi, limit=0)
 
@@ -213,8 +213,8 @@ def test_both_doors_record_with_the_request_id_and_query_the_history(world: Worl
                                         "since": body["items"][1]["time"]})
     assert [i["request_id"] for i in result["items"]] == ["zmq-req-1", "http-req-1"]
     typed = doors.zmq.history(ROLE, "ds", until=body["items"][1]["time"], limit=1, thumbnails=True)
-    assert typed.items[0].request_id == "http-req-1" and typed.items[0].thumbnail_png is not None
-    assert "thumbnail_png_base64" not in doors.http_answer("GET", "/history", params={
+    assert typed.items[0].request_id == "http-req-1" and typed.items[0].thumbnail_jpeg is not None
+    assert "thumbnail_jpeg_base64" not in doors.http_answer("GET", "/history", params={
         "role_id": ROLE, "roi_id": "ds", "limit": 1})[1]["items"][0]
     status, body = doors.http_answer("GET", "/history", params={"role_id": ROLE, "roi_id": "ds", "limit": 0})
     assert status == 400 and body["code"] == "invalid_input"
