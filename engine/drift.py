@@ -111,14 +111,15 @@ def assess(reference: Sequence[float], window: Sequence[float], *, ng_window: in
         return DriftReport("ok", None, None, n, len(reference), float(np.median(window)) if n else None,
                            median_reference, ng_rate, ng_rate_history, f"fewer than {rule.min_window} scores")
     d, p = ks_two_sample(reference, window)
-    if higher_only and float(np.median(window)) <= median_reference:
+    below = higher_only and float(np.median(window)) <= median_reference
+    if below:
         p = 1.0    # below a reference that runs high: no evidence of a shift
     if (p < rule.alarm_p and d >= rule.alarm_d) or _ng_alarm(ng_window, n, ng_rate_history, rule):
         state: DriftState = "alarm"
-        reason = "scores moved away from the fit's OK scores" if p < rule.alarm_p else "NG rate rose"
+        reason = "scores moved away from the reference" if p < rule.alarm_p else "NG rate rose"
     elif p < rule.watch_p:
-        state, reason = "watch", "scores start to differ from the fit's OK scores"
+        state, reason = "watch", "scores start to differ from the reference"
     else:
-        state, reason = "ok", "scores match the fit's OK scores"
+        state, reason = "ok", "scores at or below the reference" if below else "scores match the reference"
     return DriftReport(state, round(d, 6), p, n, len(reference), float(np.median(window)), median_reference,
                        ng_rate, ng_rate_history, reason)
