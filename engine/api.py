@@ -1,9 +1,8 @@
 """The engine facade, the one object both doors call: it checks ids and delegates to its parts,
-``ModelRegistry`` (stored models, cache, locks), ``Fitter``, ``Scorer``, ``Calibrator``, ``Samples``.
+``ModelRegistry``, ``Fitter``, ``Scorer``, ``Calibrator``, ``Samples``; ``monitor`` serves its own ops.
 
 Thread-safe: infers on any ROIs run concurrently; fits are serialized per ROI and never block
-infers (an infer during a refit of the same ROI uses the previous model until the new one is
-committed on disk).
+infers (an infer during a refit uses the previous model until the new one is committed on disk).
 """
 
 from __future__ import annotations
@@ -26,6 +25,7 @@ from engine.fitting import Fitter
 from engine.images import ImageLimits
 from engine.knn import configure_faiss
 from engine.models import ModelRegistry
+from engine.monitor import Monitor
 from engine.samples import Samples
 from engine.schemas import (
     CalibrationResult,
@@ -88,10 +88,12 @@ class Engine:
         self._calibrator = Calibrator(settings, self.models, self._samples)
         self._fitter = Fitter(settings, self.extractor, self.backbone_info, self.models, self._scorer.decode_held,
                               self._calibrator.carry)
+        self.monitor = Monitor(settings, self.models, self._samples, self._scorer)   # the scorer's recorder
         log.info("engine_ready", backbone=self.backbone_info.name, reason=self.backbone_reason,
                  device=self.device, precision=self.extractor.precision, data_root=str(self.data_root))
 
     def close(self) -> None:
+        self.monitor.close()
         self.models.close()
 
     # --- health and models ---------------------------------------------------------------
@@ -180,17 +182,15 @@ class Engine:
         self, role_id: str, roi_id: str, mm_per_px: float, image: ImageInput,
         shape: Shape | dict[str, Any] | str | None = None, *, operator_id: str | None = None,
         allow_uncalibrated: bool = False, heatmap: HeatmapFormat = "png", recipe_id: str | None = None,
+        explain: bool = False,
     ) -> InferResult:
-        """Score one ROI image against its model (seed §4).
-
-        Raises (request faults first, then model state; see ``Scorer.prepare``):
+        """Score one ROI image against its model (seed §4); ``explain``: each region gets its nearest
+        normal patch (``Region.explanation``). Raises (request faults first, see ``Scorer.prepare``):
             InvalidImage / InvalidShape / InvalidInput (400), PayloadTooLarge (413),
-            ModelNotFound (404), CalibrationMissing (428), MmPerPxMismatch (409).
-        """
-        t0 = time.perf_counter()
+            ModelNotFound (404), CalibrationMissing (428), MmPerPxMismatch (409)."""
         key = self.models.key(role_id, roi_id, recipe_id)
         return self._scorer.infer(key, mm_per_px, image, shape, allow_uncalibrated=allow_uncalibrated,
-                                  heatmap=heatmap, t0=t0)
+                                  heatmap=heatmap, t0=time.perf_counter(), operator_id=operator_id, explain=explain)
 
     def infer_batch(
         self, role_id: str, items: Sequence[dict[str, Any]], *, allow_uncalibrated: bool = False,

@@ -13,6 +13,10 @@ States (``DriftRule`` holds the numbers):
   rate is ``ng_rate_factor`` times its history and at least ``min_ng`` NG decisions;
 * ``watch``: p < ``watch_p`` (something moves; not yet enough to stop the line);
 * ``ok``: otherwise, and whenever fewer than ``min_window`` recent scores are known.
+
+With ``higher_only`` the score conditions count only when the window's median is above the
+reference's: for a reference known to run high (``engine.drift_watch``: hold-out scores come
+from a memory without the scored image's fold, so unseen OK parts usually score lower).
 """
 
 from __future__ import annotations
@@ -91,7 +95,8 @@ def _ng_alarm(ng_window: int, n_window: int, ng_rate_history: float | None, rule
 
 
 def assess(reference: Sequence[float], window: Sequence[float], *, ng_window: int = 0,
-           ng_rate_history: float | None = None, rule: DriftRule = DriftRule()) -> DriftReport:
+           ng_rate_history: float | None = None, rule: DriftRule = DriftRule(),
+           higher_only: bool = False) -> DriftReport:
     """The drift state of ``window`` (recent scores, newest last) against ``reference`` (fit OK scores).
 
     ``ng_window``: NG decisions among the window's inspections; ``ng_rate_history``: the NG rate of
@@ -106,12 +111,15 @@ def assess(reference: Sequence[float], window: Sequence[float], *, ng_window: in
         return DriftReport("ok", None, None, n, len(reference), float(np.median(window)) if n else None,
                            median_reference, ng_rate, ng_rate_history, f"fewer than {rule.min_window} scores")
     d, p = ks_two_sample(reference, window)
+    below = higher_only and float(np.median(window)) <= median_reference
+    if below:
+        p = 1.0    # below a reference that runs high: no evidence of a shift
     if (p < rule.alarm_p and d >= rule.alarm_d) or _ng_alarm(ng_window, n, ng_rate_history, rule):
         state: DriftState = "alarm"
-        reason = "scores moved away from the fit's OK scores" if p < rule.alarm_p else "NG rate rose"
+        reason = "scores moved away from the reference" if p < rule.alarm_p else "NG rate rose"
     elif p < rule.watch_p:
-        state, reason = "watch", "scores start to differ from the fit's OK scores"
+        state, reason = "watch", "scores start to differ from the reference"
     else:
-        state, reason = "ok", "scores match the fit's OK scores"
+        state, reason = "ok", "scores at or below the reference" if below else "scores match the reference"
     return DriftReport(state, round(d, 6), p, n, len(reference), float(np.median(window)), median_reference,
                        ng_rate, ng_rate_history, reason)

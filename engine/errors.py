@@ -12,6 +12,7 @@
   - CrossSiteRequest (403 cross_site_request)
   - ModelNotFound (404 model_not_found)
   - SampleNotFound (404 sample_not_found)
+  - ImageNotKept (404 image_not_kept)
   - MmPerPxMismatch (409 mm_per_px_mismatch)
   - ModelChanged (409 model_changed)
   - FitInProgress (409 fit_in_progress)
@@ -33,6 +34,7 @@ __all__ = [
     "CrossSiteRequest",
     "EngineError",
     "FitInProgress",
+    "ImageNotKept",
     "IncompatibleModel",
     "InvalidHost",
     "InvalidId",
@@ -109,6 +111,13 @@ class ModelNotFound(EngineError):
 
 class SampleNotFound(EngineError):
     code, status = "sample_not_found", 404
+
+
+class ImageNotKept(EngineError):
+    """A training image an explanation names is not stored: the fit's images came with the request
+    (only stored dataset samples are kept), or the sample was deleted since."""
+
+    code, status = "image_not_kept", 404
 
 
 class MmPerPxMismatch(EngineError):

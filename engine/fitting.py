@@ -89,13 +89,14 @@ class Fitter:
             start = time.perf_counter()
             manifest = self._manifest(key, mm_per_px, operator_id, memory_fit, features.shape, memory, held_out,
                                       sources, previous)
+            manifest["training_images"] = {"sources": sources, "sizes": [[int(h), int(w)] for h, w in sizes]}
             carry = self._carry(key, previous, self._models.serving(manifest, memory.bank, memory.index),
                                 recalibrate, report)
             timings["recalibrate"] = _ms(start)
             start = time.perf_counter()
             report("save", 0, 1)
             manifest = self._models.save(key, carry.manifest, memory.bank, memory.index,
-                                         serialize_index(memory.index), carry.record)
+                                         serialize_index(memory.index), carry.record, memory.origins)
             report("save", 1, 1)
             timings["save"] = _ms(start)
         ok_scores = [held_out[i] for i in sorted(held_out)]

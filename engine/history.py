@@ -1,10 +1,10 @@
 """The inspection history: the last inspections of every ROI in an embedded SQLite database.
 
 Recording never delays or fails an inspection. ``record`` only appends to an in-memory queue; one
-writer thread commits the queue at most every ``flush_interval_s`` (so a killed process loses at
-most that much), keeps the newest ``max_per_roi`` rows of each ROI, and on any database error
-(full disk, locked or damaged file) drops the batch and counts it. The database runs in WAL mode,
-so queries read while the writer writes.
+writer thread encodes the thumbnails (PNG) and commits the queue at most every ``flush_interval_s``
+(so a killed process loses at most that much), keeps the newest ``max_per_roi`` rows of each
+ROI, and on any database error (full disk, locked or damaged file) drops the batch and counts it.
+The database runs in WAL mode, so queries read while the writer writes.
 """
 
 from __future__ import annotations
@@ -15,24 +15,30 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import closing, contextmanager
-from dataclasses import astuple, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Literal
 
+import cv2
+import numpy as np
 import structlog
+
+from engine.schemas import HistoryEntry
 
 __all__ = ["InspectionHistory", "InspectionRecord"]
 
 log = structlog.get_logger("engine.history")
 
-_QUEUE_LIMIT = 100_000          # records waiting for the writer; beyond it new ones are dropped
+_QUEUE_LIMIT = 10_000           # records waiting for the writer (thumbnails: ~16 KB each); more are dropped
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS inspections (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     time REAL NOT NULL, recipe_id TEXT NOT NULL, role_id TEXT NOT NULL, roi_id TEXT NOT NULL,
     model_version INTEGER NOT NULL, score REAL NOT NULL, threshold REAL, decision TEXT,
     n_regions INTEGER NOT NULL, area_mm2 REAL NOT NULL, max_area_mm2 REAL NOT NULL,
-    request_id TEXT, operator_id TEXT
+    request_id TEXT, operator_id TEXT,
+    boxes TEXT NOT NULL DEFAULT '', image_h INTEGER NOT NULL DEFAULT 0, image_w INTEGER NOT NULL DEFAULT 0,
+    thumbnail BLOB, heatmap BLOB
 );
 CREATE INDEX IF NOT EXISTS inspections_roi_time ON inspections (recipe_id, role_id, roi_id, time);
 """
@@ -55,9 +61,48 @@ class InspectionRecord:
     max_area_mm2: float                      # the largest of them
     request_id: str | None
     operator_id: str | None
+    boxes: str = ""                          # the regions' boxes: "x,y,w,h;x,y,w,h" in ROI pixels
+    image_h: int = 0
+    image_w: int = 0
+    thumbnail: bytes | np.ndarray | None = None   # small image: JPEG bytes (uint8 array until written)
+    heatmap: bytes | np.ndarray | None = None     # small heatmap, grey 128 = threshold (likewise)
+    id: int | None = None                    # set on the records a query returns
+
+    def entry(self) -> HistoryEntry:
+        """The record as the ``history`` op returns it (thumbnails as PNG bytes when queried)."""
+        return HistoryEntry(
+            id=self.id or 0, time=self.time, model_version=self.model_version, score=self.score,
+            threshold=self.threshold, decision=self.decision, n_regions=self.n_regions, area_mm2=self.area_mm2,
+            max_area_mm2=self.max_area_mm2, boxes=_boxes(self.boxes), image_shape=(self.image_h, self.image_w),
+            request_id=self.request_id, operator_id=self.operator_id,
+            thumbnail_jpeg=self.thumbnail if isinstance(self.thumbnail, bytes) else None,
+            heatmap_png=self.heatmap if isinstance(self.heatmap, bytes) else None)
 
 
-_COLUMNS = tuple(f.name for f in fields(InspectionRecord))
+_COLUMNS = tuple(f.name for f in fields(InspectionRecord) if f.name != "id")
+
+
+def _boxes(text: str) -> tuple[tuple[int, int, int, int], ...]:
+    """Boxes from their stored text, "x,y,w,h;x,y,w,h"."""
+    return tuple(tuple(int(v) for v in part.split(",")) for part in text.split(";") if part)  # type: ignore[misc]
+_BLOBS = ("thumbnail", "heatmap")
+
+
+# the image thumbnail as JPEG (a 64-px PNG of a real part is ~12 KB, this ~2 KB); the heatmap as PNG
+_ENCODINGS = {"thumbnail": (".jpg", [cv2.IMWRITE_JPEG_QUALITY, 85]), "heatmap": (".png", [])}
+
+
+def _encoded(name: str, value: bytes | np.ndarray | None) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    ext, params = _ENCODINGS[name]
+    ok, buf = cv2.imencode(ext, value, params)
+    return buf.tobytes() if ok else None
+
+
+def _row(item: InspectionRecord) -> tuple[object, ...]:
+    """The record as inserted: thumbnails encoded here, in the writer thread, off the request path."""
+    return tuple(_encoded(name, getattr(item, name)) if name in _BLOBS else getattr(item, name) for name in _COLUMNS)
 
 
 class InspectionHistory:
@@ -92,9 +137,12 @@ class InspectionHistory:
             self._count_dropped(1, "queue_full")
 
     def query(self, role_id: str, roi_id: str, recipe_id: str | None = None, *, since: float | None = None,
-              until: float | None = None, decision: str | None = None, limit: int = 100) -> list[InspectionRecord]:
-        """Newest first: the ROI's records in [since, until], optionally of one decision."""
-        sql = f"SELECT {', '.join(_COLUMNS)} FROM inspections WHERE recipe_id = ? AND role_id = ? AND roi_id = ?"
+              until: float | None = None, decision: str | None = None, limit: int = 100,
+              thumbnails: bool = False) -> list[InspectionRecord]:
+        """Newest first: the ROI's records in [since, until], optionally of one decision (and with
+        their thumbnails as PNG bytes when ``thumbnails``)."""
+        columns = [name if thumbnails or name not in _BLOBS else "NULL" for name in (*_COLUMNS, "id")]
+        sql = f"SELECT {', '.join(columns)} FROM inspections WHERE recipe_id = ? AND role_id = ? AND roi_id = ?"
         args: list[object] = [recipe_id or "", role_id, roi_id]
         for clause, value in (("time >= ?", since), ("time <= ?", until), ("decision = ?", decision)):
             if value is not None:
@@ -155,7 +203,7 @@ class InspectionHistory:
             with db:   # one transaction
                 db.execute("BEGIN")
                 db.executemany(f"INSERT INTO inspections ({', '.join(_COLUMNS)}) VALUES "
-                               f"({', '.join('?' * len(_COLUMNS))})", [astuple(item) for item in batch])
+                               f"({', '.join('?' * len(_COLUMNS))})", [_row(item) for item in batch])
                 for key in {(r.recipe_id, r.role_id, r.roi_id) for r in batch}:
                     self._prune(db, key)
         except sqlite3.Error as exc:

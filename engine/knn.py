@@ -112,3 +112,19 @@ class TorchBank:
             else:
                 dist = 1.0 - torch.topk(dots, k, dim=1).values
             return dist.mean(1).float().cpu().numpy()
+
+    def nearest(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(Q,) distance to the nearest bank row and (Q,) its row id."""
+        import torch
+
+        with torch.inference_mode():
+            q = torch.from_numpy(prepare_rows(queries, self.distance)).to(self.device)    # Q D
+            dots = q @ self.bank.T                                                      # Q M
+            if self.distance == "l2":
+                d2 = (q * q).sum(1, keepdim=True) + self.bank_sq[None, :] - 2.0 * dots
+                best, ids = torch.min(d2, dim=1)
+                dist = best.clamp_min_(0).sqrt_()
+            else:
+                best, ids = torch.max(dots, dim=1)
+                dist = 1.0 - best
+            return dist.float().cpu().numpy(), ids.cpu().numpy().astype(np.int64)

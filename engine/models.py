@@ -51,6 +51,7 @@ class LoadedModel:
     manifest: dict[str, Any]
     index: MemorySearch | TorchBank
     calibration: dict[str, Any] | None
+    origins: np.ndarray | None = None      # (M, 3) int32 source of each memory row; None: unknown
 
     @property
     def side(self) -> int:
@@ -221,12 +222,12 @@ class ModelRegistry:
                         running=self._precision,
                         note="scores may shift slightly against the calibrated threshold; refit to align")
         try:
-            return self.serving(files.manifest, emb, index, files.calibration)
+            return self.serving(files.manifest, emb, index, files.calibration, files.origins)
         except ValueError as exc:     # an index layout this engine does not search
             raise CorruptModel(f"model {where}: coreset.faiss has an unsupported layout; refit the model") from exc
 
     def serving(self, manifest: dict[str, Any], bank: np.ndarray, index: Any,
-                calibration: dict[str, Any] | None = None) -> LoadedModel:
+                calibration: dict[str, Any] | None = None, origins: np.ndarray | None = None) -> LoadedModel:
         """A model ready to score from a memory in hand (a fit's, before or after it is stored).
 
         Raises:
@@ -237,7 +238,7 @@ class ModelRegistry:
             search: MemorySearch | TorchBank = TorchBank(bank, manifest["distance"], self._device)
         else:
             search = searcher(index, bank, manifest["distance"], int(manifest["knn_k"]), manifest.get("index") or {})
-        return LoadedModel(manifest, search, calibration)
+        return LoadedModel(manifest, search, calibration, origins)
 
     def check_compatible(self, manifest: dict[str, Any], where: str) -> None:
         """Raises IncompatibleModel when the model was fitted with another backbone or weights."""
@@ -258,11 +259,13 @@ class ModelRegistry:
     # --- writing and the cache -------------------------------------------------------------
 
     def save(self, key: ModelKey, manifest: dict[str, Any], bank: np.ndarray, index: Any,
-             index_bytes: bytes, calibration: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Store a fitted model (and the calibration carried over to it) as a unit and serve it at
-        once; returns the manifest written."""
-        written = self.store(key.recipe).save(key.role_id, key.roi_id, manifest, bank, index_bytes, calibration)
-        self._cache.put(key, self.serving(written, bank, index, calibration))
+             index_bytes: bytes, calibration: dict[str, Any] | None = None,
+             origins: np.ndarray | None = None) -> dict[str, Any]:
+        """Store a fitted model (and the calibration carried over to it, and where its rows came
+        from) as a unit and serve it at once; returns the manifest written."""
+        written = self.store(key.recipe).save(key.role_id, key.roi_id, manifest, bank, index_bytes, calibration,
+                                              origins)
+        self._cache.put(key, self.serving(written, bank, index, calibration, origins))
         return written
 
     def invalidate(self, key: ModelKey) -> None:

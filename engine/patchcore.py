@@ -16,7 +16,7 @@ from engine.knn import Distance, TorchBank, build_index
 from engine.refine import RefinedMap, refine_map
 from engine.search import IndexChoice, MemorySearch, RowFilter, build_search_index, keep_rows
 
-__all__ = ["Memory", "MemorySearch", "build_memory", "leave_out_scores", "score_map", "searcher"]
+__all__ = ["Memory", "MemorySearch", "build_memory", "leave_out_scores", "patch_origins", "score_map", "searcher"]
 
 # rows of patches the memory left out, on which the probe count of an inverted file is tuned
 _PROBE_QUERIES = 2000
@@ -28,6 +28,7 @@ class Memory:
     sources: np.ndarray     # (M,) index of the training image each row came from
     index: faiss.Index
     choice: IndexChoice
+    origins: np.ndarray     # (M, 3) int32: training image index, patch row, patch column of each row
     coreset_axes: int | None = None   # principal axes the coreset was selected on; None = all
 
 
@@ -65,7 +66,14 @@ def build_memory(
     if timings is not None:
         timings["coreset"] = round((coreset_done - start) * 1000.0, 3)
         timings["index"] = round((time.perf_counter() - coreset_done) * 1000.0, 3)
-    return Memory(bank, sources[keep], index, choice, axes)
+    return Memory(bank, sources[keep], index, choice, patch_origins(keep, h, w), axes)
+
+
+def patch_origins(rows: np.ndarray, h: int, w: int) -> np.ndarray:
+    """(M, 3) int32 (image, patch row, patch column) of flat feature rows of (N, h, w) grids."""
+    rows = np.asarray(rows, dtype=np.int64)
+    image, cell = np.divmod(rows, h * w)
+    return np.stack([image, cell // w, cell % w], axis=1).astype(np.int32)
 
 
 def searcher(index: faiss.Index, bank: np.ndarray, distance: Distance, k: int,

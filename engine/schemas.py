@@ -21,9 +21,13 @@ __all__ = [
     "DatasetListing",
     "DatasetSample",
     "DeleteResult",
+    "DriftResult",
+    "ExplainPatchResult",
     "FitResult",
     "HealthResult",
     "HeatmapFormat",
+    "HistoryEntry",
+    "HistoryResult",
     "InferBatchItem",
     "InferBatchResult",
     "InferDatasetResult",
@@ -34,6 +38,7 @@ __all__ = [
     "RectShape",
     "RefitCalibration",
     "Region",
+    "RegionExplanation",
     "Shape",
     "StateResult",
 ]
@@ -79,6 +84,23 @@ class RawArray(_Frozen):
     data: bytes
 
 
+class RegionExplanation(_Frozen):
+    """The nearest normal patch of a region's hottest patch (``infer(..., explain=True)``).
+
+    ``source``: the stored OK sample's name when the fit used the dataset, else None;
+    ``image_index``: the training image's index in the fit (None with ``known`` false: the model
+    keeps no sources, e.g. fitted before they were kept). Boxes are x, y, w, h in pixels."""
+
+    known: bool
+    patch: tuple[int, int]                        # row, col of the hottest patch in the token grid
+    box: tuple[int, int, int, int]                # that patch in the inspected ROI image
+    distance: float                               # to its nearest normal patch (the patch's score)
+    image_index: int | None = None
+    source: str | None = None
+    source_patch: tuple[int, int] | None = None   # row, col in the training image's token grid
+    source_box: tuple[int, int, int, int] | None = None   # in the training image as it was sent
+
+
 class Region(_Frozen):
     """One connected component of the thresholded map inside the mask (ROI pixel units)."""
 
@@ -93,6 +115,7 @@ class Region(_Frozen):
     max_score: float
     mean_score: float
     contour: tuple[tuple[int, int], ...]     # outer boundary polygon, (x, y) points
+    explanation: RegionExplanation | None = Field(None, exclude_if=lambda v: v is None)   # when asked for
 
 
 class OkScoreStats(_Frozen):
@@ -298,6 +321,74 @@ class InferDatasetResult(_Frozen):
     n_total: int
     n_errors: int
     items: tuple[DatasetItemResult, ...]
+
+
+class HistoryEntry(_Frozen):
+    """One recorded inspection (``time``: seconds since the epoch, UTC)."""
+
+    id: int
+    time: float
+    model_version: int
+    score: float
+    threshold: float | None
+    decision: Literal["ok", "ng"] | None
+    n_regions: int
+    area_mm2: float
+    max_area_mm2: float
+    boxes: tuple[tuple[int, int, int, int], ...]   # the regions' x, y, w, h in the ROI image
+    image_shape: tuple[int, int]
+    request_id: str | None
+    operator_id: str | None
+    thumbnail_jpeg: bytes | None = None            # 64-px image thumbnail (JPEG), only when asked for
+    heatmap_png: bytes | None = None               # 64-px heatmap thumbnail (grey 128 = threshold)
+
+
+class HistoryResult(_Frozen):
+    role_id: str
+    roi_id: str
+    recipe_id: str | None
+    n: int
+    items: tuple[HistoryEntry, ...]          # newest first
+    dropped: int                             # records lost since start (full disk, locked database)
+    enabled: bool
+
+
+class DriftResult(_Frozen):
+    """Drift of a ROI's recent scores from its fit's OK scores (docs/observability.md)."""
+
+    role_id: str
+    roi_id: str
+    recipe_id: str | None
+    model_version: int
+    state: Literal["ok", "watch", "alarm"]
+    reason: str
+    ks_d: float | None
+    ks_p: float | None
+    n_window: int
+    window: int
+    reference: Literal["fit", "baseline"]      # the fit's hold-out OK scores, or the first full window
+    n_reference: int
+    median_window: float | None
+    median_reference: float | None
+    ng_rate_window: float | None
+    ng_rate_history: float | None
+    changed_at: float | None                  # when the state last changed (epoch seconds)
+    rule: dict[str, float]
+
+
+class ExplainPatchResult(_Frozen):
+    """A normal patch crop from a stored training sample (PNG) and where it lies in it."""
+
+    role_id: str
+    roi_id: str
+    recipe_id: str | None
+    model_version: int
+    image_index: int
+    source: str
+    source_patch: tuple[int, int]
+    source_box: tuple[int, int, int, int]
+    crop_box: tuple[int, int, int, int]       # the crop: the patch with one patch of context around
+    png: bytes
 
 
 def model_dump_plain(model: BaseModel) -> dict[str, Any]:

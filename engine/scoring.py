@@ -16,6 +16,7 @@ import structlog
 from engine import heatmap as heatmaps
 from engine.budget import MemoryBudget
 from engine.errors import CalibrationMissing, EngineError, InvalidInput
+from engine.explain import explain_regions
 from engine.features import FeatureExtractor
 from engine.images import ImageLimits, resize_square
 from engine.masks import parse_shape, shape_mask
@@ -25,7 +26,7 @@ from engine.regions import find_regions
 from engine.schemas import BatchError, HeatmapFormat, InferBatchItem, InferResult, Region
 from engine.validate import heatmap_format, mm_per_px as check_mm_per_px
 
-__all__ = ["Decoder", "PreparedRoi", "Scorer", "calibration_missing"]
+__all__ = ["Decoder", "Inspection", "PreparedRoi", "Recorder", "Scorer", "calibration_missing"]
 
 Decoder = Callable[[object], np.ndarray]     # image input -> (H, W, 3) uint8 RGB
 _BATCH_ITEM_FIELDS = frozenset({"roi_id", "image", "mm_per_px", "shape"})
@@ -57,8 +58,26 @@ class PreparedRoi:
     mm_per_px: float
 
 
+@dataclass(frozen=True)
+class Inspection:
+    """One inspection as scored, for the recorder (``amap``: the (H, W) anomaly map)."""
+
+    roi: PreparedRoi
+    result: InferResult
+    amap: np.ndarray
+    operator_id: str | None
+
+
+Recorder = Callable[[Inspection], None]
+
+
 class Scorer:
-    """Turns prepared ROIs into ``InferResult``s with the shared feature extractor."""
+    """Turns prepared ROIs into ``InferResult``s with the shared feature extractor.
+
+    ``recorder`` (set by the owner) sees every inspection of ``infer`` and ``infer_batch``, not
+    the scoring of stored samples; it runs on the request's thread and must be cheap."""
+
+    recorder: Recorder | None = None
 
     def __init__(self, extractor: FeatureExtractor, models: ModelRegistry, images: ImageLimits,
                  budget: MemoryBudget) -> None:
@@ -86,13 +105,13 @@ class Scorer:
             return self._images.decode(image, what)
 
     def infer(self, key: ModelKey, mm_per_px: object, image: object, shape: object, *, allow_uncalibrated: bool,
-              heatmap: HeatmapFormat, t0: float) -> InferResult:
+              heatmap: HeatmapFormat, t0: float, operator_id: str | None = None, explain: bool = False) -> InferResult:
         """``prepare`` and ``score`` one ROI image, its working memory held from decode to result."""
         timings: dict[str, float] = {}
         with self.working_memory([image]):
             roi = self.prepare(key, mm_per_px, image, shape, allow_uncalibrated=allow_uncalibrated, heatmap=heatmap,
                                timings=timings)
-            return self.score(roi, heatmap, timings, t0)
+            return self.score(roi, heatmap, timings, t0, explain=explain, record=True, operator_id=operator_id)
 
     def prepare(self, key: ModelKey, mm_per_px: object, image: object, shape: object, *,
                 allow_uncalibrated: bool, heatmap: object = None, model: LoadedModel | None = None,
@@ -129,8 +148,11 @@ class Scorer:
         return PreparedRoi(key, model, resized, (height, width), mask, mm)
 
     def score(self, roi: PreparedRoi, heatmap: HeatmapFormat, timings: dict[str, float], t0: float,
-              features: np.ndarray | None = None) -> InferResult:
-        """Score, regions and heatmap of one prepared ROI; ``features`` (h, w, D) when already extracted."""
+              features: np.ndarray | None = None, *, explain: bool = False, record: bool = False,
+              operator_id: str | None = None) -> InferResult:
+        """Score, regions and heatmap of one prepared ROI; ``features`` (h, w, D) when already extracted.
+
+        ``explain``: each region gets its nearest normal patch; ``record``: the recorder sees it."""
         manifest = roi.model.manifest
         height, width = roi.size
         if features is None:
@@ -145,6 +167,9 @@ class Scorer:
         amap, score = scored.amap, scored.score
         start = time.perf_counter()
         area_thr, regions = self._regions(roi, amap)
+        if explain and regions:
+            regions = explain_regions(regions, features, scored.patch_scores, roi.size, roi.model.index,
+                                      roi.model.origins, manifest)
         timings["regions"] = _ms(start)
         start = time.perf_counter()
         scale = threshold if threshold and threshold > 0 else _uncalibrated_scale(manifest, amap)
@@ -155,12 +180,15 @@ class Scorer:
         key = roi.key
         log.info("infer", role_id=key.role_id, roi_id=key.roi_id, recipe_id=key.recipe, score=round(score, 5),
                  decision=decision, n_regions=len(regions), refined_patches=scored.refined, timings_ms=timings)
-        return InferResult(
+        result = InferResult(
             role_id=key.role_id, roi_id=key.roi_id, recipe_id=key.recipe, score=score, threshold=threshold,
             decision=decision, area_mm2_thr=area_thr, regions=regions, heatmap_png=png, heatmap_raw=raw,
             heatmap_scale=scale, token_shape=tuple(manifest["token_shape"]), image_shape=(height, width),
             model_version=int(manifest["model_version"]), mm_per_px=roi.mm_per_px, timings_ms=timings,
         )
+        if record and self.recorder is not None:
+            self.recorder(Inspection(roi, result, amap, operator_id))
+        return result
 
     @staticmethod
     def _regions(roi: PreparedRoi, amap: np.ndarray) -> tuple[float | None, tuple[Region, ...]]:
@@ -200,7 +228,7 @@ class Scorer:
                 error = BatchError(code=exc.code, status=exc.status, message=exc.message)
                 out.append(InferBatchItem(roi_id=roi_id, result=None, error=error))
             else:
-                result = self.score(prepared[i], heatmap, {}, time.perf_counter(), features=features[i])
+                result = self.score(prepared[i], heatmap, {}, time.perf_counter(), features=features[i], record=True)
                 out.append(InferBatchItem(roi_id=prepared[i].key.roi_id, result=result, error=None))
         return out
 

@@ -239,6 +239,17 @@ class MemorySearch:
                                      faiss.swig_ptr(self.bank), faiss.swig_ptr(rows), faiss.swig_ptr(true_sq))
         return self._finish(_k_smallest(query, true_sq, len(x), self.k))[0]
 
+    def nearest(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(Q,) exact distance to the nearest memory row and (Q,) that row's id (an explanation's
+        extra search: a few queries, so an inverted file is searched by brute force)."""
+        x = prepare_rows(queries, self.distance)
+        if self.ivf is None:
+            raw, ids = self.index.search(x, 1)
+            squared = _squared_l2(raw, self.distance)
+        else:
+            squared, ids = faiss.knn(x, self.bank, 1)
+        return self._finish(squared)[0], ids[:, 0].astype(np.int64)
+
     def _true_sq(self, x: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """(Q, C) true squared distances to the rows ``ids`` (Q, C); +inf where an id is -1."""
         safe = np.ascontiguousarray(np.maximum(ids, 0))

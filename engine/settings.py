@@ -263,6 +263,29 @@ class Settings(EnvSettings):
     )
     memory_wait_s: float = env_field(10.0, "BACKEND_MEMORY_WAIT_S", "memory_wait_s", ge=0, le=600)
 
+    # observability (docs/observability.md)
+    history_enabled: bool = env_field(
+        True, "BACKEND_HISTORY", "history_enabled",
+        description="Record every inspection (infer, infer_batch items) in <data_root>/history.sqlite and "
+                    "watch each ROI for drift.",
+    )
+    history_max_per_roi: int = env_field(
+        10_000, "BACKEND_HISTORY_MAX_PER_ROI", "history_max_per_roi", ge=1,
+        description="Inspections kept per ROI; older ones are removed as new ones are written.",
+    )
+    history_flush_interval_s: float = env_field(
+        1.0, "BACKEND_HISTORY_FLUSH_S", "history_flush_interval_s", gt=0, le=60,
+        description="The history is written at most this often: a killed process loses at most this much.",
+    )
+    history_thumbnails: bool = env_field(
+        True, "BACKEND_HISTORY_THUMBNAILS", "history_thumbnails",
+        description="Keep a 64-pixel thumbnail of each inspected image and its heatmap (about 4 KB a record).",
+    )
+    drift_window: int = env_field(
+        200, "BACKEND_DRIFT_WINDOW", "drift_window", ge=30, le=100_000,
+        description="Recent scores of a ROI compared with its fit's OK scores.",
+    )
+
     @property
     def effective_batch_size(self) -> int:
         return self.batch_size or (16 if self.resolved_device == "cuda" else 1)

@@ -7,6 +7,9 @@ Layout (seed §3), per recipe (the default recipe at the root, others under
     models/<role>/<roi>/coreset.faiss       faiss index over those rows (serialized bytes)
     models/<role>/<roi>/manifest.json       everything needed to replay the model, checksums
     models/<role>/<roi>/calibration.json    threshold and how it was obtained (after calibration)
+    models/<role>/<roi>/sources.npy         where each memory row came from, (M, 3) int32: training
+                                            image index, patch row, patch column (optional: older
+                                            models have none; docs/observability.md)
 
 Every change of a model folder is one swap. A fit writes a complete new folder
 ``.<roi>.staging-<id>`` (each file fsynced; with the calibration it carries over, if any), then
@@ -45,6 +48,7 @@ EMBEDDINGS = "embeddings.npy"
 INDEX = "coreset.faiss"
 MANIFEST = "manifest.json"
 CALIBRATION = "calibration.json"
+SOURCES = "sources.npy"
 _LEFTOVER = re.compile(r"\.(.+)\.(?:old|staging|trash)-[0-9a-f]{8}")
 _TEMP_FILE = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")        # what atomic_write_bytes writes first
 _FILE_MODE = 0o644
@@ -150,6 +154,7 @@ class ModelFiles:
     embeddings: np.ndarray
     index_bytes: bytes
     calibration: dict[str, Any] | None
+    origins: np.ndarray | None = None     # sources.npy, None for models written without it
 
 
 class ModelStore:
@@ -169,17 +174,22 @@ class ModelStore:
     # --- writing -------------------------------------------------------------------------
 
     def save(self, role_id: str, roi_id: str, manifest: dict[str, Any], embeddings: np.ndarray,
-             index_bytes: bytes, calibration: dict[str, Any] | None = None) -> dict[str, Any]:
+             index_bytes: bytes, calibration: dict[str, Any] | None = None,
+             origins: np.ndarray | None = None) -> dict[str, Any]:
         """Write a complete new model (with its ``calibration``, when one is carried over from the
-        previous version) and swap it in as a unit; returns the manifest written.
+        previous version, and the ``origins`` of its rows) and swap it in as a unit; returns the
+        manifest written.
 
         Raises:
             StorageError: a write failed; the previous model (if any) is untouched.
         """
         emb_bytes = _npy_bytes(np.ascontiguousarray(embeddings, dtype=np.float32))
+        files = {EMBEDDINGS: emb_bytes, INDEX: index_bytes}
+        if origins is not None:
+            files[SOURCES] = _npy_bytes(np.ascontiguousarray(origins, dtype=np.int32))
         manifest = seal({**manifest, "schema_version": SCHEMA_VERSION,
-                         "files": {EMBEDDINGS: _sha256(emb_bytes), INDEX: _sha256(index_bytes)}})
-        files = {EMBEDDINGS: emb_bytes, INDEX: index_bytes, MANIFEST: _json_bytes(manifest)}
+                         "files": {name: _sha256(data) for name, data in files.items()}})
+        files[MANIFEST] = _json_bytes(manifest)
         if calibration is not None:
             files[CALIBRATION] = _json_bytes(calibration)
         self._replace(role_id, roi_id, files, {}, f"cannot save model {role_id}/{roi_id}")
@@ -241,7 +251,8 @@ class ModelStore:
             if not (folder / MANIFEST).is_file():
                 raise ModelNotFound(f"memory not found for role_id={role_id} roi_id={roi_id}: fit the model first")
             files = {CALIBRATION: _json_bytes(calibration), MANIFEST: _json_bytes(seal(manifest))}
-            self._replace(role_id, roi_id, files, {name: folder / name for name in (EMBEDDINGS, INDEX)},
+            kept = [name for name in (EMBEDDINGS, INDEX, SOURCES) if (folder / name).is_file()]
+            self._replace(role_id, roi_id, files, {name: folder / name for name in kept},
                           f"cannot write calibration.json of model {role_id}/{roi_id}")
 
     def delete(self, role_id: str, roi_id: str) -> bool:
@@ -290,7 +301,7 @@ class ModelStore:
         if not isinstance(files, dict):
             raise CorruptModel(f"model {where}: manifest has no file checksums")
         blobs = {}
-        for name in (EMBEDDINGS, INDEX):
+        for name in (EMBEDDINGS, INDEX, *((SOURCES,) if SOURCES in files else ())):
             try:
                 data = (folder / name).read_bytes()
             except OSError as exc:
@@ -309,7 +320,7 @@ class ModelStore:
             calibration = _read_json(folder / CALIBRATION, where)
             if calibration.get("model_version") != manifest.get("model_version"):
                 calibration = None  # left from another model version: not this model's
-        return ModelFiles(manifest, embeddings, blobs[INDEX], calibration)
+        return ModelFiles(manifest, embeddings, blobs[INDEX], calibration, _origins(blobs.get(SOURCES), where))
 
     def read_manifest(self, role_id: str, roi_id: str) -> dict[str, Any] | None:
         with _folder_lock(self.model_dir(role_id, roi_id)):
@@ -389,6 +400,21 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
     return buf.getvalue()
+
+
+def _origins(data: bytes | None, where: str) -> np.ndarray | None:
+    """sources.npy as (M, 3) int32, or None when the model has none."""
+    if data is None:
+        return None
+    import io
+
+    try:
+        origins = np.load(io.BytesIO(data), allow_pickle=False)
+    except ValueError as exc:
+        raise CorruptModel(f"model {where}: {SOURCES} is not a valid array: {exc}") from exc
+    if origins.ndim != 2 or origins.shape[1] != 3 or origins.dtype != np.int32:
+        raise CorruptModel(f"model {where}: {SOURCES} is not an (M, 3) int32 array")
+    return origins
 
 
 def _link_or_copy(source: Path, target: Path) -> None:

@@ -118,6 +118,8 @@ def infer(
     heatmap: Annotated[str, Form(description="png (default), uint8/float32 (adds heatmap_raw), none; anything "
                                              "else is 400 invalid_input.", json_schema_extra=_HEATMAPS)] = "png",
     recipe_id: _RecipeForm = None,
+    explain: Annotated[bool, Form(description="true: each region gets its nearest normal patch "
+                                              "(regions[].explanation).")] = False,
 ) -> InferReply:
     bind_model(role_id, roi_id)
     note_gui_marker(request, model_key)
@@ -125,7 +127,7 @@ def infer(
     res = engine.infer(
         role_id, roi_id, mm_per_px, UploadedImages([upload])[0], shape if shape and shape.strip() else None,
         operator_id=operator_id, allow_uncalibrated=allow_uncalibrated, heatmap=heatmap,
-        recipe_id=first_recipe(recipe_id, recipe),
+        recipe_id=first_recipe(recipe_id, recipe), explain=explain,
     )
     return InferReply.of(res, rid)
 

@@ -24,8 +24,11 @@ from engine.schemas import (
     DatasetListing,
     DatasetSample,
     DeleteResult,
+    DriftResult,
     FitResult,
     HealthResult,
+    HistoryEntry,
+    HistoryResult,
     InferBatchResult,
     InferDatasetResult,
     InferResult,
@@ -45,9 +48,12 @@ __all__ = [
     "DatasetListingReply",
     "DatasetSampleReply",
     "DeleteReply",
+    "DriftReply",
     "ErrorReply",
     "FitReply",
     "HealthReply",
+    "HistoryEntryReply",
+    "HistoryReply",
     "InferBatchReply",
     "InferDatasetReply",
     "InferDatasetRequest",
@@ -323,4 +329,49 @@ class ModelsReply(_Reply):
 
 class DeleteReply(DeleteResult):
     status: str = "ok"
+    request_id: str
+
+
+class HistoryEntryReply(_Reply):
+    """One recorded inspection; the thumbnails (base64 JPEG and PNG) only when asked for."""
+
+    id: int
+    time: float
+    model_version: int
+    score: float
+    threshold: float | None
+    decision: Literal["ok", "ng"] | None
+    n_regions: int
+    area_mm2: float
+    max_area_mm2: float
+    boxes: tuple[tuple[int, int, int, int], ...]
+    image_shape: tuple[int, int]
+    request_id: str | None
+    operator_id: str | None
+    thumbnail_jpeg_base64: str | None = Field(None, exclude_if=lambda v: v is None)
+    heatmap_png_base64: str | None = Field(None, exclude_if=lambda v: v is None)
+
+    @classmethod
+    def of(cls, entry: HistoryEntry) -> HistoryEntryReply:
+        data = entry.model_dump(exclude={"thumbnail_jpeg", "heatmap_png"})
+        return cls(**data, thumbnail_jpeg_base64=b64(entry.thumbnail_jpeg), heatmap_png_base64=b64(entry.heatmap_png))
+
+
+class HistoryReply(_Reply):
+    role_id: str
+    roi_id: str
+    recipe_id: str | None
+    n: int
+    items: tuple[HistoryEntryReply, ...]
+    dropped: int
+    enabled: bool
+    request_id: str
+
+    @classmethod
+    def of(cls, res: HistoryResult, request_id: str) -> HistoryReply:
+        items = tuple(HistoryEntryReply.of(item) for item in res.items)
+        return cls(**res.model_dump(exclude={"items"}), items=items, request_id=request_id)
+
+
+class DriftReply(DriftResult):
     request_id: str

@@ -26,9 +26,12 @@ from engine.schemas import (
     DatasetListing,
     DatasetSample,
     DeleteResult,
+    DriftResult,
+    ExplainPatchResult,
     FitResult,
     HealthResult,
     HeatmapFormat,
+    HistoryResult,
     InferBatchResult,
     InferDatasetResult,
     InferResult,
@@ -208,12 +211,12 @@ class EngineClient:
     def infer(self, role_id: str, roi_id: str, mm_per_px: float, image: Image,
               shape: BaseModel | dict[str, Any] | str | None = None, *, operator_id: str | None = None,
               allow_uncalibrated: bool = False, heatmap: HeatmapFormat = "png", recipe_id: str | None = None,
-              timeout: float | None = None) -> InferResult:
+              explain: bool = False, timeout: float | None = None) -> InferResult:
         if isinstance(shape, BaseModel):
             shape = shape.model_dump(mode="python")
         args = {"role_id": role_id, "roi_id": roi_id, "mm_per_px": mm_per_px, "image": _image(image),
                 "shape": shape, "operator_id": operator_id, "allow_uncalibrated": allow_uncalibrated,
-                "heatmap": heatmap, "recipe_id": recipe_id}
+                "heatmap": heatmap, "recipe_id": recipe_id, **({"explain": True} if explain else {})}
         return InferResult.model_validate(self.call("infer", args, timeout=timeout))
 
     def infer_batch(self, role_id: str, items: list[dict[str, Any]], *, allow_uncalibrated: bool = False,
@@ -300,3 +303,23 @@ class EngineClient:
                 "include_heatmap": include_heatmap, "recipe_id": recipe_id}
         return InferDatasetResult.model_validate(
             self.call("infer_dataset", args, timeout=timeout, request_id=request_id))
+
+    # -- observability (docs/observability.md) ---------------------------------------------------
+
+    def history(self, role_id: str, roi_id: str, *, since: float | None = None, until: float | None = None,
+                decision: str | None = None, limit: int = 100, thumbnails: bool = False,
+                recipe_id: str | None = None, timeout: float | None = None) -> HistoryResult:
+        args = {"role_id": role_id, "roi_id": roi_id, "since": since, "until": until, "decision": decision,
+                "limit": limit, "thumbnails": thumbnails, "recipe_id": recipe_id}
+        return HistoryResult.model_validate(self.call("history", args, timeout=timeout))
+
+    def drift(self, role_id: str, roi_id: str, *, recipe_id: str | None = None,
+              timeout: float | None = None) -> DriftResult:
+        args = {"role_id": role_id, "roi_id": roi_id, "recipe_id": recipe_id}
+        return DriftResult.model_validate(self.call("drift", args, timeout=timeout))
+
+    def explain_patch(self, role_id: str, roi_id: str, image_index: int, patch_row: int, patch_col: int, *,
+                      recipe_id: str | None = None, timeout: float | None = None) -> ExplainPatchResult:
+        args = {"role_id": role_id, "roi_id": roi_id, "image_index": image_index, "patch_row": patch_row,
+                "patch_col": patch_col, "recipe_id": recipe_id}
+        return ExplainPatchResult.model_validate(self.call("explain_patch", args, timeout=timeout))

@@ -65,6 +65,10 @@ OPS: dict[str, OpInfo] = {
     "dataset_clear": OpInfo(idempotent=False),
     "calibrate_dataset": OpInfo(idempotent=False, long=True),
     "infer_dataset": OpInfo(idempotent=True, long=True),
+    # observability
+    "history": OpInfo(idempotent=True, part="monitor"),
+    "drift": OpInfo(idempotent=True, part="monitor"),
+    "explain_patch": OpInfo(idempotent=True, part="monitor"),
 }
 
 _IMAGE_DTYPES = ("uint8", "uint16")

@@ -10,7 +10,7 @@ Threads and sockets (each socket lives in exactly one thread; ZeroMQ sockets are
   validate its args against the Engine method's signature, call the engine, and push the packed
   reply back to the front over inproc.
 * events ("ipc-events", only with ``settings.zmq_events``): owns the PUB socket; progress
-  callbacks from the workers reach it through a queue.
+  callbacks from the workers, and the engine's drift state changes, reach it through a queue.
 
 The server translates messages to engine calls and nothing else; the wire format is in
 ``ipc.protocol`` and docs/ipc.md.
@@ -170,6 +170,7 @@ class IpcServer:
         self._front: threading.Thread | None = None
         self._workers: list[threading.Thread] = []
         self._publisher: threading.Thread | None = None
+        self._unsubscribe: Any = None
 
     # -- public --------------------------------------------------------------------------------
 
@@ -239,8 +240,7 @@ class IpcServer:
         ]
         self._front = threading.Thread(target=self._serve, args=(router, results), name="ipc-front", daemon=True)
         if pub is not None:
-            self._publisher = threading.Thread(target=self._publish, args=(pub,), name="ipc-events", daemon=True)
-            self._publisher.start()
+            self._start_events(pub)
         for t in self._workers:
             t.start()
         self._front.start()
@@ -256,6 +256,9 @@ class IpcServer:
         deadline = time.monotonic() + timeout
         self._stop_deadline = deadline
         self._stopping.set()
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
         threads = [t for t in (self._front, *self._workers) if t is not None]
         for t in threads:
             t.join(max(0.0, deadline - time.monotonic()))
@@ -566,6 +569,21 @@ class IpcServer:
                         "total": int(total)})
 
         return progress
+
+    def _start_events(self, pub: zmq.Socket[bytes]) -> None:
+        """The publisher thread, fed by progress callbacks and the engine's drift state changes."""
+        self._publisher = threading.Thread(target=self._publish, args=(pub,), name="ipc-events", daemon=True)
+        self._publisher.start()
+        self._unsubscribe = self._engine.monitor.subscribe(self._drift_event)
+
+    def _drift_event(self, event: dict[str, Any]) -> None:
+        """A drift state change as a progress event (stage ``drift_state``; done/total: the
+        window's scores and its size)."""
+        self._events.put({"v": PROTOCOL_VERSION, "op": "drift", "id": event.get("request_id"),
+                          "role_id": event["role_id"], "roi_id": event["roi_id"], "stage": "drift_state",
+                          "done": int(event["n_window"]), "total": int(event["window"]),
+                          **{k: event[k] for k in ("recipe_id", "model_version", "state", "previous", "reason",
+                                                   "ks_d", "ks_p", "time")}})
 
     # -- worker and publisher threads ----------------------------------------------------------
 

@@ -24,6 +24,7 @@ EXPECTED = {
     "CrossSiteRequest": ("cross_site_request", 403),
     "ModelNotFound": ("model_not_found", 404),
     "SampleNotFound": ("sample_not_found", 404),
+    "ImageNotKept": ("image_not_kept", 404),
     "MmPerPxMismatch": ("mm_per_px_mismatch", 409),
     "ModelChanged": ("model_changed", 409),
     "FitInProgress": ("fit_in_progress", 409),

@@ -129,7 +129,7 @@ def _check_and_load(serve: Serve, role_dir: Path, before: dict[str, str], versio
         assert state["model_version"] == version
         return "old", version
     # not the old files: then a complete new model (the kill came after the swap)
-    assert set(after) == {"embeddings.npy", "coreset.faiss", "manifest.json"}, after
+    assert set(after) == {"embeddings.npy", "coreset.faiss", "manifest.json", "sources.npy"}, after
     assert state["model_version"] == version + 1 and result["model_version"] == version + 1
     return "new", version + 1
 
