@@ -79,7 +79,7 @@ class Engine:
         self.backbone_info = backbone.info
         self.models = ModelRegistry(self.data_root, self.backbone_info, precision=self.extractor.precision,
                                     device=self.device, cache_size=settings.model_cache_size,
-                                    mm_per_px_rtol=settings.mm_per_px_rtol)
+                                    mm_per_px_rtol=settings.mm_per_px_rtol, versions_kept=settings.model_versions_kept)
         self.models.recover_all()   # a crash may have cut a model swap short
         images = ImageLimits(settings.max_image_bytes, settings.max_image_pixels, settings.max_decoded_image_bytes)
         self.budget = MemoryBudget(settings.memory_budget_bytes, settings.memory_wait_s)

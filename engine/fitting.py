@@ -88,7 +88,7 @@ class Fitter:
             timings["ok_scores"] = _ms(start)
             start = time.perf_counter()
             manifest = self._manifest(key, mm_per_px, operator_id, memory_fit, features.shape, memory, held_out,
-                                      sources, previous)
+                                      sources)
             carry = self._carry(key, previous, self._models.serving(manifest, memory.bank, memory.index),
                                 recalibrate, report)
             timings["recalibrate"] = _ms(start)
@@ -154,14 +154,14 @@ class Fitter:
 
     def _manifest(self, key: ModelKey, mm_per_px: float, operator_id: str | None, memory_fit: bool,
                   features_shape: tuple[int, ...], memory: Memory, held_out: dict[int, float],
-                  sources: list[str] | None, previous: Previous | None) -> dict[str, Any]:
+                  sources: list[str] | None) -> dict[str, Any]:
         """Everything needed to replay a model (seed §3 fields first); storage adds checksums."""
         n, h, w, _ = features_shape
         info, s = self._backbone, self._settings
         scored = sorted(held_out)
         return {
             "role_id": key.role_id, "roi_id": key.roi_id, "recipe_id": key.recipe,
-            "model_version": (previous.version if previous else 0) + 1,
+            "model_version": self._models.store(key.recipe).next_model_version(key.role_id, key.roi_id),
             "mm_per_px": mm_per_px, "n_embeddings": int(n * h * w), "coreset_size": len(memory.bank),
             "threshold": None, "created_at": now_utc(), "operator_id": operator_id, "n_images": int(n),
             "memory_fit": bool(memory_fit), "token_shape": [int(h), int(w)],

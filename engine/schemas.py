@@ -215,6 +215,7 @@ class StateResult(_Frozen):
     token_shape: tuple[int, int] | None
     coreset_size: int | None
     backbone: str | None
+    active_version: int | None = None        # the model version served (engine.lifecycle)
 
 
 class ModelSummary(_Frozen):
