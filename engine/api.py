@@ -1,9 +1,8 @@
 """The engine facade, the one object both doors call: it checks ids and delegates to its parts,
-``ModelRegistry`` (stored models, cache, locks), ``Fitter``, ``Scorer``, ``Calibrator``, ``Samples``.
+``ModelRegistry``, ``Fitter``, ``Scorer``, ``Calibrator``, ``Samples``, and ``lifecycle`` (versions).
 
-Thread-safe: infers on any ROIs run concurrently; fits are serialized per ROI and never block
-infers (an infer during a refit of the same ROI uses the previous model until the new one is
-committed on disk).
+Thread-safe: infers on any ROIs run concurrently; fits are serialized per ROI and never block infers
+(an infer during a refit of the same ROI uses the previous model until the new one is on disk).
 """
 
 from __future__ import annotations
@@ -25,6 +24,7 @@ from engine.features import FeatureExtractor
 from engine.fitting import Fitter
 from engine.images import ImageLimits
 from engine.knn import configure_faiss
+from engine.lifecycle import Lifecycle
 from engine.models import ModelRegistry
 from engine.samples import Samples
 from engine.schemas import (
@@ -71,9 +71,8 @@ class Engine:
         make_dirs(self.data_root)
         configure_faiss()
         configure_threads(settings.torch_threads)
-        backbone, self.backbone_reason = build_backbone(
-            settings.backbone, settings.weights, self.data_root, settings.input_size, settings.dinov2_block
-        )
+        backbone, self.backbone_reason = build_backbone(settings.backbone, settings.weights, self.data_root,
+                                                        settings.input_size, settings.dinov2_block)
         self.device = settings.resolved_device
         self.extractor = FeatureExtractor(backbone, self.device, settings.precision, settings.effective_batch_size)
         self.backbone_info = backbone.info
@@ -88,6 +87,8 @@ class Engine:
         self._calibrator = Calibrator(settings, self.models, self._samples)
         self._fitter = Fitter(settings, self.extractor, self.backbone_info, self.models, self._scorer.decode_held,
                               self._calibrator.carry)
+        self.lifecycle = Lifecycle(settings, self.models, self._fitter, self._calibrator, self._samples, self._scorer,
+                                   self.backbone_info)
         log.info("engine_ready", backbone=self.backbone_info.name, reason=self.backbone_reason,
                  device=self.device, precision=self.extractor.precision, data_root=str(self.data_root))
 
@@ -103,8 +104,7 @@ class Engine:
             uptime_s=round(time.monotonic() - self._started, 3),
             roles_loaded=tuple(sorted({k.role_id for k in loaded})),
             rois=tuple(sorted(k.where for k in loaded)), backbone=self.backbone_info.name,
-            weights_sha256=self.backbone_info.weights_sha256, input_size=self.backbone_info.input_size,
-        )
+            weights_sha256=self.backbone_info.weights_sha256, input_size=self.backbone_info.input_size)
 
     def state(self, role_id: str, roi_id: str, *, recipe_id: str | None = None) -> StateResult:
         return self.models.state(self.models.key(role_id, roi_id, recipe_id))

@@ -75,7 +75,7 @@ class Fitter:
         s, timings = self._settings, {}
         with self._models.fit_guard(key):
             previous = self._models.previous(key)
-            features, sizes, kept = self._extract_all(images, report, timings)        # N h w D
+            features, sizes, kept = self.extract_all(images, report, timings)        # N h w D
             sources = [sources[i] for i in kept] if sources else None
             report("coreset", 0, 1)
             memory = build_memory(
@@ -104,7 +104,7 @@ class Fitter:
                  carried=carry.info.carried if carry.info else None, timings_ms=timings)
         return self._result(key, manifest, len(sizes), timings, ok_scores, carry)
 
-    def _extract_all(self, images: Sequence[Any], report: ProgressFn,
+    def extract_all(self, images: Sequence[Any], report: ProgressFn,
                      timings: dict[str, float]) -> tuple[np.ndarray, list[tuple[int, int]], list[int]]:
         """Decode, resize and extract batch by batch, so at most one batch of decoded images is held.
 

@@ -1,0 +1,75 @@
+"""Growing a PatchCore memory with new OK patches, without the training patches of the fit.
+
+The coreset of a fit is a greedy k-center selection: every training patch lies within the
+covering radius ``r`` of a kept row, and the kept rows were chosen at least ``r`` apart. New
+patches are merged by the same rule: a new patch joins when it lies farther than ``r`` from every
+kept row (the memory's and the new rows already taken), taken farthest first, exactly as the
+greedy selection would continue. The fit's own radius is not stored, so it is estimated from the
+memory: the smallest distance between a sample of memory rows and their nearest other row (k-center
+rows are at least ``r`` apart, so this is an estimate from above, tight for the last rows chosen).
+The estimate is made once and recorded in the manifest. All distances are exact.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from engine.knn import Distance, build_index, prepare_rows
+
+__all__ = ["estimate_radius", "nearest", "select_uncovered"]
+
+_RADIUS_SAMPLE = 4096
+
+
+def _as_distance(raw: np.ndarray, distance: Distance) -> np.ndarray:
+    """faiss flat-index values -> distances: l2 squared -> Euclidean, inner product -> 1 - cosine."""
+    return np.sqrt(np.maximum(raw, 0.0)) if distance == "l2" else 1.0 - raw
+
+
+def nearest(bank: np.ndarray, queries: np.ndarray, distance: Distance, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact search of ``queries`` (Q, D) in ``bank`` (M, D): ((Q,) distance to the nearest row,
+    (Q,) mean distance to the ``k`` nearest rows, the patch score of inference)."""
+    index = build_index(bank, distance)
+    raw, _ = index.search(prepare_rows(queries, distance), min(k, index.ntotal))
+    dist = _as_distance(raw, distance).astype(np.float32)
+    return dist[:, 0], dist.mean(axis=1)
+
+
+def estimate_radius(bank: np.ndarray, distance: Distance, seed: int) -> float:
+    """The covering-radius estimate (see the module text); 0.0 for a memory of one row."""
+    if len(bank) < 2:
+        return 0.0
+    rng = np.random.default_rng(seed)
+    sample = bank[rng.choice(len(bank), size=min(len(bank), _RADIUS_SAMPLE), replace=False)]
+    index = build_index(bank, distance)
+    raw, _ = index.search(prepare_rows(sample, distance), 2)
+    dist = _as_distance(raw, distance)
+    others = dist[:, 1]                      # column 0 is the row itself (or an exact duplicate)
+    positive = others[others > 1e-6]
+    return float(positive.min()) if len(positive) else 0.0
+
+
+def select_uncovered(rows: np.ndarray, nearest_kept: np.ndarray, radius: float, distance: Distance) -> np.ndarray:
+    """Indices of the ``rows`` (N, D) that join a memory, farthest first: a row joins while its
+    distance to every kept row (``nearest_kept``: to the memory; then also to the rows taken) is
+    above ``radius``. Work grows with the rows farther than ``radius`` from the memory only."""
+    candidates = np.flatnonzero(nearest_kept > radius)
+    if len(candidates) == 0:
+        return candidates
+    x = torch.from_numpy(prepare_rows(rows[candidates], distance))             # C D
+    gap = torch.from_numpy(nearest_kept[candidates].astype(np.float32))        # C
+    taken = []
+    with torch.inference_mode():
+        while True:
+            j = int(torch.argmax(gap))
+            if float(gap[j]) <= radius:
+                break
+            taken.append(j)
+            if distance == "l2":
+                to_j = torch.linalg.vector_norm(x - x[j], dim=1)
+            else:
+                to_j = 1.0 - x @ x[j]
+            gap = torch.minimum(gap, to_j)
+            gap[j] = 0.0
+    return candidates[np.asarray(taken, dtype=np.int64)]
