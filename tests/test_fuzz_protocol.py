@@ -25,6 +25,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from engine.api import Engine
 from engine.errors import InvalidImage
+from engine.lifecycle import Lifecycle
 from ipc.protocol import OPS, array_from_wire, image_from_wire, pack, unpack
 from ipc.server import IpcServer, _Job
 from service.serve import ServeConfig
@@ -73,7 +74,8 @@ BY_NAME: dict[str, st.SearchStrategy[Any]] = {
 
 
 def _params(op: str) -> list[str]:
-    return [p for p in inspect.signature(getattr(Engine, op)).parameters if p not in ("self", "progress")]
+    served_by = Lifecycle if OPS[op].part == "lifecycle" else Engine
+    return [p for p in inspect.signature(getattr(served_by, op)).parameters if p not in ("self", "progress")]
 
 
 @st.composite
