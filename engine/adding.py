@@ -21,7 +21,7 @@ import structlog
 from engine.anomaly_map import anomaly_map, masked_percentile
 from engine.calibrator import Calibrator, Carry, with_calibration
 from engine.fitting import Fitter, now_utc
-from engine.growth import estimate_radius, nearest, select_uncovered
+from engine.growth import estimate_radius, nearest, select_rows
 from engine.knn import serialize_index
 from engine.models import ModelKey, ModelRegistry, Previous, model_not_found
 from engine.schemas import AddOkResult, RefitCalibration
@@ -77,7 +77,7 @@ class OkAdder:
             start = time.perf_counter()
             radius = self._radius(manifest, bank)
             rows = features.reshape(-1, features.shape[-1])
-            joined = select_uncovered(rows, nearest_kept, radius, manifest["distance"])
+            joined = select_rows(rows, nearest_kept, radius, manifest["distance"], self._budget(manifest, bank, rows))
             grown = np.ascontiguousarray(np.concatenate([bank, rows[joined]]), dtype=np.float32)
             timings["coverage"] = _ms(start)
             start = time.perf_counter()
@@ -123,6 +123,14 @@ class OkAdder:
             scores[i] = masked_percentile(amap, None, float(score["percentile"]))
         return scores, nearest_kept
 
+    @staticmethod
+    def _budget(manifest: dict[str, Any], bank: np.ndarray, rows: np.ndarray) -> int:
+        """Rows still to take so the memory holds the fit's coreset share of every patch seen."""
+        if manifest.get("memory_fit"):
+            return len(rows)
+        total = int(manifest["n_embeddings"]) + len(rows)
+        return max(0, int(round(float(manifest["coreset"]["ratio"]) * total)) - len(bank))
+
     def _radius(self, manifest: dict[str, Any], bank: np.ndarray) -> float:
         """The coverage radius recorded by an earlier add_ok, else estimated now (0 for a memory
         that kept every patch: every new patch joins it, as it would have in the fit)."""
@@ -147,7 +155,7 @@ class OkAdder:
             model_version=self._models.store(key.recipe).next_model_version(key.role_id, key.roi_id),
             n_images=before + int(n), n_embeddings=int(manifest["n_embeddings"]) + int(n * h * w),
             coreset_size=len(grown), index=choice,
-            coverage={"radius": radius, "rule": "farther_than_radius_from_every_kept_row",
+            coverage={"radius": radius, "rule": "farther_than_radius_or_within_ratio_budget",
                       "radius_source": (manifest.get("coverage") or {}).get("radius_source", "estimated_min_row_gap")},
             ok_scores={**trained, "values": [*trained["values"], *(scores[i] for i in order)],
                        "images": [*trained["images"], *(before + i for i in order)],

@@ -8,6 +8,12 @@ greedy selection would continue. The fit's own radius is not stored, so it is es
 memory: the smallest distance between a sample of memory rows and their nearest other row (k-center
 rows are at least ``r`` apart, so this is an estimate from above, tight for the last rows chosen).
 The estimate is made once and recorded in the manifest. All distances are exact.
+
+A fit's memory holds a fixed share of its patches (the coreset ratio); a full refit on more images
+would hold more rows, closer together. So the selection also continues, farthest first, until the
+grown memory holds that share of every patch seen (fit and added), as the refit's greedy selection
+would: the coverage rule bounds how far a new patch may be from the memory, the budget keeps the
+memory as fine as a refit's.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import torch
 
 from engine.knn import Distance, build_index, prepare_rows
 
-__all__ = ["estimate_radius", "nearest", "select_uncovered"]
+__all__ = ["estimate_radius", "nearest", "select_rows"]
 
 _RADIUS_SAMPLE = 4096
 
@@ -50,26 +56,32 @@ def estimate_radius(bank: np.ndarray, distance: Distance, seed: int) -> float:
     return float(positive.min()) if len(positive) else 0.0
 
 
-def select_uncovered(rows: np.ndarray, nearest_kept: np.ndarray, radius: float, distance: Distance) -> np.ndarray:
-    """Indices of the ``rows`` (N, D) that join a memory, farthest first: a row joins while its
-    distance to every kept row (``nearest_kept``: to the memory; then also to the rows taken) is
-    above ``radius``. Work grows with the rows farther than ``radius`` from the memory only."""
-    candidates = np.flatnonzero(nearest_kept > radius)
+def select_rows(rows: np.ndarray, nearest_kept: np.ndarray, radius: float, distance: Distance,
+                at_least: int = 0) -> np.ndarray:
+    """Indices of the ``rows`` (N, D) that join a memory, farthest first, as the greedy k-center
+    selection would continue with the memory's rows already chosen: a row joins while its distance
+    to every kept row (``nearest_kept``: to the memory; then also to the rows taken) is above
+    ``radius``, and, farthest first, until ``at_least`` rows were taken (the fit's row budget).
+    With ``at_least`` 0 the work grows with the rows farther than ``radius`` from the memory only."""
+    candidates = np.arange(len(rows)) if at_least > 0 else np.flatnonzero(nearest_kept > radius)
     if len(candidates) == 0:
         return candidates
     x = torch.from_numpy(prepare_rows(rows[candidates], distance))             # C D
     gap = torch.from_numpy(nearest_kept[candidates].astype(np.float32))        # C
-    taken = []
+    if distance == "l2":                                                       # squared: no root per step
+        gap, limit, norms = gap * gap, radius * radius, (x * x).sum(1)
+    else:
+        limit, norms = radius, None
+    taken: list[int] = []
     with torch.inference_mode():
         while True:
             j = int(torch.argmax(gap))
-            if float(gap[j]) <= radius:
+            far = float(gap[j])
+            if far <= 0.0 or (far <= limit and len(taken) >= at_least):
                 break
             taken.append(j)
-            if distance == "l2":
-                to_j = torch.linalg.vector_norm(x - x[j], dim=1)
-            else:
-                to_j = 1.0 - x @ x[j]
-            gap = torch.minimum(gap, to_j)
+            dots = x @ x[j]
+            to_j = (norms + norms[j] - 2.0 * dots).clamp_min_(0.0) if norms is not None else 1.0 - dots
+            torch.minimum(gap, to_j, out=gap)
             gap[j] = 0.0
     return candidates[np.asarray(taken, dtype=np.int64)]
