@@ -64,11 +64,11 @@ class OkAdder:
         """
         timings: dict[str, float] = {}
         with self._models.fit_guard(key):
-            previous = self._models.previous(key)
-            if previous is None:
-                raise model_not_found(key)
-            files = self._models.store(key.recipe).load(key.role_id, key.roi_id)
+            files = self._models.store(key.recipe).load(key.role_id, key.roi_id)   # 404, 500 corrupt_model
             self._models.check_compatible(files.manifest, key.where)
+            previous = self._models.previous(key)
+            if previous is None:          # deleted or damaged since the load above
+                raise model_not_found(key)
             manifest, bank = files.manifest, files.embeddings
             features, sizes, kept = self._fitter.extract_all(images, report, timings)      # N h w D
             start = time.perf_counter()

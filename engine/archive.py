@@ -83,19 +83,19 @@ def read_archive(data: bytes, backbone: BackboneInfo, max_bytes: int) -> Archive
     checksums = _json(members[_CHECKSUMS], _CHECKSUMS)
     files = {name[len(_MODEL):]: blob for name, blob in members.items() if name.startswith(_MODEL)}
     if set(checksums) != set(files):
-        raise ArchiveInvalid("archive_invalid: checksums.json does not list exactly the model files")
+        raise ArchiveInvalid("checksums.json does not list exactly the model files")
     for name, blob in files.items():
         if checksums[name] != _sha256(blob):
-            raise ArchiveInvalid(f"archive_invalid: {name} checksum mismatch (tampered with or damaged)")
+            raise ArchiveInvalid(f"{name} checksum mismatch (tampered with or damaged)")
     if info.get("format") != FORMAT or info.get("format_version") != FORMAT_VERSION:
-        raise ArchiveInvalid(f"archive_invalid: not a {FORMAT} version {FORMAT_VERSION} file")
+        raise ArchiveInvalid(f"not a {FORMAT} version {FORMAT_VERSION} file")
     with tempfile.TemporaryDirectory(prefix="model-import-") as tmp:
         for name, blob in files.items():
             (Path(tmp) / name).write_bytes(blob)
         try:
             model = read_folder(Path(tmp), "in the archive")
         except ModelFileError as exc:
-            raise ArchiveInvalid(f"archive_invalid: {exc.message}") from exc
+            raise ArchiveInvalid(f"{exc.message}") from exc
     _check_compatible(model.manifest, info, backbone)
     return Archive(model, files, info)
 
@@ -105,43 +105,43 @@ def _members(data: bytes, max_bytes: int) -> dict[str, bytes]:
     try:
         zf = zipfile.ZipFile(io.BytesIO(data))
     except (zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise ArchiveInvalid(f"archive_invalid: not a zip file, or truncated ({exc})") from exc
+        raise ArchiveInvalid(f"not a zip file, or truncated ({exc})") from exc
     out: dict[str, bytes] = {}
     left = max_bytes
     with zf:
         entries = zf.infolist()
         if len(entries) > _MAX_MEMBERS:
-            raise ArchiveInvalid(f"archive_invalid: {len(entries)} members (at most {_MAX_MEMBERS})")
+            raise ArchiveInvalid(f"{len(entries)} members (at most {_MAX_MEMBERS})")
         for entry in entries:
             name = entry.filename
             if not _MEMBER.fullmatch(name) or name in out:
-                raise ArchiveInvalid(f"archive_invalid: member name {name[:200]!r} is not allowed")
+                raise ArchiveInvalid(f"member name {name[:200]!r} is not allowed")
             if stat.S_ISLNK(entry.external_attr >> 16) or entry.is_dir():
-                raise ArchiveInvalid(f"archive_invalid: member {name!r} is a link or a folder")
+                raise ArchiveInvalid(f"member {name!r} is a link or a folder")
             try:
                 with zf.open(entry) as fh:
                     blob = fh.read(left + 1)
             except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError) as exc:
-                raise ArchiveInvalid(f"archive_invalid: member {name!r} cannot be read ({exc})") from exc
+                raise ArchiveInvalid(f"member {name!r} cannot be read ({exc})") from exc
             if len(blob) > left:
-                raise ArchiveInvalid(f"archive_invalid: unpacks to more than {max_bytes} bytes")
+                raise ArchiveInvalid(f"unpacks to more than {max_bytes} bytes")
             left -= len(blob)
             out[name] = blob
     missing = sorted(_REQUIRED - set(out))
     if missing:
-        raise ArchiveInvalid(f"archive_invalid: missing {', '.join(missing)}")
+        raise ArchiveInvalid(f"missing {', '.join(missing)}")
     return out
 
 
 def _json(blob: bytes, name: str) -> dict[str, Any]:
     if len(blob) > _MAX_JSON_BYTES:
-        raise ArchiveInvalid(f"archive_invalid: {name} is too large")
+        raise ArchiveInvalid(f"{name} is too large")
     try:
         value = json.loads(blob)
     except (ValueError, RecursionError) as exc:
-        raise ArchiveInvalid(f"archive_invalid: {name} is not JSON") from exc
+        raise ArchiveInvalid(f"{name} is not JSON") from exc
     if not isinstance(value, dict):
-        raise ArchiveInvalid(f"archive_invalid: {name} is not a JSON object")
+        raise ArchiveInvalid(f"{name} is not a JSON object")
     return value
 
 
@@ -150,15 +150,15 @@ def _check_compatible(manifest: dict[str, Any], info: dict[str, Any], backbone: 
     fitted = manifest.get("backbone") or {}
     if fitted.get("name") != backbone.name or fitted.get("weights_sha256") != backbone.weights_sha256:
         raise ArchiveInvalid(
-            f"archive_invalid: the model was fitted with backbone {fitted.get('name')} (weights "
+            f"the model was fitted with backbone {fitted.get('name')} (weights "
             f"{str(fitted.get('weights_sha256'))[:12]}); this engine runs {backbone.name} "
             f"(weights {backbone.weights_sha256[:12]})")
     rule = manifest.get("input") or {}
     normalization = rule.get("normalization") or {}
     if (rule.get("rule") != "resize_square" or rule.get("side") != backbone.input_size
             or normalization.get("mean") != list(backbone.mean) or normalization.get("std") != list(backbone.std)):
-        raise ArchiveInvalid(f"archive_invalid: the model's input rule {rule.get('rule')}/{rule.get('side')} is not "
+        raise ArchiveInvalid(f"the model's input rule {rule.get('rule')}/{rule.get('side')} is not "
                              f"this engine's (resize_square/{backbone.input_size} with its normalization)")
     if info.get("schema_version") != SCHEMA_VERSION or info.get("input") != manifest.get("input"):
-        raise ArchiveInvalid(f"archive_invalid: archive.json does not describe its model (schema "
+        raise ArchiveInvalid(f"archive.json does not describe its model (schema "
                              f"{info.get('schema_version')!r}, this engine stores {SCHEMA_VERSION})")

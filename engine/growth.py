@@ -18,6 +18,8 @@ memory as fine as a refit's.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -62,26 +64,58 @@ def select_rows(rows: np.ndarray, nearest_kept: np.ndarray, radius: float, dista
     selection would continue with the memory's rows already chosen: a row joins while its distance
     to every kept row (``nearest_kept``: to the memory; then also to the rows taken) is above
     ``radius``, and, farthest first, until ``at_least`` rows were taken (the fit's row budget).
-    With ``at_least`` 0 the work grows with the rows farther than ``radius`` from the memory only."""
-    candidates = np.arange(len(rows)) if at_least > 0 else np.flatnonzero(nearest_kept > radius)
-    if len(candidates) == 0:
-        return candidates
-    x = torch.from_numpy(prepare_rows(rows[candidates], distance))             # C D
-    gap = torch.from_numpy(nearest_kept[candidates].astype(np.float32))        # C
-    if distance == "l2":                                                       # squared: no root per step
-        gap, limit, norms = gap * gap, radius * radius, (x * x).sum(1)
-    else:
-        limit, norms = radius, None
+
+    The selection runs on the rows farthest from the memory only, as many as it can need (all rows
+    above ``radius``, and at least four times ``at_least``); when a row left out could have been
+    picked (its distance to the memory is not below the last pick's gap), it runs again on twice as
+    many. The result is the one of the selection over every row."""
+    gaps = nearest_kept.astype(np.float32)
+    if distance == "l2":                                       # squared: no root per step
+        gaps, radius = gaps * gaps, radius * radius
+    order = np.argsort(-gaps, kind="stable")
+    size = min(len(rows), max(4 * at_least, int(np.count_nonzero(gaps > radius))))
+    while True:
+        candidates = order[:size]
+        floor = float(gaps[order[size]]) if size < len(rows) else float("-inf")   # the largest gap left out
+        run = _greedy(prepare_rows(rows[candidates], distance), gaps[candidates], radius, distance, at_least)
+        if size == len(rows) or run.same_as_all(floor):
+            return candidates[np.asarray(run.taken, dtype=np.int64)]
+        size = min(len(rows), 2 * size)
+
+
+@dataclass(frozen=True)
+class _Run:
+    taken: list[int]
+    last: float          # gap of the last pick (inf: none)
+    done: bool           # stopped by the rule (not for lack of rows with a gap)
+    left: float          # the largest gap among the candidates when it stopped (-inf: none left)
+
+    def same_as_all(self, floor: float) -> bool:
+        """Whether the run over every row (whose left-out rows have gaps <= ``floor``) picks the same."""
+        return self.last > floor and (self.done or self.left >= floor)
+
+
+def _greedy(x: np.ndarray, start: np.ndarray, limit: float, distance: Distance, at_least: int) -> _Run:
+    """Farthest-first picks among prepared rows ``x`` (C, D) with starting gaps ``start`` (squared
+    for l2)."""
+    rows = torch.from_numpy(x)                                                 # C D
+    gap = torch.from_numpy(start.copy())                                       # C
+    norms = (rows * rows).sum(1) if distance == "l2" else None
     taken: list[int] = []
+    last, left = float("inf"), float("-inf")
     with torch.inference_mode():
-        while True:
+        while len(taken) < len(start):
             j = int(torch.argmax(gap))
-            far = float(gap[j])
-            if far <= 0.0 or (far <= limit and len(taken) >= at_least):
+            left = float(gap[j])
+            if left <= limit and len(taken) >= at_least:
+                return _Run(taken, last, True, left)
+            if left <= 0.0:
                 break
             taken.append(j)
-            dots = x @ x[j]
+            last = left
+            dots = torch.mv(rows, rows[j])
             to_j = (norms + norms[j] - 2.0 * dots).clamp_min_(0.0) if norms is not None else 1.0 - dots
             torch.minimum(gap, to_j, out=gap)
             gap[j] = 0.0
-    return candidates[np.asarray(taken, dtype=np.int64)]
+            left = float("-inf")
+    return _Run(taken, last, False, left)

@@ -54,11 +54,17 @@ def _no_progress(stage: str, done: int, total: int) -> None: ...
 
 
 def _version_info(number: int, manifest: dict[str, Any], active: int | None) -> VersionInfo:
+    """One kept version as listed (its manifest as stored: a damaged field reads as absent)."""
+    def number_of(name: str) -> int:
+        value = manifest.get(name)
+        return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+    threshold = manifest.get("threshold")
     return VersionInfo(
-        version=number, active=number == active, created_at=manifest.get("version_created_at"),
-        created_by=manifest.get("version_created_by") or "unknown", model_version=int(manifest["model_version"]),
-        n_images=int(manifest.get("n_images") or 0), coreset_size=int(manifest["coreset_size"]),
-        threshold=manifest.get("threshold"))
+        version=number, active=number == active, created_at=str(manifest.get("version_created_at") or "") or None,
+        created_by=str(manifest.get("version_created_by") or "unknown"), model_version=number_of("model_version"),
+        n_images=number_of("n_images"), coreset_size=number_of("coreset_size"),
+        threshold=float(threshold) if isinstance(threshold, int | float) and not isinstance(threshold, bool) else None)
 
 
 class Lifecycle:
@@ -98,15 +104,16 @@ class Lifecycle:
             raise InvalidInput(f"version must be a version number >= 1, got {version!r}")
         with self._models.write_guard(key):
             store = self._models.store(key.recipe)
-            previous = self._models.manifest(key)
-            if previous is None and not store.history(key.role_id, key.roi_id).numbers():
+            served, kept = store.versions(key.role_id, key.roi_id)     # a damaged served model: None
+            if served is None and not kept:
                 raise model_not_found(key)
+            files, _ = store.read_version(key.role_id, key.roi_id, version)
+            self._models.check_compatible(files.manifest, key.where)   # before it is served, not after
             manifest = store.activate(key.role_id, key.roi_id, version)
-            self._models.check_compatible(manifest, key.where)
             self._models.invalidate(key)
         log.info("version_activated", role_id=key.role_id, roi_id=key.roi_id, recipe_id=key.recipe, version=version)
         return ActivateResult(role_id=key.role_id, roi_id=key.roi_id, recipe_id=key.recipe, active_version=version,
-                              previous_version=version_of(previous) if previous else None,
+                              previous_version=served,
                               model_version=int(manifest["model_version"]), threshold=manifest.get("threshold"))
 
     # --- adding OK images and operator feedback ---------------------------------------------
@@ -147,11 +154,12 @@ class Lifecycle:
         key = self._models.key(role_id, roi_id, recipe_id)
         if not isinstance(image, bytes | bytearray | memoryview):
             raise InvalidInput("the marked image must be an encoded image file (PNG, JPEG, BMP, TIFF)")
-        model = self._models.load(key)
-        mm = model.manifest["mm_per_px"] if mm_per_px is None else mm_per_px
+        # request faults before the model's state (Scorer.prepare), unless the scale must come from the model
+        mm = self._models.load(key).manifest["mm_per_px"] if mm_per_px is None else mm_per_px
         with self._scorer.working_memory([image]):
-            roi = self._scorer.prepare(key, mm, image, shape, allow_uncalibrated=True, model=model)
+            roi = self._scorer.prepare(key, mm, image, shape, allow_uncalibrated=True)
             scored = self._scorer.score(roi, "none", {}, time.perf_counter())
+        model = roi.model
         marked = {"at": now_utc(), "label": label, "operator_id": operator_id, "score": scored.score,
                   "threshold": scored.threshold, "decision": scored.decision, "model_version": scored.model_version,
                   "version": version_of(model.manifest)}
@@ -209,10 +217,10 @@ class Lifecycle:
         try:
             index = deserialize_index(model.index_bytes)
         except RuntimeError as exc:   # faiss's error for bytes that are no index
-            raise ArchiveInvalid("archive_invalid: coreset.faiss is not a faiss index") from exc
+            raise ArchiveInvalid("coreset.faiss is not a faiss index") from exc
         emb = model.embeddings
         if emb.ndim != 2 or index.ntotal != len(emb) or index.d != emb.shape[1]:
-            raise ArchiveInvalid("archive_invalid: index and embeddings disagree")
+            raise ArchiveInvalid("index and embeddings disagree")
         extra = {name: blob for name, blob in found.files.items() if name not in _STANDARD_FILES}
         with self._models.fit_guard(key):
             store = self._models.store(key.recipe)
