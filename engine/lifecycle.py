@@ -163,6 +163,8 @@ class Lifecycle:
         marked = {"at": now_utc(), "label": label, "operator_id": operator_id, "score": scored.score,
                   "threshold": scored.threshold, "decision": scored.decision, "model_version": scored.model_version,
                   "version": version_of(model.manifest)}
+        if label == "ok":
+            self._models.check_not_fitting(key)      # 409 before anything is stored
         meta: dict[str, Any] = {"mm_per_px": roi.mm_per_px, "marked": marked}
         if shape is not None:
             meta["shape_json"] = shape if isinstance(shape, str) else json.dumps(
