@@ -21,13 +21,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from engine.knn import Distance, build_index, prepare_rows
 
 __all__ = ["estimate_radius", "nearest", "select_rows"]
 
 _RADIUS_SAMPLE = 4096
+_BATCH = 64                  # rows the farthest-first selection picks among between two full updates
 
 
 def _as_distance(raw: np.ndarray, distance: Distance) -> np.ndarray:
@@ -95,27 +95,54 @@ class _Run:
         return self.last > floor and (self.done or self.left >= floor)
 
 
+def _distances(x: np.ndarray, norms: np.ndarray | None, y: np.ndarray, y_norms: np.ndarray | None) -> np.ndarray:
+    """(len(x), len(y)) squared l2 (``norms`` given) or cosine distances between prepared rows."""
+    dots = x @ y.T
+    if norms is None or y_norms is None:
+        return 1.0 - dots
+    return np.maximum(norms[:, None] + y_norms[None, :] - 2.0 * dots, 0.0)
+
+
 def _greedy(x: np.ndarray, start: np.ndarray, limit: float, distance: Distance, at_least: int) -> _Run:
     """Farthest-first picks among prepared rows ``x`` (C, D) with starting gaps ``start`` (squared
-    for l2)."""
-    rows = torch.from_numpy(x)                                                 # C D
-    gap = torch.from_numpy(start.copy())                                       # C
-    norms = (rows * rows).sum(1) if distance == "l2" else None
+    for l2), exactly one at a time, computed in batches: the rows with the ``_BATCH`` largest gaps
+    are picked among themselves for as long as the best of them is at least the largest gap outside
+    (gaps only shrink), then every gap is updated with one matrix product."""
+    gap = start.astype(np.float32, copy=True)
+    norms = np.einsum("cd,cd->c", x, x) if distance == "l2" else None
     taken: list[int] = []
-    last, left = float("inf"), float("-inf")
-    with torch.inference_mode():
-        while len(taken) < len(start):
-            j = int(torch.argmax(gap))
-            left = float(gap[j])
-            if left <= limit and len(taken) >= at_least:
-                return _Run(taken, last, True, left)
-            if left <= 0.0:
-                break
-            taken.append(j)
-            last = left
-            dots = torch.mv(rows, rows[j])
-            to_j = (norms + norms[j] - 2.0 * dots).clamp_min_(0.0) if norms is not None else 1.0 - dots
-            torch.minimum(gap, to_j, out=gap)
-            gap[j] = 0.0
-            left = float("-inf")
-    return _Run(taken, last, False, left)
+    last = float("inf")
+    while len(taken) < len(gap):
+        top, bound = _largest(gap, _BATCH)
+        top_norms = None if norms is None else norms[top]
+        local = gap[top].copy()
+        between = _distances(x[top], top_norms, x[top], top_norms)            # T T
+        picks: list[int] = []
+        while True:
+            i = int(np.argmax(local))
+            far = float(local[i])
+            if far < bound:
+                break                                   # another row may now be the farthest: update all
+            if far <= limit and len(taken) + len(picks) >= at_least:
+                taken += [int(top[p]) for p in picks]
+                return _Run(taken, last, True, far)
+            if far <= 0.0:
+                taken += [int(top[p]) for p in picks]
+                return _Run(taken, last, False, far)
+            picks.append(i)
+            last = far
+            np.minimum(local, between[i], out=local)
+            local[i] = -1.0                             # picked: never again
+        chosen = top[np.asarray(picks, dtype=np.int64)]
+        gap = np.minimum(gap, _distances(x, norms, x[chosen], None if norms is None else norms[chosen]).min(1))
+        gap[chosen] = 0.0
+        taken += [int(c) for c in chosen]
+    return _Run(taken, last, False, float("-inf"))
+
+
+def _largest(values: np.ndarray, count: int) -> tuple[np.ndarray, float]:
+    """Indices of the ``count`` largest ``values`` and the largest value outside them (-inf: none)."""
+    if len(values) <= count:
+        return np.arange(len(values)), float("-inf")
+    part = np.argpartition(-values, count)
+    return part[:count], float(values[part[count]])

@@ -31,12 +31,23 @@ def _reference(rows: np.ndarray, bank: np.ndarray, radius: float, distance: Dist
         gap[j] = 0.0
 
 
+def _spread(rng: np.random.Generator) -> np.ndarray:
+    return np.concatenate([rng.normal(size=(150, 8)), rng.normal(3.0, 1.0, size=(50, 8))]).astype(np.float32)
+
+
+def _clustered(rng: np.random.Generator) -> np.ndarray:
+    """Near-duplicates, as the same part region in many images: batches end early, windows widen."""
+    centres = rng.normal(0.0, 4.0, size=(12, 8))
+    return (centres[rng.integers(0, 12, 600)] + rng.normal(0.0, 0.05, size=(600, 8))).astype(np.float32)
+
+
+@pytest.mark.parametrize("layout", [_spread, _clustered])
 @pytest.mark.parametrize("distance", ["l2", "cosine"])
 @pytest.mark.parametrize("at_least", [0, 5, 60])
-def test_select_rows_is_the_greedy_continuation(distance: Distance, at_least: int) -> None:
+def test_select_rows_is_the_greedy_continuation(layout: object, distance: Distance, at_least: int) -> None:
     rng = np.random.default_rng(3)
     bank = rng.normal(size=(40, 8)).astype(np.float32)
-    rows = np.concatenate([rng.normal(size=(150, 8)), rng.normal(3.0, 1.0, size=(50, 8))]).astype(np.float32)
+    rows = layout(rng)                                                       # type: ignore[operator]
     nn, _ = nearest(bank, rows, distance, 1)
     radius = float(np.quantile(nn, 0.7))
     chosen = select_rows(rows, nn, radius, distance, at_least)
