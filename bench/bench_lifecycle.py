@@ -96,7 +96,9 @@ def main() -> None:
                                  torch_threads=args.threads))
         try:
             full, full_s = _timed(engine.fit_ok, ROLE, "full", MM, train)
-            print(f"\n(a) fit_ok on all {len(train)}: {full_s:.2f} s wall; coreset {full.coreset_size} rows")
+            stages = ", ".join(f"{k} {v / 1000:.2f}" for k, v in full.timings_ms.items())
+            print(f"\n(a) fit_ok on all {len(train)}: {full_s:.2f} s wall; coreset {full.coreset_size} rows; "
+                  f"stages s: {stages}")
             part, part_s = _timed(engine.fit_ok, ROLE, "grown", MM, train[:FIRST])
             print(f"(b) fit_ok on the first {FIRST}: {part_s:.2f} s wall; coreset {part.coreset_size} rows")
             for chunk in chunks:
