@@ -51,21 +51,25 @@ class OkAdder:
         self._fitter = fitter
         self._calibrator = calibrator
 
-    def add(self, key: ModelKey, images: Sequence[Any], *, operator_id: str | None, sources: list[str] | None,
-            feedback: bool, report: ProgressFn) -> AddOkResult:
-        """Add ``images`` (``sources``: their stored sample names) to the model of ``key``.
+    def add(self, key: ModelKey, images: Sequence[Any], mm_per_px: float | None, *, operator_id: str | None,
+            sources: list[str] | None, feedback: bool, report: ProgressFn) -> AddOkResult:
+        """Add ``images`` (``sources``: their stored sample names; ``mm_per_px`` checked when given)
+        to the model of ``key``.
 
         ``feedback`` (``mark_ok``: images the operator overruled) keeps the served calibration as it
         is and leaves the images' scores out of the OK-score statistics: a false alarm's own score
         must not move the threshold, and a grown memory only lowers scores.
 
         Raises:
-            ModelNotFound, CorruptModel, IncompatibleModel, FitInProgress, InvalidImage, StorageError.
+            ModelNotFound, CorruptModel, IncompatibleModel, FitInProgress, MmPerPxMismatch, InvalidImage,
+            StorageError.
         """
         timings: dict[str, float] = {}
         with self._models.fit_guard(key):
             files = self._models.store(key.recipe).load(key.role_id, key.roi_id)   # 404, 500 corrupt_model
             self._models.check_compatible(files.manifest, key.where)
+            if mm_per_px is not None:
+                self._models.check_mm(files.manifest, mm_per_px)
             previous = self._models.previous(key)
             if previous is None:          # deleted or damaged since the load above
                 raise model_not_found(key)

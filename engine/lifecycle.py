@@ -39,6 +39,7 @@ from engine.schemas import (
 from engine.scoring import Scorer
 from engine.settings import Settings
 from engine.storage import version_of
+from engine.validate import mm_per_px as check_mm_per_px
 
 __all__ = ["Lifecycle"]
 
@@ -118,18 +119,21 @@ class Lifecycle:
 
     # --- adding OK images and operator feedback ---------------------------------------------
 
-    def add_ok(self, role_id: str, roi_id: str, images: Sequence[ImageInput], *, operator_id: str | None = None,
-               recipe_id: str | None = None, progress: ProgressFn | None = None) -> AddOkResult:
-        """Add OK images to a fitted model without a refit, as a new version (docs/lifecycle.md).
+    def add_ok(self, role_id: str, roi_id: str, images: Sequence[ImageInput], mm_per_px: float | None = None, *,
+               operator_id: str | None = None, recipe_id: str | None = None,
+               progress: ProgressFn | None = None) -> AddOkResult:
+        """Add OK images to a fitted model without a refit, as a new version (docs/lifecycle.md);
+        ``mm_per_px``, when given, must be the model's.
 
-        Raises: InvalidInput / InvalidImage (400), ModelNotFound (404), FitInProgress (409),
-            PayloadTooLarge (413), CorruptModel / IncompatibleModel (500), StorageError (507)."""
+        Raises: InvalidInput / InvalidImage (400), ModelNotFound (404), FitInProgress / MmPerPxMismatch
+            (409), PayloadTooLarge (413), CorruptModel / IncompatibleModel (500), StorageError (507)."""
         key = self._models.key(role_id, roi_id, recipe_id)
+        mm = None if mm_per_px is None else check_mm_per_px(mm_per_px)
         if not images:
             raise InvalidInput("add_ok needs at least one OK image")
         if len(images) > self._settings.max_fit_images:
             raise PayloadTooLarge(f"{len(images)} images exceed the limit of {self._settings.max_fit_images}")
-        return self._adder.add(key, images, operator_id=operator_id, sources=None, feedback=False,
+        return self._adder.add(key, images, mm, operator_id=operator_id, sources=None, feedback=False,
                                report=progress or _no_progress)
 
     def mark_ok(self, role_id: str, roi_id: str, image: bytes, mm_per_px: float | None = None,
@@ -172,7 +176,8 @@ class Lifecycle:
         sample = self._samples.upload(key, label, bytes(image), None, meta)
         added = None
         if label == "ok":
-            added = self._adder.add(key, [bytes(image)], operator_id=operator_id, sources=[sample.filename],
+            added = self._adder.add(key, [bytes(image)], roi.mm_per_px, operator_id=operator_id,
+                                    sources=[sample.filename],
                                     feedback=True, report=_no_progress)
         log.info("inspection_marked", role_id=key.role_id, roi_id=key.roi_id, recipe_id=key.recipe, label=label,
                  filename=sample.filename, score=scored.score, threshold=scored.threshold)

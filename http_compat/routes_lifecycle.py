@@ -64,11 +64,11 @@ def add_ok(
     role_id: _RoleForm, roi_id: _RoiForm,
     images: Annotated[list[UploadFile] | None, File(description="One part per OK image.")] = None,
     images_brackets: Annotated[list[UploadFile] | None, File(alias="images[]", description="Same as images.")] = None,
-    operator_id: _OptForm = None, recipe_id: _RecipeForm = None,
+    mm_per_px: _OptMmForm = None, operator_id: _OptForm = None, recipe_id: _RecipeForm = None,
 ) -> AddOkReply:
     bind_model(role_id, roi_id)
     files = collect_images(settings, images, images_brackets, max_count=settings.max_fit_images)
-    res = engine.lifecycle.add_ok(role_id, roi_id, UploadedImages(files), operator_id=operator_id,
+    res = engine.lifecycle.add_ok(role_id, roi_id, UploadedImages(files), mm_per_px, operator_id=operator_id,
                                   recipe_id=first_recipe(recipe_id, recipe))
     return AddOkReply(**res.model_dump(), request_id=rid)
 

@@ -319,10 +319,11 @@ class EngineClient:
         args = {"role_id": role_id, "roi_id": roi_id, "version": version, "recipe_id": recipe_id}
         return ActivateResult.model_validate(self.call("activate", args, timeout=timeout))
 
-    def add_ok(self, role_id: str, roi_id: str, images: Sequence[Image], *, operator_id: str | None = None,
-               recipe_id: str | None = None, timeout: float | None = None) -> AddOkResult:
+    def add_ok(self, role_id: str, roi_id: str, images: Sequence[Image], mm_per_px: float | None = None, *,
+               operator_id: str | None = None, recipe_id: str | None = None,
+               timeout: float | None = None) -> AddOkResult:
         args = {"role_id": role_id, "roi_id": roi_id, "images": [_image(i) for i in images],
-                "operator_id": operator_id, "recipe_id": recipe_id}
+                "mm_per_px": mm_per_px, "operator_id": operator_id, "recipe_id": recipe_id}
         return AddOkResult.model_validate(self.call("add_ok", args, timeout=timeout))
 
     def mark_ok(self, role_id: str, roi_id: str, image: bytes, mm_per_px: float | None = None,

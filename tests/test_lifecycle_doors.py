@@ -66,6 +66,10 @@ def test_add_ok_on_both_doors(doors: Doors) -> None:
         404, "model_not_found")
     r = doors.web.post("/add_ok", data={"role_id": ROLE, "roi_id": "grow"})
     assert (r.status_code, r.json()["code"]) == (400, "invalid_input")
+    r = doors.web.post("/add_ok", data={"role_id": ROLE, "roi_id": "grow", "mm_per_px": "0.5"},
+                       files=_files([part_png(13)]))
+    assert (r.status_code, r.json()["code"]) == (409, "mm_per_px_mismatch")
+    assert doors.zmq.versions(ROLE, "grow").active_version == 3          # nothing added by the refused call
 
 
 def test_mark_ok_and_mark_ng_on_both_doors(doors: Doors) -> None:
