@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -99,12 +100,26 @@ def _check(root: Path, roi: str, reference: dict[int, float] | None = None) -> i
         engine.close()
 
 
+def _landing(root: Path, roi: str) -> str:
+    """Where the kill landed, read from the hidden folders it left (before any recovery)."""
+    history = root / "model_versions" / ROLE / roi
+    names = [p.name for p in (root / "models" / ROLE).iterdir()]
+    names += [p.name for p in history.iterdir()] if history.is_dir() else []
+    for mark, where in ((".old-", "between or after the swap's renames"), (".staging-", "writing a folder"),
+                        (".trash-", "removing a folder")):
+        if any(mark in name for name in names):
+            return where
+    return "outside a write"
+
+
 def _crash_loop(tmp_path: Path, op: str, roi: str, reference: dict[int, float] | None = None) -> set[int]:
     rnd = random.Random(f"{op}-20261130")
-    served = set()
+    served, landings = set(), Counter()
     for _ in range(ROUNDS):
         _run_and_kill(tmp_path / "data", op, roi, rnd, tmp_path)
+        landings[_landing(tmp_path / "data", roi)] += 1
         served.add(_check(tmp_path / "data", roi, reference))
+    print(f"{op}: kills landed " + ", ".join(f"{where} x{n}" for where, n in landings.most_common()))
     return served
 
 
