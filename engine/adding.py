@@ -100,8 +100,10 @@ class OkAdder:
                                                self._settings.allow_refit_recalibration, report)
             timings["recalibrate"] = _ms(start)
             start = time.perf_counter()
+            report("save", 0, 1)
             written = self._models.save(key, carry.manifest, grown, index, serialize_index(index), carry.record,
                                         created_by="add_ok")
+            report("save", 1, 1)
             timings["save"] = _ms(start)
         log.info("ok_added", role_id=key.role_id, roi_id=key.roi_id, recipe_id=key.recipe, n_images=len(kept),
                  rows_added=len(joined), coreset_size=len(grown), version=version_of(written), timings_ms=timings)

@@ -2,10 +2,11 @@
 
 Each round starts a child process on the same data root that builds the engine (start-up recovery
 runs there too) and then repeats one op as fast as it can; the parent kills it with SIGKILL at a
-random moment, then opens the data root with a fresh engine and checks what the kill left: no hidden
-leftover folder in the model tree or its version history, the served version is listed, every kept
-version verifies (checksums), the model loads and scores, and (``activate``) the score is exactly the
-one of the version served. ``LIFECYCLE_CRASH_ROUNDS`` rounds per op (default 10). Marked slow.
+random moment (for add_ok, every second round within 30 ms of its save starting), then opens the
+data root with a fresh engine and checks what the kill left: no hidden leftover folder in the model
+tree or its version history, the served version is listed, every kept version verifies (checksums),
+the model loads and scores, and (``activate``) the score is exactly the one of the version served.
+``LIFECYCLE_CRASH_ROUNDS`` rounds per op (default 10); prints where the kills landed. Marked slow.
 """
 
 from __future__ import annotations
@@ -42,11 +43,19 @@ from tests.support import part_png
 root, op, roi, kept = Path(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[5])
 engine = Engine(Settings(data_root=root, backbone="efficientnet_lite0", input_size=64, model_versions_kept=kept))
 Path(sys.argv[4]).write_text("ready")
+saving = Path(sys.argv[4] + ".save")
+
+
+def progress(stage, done, total):
+    if stage == "save" and done == 0:
+        saving.write_text("save")
+
+
 i = 0
 while True:
     i += 1
     if op == "add_ok":
-        engine.lifecycle.add_ok("crash", roi, [part_png(100 + i)])
+        engine.lifecycle.add_ok("crash", roi, [part_png(100 + i)], progress=progress)
     elif op == "activate":
         engine.lifecycle.activate("crash", roi, 1 + i % 2)
     else:
@@ -58,8 +67,10 @@ def _engine(root: Path) -> Engine:
     return Engine(Settings(data_root=root, backbone="efficientnet_lite0", input_size=64, model_versions_kept=KEPT))
 
 
-def _run_and_kill(root: Path, op: str, roi: str, rnd: random.Random, tmp: Path) -> None:
+def _run_and_kill(root: Path, op: str, roi: str, rnd: random.Random, tmp: Path, at_save: bool) -> None:
+    """Kill the child at a random moment, or (``at_save``) within 30 ms of an add_ok's save starting."""
     ready = tmp / f"ready-{op}-{rnd.random()}"
+    saving = Path(f"{ready}.save")
     with open(tmp / "child.log", "ab") as log:
         child = subprocess.Popen([sys.executable, "-c", CHILD, str(root), op, roi, str(ready), str(KEPT)], cwd=REPO,
                                  stdout=log, stderr=log)
@@ -69,7 +80,9 @@ def _run_and_kill(root: Path, op: str, roi: str, rnd: random.Random, tmp: Path) 
             assert child.poll() is None, (tmp / "child.log").read_text()[-2000:]
             assert time.monotonic() < deadline, "the child never became ready"
             time.sleep(0.02)
-        time.sleep(rnd.uniform(0.0, 1.5))
+        while at_save and not saving.exists() and time.monotonic() < deadline:
+            time.sleep(0.002)
+        time.sleep(rnd.uniform(0.0, 0.03) if at_save else rnd.uniform(0.0, 1.5))
         assert child.poll() is None, (tmp / "child.log").read_text()[-2000:]
     finally:
         if child.poll() is None:
@@ -115,8 +128,8 @@ def _landing(root: Path, roi: str) -> str:
 def _crash_loop(tmp_path: Path, op: str, roi: str, reference: dict[int, float] | None = None) -> set[int]:
     rnd = random.Random(f"{op}-20261130")
     served, landings = set(), Counter()
-    for _ in range(ROUNDS):
-        _run_and_kill(tmp_path / "data", op, roi, rnd, tmp_path)
+    for round_ in range(ROUNDS):
+        _run_and_kill(tmp_path / "data", op, roi, rnd, tmp_path, at_save=op == "add_ok" and round_ % 2 == 1)
         landings[_landing(tmp_path / "data", roi)] += 1
         served.add(_check(tmp_path / "data", roi, reference))
     print(f"{op}: kills landed " + ", ".join(f"{where} x{n}" for where, n in landings.most_common()))
