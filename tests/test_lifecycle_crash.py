@@ -6,6 +6,7 @@ random moment (for add_ok, every second round within 30 ms of its save starting)
 data root with a fresh engine and checks what the kill left: no hidden leftover folder in the model
 tree or its version history, the served version is listed, every kept version verifies (checksums),
 the model loads and scores, and (``activate``) the score is exactly the one of the version served.
+The child's folder fsyncs are slowed by 50 ms (a slow disk), so that kills land inside the writes too.
 ``LIFECYCLE_CRASH_ROUNDS`` rounds per op (default 10); prints where the kills landed. Marked slow.
 """
 
@@ -36,10 +37,22 @@ PROBE = part_png(999)
 
 CHILD = """
 import sys
+import time
 from pathlib import Path
+import engine.storage
+import engine.versions
 from engine.api import Engine
 from engine.settings import Settings
 from tests.support import part_png
+durable = engine.storage.fsync_dir
+
+
+def slow_fsync_dir(path):
+    time.sleep(0.05)            # a slow disk: each durable step of a write lasts, so kills land inside writes
+    durable(path)
+
+
+engine.storage.fsync_dir = engine.versions.fsync_dir = slow_fsync_dir
 root, op, roi, kept = Path(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[5])
 engine = Engine(Settings(data_root=root, backbone="efficientnet_lite0", input_size=64, model_versions_kept=kept))
 Path(sys.argv[4]).write_text("ready")
