@@ -18,6 +18,10 @@ the swap was cut between its two renames, and removes leftovers (``recover_all``
 also removes temp files an older single-file write may have left). A delete renames ``<roi>`` to
 ``.<roi>.trash-<id>`` before removing it; recovery removes trash, never restores it.
 Within one process, saves, deletes, recovery and reads of one model folder hold its lock.
+
+Every save and calibration is a new numbered version (manifest ``version``): the served folder
+above, and each version kept under ``model_versions/<role>/<roi>/<n>/`` (``engine.versions``,
+docs/lifecycle.md). ``activate`` swaps a kept version in as the served folder by the same swap.
 """
 
 from __future__ import annotations
