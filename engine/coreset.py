@@ -29,6 +29,7 @@ Isotropic noise is its worst case: 200 000 x 384 synthetic Gaussian clusters tak
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import faiss
 import numpy as np
@@ -36,7 +37,7 @@ import torch
 from threadpoolctl import threadpool_limits
 from torch import Tensor
 
-__all__ = ["covering_radius", "greedy_cells", "greedy_coreset", "principal_axes", "project"]
+__all__ = ["CoresetRule", "covering_radius", "greedy_cells", "greedy_coreset", "principal_axes", "project"]
 
 # below this many rows the plain loop beats building cells
 _MIN_ROWS_FOR_CELLS = 8192
@@ -46,6 +47,29 @@ _CATCH_UP_BLOCK = 512
 _PCA_SAMPLE_ROWS = 32_768
 # principal axes the cells are drawn on
 _CELL_AXES = 32
+
+
+@dataclass(frozen=True)
+class CoresetRule:
+    """How many principal axes a bank is thinned on, by its size.
+
+    Banks of up to ``exact_max_rows`` rows use ``projection_dim`` axes (features with no more
+    dimensions are used as they are: exact greedy). Larger banks use at most
+    ``large_projection_dim``: the loop's products shrink with the axes, and the covering radius
+    grows only a little (measured on 200 000 EfficientNet-Lite0 bottle features at 224 px, 152
+    dims: 1.08x exact greedy's with 96 axes, 1.14x with 64).
+    """
+
+    projection_dim: int | None = 192
+    exact_max_rows: int = 200_000
+    large_projection_dim: int = 96
+
+    def axes(self, rows: int, dims: int) -> int | None:
+        """Principal axes for a bank of (rows, dims); None = the features as they are."""
+        wanted = self.projection_dim
+        if rows > self.exact_max_rows:
+            wanted = self.large_projection_dim if wanted is None else min(wanted, self.large_projection_dim)
+        return wanted if wanted is not None and wanted < dims else None
 
 
 def principal_axes(x: Tensor, *, seed: int = 0) -> tuple[Tensor, Tensor]:

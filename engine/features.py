@@ -2,14 +2,31 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from engine.backbones import Backbone
 
-__all__ = ["FeatureExtractor"]
+__all__ = ["ExtractedBatch", "FeatureExtractor"]
+
+# (image index) -> the image resized to the input side, or None to leave it out
+LoadFn = Callable[[int], "np.ndarray | None"]
+
+
+@dataclass(frozen=True)
+class ExtractedBatch:
+    """Features of consecutive images, with the seconds one thread spent loading and extracting."""
+
+    end: int                      # one past the batch's last image index
+    indices: list[int]            # the images loaded (those ``load`` left out are missing)
+    features: np.ndarray | None   # (len(indices), h, w, C); None when every image was left out
+    load_s: float
+    extract_s: float
 
 
 class FeatureExtractor:
@@ -18,6 +35,7 @@ class FeatureExtractor:
     def __init__(self, backbone: Backbone, device: str, precision: str, batch_size: int) -> None:
         self.device = torch.device(device)
         self.dtype = _dtype(precision, self.device)
+        backbone.fold_batch_norms()
         self.backbone = backbone.to(self.device)
         if self.dtype != torch.float32:
             self.backbone = self.backbone.to(self.dtype)
@@ -41,6 +59,50 @@ class FeatureExtractor:
                 x = torch.from_numpy(batch).to(self.device, non_blocking=True)
                 out.append(self.backbone(x).float().cpu().numpy())
         return np.concatenate(out, axis=0)
+
+    def stream(self, count: int, load: LoadFn, *, workers: int = 1) -> Iterator[ExtractedBatch]:
+        """Load and extract images 0..count-1, ``batch_size`` at a time, batches yielded in order.
+
+        With ``workers`` > 1 (CPU), that many threads each load a batch and run its forward pass
+        with one torch thread, so the images go through side by side. On a 2-core CPU that beat
+        one forward at a time on two threads: same throughput on an idle machine, ~9x on a busy
+        one, where a two-thread forward stalls whenever one of its threads loses its core
+        (EfficientNet-Lite0 at 224 px, measured here). At most ``2 * workers`` batches are
+        pending, so memory stays bounded by the batches, not by ``count``.
+        """
+        starts = range(0, count, self.batch_size)
+        if workers <= 1 or self.device.type != "cpu":
+            for first in starts:
+                yield self._extract_batch(first, min(first + self.batch_size, count), load)
+            return
+        threads = torch.get_num_threads()
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="extract", initializer=_one_torch_thread)
+        try:
+            pending = []
+            for first in starts:
+                pending.append(pool.submit(self._extract_batch, first, min(first + self.batch_size, count), load))
+                if len(pending) >= 2 * workers:
+                    yield pending.pop(0).result()
+            for future in pending:
+                yield future.result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            torch.set_num_threads(threads)   # the BLAS part of the setting is process-wide
+
+    def _extract_batch(self, first: int, end: int, load: LoadFn) -> ExtractedBatch:
+        start = time.perf_counter()
+        loaded = [(i, load(i)) for i in range(first, end)]
+        kept = [(i, image) for i, image in loaded if image is not None]
+        loaded_at = time.perf_counter()
+        features = self([image for _, image in kept]) if kept else None
+        return ExtractedBatch(end, [i for i, _ in kept], features, loaded_at - start, time.perf_counter() - loaded_at)
+
+
+def _one_torch_thread() -> None:
+    """Initializer of a stream worker: one intra-op thread (OpenMP sets it per calling thread),
+    and denormals flushed, as the engine's own threads have them."""
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
 
 
 def _dtype(precision: str, device: torch.device) -> torch.dtype:

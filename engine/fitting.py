@@ -79,7 +79,7 @@ class Fitter:
             sources = [sources[i] for i in kept] if sources else None
             report("coreset", 0, 1)
             memory = build_memory(
-                features, s.coreset_ratio, memory_fit, s.distance, projection_dim=s.coreset_projection_dim,
+                features, s.coreset_ratio, memory_fit, s.distance, rule=s.coreset_rule,
                 seed=s.seed, device=self._extractor.device.type, ivf_min_rows=s.ivf_min_rows, timings=timings,
             )
             report("coreset", 1, 1)
@@ -106,7 +106,8 @@ class Fitter:
 
     def extract_all(self, images: Sequence[Any], report: ProgressFn,
                      timings: dict[str, float]) -> tuple[np.ndarray, list[tuple[int, int]], list[int]]:
-        """Decode, resize and extract batch by batch, so at most one batch of decoded images is held.
+        """Decode, resize and extract batch by batch (``FeatureExtractor.stream``: a few batches of
+        decoded images are held at a time, never the whole set).
 
         Returns features (N, h, w, D), each image's original (H, W) and the indices of the images
         used: a stored sample deleted while the fit runs is left out (and out of the manifest's
@@ -115,32 +116,35 @@ class Fitter:
         Raises:
             InvalidInput: every stored sample was deleted before it could be read.
         """
-        side, batch = self._backbone.input_size, self._extractor.batch_size
-        decode_ms = extract_ms = 0.0
-        chunks, sizes, kept = [], [], []
-        for first in range(0, len(images), batch):
-            start = time.perf_counter()
-            resized = []
-            for i in range(first, min(first + batch, len(images))):
-                try:
-                    image = images[i]
-                except SampleNotFound:
-                    log.info("fit_sample_deleted", index=i)
-                    continue
-                rgb = self._decode(image, f"image {i}")
-                sizes.append(rgb.shape[:2])
-                kept.append(i)
-                resized.append(resize_square(rgb, side))
-            decode_ms += _ms(start)
-            start = time.perf_counter()
-            if resized:
-                chunks.append(self._extractor(resized))
-            extract_ms += _ms(start)
-            report("extract", i + 1, len(images))
+        side = self._backbone.input_size
+
+        def load(i: int) -> np.ndarray | None:
+            try:
+                image = images[i]
+            except SampleNotFound:
+                log.info("fit_sample_deleted", index=i)
+                return None
+            rgb = self._decode(image, f"image {i}")
+            sizes[i] = rgb.shape[:2]
+            return resize_square(rgb, side)
+
+        start = time.perf_counter()
+        sizes: dict[int, tuple[int, int]] = {}
+        chunks, kept, load_s, extract_s = [], [], 0.0, 0.0
+        for batch in self._extractor.stream(len(images), load, workers=self._settings.fit_workers):
+            if batch.features is not None:
+                chunks.append(batch.features)
+                kept.extend(batch.indices)
+            load_s, extract_s = load_s + batch.load_s, extract_s + batch.extract_s
+            report("extract", batch.end, len(images))
+        # the workers overlap the stages: the wall time is split in proportion to their thread time
+        wall_ms = _ms(start)
+        decode_ms = wall_ms * load_s / (load_s + extract_s) if load_s + extract_s > 0 else 0.0
+        extract_ms = wall_ms - decode_ms
         timings["decode"], timings["extract"] = round(decode_ms, 3), round(extract_ms, 3)
         if not chunks:
             raise InvalidInput("every stored OK sample was deleted while the fit ran: nothing to fit")
-        return np.concatenate(chunks), sizes, kept
+        return np.concatenate(chunks), [sizes[i] for i in kept], kept
 
     def _hold_out_scores(self, features: np.ndarray, memory: Memory, sizes: list[tuple[int, int]],
                          report: ProgressFn) -> dict[int, float]:
@@ -172,8 +176,7 @@ class Fitter:
             "distance": s.distance, "knn_k": s.knn_k,
             "score": {"percentile": s.score_percentile, "gaussian_sigma": s.gaussian_sigma, "upsample": "bilinear"},
             "coreset": {"ratio": s.coreset_ratio, "method": "greedy_k_center",
-                        "principal_axes": s.coreset_projection_dim if s.coreset_projection_dim < info.feature_dim
-                        else None, "seed": s.seed},
+                        "principal_axes": memory.coreset_axes, "seed": s.seed},
             "index": memory.choice.as_dict(),
             "ok_scores": {"values": [held_out[i] for i in scored], "images": [int(i) for i in scored],
                           "sources": [sources[i] for i in scored] if sources else None, "folds": HOLD_OUT_FOLDS},

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from engine.anomaly_map import anomaly_map, masked_percentile
-from engine.coreset import greedy_coreset
+from engine.coreset import CoresetRule, greedy_coreset
 from engine.knn import Distance, TorchBank, build_index
 from engine.refine import RefinedMap, refine_map
 from engine.search import IndexChoice, MemorySearch, RowFilter, build_search_index, keep_rows
@@ -28,11 +28,12 @@ class Memory:
     sources: np.ndarray     # (M,) index of the training image each row came from
     index: faiss.Index
     choice: IndexChoice
+    coreset_axes: int | None = None   # principal axes the coreset was selected on; None = all
 
 
 def build_memory(
     features: np.ndarray, ratio: float, keep_all: bool, distance: Distance, *,
-    projection_dim: int, seed: int, device: str, ivf_min_rows: int, timings: dict[str, float] | None = None,
+    rule: CoresetRule, seed: int, device: str, ivf_min_rows: int, timings: dict[str, float] | None = None,
 ) -> Memory:
     """features (N, h, w, D) -> memory of about ``ratio * N * h * w`` rows (all with keep_all).
 
@@ -42,6 +43,7 @@ def build_memory(
     n, h, w, d = features.shape
     flat = features.reshape(-1, d)                                   # N*h*w D
     sources = np.repeat(np.arange(n), h * w)
+    axes = None
     if keep_all:
         keep = np.arange(len(flat))
     else:
@@ -49,7 +51,8 @@ def build_memory(
         x = torch.from_numpy(flat).to(device)
         if distance == "cosine":
             x = torch.nn.functional.normalize(x, dim=1)
-        keep = greedy_coreset(x, k, projection_dim=projection_dim, seed=seed).cpu().numpy()
+        axes = rule.axes(*x.shape)
+        keep = greedy_coreset(x, k, projection_dim=axes, seed=seed).cpu().numpy()
     bank = np.ascontiguousarray(flat[keep])
     coreset_done = time.perf_counter()
     probes = None
@@ -62,7 +65,7 @@ def build_memory(
     if timings is not None:
         timings["coreset"] = round((coreset_done - start) * 1000.0, 3)
         timings["index"] = round((time.perf_counter() - coreset_done) * 1000.0, 3)
-    return Memory(bank, sources[keep], index, choice)
+    return Memory(bank, sources[keep], index, choice, axes)
 
 
 def searcher(index: faiss.Index, bank: np.ndarray, distance: Distance, k: int,

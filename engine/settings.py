@@ -12,7 +12,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import AliasChoices, Field, ValidationInfo, field_validator
 from pydantic_settings import (
@@ -20,6 +20,9 @@ from pydantic_settings import (
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
+
+if TYPE_CHECKING:
+    from engine.coreset import CoresetRule
 
 __all__ = ["EnvSettings", "Settings", "env_field"]
 
@@ -152,19 +155,31 @@ class Settings(EnvSettings):
 
     # PatchCore
     coreset_ratio: float = Field(
-        0.1, gt=0, le=1, validation_alias=AliasChoices("PATCHCORE_CORESET_RATIO", "coreset_ratio")
+        0.025, gt=0, le=1, validation_alias=AliasChoices("PATCHCORE_CORESET_RATIO", "coreset_ratio")
     )
     coreset_projection_dim: int = Field(
         192, ge=8, validation_alias=AliasChoices("PATCHCORE_PROJECTION_DIM", "coreset_projection_dim"),
         description="Principal axes the greedy coreset selects on; features with no more dimensions "
                     "than this are used as they are (see engine.coreset).",
     )
+    coreset_exact_max_rows: int = Field(
+        200_000, ge=1,
+        validation_alias=AliasChoices("PATCHCORE_CORESET_EXACT_MAX_ROWS", "coreset_exact_max_rows"),
+        description="Banks up to this many patch rows are thinned on coreset_projection_dim axes; larger "
+                    "ones on at most coreset_large_projection_dim (engine.coreset.CoresetRule).",
+    )
+    coreset_large_projection_dim: int = Field(
+        96, ge=8,
+        validation_alias=AliasChoices("PATCHCORE_LARGE_PROJECTION_DIM", "coreset_large_projection_dim"),
+        description="Principal axes the coreset of a bank above coreset_exact_max_rows is selected on.",
+    )
     ivf_min_rows: int = Field(
-        12_000, ge=1, validation_alias=AliasChoices("PATCHCORE_IVF_MIN_ROWS", "ivf_min_rows"),
+        4_000, ge=1, validation_alias=AliasChoices("PATCHCORE_IVF_MIN_ROWS", "ivf_min_rows"),
         description="Memories with at least this many rows get a projected inverted-file index: an "
                     "approximate search refined to exact scores, decisions and regions (engine.search, "
                     "engine.refine); smaller ones, and memory_fit ones (nothing left out to tune on), a "
-                    "flat one. Below ~12k rows the flat search was the faster (bench latency section).",
+                    "flat one. At 320 px (1 600 patches per ROI) the refined search was faster from 4k rows "
+                    "on (bench latency section, crossover).",
     )
     distance: Literal["l2", "cosine"] = Field(
         "l2", validation_alias=AliasChoices("PATCHCORE_DISTANCE", "distance")
@@ -255,6 +270,22 @@ class Settings(EnvSettings):
     @property
     def effective_batch_size(self) -> int:
         return self.batch_size or (16 if self.resolved_device == "cuda" else 1)
+
+    @property
+    def fit_workers(self) -> int:
+        """Threads that extract a fit's images side by side (CPU; one on CUDA): BACKEND_TORCH_THREADS,
+        else one per usable core (engine.features.FeatureExtractor.stream)."""
+        if self.resolved_device != "cpu":
+            return 1
+        if self.torch_threads:
+            return self.torch_threads
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+    @property
+    def coreset_rule(self) -> CoresetRule:
+        from engine.coreset import CoresetRule  # torch and faiss: imported when a fit needs them
+
+        return CoresetRule(self.coreset_projection_dim, self.coreset_exact_max_rows, self.coreset_large_projection_dim)
 
     @property
     def resolved_device(self) -> str:

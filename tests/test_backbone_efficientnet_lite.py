@@ -204,3 +204,17 @@ def test_pasted_patch_is_most_anomalous(model: EfficientNetLite, bottle_dir: Pat
     assert y0 // stride <= row < (y0 + side) // stride
     assert x0 // stride <= col < (x0 + side) // stride
     assert dist[0].max() > 2 * dist[1].max()  # the good image stays well below the defect
+
+
+def test_folded_batch_norms_keep_the_features() -> None:
+    """Folding every BatchNorm into its conv (what the engine runs) changes only float rounding."""
+    plain = load_efficientnet_lite("efficientnet_lite0", input_size=224)
+    folded = load_efficientnet_lite("efficientnet_lite0", input_size=224)
+    folded.fold_batch_norms()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in plain.modules())
+    images = _uint8_images(2, 224, seed=5)
+    with torch.inference_mode():
+        want, got = plain(images), folded(images)
+    assert got.shape == want.shape
+    assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()

@@ -7,7 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from engine.coreset import _greedy_dense, covering_radius, greedy_cells, greedy_coreset, principal_axes, project
+from engine.coreset import (
+    CoresetRule,
+    _greedy_dense,
+    covering_radius,
+    greedy_cells,
+    greedy_coreset,
+    principal_axes,
+    project,
+)
 
 N, D, K = 2000, 64, 200   # 10 %, PatchCore's usual ratio
 FACTOR = 1.15             # allowed covering radius over the exact greedy reference
@@ -165,3 +173,14 @@ def test_covering_radius_known_answer() -> None:
     assert covering_radius(x, torch.tensor([0])) == pytest.approx(10.0)
     assert covering_radius(x, torch.tensor([0, 2])) == pytest.approx(5.0)
     assert covering_radius(x, torch.arange(4)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_rule_keeps_exact_picks_up_to_its_row_limit() -> None:
+    rule = CoresetRule(projection_dim=192, exact_max_rows=200_000, large_projection_dim=96)
+    assert rule.axes(200_000, 152) is None            # Lite0 features as they are: exact greedy
+    assert rule.axes(200_001, 152) == 96
+    assert rule.axes(200_000, 384) == 192
+    assert rule.axes(600_000, 384) == 96
+    assert rule.axes(600_000, 64) is None             # fewer dimensions than the large limit
+    assert CoresetRule(projection_dim=None).axes(10, 384) is None
+    assert CoresetRule(projection_dim=None, exact_max_rows=5).axes(10, 384) == 96

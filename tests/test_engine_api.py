@@ -169,7 +169,7 @@ def test_fit_result(engine: Engine, fitted: FitResult) -> None:
     assert fitted.token_shape == (INPUT // 8, INPUT // 8) == (14, 14)
     h, w = fitted.token_shape
     assert fitted.n_embeddings == 8 * h * w == 1568
-    assert fitted.coreset_size == round(0.1 * 1568) == 157
+    assert fitted.coreset_size == round(engine.settings.coreset_ratio * 1568) == 157
     assert fitted.model_version == 1
     assert (fitted.backbone, fitted.input_size, fitted.distance, fitted.memory_fit) == (
         "efficientnet_lite0", INPUT, "l2", False)

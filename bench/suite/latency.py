@@ -1,9 +1,10 @@
 """ROI latency on production-sized models, by stage and door; thread counts; small-model figures.
 
 * production: EfficientNet-Lite0 fitted on all 209 bottle train images (900 x 900 PNG files) at
-  224, 320 and 448 px (448 gives a memory of >= 60k rows), calibrated on its hold-out OK
-  scores. Two 900 x 900 PNG ROIs (a defective and a good bottle test image, the files as they
-  are) go through every path, called in turn so drift hits all alike:
+  320 px with a 2.5 % coreset (the engine's defaults), 224 px with 10 % (the earlier defaults)
+  and 448 px with 10 % (a memory of >= 60k rows), each calibrated on its hold-out OK scores.
+  Two 900 x 900 PNG ROIs (a defective and a good bottle test image, the files as they are) go
+  through every path, called in turn so drift hits all alike:
   ``decode+resize`` (decode_image + resize_square), ``forward`` (extractor), ``in-process``
   (``Engine.infer``, PNG in, PNG heatmap out), ``ZeroMQ`` (the same through the ZeroMQ door on
   loopback) and ``ZeroMQ raw`` (RGB array in, no heatmap). Stages are the medians of the
@@ -49,7 +50,9 @@ from bench.suite.common import (
 )
 
 FULL: dict[str, Any] = {
-    "production": [[224, 209], [320, 209], [448, 209]],
+    # [side, images, coreset ratio]: the engine's default (320, 2.5 %), the earlier one (224, 10 %)
+    # side by side, and a memory of >= 60k rows (448, 10 %)
+    "production": [[320, 209, 0.025], [224, 209, 0.1], [448, 209, 0.1]],
     "budget_s": 40.0, "n_min": 15, "n_max": 150, "exact_checks": 8,
     "thread_counts": [1, 2, 0], "clients": [1, 2, 4], "throughput_s": 8.0,
     "crossover_rows": [2000, 4000, 8000, 16000, 32000, 64000],
@@ -57,7 +60,7 @@ FULL: dict[str, Any] = {
     "small_fit_images": 10, "small_budget_s": 8.0, "timeout_s": 900,
 }
 QUICK: dict[str, Any] = {
-    **FULL, "production": [[224, 24]], "budget_s": 4.0, "n_min": 4, "n_max": 20, "exact_checks": 2,
+    **FULL, "production": [[320, 24, 0.025]], "budget_s": 4.0, "n_min": 4, "n_max": 20, "exact_checks": 2,
     "thread_counts": [1, 0], "clients": [1, 2], "throughput_s": 2.0, "crossover_rows": [2000, 16000],
     "small": [["efficientnet_lite0", 224]], "small_budget_s": 2.0, "timeout_s": 300,
 }
@@ -68,11 +71,11 @@ PROBES = {"defective": ("broken_large", 0), "good": ("good", 0)}
 def run(params: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"production": [], "threads": [], "small": []}
     with scratch_dir("bench-latency-") as root:
-        for side, images in params["production"]:
-            say(SECTION, f"production model: bottle {images} images @ {side}")
-            result = run_child("latency:one_production", {**params, "side": side, "images": images, "root": root},
-                               timeout=params["timeout_s"])
-            result.update(side=side, images=images)
+        for side, images, ratio in params["production"]:
+            say(SECTION, f"production model: bottle {images} images @ {side}, coreset {ratio}")
+            result = run_child("latency:one_production", {**params, "side": side, "images": images, "ratio": ratio,
+                                                          "root": root}, timeout=params["timeout_s"])
+            result.update(side=side, images=images, coreset_ratio=ratio)
             out["production"].append(result)
             if "error" in result:
                 say(SECTION, f"{images} @ {side} failed: {result['error']}")
@@ -111,11 +114,13 @@ def _train_files(count: int) -> list[Any]:
     return [png_bytes(images[i]) for i in range(count)]
 
 
-def _engine(root: Path, side: int, threads: int | None, zmq_workers: int = 4) -> tuple[Any, Any]:
+def _engine(root: Path, side: int, threads: int | None, zmq_workers: int = 4,
+            coreset_ratio: float | None = None) -> tuple[Any, Any]:
     from engine.api import Engine
     from service.serve import ServeConfig
 
-    config = ServeConfig.of(data_root=root, backbone="efficientnet_lite0", input_size=side, device="cpu",
+    ratio = {} if coreset_ratio is None else {"coreset_ratio": coreset_ratio}
+    config = ServeConfig.of(data_root=root, backbone="efficientnet_lite0", input_size=side, device="cpu", **ratio,
                             torch_threads=threads, zmq_endpoint="tcp://127.0.0.1:*", zmq_workers=zmq_workers,
                             zmq_events=None, log_level="WARNING")
     return Engine(config.engine), config
@@ -137,7 +142,7 @@ def _zmq_door(engine: Any, config: Any) -> Any:
 def one_production(params: dict[str, Any]) -> dict[str, Any]:
     side, images = int(params["side"]), int(params["images"])
     root = Path(params["root"]) / f"p{side}"
-    engine, config = _engine(root, side, params.get("threads"))
+    engine, config = _engine(root, side, params.get("threads"), coreset_ratio=params.get("ratio"))
     try:
         t0 = time.perf_counter()
         fit = engine.fit_ok(ROLE, "roi", MM, _train_files(images))
@@ -313,13 +318,14 @@ def crossover(params: dict[str, Any]) -> dict[str, Any]:
     configure_threads(params.get("threads"))
     from engine.features import FeatureExtractor
 
+    side = int(params["production"][0][0])      # the default model's side
     with scratch_dir("bench-crossover-") as tmp:
-        backbone, _ = build_backbone("efficientnet_lite0", None, Path(tmp), 224, None)
+        backbone, _ = build_backbone("efficientnet_lite0", None, Path(tmp), side, None)
     extract = FeatureExtractor(backbone, "cpu", "auto", 1)
     train = AugmentedImages(96, source_side=448)
-    rows_all = np.concatenate([extract([resize_square(train[i], 224)]) for i in range(len(train))]).reshape(-1, 152)
+    rows_all = np.concatenate([extract([resize_square(train[i], side)]) for i in range(len(train))]).reshape(-1, 152)
     probes = {name: decode_image(png, 10**9) for name, png in _probe_files().items()}
-    probe_features = {name: extract([resize_square(rgb, 224)])[0] for name, rgb in probes.items()}
+    probe_features = {name: extract([resize_square(rgb, side)])[0] for name, rgb in probes.items()}
     rng = np.random.default_rng(0)
     out = []
     for m in params["crossover_rows"]:
@@ -346,7 +352,7 @@ def crossover(params: dict[str, Any]) -> dict[str, Any]:
                 row[f"{kind} {name}"] = round(float(np.median(ms)), 3)
         out.append(row)
         say(SECTION, f"crossover {m} rows: " + ", ".join(f"{k} {v}" for k, v in row.items() if " " in k))
-    return {"rows": out, "source": f"Lite0 @ 224 patch features of {train.source}, random subsets"}
+    return {"rows": out, "source": f"Lite0 @ {side} patch features of {train.source}, random subsets"}
 
 
 def one_small(params: dict[str, Any]) -> dict[str, Any]:

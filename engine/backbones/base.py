@@ -50,6 +50,10 @@ class Backbone(nn.Module):
         """(B, 3, H, W) normalized -> (B, h, w, C) patch features."""
         raise NotImplementedError
 
+    def fold_batch_norms(self) -> None:
+        """Fold normalisation layers into the layers before them, for inference; by default there
+        are none to fold. Call after the weights are loaded (the state dict changes)."""
+
     def forward(self, images: Tensor) -> Tensor:
         """(B, H, W, 3) uint8 RGB -> (B, h, w, C) patch features."""
         x = self.normalize(images)
