@@ -25,7 +25,7 @@ from engine.growth import estimate_radius, nearest, select_rows
 from engine.knn import serialize_index
 from engine.models import ModelKey, ModelRegistry, Previous, model_not_found
 from engine.schemas import AddOkResult, RefitCalibration
-from engine.search import build_search_index
+from engine.search import IndexChoice, build_search_index
 from engine.settings import Settings
 from engine.storage import version_of
 
@@ -78,17 +78,7 @@ class OkAdder:
             start = time.perf_counter()
             scores, nearest_kept = self._score_new(manifest, bank, features, sizes)
             timings["ok_scores"] = _ms(start)
-            start = time.perf_counter()
-            radius = self._radius(manifest, bank)
-            rows = features.reshape(-1, features.shape[-1])
-            joined = select_rows(rows, nearest_kept, radius, manifest["distance"], self._budget(manifest, bank, rows))
-            grown = np.ascontiguousarray(np.concatenate([bank, rows[joined]]), dtype=np.float32)
-            timings["coverage"] = _ms(start)
-            start = time.perf_counter()
-            left_out = np.setdiff1d(np.arange(len(rows)), joined)[:_PROBE_QUERIES]
-            index, choice = build_search_index(grown, manifest["distance"], ivf_min_rows=self._settings.ivf_min_rows,
-                                               probe_queries=rows[left_out], seed=self._settings.seed)
-            timings["index"] = _ms(start)
+            radius, joined, grown, index, choice = self._grow(manifest, bank, features, nearest_kept, timings)
             start = time.perf_counter()
             names = [sources[i] for i in kept] if sources else [None] * len(kept)
             new_manifest = self._manifest(key, manifest, features.shape, grown, choice.as_dict(), radius,
@@ -113,6 +103,22 @@ class OkAdder:
             rows_added=len(joined), coreset_size=len(grown), covering_radius=radius,
             ok_scores=tuple(scores[i] for i in sorted(scores)), threshold=written.get("threshold"),
             calibration=carry.info, timings_ms=timings)
+
+    def _grow(self, manifest: dict[str, Any], bank: np.ndarray, features: np.ndarray, nearest_kept: np.ndarray,
+              timings: dict[str, float]) -> tuple[float, np.ndarray, np.ndarray, Any, IndexChoice]:
+        """(radius, rows joined, grown memory, its index and index choice) for the new ``features``."""
+        start = time.perf_counter()
+        radius = self._radius(manifest, bank)
+        rows = features.reshape(-1, features.shape[-1])
+        joined = select_rows(rows, nearest_kept, radius, manifest["distance"], self._budget(manifest, bank, rows))
+        grown = np.ascontiguousarray(np.concatenate([bank, rows[joined]]), dtype=np.float32)
+        timings["coverage"] = _ms(start)
+        start = time.perf_counter()
+        left_out = np.setdiff1d(np.arange(len(rows)), joined)[:_PROBE_QUERIES]
+        index, choice = build_search_index(grown, manifest["distance"], ivf_min_rows=self._settings.ivf_min_rows,
+                                           probe_queries=rows[left_out], seed=self._settings.seed)
+        timings["index"] = _ms(start)
+        return radius, joined, grown, index, choice
 
     def _score_new(self, manifest: dict[str, Any], bank: np.ndarray, features: np.ndarray,
                    sizes: list[tuple[int, int]]) -> tuple[dict[int, float], np.ndarray]:
