@@ -1,10 +1,9 @@
-"""The engine facade, the one object both doors call: it checks ids and delegates to its parts,
-``ModelRegistry``, ``Fitter``, ``Scorer``, ``Calibrator``, ``Samples``; ``monitor`` serves its own ops.
+"""The engine facade both doors call: it checks ids and delegates to ``ModelRegistry``, ``Fitter``,
+``Scorer``, ``Calibrator``, ``Samples``; ``lifecycle`` and ``monitor`` serve their own ops.
 
-Thread-safe: infers on any ROIs run concurrently; fits are serialized per ROI and never block
-infers (an infer during a refit uses the previous model until the new one is committed on disk).
+Thread-safe: infers on any ROIs run concurrently; fits are serialized per ROI and never block infers
+(an infer during a refit uses the previous model until the new one is on disk).
 """
-
 from __future__ import annotations
 
 import time
@@ -24,6 +23,7 @@ from engine.features import FeatureExtractor
 from engine.fitting import Fitter
 from engine.images import ImageLimits
 from engine.knn import configure_faiss
+from engine.lifecycle import Lifecycle
 from engine.models import ModelRegistry
 from engine.monitor import Monitor
 from engine.samples import Samples
@@ -71,15 +71,14 @@ class Engine:
         make_dirs(self.data_root)
         configure_faiss()
         configure_threads(settings.torch_threads)
-        backbone, self.backbone_reason = build_backbone(
-            settings.backbone, settings.weights, self.data_root, settings.input_size, settings.dinov2_block
-        )
+        backbone, self.backbone_reason = build_backbone(settings.backbone, settings.weights, self.data_root,
+                                                        settings.input_size, settings.dinov2_block)
         self.device = settings.resolved_device
         self.extractor = FeatureExtractor(backbone, self.device, settings.precision, settings.effective_batch_size)
         self.backbone_info = backbone.info
         self.models = ModelRegistry(self.data_root, self.backbone_info, precision=self.extractor.precision,
                                     device=self.device, cache_size=settings.model_cache_size,
-                                    mm_per_px_rtol=settings.mm_per_px_rtol)
+                                    mm_per_px_rtol=settings.mm_per_px_rtol, versions_kept=settings.model_versions_kept)
         self.models.recover_all()   # a crash may have cut a model swap short
         images = ImageLimits(settings.max_image_bytes, settings.max_image_pixels, settings.max_decoded_image_bytes)
         self.budget = MemoryBudget(settings.memory_budget_bytes, settings.memory_wait_s)
@@ -88,6 +87,8 @@ class Engine:
         self._calibrator = Calibrator(settings, self.models, self._samples)
         self._fitter = Fitter(settings, self.extractor, self.backbone_info, self.models, self._scorer.decode_held,
                               self._calibrator.carry)
+        parts = (self.models, self._fitter, self._calibrator, self._samples, self._scorer)
+        self.lifecycle = Lifecycle(settings, *parts, self.backbone_info)
         self.monitor = Monitor(settings, self.models, self._samples, self._scorer)   # the scorer's recorder
         log.info("engine_ready", backbone=self.backbone_info.name, reason=self.backbone_reason,
                  device=self.device, precision=self.extractor.precision, data_root=str(self.data_root))
@@ -105,8 +106,7 @@ class Engine:
             uptime_s=round(time.monotonic() - self._started, 3),
             roles_loaded=tuple(sorted({k.role_id for k in loaded})),
             rois=tuple(sorted(k.where for k in loaded)), backbone=self.backbone_info.name,
-            weights_sha256=self.backbone_info.weights_sha256, input_size=self.backbone_info.input_size,
-        )
+            weights_sha256=self.backbone_info.weights_sha256, input_size=self.backbone_info.input_size)
 
     def state(self, role_id: str, roi_id: str, *, recipe_id: str | None = None) -> StateResult:
         return self.models.state(self.models.key(role_id, roi_id, recipe_id))

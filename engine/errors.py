@@ -8,10 +8,12 @@
     - InvalidImage (400 invalid_image)
     - ReservedRecipe (400 reserved_recipe)
     - InvalidHost (400 invalid_host)
+    - ArchiveInvalid (400 archive_invalid)
   - Unauthorized (401 unauthorized)
   - CrossSiteRequest (403 cross_site_request)
   - ModelNotFound (404 model_not_found)
   - SampleNotFound (404 sample_not_found)
+  - VersionNotFound (404 version_not_found)
   - ImageNotKept (404 image_not_kept)
   - MmPerPxMismatch (409 mm_per_px_mismatch)
   - ModelChanged (409 model_changed)
@@ -29,6 +31,7 @@
 from __future__ import annotations
 
 __all__ = [
+    "ArchiveInvalid",
     "CalibrationMissing",
     "CorruptModel",
     "CrossSiteRequest",
@@ -51,6 +54,7 @@ __all__ = [
     "ServerBusy",
     "StorageError",
     "Unauthorized",
+    "VersionNotFound",
     "WeightsError",
 ]
 
@@ -95,6 +99,13 @@ class InvalidHost(InvalidInput):
     code, status = "invalid_host", 400
 
 
+class ArchiveInvalid(InvalidInput):
+    """A model archive that cannot be installed: truncated, tampered with, unsafe member names, or
+    made for another backbone, input rule or storage schema. Nothing is installed."""
+
+    code, status = "archive_invalid", 400
+
+
 class Unauthorized(EngineError):
     code, status = "unauthorized", 401
 
@@ -113,6 +124,10 @@ class SampleNotFound(EngineError):
     code, status = "sample_not_found", 404
 
 
+class VersionNotFound(EngineError):
+    """No kept version of this model has that number (older ones are removed by retention)."""
+
+    code, status = "version_not_found", 404
 class ImageNotKept(EngineError):
     """A training image an explanation names is not stored: the fit's images came with the request
     (only stored dataset samples are kept), or the sample was deleted since."""

@@ -75,7 +75,7 @@ class Fitter:
         s, timings = self._settings, {}
         with self._models.fit_guard(key):
             previous = self._models.previous(key)
-            features, sizes, kept = self._extract_all(images, report, timings)        # N h w D
+            features, sizes, kept = self.extract_all(images, report, timings)        # N h w D
             sources = [sources[i] for i in kept] if sources else None
             report("coreset", 0, 1)
             memory = build_memory(
@@ -88,7 +88,7 @@ class Fitter:
             timings["ok_scores"] = _ms(start)
             start = time.perf_counter()
             manifest = self._manifest(key, mm_per_px, operator_id, memory_fit, features.shape, memory, held_out,
-                                      sources, previous)
+                                      sources)
             manifest["training_images"] = {"sources": sources, "sizes": [[int(h), int(w)] for h, w in sizes]}
             carry = self._carry(key, previous, self._models.serving(manifest, memory.bank, memory.index),
                                 recalibrate, report)
@@ -96,7 +96,7 @@ class Fitter:
             start = time.perf_counter()
             report("save", 0, 1)
             manifest = self._models.save(key, carry.manifest, memory.bank, memory.index,
-                                         serialize_index(memory.index), carry.record, memory.origins)
+                                         serialize_index(memory.index), carry.record, origins=memory.origins)
             report("save", 1, 1)
             timings["save"] = _ms(start)
         ok_scores = [held_out[i] for i in sorted(held_out)]
@@ -105,7 +105,7 @@ class Fitter:
                  carried=carry.info.carried if carry.info else None, timings_ms=timings)
         return self._result(key, manifest, len(sizes), timings, ok_scores, carry)
 
-    def _extract_all(self, images: Sequence[Any], report: ProgressFn,
+    def extract_all(self, images: Sequence[Any], report: ProgressFn,
                      timings: dict[str, float]) -> tuple[np.ndarray, list[tuple[int, int]], list[int]]:
         """Decode, resize and extract batch by batch (``FeatureExtractor.stream``: a few batches of
         decoded images are held at a time, never the whole set).
@@ -159,14 +159,14 @@ class Fitter:
 
     def _manifest(self, key: ModelKey, mm_per_px: float, operator_id: str | None, memory_fit: bool,
                   features_shape: tuple[int, ...], memory: Memory, held_out: dict[int, float],
-                  sources: list[str] | None, previous: Previous | None) -> dict[str, Any]:
+                  sources: list[str] | None) -> dict[str, Any]:
         """Everything needed to replay a model (seed §3 fields first); storage adds checksums."""
         n, h, w, _ = features_shape
         info, s = self._backbone, self._settings
         scored = sorted(held_out)
         return {
             "role_id": key.role_id, "roi_id": key.roi_id, "recipe_id": key.recipe,
-            "model_version": (previous.version if previous else 0) + 1,
+            "model_version": self._models.store(key.recipe).next_model_version(key.role_id, key.roi_id),
             "mm_per_px": mm_per_px, "n_embeddings": int(n * h * w), "coreset_size": len(memory.bank),
             "threshold": None, "created_at": now_utc(), "operator_id": operator_id, "n_images": int(n),
             "memory_fit": bool(memory_fit), "token_shape": [int(h), int(w)],

@@ -25,7 +25,7 @@ from engine.knn import TorchBank, deserialize_index, set_nprobe
 from engine.model_cache import ModelCache
 from engine.patchcore import MemorySearch, searcher
 from engine.schemas import ModelSummary, StateResult
-from engine.storage import ModelStore, remove_temp_files
+from engine.storage import DEFAULT_VERSIONS_KEPT, ModelStore, remove_temp_files, version_of
 from engine.validate import check_id, check_recipe, stored_calibration
 
 __all__ = ["LoadedModel", "ModelKey", "ModelRegistry", "Previous", "model_not_found"]
@@ -83,12 +83,13 @@ class ModelRegistry:
     """Stored models of every recipe under one data root, and the ones loaded in memory."""
 
     def __init__(self, data_root: Path, backbone: BackboneInfo, *, precision: str, device: str,
-                 cache_size: int, mm_per_px_rtol: float) -> None:
+                 cache_size: int, mm_per_px_rtol: float, versions_kept: int = DEFAULT_VERSIONS_KEPT) -> None:
         self.data_root = Path(data_root)
         self._backbone = backbone
         self._precision = precision
         self._device = device
         self._mm_rtol = mm_per_px_rtol
+        self._versions_kept = versions_kept
         self._cache: ModelCache[ModelKey, LoadedModel] = ModelCache(cache_size)
         self._locks: dict[ModelKey, tuple[threading.Lock, threading.Lock]] = {}   # (fitting, writing)
         self._locks_guard = threading.Lock()
@@ -103,7 +104,7 @@ class ModelRegistry:
         return self.data_root if recipe is None else self.data_root / "recipes" / recipe
 
     def store(self, recipe: str | None) -> ModelStore:
-        return ModelStore(self.base(recipe))
+        return ModelStore(self.base(recipe), self._versions_kept)
 
     def datasets(self, recipe: str | None) -> DatasetStore:
         return DatasetStore(self.base(recipe))
@@ -158,7 +159,7 @@ class ModelRegistry:
         recipes = self.data_root / "recipes"
         bases = [self.data_root, *(sorted(p for p in recipes.iterdir() if p.is_dir()) if recipes.is_dir() else ())]
         for base in bases:
-            ModelStore(base).recover_all()
+            ModelStore(base, self._versions_kept).recover_all()
             removed = sum(remove_temp_files(folder) for folder in DatasetStore(base).sample_folders())
             if removed:
                 log.info("temp_files_removed", base=str(base), count=removed)
@@ -259,12 +260,12 @@ class ModelRegistry:
     # --- writing and the cache -------------------------------------------------------------
 
     def save(self, key: ModelKey, manifest: dict[str, Any], bank: np.ndarray, index: Any,
-             index_bytes: bytes, calibration: dict[str, Any] | None = None,
-             origins: np.ndarray | None = None) -> dict[str, Any]:
-        """Store a fitted model (and the calibration carried over to it, and where its rows came
-        from) as a unit and serve it at once; returns the manifest written."""
+             index_bytes: bytes, calibration: dict[str, Any] | None = None, *, created_by: str = "fit",
+             extra: dict[str, bytes] | None = None, origins: np.ndarray | None = None) -> dict[str, Any]:
+        """Store a fitted model (with the calibration carried over to it and where its rows came
+        from) as a new version and serve it at once; returns the manifest written."""
         written = self.store(key.recipe).save(key.role_id, key.roi_id, manifest, bank, index_bytes, calibration,
-                                              origins)
+                                              created_by=created_by, extra=extra, origins=origins)
         self._cache.put(key, self.serving(written, bank, index, calibration, origins))
         return written
 
@@ -289,6 +290,7 @@ class ModelRegistry:
             role_id=key.role_id, roi_id=key.roi_id, recipe_id=key.recipe,
             memory_fitted=manifest is not None, calib_present=calibrated,
             model_version=m.get("model_version"), threshold=m.get("threshold"), mm_per_px=m.get("mm_per_px"),
+            active_version=version_of(m) if manifest else None,
             token_shape=tuple(m["token_shape"]) if manifest else None, coreset_size=m.get("coreset_size"),
             backbone=m.get("backbone", {}).get("name") if manifest else None,
         )

@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
+    "ActivateResult",
+    "AddOkResult",
     "AnnulusShape",
     "BatchError",
     "CalibrationResult",
@@ -23,15 +25,18 @@ __all__ = [
     "DeleteResult",
     "DriftResult",
     "ExplainPatchResult",
+    "ExportResult",
     "FitResult",
     "HealthResult",
     "HeatmapFormat",
     "HistoryEntry",
     "HistoryResult",
+    "ImportResult",
     "InferBatchItem",
     "InferBatchResult",
     "InferDatasetResult",
     "InferResult",
+    "MarkResult",
     "ModelSummary",
     "OkScoreStats",
     "RawArray",
@@ -41,6 +46,8 @@ __all__ = [
     "RegionExplanation",
     "Shape",
     "StateResult",
+    "VersionInfo",
+    "VersionsResult",
 ]
 
 HeatmapFormat = Literal["png", "uint8", "float32", "none"]
@@ -238,6 +245,7 @@ class StateResult(_Frozen):
     token_shape: tuple[int, int] | None
     coreset_size: int | None
     backbone: str | None
+    active_version: int | None = None        # the model version served (engine.lifecycle)
 
 
 class ModelSummary(_Frozen):
@@ -389,6 +397,84 @@ class ExplainPatchResult(_Frozen):
     source_box: tuple[int, int, int, int]
     crop_box: tuple[int, int, int, int]       # the crop: the patch with one patch of context around
     png: bytes
+class VersionInfo(_Frozen):
+    version: int
+    active: bool
+    created_at: str | None                   # when this version was made (None: stored before versions)
+    created_by: str                          # fit | add_ok | calibration | import | unknown
+    model_version: int                       # the memory's number (fit, add_ok and import make a new memory)
+    n_images: int                            # training images of the memory
+    coreset_size: int
+    threshold: float | None
+
+
+class VersionsResult(_Frozen):
+    role_id: str
+    roi_id: str
+    recipe_id: str | None
+    active_version: int | None
+    kept_limit: int                          # BACKEND_MODEL_VERSIONS_KEPT
+    versions: tuple[VersionInfo, ...]        # oldest first
+
+
+class ActivateResult(_Frozen):
+    role_id: str
+    roi_id: str
+    recipe_id: str | None
+    active_version: int
+    previous_version: int | None
+    model_version: int
+    threshold: float | None
+
+
+class AddOkResult(_Frozen):
+    role_id: str
+    roi_id: str
+    recipe_id: str | None
+    version: int                             # the new version, served now
+    model_version: int
+    n_images: int                            # images added by this call
+    n_images_total: int                      # training images of the memory now
+    rows_added: int
+    coreset_size: int
+    covering_radius: float                   # the coverage rule's radius (engine.growth)
+    ok_scores: tuple[float, ...]             # each added image scored against the memory before the call
+    threshold: float | None
+    calibration: RefitCalibration | None     # None when the model had no calibration to carry over
+    timings_ms: dict[str, float]
+
+
+class MarkResult(_Frozen):
+    role_id: str
+    roi_id: str
+    recipe_id: str | None
+    label: Literal["ok", "ng"]
+    filename: str                            # the stored dataset sample
+    score: float                             # what the image scored on the version it was marked against
+    threshold: float | None
+    decision: Literal["ok", "ng"] | None
+    marked_version: int
+    added: AddOkResult | None                # mark_ok: the add_ok of the image; mark_ng: None
+
+
+class ExportResult(_Frozen):
+    role_id: str
+    roi_id: str
+    recipe_id: str | None
+    version: int
+    filename: str
+    sha256: str
+    archive: bytes
+
+
+class ImportResult(_Frozen):
+    role_id: str
+    roi_id: str
+    recipe_id: str | None
+    version: int                             # the new version, served now
+    model_version: int
+    threshold: float | None
+    origin: dict[str, Any]                   # role, ROI, recipe and version the archive was made from
 
 
 def model_dump_plain(model: BaseModel) -> dict[str, Any]:

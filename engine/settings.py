@@ -223,6 +223,10 @@ class Settings(EnvSettings):
     model_cache_size: int = Field(
         16, ge=1, validation_alias=AliasChoices("BACKEND_MODEL_CACHE", "model_cache_size")
     )
+    model_versions_kept: int = env_field(
+        5, "BACKEND_MODEL_VERSIONS_KEPT", "model_versions_kept", ge=1, le=1000,
+        description="Versions of each model kept for activate/export (the served one is always kept).",
+    )
     max_image_pixels: int = Field(
         64_000_000, ge=1, validation_alias=AliasChoices("BACKEND_MAX_IMAGE_PIXELS", "max_image_pixels")
     )

@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from engine.api import Engine
-from http_compat import routes, routes_datasets, routes_monitor
+from http_compat import routes, routes_datasets, routes_lifecycle, routes_monitor
 from http_compat.docs import install_offline_docs
 from http_compat.errors import install_error_handlers
 from http_compat.middleware import GateLimits, RequestGate
@@ -53,6 +53,7 @@ def create_app(engine: Engine, settings: HttpSettings) -> FastAPI:
                        limits=gate_limits(engine, settings))
     app.include_router(routes.router)
     app.include_router(routes_datasets.router)
+    app.include_router(routes_lifecycle.router)
     app.include_router(routes_monitor.router)
     install_offline_docs(app)
     if key is not None:

@@ -17,6 +17,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine.schemas import (
+    ActivateResult,
+    AddOkResult,
     BatchError,
     CalibrationResult,
     DatasetClearResult,
@@ -29,16 +31,22 @@ from engine.schemas import (
     HealthResult,
     HistoryEntry,
     HistoryResult,
+    ImportResult,
     InferBatchResult,
     InferDatasetResult,
     InferResult,
+    MarkResult,
     ModelSummary,
     RawArray,
     Region,
     StateResult,
+    VersionsResult,
 )
 
 __all__ = [
+    "ActivateReply",
+    "ActivateRequest",
+    "AddOkReply",
     "CalibrateDatasetReply",
     "CalibrateDatasetRequest",
     "CalibrateNgRequest",
@@ -54,14 +62,17 @@ __all__ = [
     "HealthReply",
     "HistoryEntryReply",
     "HistoryReply",
+    "ImportReply",
     "InferBatchReply",
     "InferDatasetReply",
     "InferDatasetRequest",
     "InferReply",
+    "MarkReply",
     "ModelsReply",
     "RawArrayReply",
     "StateReply",
     "ValidationIssue",
+    "VersionsReply",
     "b64",
     "error_responses",
     "percent",
@@ -137,8 +148,9 @@ class ErrorReply(BaseModel):
 _STATUS_MEANING = {
     400: "Bad input: ids, image, shape, JSON part, reserved recipe (code says which).",
     401: "X-API-Key missing or wrong (only when the server has an API key).",
-    404: "No model (code model_not_found: run /fit_ok first) or no such sample. In the GUI's error dialect "
-         "(docs/curl_examples.md) model_not_found is answered with 400.",
+    404: "No model (code model_not_found: run /fit_ok first), no such sample, or no such kept version "
+         "(version_not_found). In the GUI's error dialect (docs/curl_examples.md) model_not_found is answered "
+         "with 400.",
     409: "mm_per_px differs from the one the model was trained with (mm_per_px_mismatch); a fit of the model "
          "is running (fit_in_progress: retry later); the model was refitted while a calibration was being "
          "computed on the previous version (model_changed: calibrate again).",
@@ -375,3 +387,27 @@ class HistoryReply(_Reply):
 
 class DriftReply(DriftResult):
     request_id: str
+# ---------------------------------------------------------------- model lifecycle (docs/lifecycle.md)
+
+class VersionsReply(VersionsResult):
+    request_id: str
+
+
+class ActivateReply(ActivateResult):
+    request_id: str
+
+
+class AddOkReply(AddOkResult):
+    request_id: str
+
+
+class MarkReply(MarkResult):
+    request_id: str
+
+
+class ImportReply(ImportResult):
+    request_id: str
+
+
+class ActivateRequest(_Request):
+    version: int = Field(description="A kept version number (GET /versions).")

@@ -21,6 +21,8 @@ import zmq
 from pydantic import BaseModel
 
 from engine.schemas import (
+    ActivateResult,
+    AddOkResult,
     CalibrationResult,
     DatasetClearResult,
     DatasetListing,
@@ -28,15 +30,19 @@ from engine.schemas import (
     DeleteResult,
     DriftResult,
     ExplainPatchResult,
+    ExportResult,
     FitResult,
     HealthResult,
     HeatmapFormat,
     HistoryResult,
+    ImportResult,
     InferBatchResult,
     InferDatasetResult,
     InferResult,
+    MarkResult,
     ModelSummary,
     StateResult,
+    VersionsResult,
 )
 from ipc.errors import EngineUnavailable, RemoteError
 from ipc.protocol import OPS, PROTOCOL_VERSION, array_to_wire, pack, unpack
@@ -304,6 +310,53 @@ class EngineClient:
         return InferDatasetResult.model_validate(
             self.call("infer_dataset", args, timeout=timeout, request_id=request_id))
 
+    # -- model lifecycle (docs/lifecycle.md) -----------------------------------------------------
+
+    def versions(self, role_id: str, roi_id: str, *, recipe_id: str | None = None,
+                 timeout: float | None = None) -> VersionsResult:
+        args = {"role_id": role_id, "roi_id": roi_id, "recipe_id": recipe_id}
+        return VersionsResult.model_validate(self.call("versions", args, timeout=timeout))
+
+    def activate(self, role_id: str, roi_id: str, version: int, *, recipe_id: str | None = None,
+                 timeout: float | None = None) -> ActivateResult:
+        args = {"role_id": role_id, "roi_id": roi_id, "version": version, "recipe_id": recipe_id}
+        return ActivateResult.model_validate(self.call("activate", args, timeout=timeout))
+
+    def add_ok(self, role_id: str, roi_id: str, images: Sequence[Image], mm_per_px: float | None = None, *,
+               operator_id: str | None = None, recipe_id: str | None = None,
+               timeout: float | None = None) -> AddOkResult:
+        args = {"role_id": role_id, "roi_id": roi_id, "images": [_image(i) for i in images],
+                "mm_per_px": mm_per_px, "operator_id": operator_id, "recipe_id": recipe_id}
+        return AddOkResult.model_validate(self.call("add_ok", args, timeout=timeout))
+
+    def mark_ok(self, role_id: str, roi_id: str, image: bytes, mm_per_px: float | None = None,
+                shape: BaseModel | dict[str, Any] | str | None = None, *, operator_id: str | None = None,
+                recipe_id: str | None = None, timeout: float | None = None) -> MarkResult:
+        return self._mark("mark_ok", role_id, roi_id, image, mm_per_px, shape, operator_id, recipe_id, timeout)
+
+    def mark_ng(self, role_id: str, roi_id: str, image: bytes, mm_per_px: float | None = None,
+                shape: BaseModel | dict[str, Any] | str | None = None, *, operator_id: str | None = None,
+                recipe_id: str | None = None, timeout: float | None = None) -> MarkResult:
+        return self._mark("mark_ng", role_id, roi_id, image, mm_per_px, shape, operator_id, recipe_id, timeout)
+
+    def _mark(self, op: str, role_id: str, roi_id: str, image: bytes, mm_per_px: float | None,
+              shape: BaseModel | dict[str, Any] | str | None, operator_id: str | None, recipe_id: str | None,
+              timeout: float | None) -> MarkResult:
+        if isinstance(shape, BaseModel):
+            shape = shape.model_dump(mode="python")
+        args = {"role_id": role_id, "roi_id": roi_id, "image": bytes(image), "mm_per_px": mm_per_px,
+                "shape": shape, "operator_id": operator_id, "recipe_id": recipe_id}
+        return MarkResult.model_validate(self.call(op, args, timeout=timeout))
+
+    def export_model(self, role_id: str, roi_id: str, version: int | None = None, *,
+                     recipe_id: str | None = None, timeout: float | None = None) -> ExportResult:
+        args = {"role_id": role_id, "roi_id": roi_id, "version": version, "recipe_id": recipe_id}
+        return ExportResult.model_validate(self.call("export_model", args, timeout=timeout))
+
+    def import_model(self, role_id: str, roi_id: str, archive: bytes, *, recipe_id: str | None = None,
+                     timeout: float | None = None) -> ImportResult:
+        args = {"role_id": role_id, "roi_id": roi_id, "archive": bytes(archive), "recipe_id": recipe_id}
+        return ImportResult.model_validate(self.call("import_model", args, timeout=timeout))
     # -- observability (docs/observability.md) ---------------------------------------------------
 
     def history(self, role_id: str, roi_id: str, *, since: float | None = None, until: float | None = None,

@@ -65,6 +65,14 @@ OPS: dict[str, OpInfo] = {
     "dataset_clear": OpInfo(idempotent=False),
     "calibrate_dataset": OpInfo(idempotent=False, long=True),
     "infer_dataset": OpInfo(idempotent=True, long=True),
+    # model lifecycle
+    "versions": OpInfo(idempotent=True, part="lifecycle"),
+    "activate": OpInfo(idempotent=True, part="lifecycle"),
+    "add_ok": OpInfo(idempotent=False, long=True, part="lifecycle"),
+    "mark_ok": OpInfo(idempotent=False, long=True, part="lifecycle"),
+    "mark_ng": OpInfo(idempotent=False, part="lifecycle"),
+    "export_model": OpInfo(idempotent=True, part="lifecycle"),
+    "import_model": OpInfo(idempotent=False, part="lifecycle"),
     # observability
     "history": OpInfo(idempotent=True, part="monitor"),
     "drift": OpInfo(idempotent=True, part="monitor"),

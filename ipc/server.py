@@ -54,11 +54,13 @@ _SWEEP_S = 1.0                     # how often the front forgets clients that ow
 _TRACK_MIN_BYTES = 64 * 1024       # replies from this size on are tracked until libzmq has sent them
 _REQUEST_KEYS = frozenset({"v", "op", "id", "api_key", "args"})
 # args holding images: a raw buffer map becomes an ndarray before validation (True = a list of them)
-_IMAGE_ARGS: dict[str, tuple[str, bool]] = {"infer": ("image", False), "fit_ok": ("images", True)}
+_IMAGE_ARGS: dict[str, tuple[str, bool]] = {"infer": ("image", False), "fit_ok": ("images", True),
+                                             "add_ok": ("images", True)}
 _STRICT = ConfigDict(arbitrary_types_allowed=True, strict=True)   # msgpack types only, no "1.5" -> 1.5
 # list args counted before their items are converted or validated: (op, arg) -> engine setting
 _LIST_LIMITS = {("fit_ok", "images"): "max_fit_images", ("infer_batch", "items"): "max_batch_items",
-                ("calibrate_ng", "ok_scores"): "max_scores", ("calibrate_ng", "ng_scores"): "max_scores"}
+                ("calibrate_ng", "ok_scores"): "max_scores", ("calibrate_ng", "ng_scores"): "max_scores",
+                ("add_ok", "images"): "max_fit_images"}
 
 
 class _Rejection(Exception):

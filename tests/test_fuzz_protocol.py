@@ -25,6 +25,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from engine.api import Engine
 from engine.errors import InvalidImage
+from engine.lifecycle import Lifecycle
 from engine.monitor import Monitor
 from ipc.protocol import OPS, array_from_wire, image_from_wire, pack, unpack
 from ipc.server import IpcServer, _Job
@@ -74,7 +75,7 @@ BY_NAME: dict[str, st.SearchStrategy[Any]] = {
 
 
 def _params(op: str) -> list[str]:
-    owner = Monitor if OPS[op].part == "monitor" else Engine
+    owner = {"lifecycle": Lifecycle, "monitor": Monitor}.get(OPS[op].part or "", Engine)
     return [p for p in inspect.signature(getattr(owner, op)).parameters if p not in ("self", "progress")]
 
 

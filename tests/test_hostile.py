@@ -632,8 +632,9 @@ def test_no_parse_error_class_is_a_500_on_any_op(doors: Doors) -> None:
             "items": [{"roi_id": ROI, "mm_per_px": MM, "image": png_bytes(noise(SIDE))}]}
     count = 0
     for op in OPS:
-        owner = getattr(doors.engine, OPS[op].part) if OPS[op].part else doors.engine
-        params = [p for p in inspect.signature(getattr(owner, op)).parameters if p != "progress"]
+        part = OPS[op].part
+        method = getattr(getattr(doors.engine, part) if part else doors.engine, op)
+        params = [p for p in inspect.signature(method).parameters if p != "progress"]
         args = {p: base[p] for p in params if p in base}
         for name in params or ["role_id"]:
             for raw, status, code in ZMQ_CLASSES.values():
