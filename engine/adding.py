@@ -24,6 +24,7 @@ from engine.fitting import Fitter, now_utc
 from engine.growth import estimate_radius, nearest, select_rows
 from engine.knn import serialize_index
 from engine.models import ModelKey, ModelRegistry, Previous, model_not_found
+from engine.patchcore import patch_origins
 from engine.schemas import AddOkResult, RefitCalibration
 from engine.search import IndexChoice, build_search_index
 from engine.settings import Settings
@@ -79,10 +80,12 @@ class OkAdder:
             scores, nearest_kept = self._score_new(manifest, bank, features, sizes)
             timings["ok_scores"] = _ms(start)
             radius, joined, grown, index, choice = self._grow(manifest, bank, features, nearest_kept, timings)
+            origins = _grown_origins(files.origins, joined, features.shape, int(manifest["n_images"]))
             start = time.perf_counter()
             names = [sources[i] for i in kept] if sources else [None] * len(kept)
             new_manifest = self._manifest(key, manifest, features.shape, grown, choice.as_dict(), radius,
                                           {} if feedback else scores, names, operator_id, len(joined))
+            new_manifest["training_images"] = _grown_training_images(manifest, names, sizes)
             if feedback:
                 carry = kept_calibration(previous, new_manifest)
             else:
@@ -92,7 +95,7 @@ class OkAdder:
             start = time.perf_counter()
             report("save", 0, 1)
             written = self._models.save(key, carry.manifest, grown, index, serialize_index(index), carry.record,
-                                        created_by="add_ok")
+                                        created_by="add_ok", origins=origins)
             report("save", 1, 1)
             timings["save"] = _ms(start)
         log.info("ok_added", role_id=key.role_id, roi_id=key.roi_id, recipe_id=key.recipe, n_images=len(kept),
@@ -176,6 +179,30 @@ class OkAdder:
                                                          "rows_added": rows_added, "operator_id": operator_id}],
         )
         return out
+
+
+def _grown_origins(origins: np.ndarray | None, joined: np.ndarray, shape: tuple[int, ...],
+                   before: int) -> np.ndarray | None:
+    """The memory's row sources with the joined rows' appended (their images numbered after the
+    ``before`` training images); None when the memory had none (rows of an older model)."""
+    if origins is None:
+        return None
+    _, h, w, _ = shape
+    added = patch_origins(joined, h, w)
+    added[:, 0] += before
+    return np.concatenate([origins, added]).astype(np.int32)
+
+
+def _grown_training_images(manifest: dict[str, Any], names: list[str | None],
+                           sizes: list[tuple[int, int]]) -> dict[str, Any] | None:
+    """``training_images`` of the manifest with the added images after the fit's."""
+    training = manifest.get("training_images")
+    if training is None:
+        return None
+    before = len(training.get("sizes") or [])
+    sources = [*(training.get("sources") or [None] * before), *names]
+    return {"sources": sources if any(name is not None for name in sources) else None,
+            "sizes": [*(training.get("sizes") or []), *([int(h), int(w)] for h, w in sizes)]}
 
 
 def kept_calibration(previous: Previous, manifest: dict[str, Any]) -> Carry:

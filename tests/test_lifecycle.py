@@ -104,6 +104,12 @@ def test_add_ok_grows_the_memory_by_coverage_and_carries_the_calibration(
     manifest = engine.manifest(ROLE, "grow")
     assert manifest["coverage"]["radius"] == added.covering_radius and manifest["n_images"] == 10
     assert len(manifest["ok_scores"]["values"]) == len(fit.ok_scores) + 4
+    # every row, added ones included, still names its training image and patch (explanations)
+    stored = engine.models.store(None).load(ROLE, "grow")
+    assert stored.origins is not None and len(stored.origins) == added.coreset_size
+    added_rows = stored.origins[fit.coreset_size:]
+    assert added_rows[:, 0].min() >= 6 and added_rows[:, 0].max() <= 9
+    assert len(manifest["training_images"]["sizes"]) == 10
     with pytest.raises(ModelNotFound):
         engine.lifecycle.add_ok(ROLE, "nothing", bottles["more"][:1])
     with pytest.raises(InvalidInput):
@@ -227,6 +233,9 @@ def test_export_on_one_root_import_on_another_scores_equal(
         there = station.infer("line2", "cap", MM, image, heatmap="none")
         assert abs(here.score - there.score) <= 1e-6 and here.decision == there.decision
     assert station.lifecycle.versions("line2", "cap").versions[0].created_by == "import"
+    here_rows = engine.models.store(None).load(ROLE, "ship").origins
+    there_rows = station.models.store(None).load("line2", "cap").origins
+    assert here_rows is not None and there_rows is not None and np.array_equal(here_rows, there_rows)
     again = station.lifecycle.import_model("line2", "cap", exported)
     assert again.version == 2 and again.model_version == 2
 
