@@ -45,7 +45,7 @@ __all__ = ["Lifecycle"]
 
 ImageInput = bytes | bytearray | memoryview | np.ndarray
 ProgressFn = Callable[[str, int, int], None]
-_STANDARD_FILES = ("manifest.json", "embeddings.npy", "coreset.faiss", "calibration.json")
+_STANDARD_FILES = ("manifest.json", "embeddings.npy", "coreset.faiss", "calibration.json", "sources.npy")
 _VERSION_FIELDS = ("manifest_sha256", "files", "version", "version_created_by", "version_created_at")
 
 log = structlog.get_logger("engine.lifecycle")
@@ -237,7 +237,7 @@ class Lifecycle:
                             imported={"at": now_utc(), "origin": found.info.get("origin")})
             calibration = None if model.calibration is None else {**model.calibration, "model_version": number}
             written = self._models.save(key, manifest, model.embeddings, index, model.index_bytes, calibration,
-                                        created_by="import", extra=extra)
+                                        created_by="import", extra=extra, origins=model.origins)
         log.info("model_imported", role_id=key.role_id, roi_id=key.roi_id, recipe_id=key.recipe,
                  version=version_of(written), origin=found.info.get("origin"))
         return ImportResult(role_id=key.role_id, roi_id=key.roi_id, recipe_id=key.recipe,
