@@ -35,7 +35,7 @@ __all__ = ["DriftListener", "Monitor"]
 DriftListener = Callable[[dict[str, Any]], None]
 Decision = Literal["ok", "ng"]
 _THUMB_SIDE = 64
-_MAX_LIMIT = 10_000
+_MAX_LIMIT = 1_000   # a page; older records are paged with `until` (a page stays well under 50 ms)
 _SEED_WINDOWS = 5          # a ROI's window is seeded from up to this many windows of history
 
 log = structlog.get_logger("engine.monitor")
@@ -164,7 +164,7 @@ class Monitor:
         recipe_id: str | None = None,
     ) -> HistoryResult:
         """The ROI's last inspections, newest first: in [since, until] (epoch seconds), of one
-        ``decision``, at most ``limit`` (1..10000); ``thumbnails`` adds the 64-px thumbnails.
+        ``decision``, at most ``limit`` (1..1000); ``thumbnails`` adds the 64-px thumbnails.
 
         Raises: InvalidInput / InvalidId (400)."""
         key = self._models.key(role_id, roi_id, recipe_id)

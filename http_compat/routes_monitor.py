@@ -26,7 +26,7 @@ def history(
     since: Annotated[float | None, Query(description="Seconds since the epoch (UTC), inclusive.")] = None,
     until: Annotated[float | None, Query(description="Seconds since the epoch (UTC), inclusive.")] = None,
     decision: Annotated[Literal["ok", "ng"] | None, Query()] = None,
-    limit: Annotated[int, Query(description="1..10000.")] = 100,
+    limit: Annotated[int, Query(description="1..1000; page older records with until.")] = 100,
     thumbnails: Annotated[bool, Query(description="true: add the 64-px image (JPEG) and heatmap (PNG) "
                                                   "thumbnails, base64.")] = False,
 ) -> HistoryReply:

@@ -146,20 +146,20 @@ def test_a_model_without_row_sources_still_scores_and_says_so(world: World) -> N
 def test_history_records_inspections_and_answers_queries(world: World) -> None:
     engine, roi = world.engine, "ds"
     engine.monitor.flush()
-    before = engine.monitor.history(ROLE, roi, limit=10_000).n
+    before = engine.monitor.history(ROLE, roi, limit=1_000).n
     decisions = []
     for i, path in enumerate([*world.good[:4], *world.broken[:2]]):
         decisions.append(engine.infer(ROLE, roi, MM, _png(path), operator_id=f"op{i}").decision)
     batch = engine.infer_batch(ROLE, [{"roi_id": roi, "image": _png(world.good[4]), "mm_per_px": MM}])
     assert batch.n_errors == 0
     engine.monitor.flush()
-    found = engine.monitor.history(ROLE, roi, limit=10_000)
+    found = engine.monitor.history(ROLE, roi, limit=1_000)
     assert found.n == before + 7 and found.dropped == 0 and found.enabled
     newest = found.items[:7]
     assert [item.operator_id for item in newest] == [None, "op5", "op4", "op3", "op2", "op1", "op0"]
     assert [item.decision for item in newest[1:]] == decisions[::-1]
     assert all(a.time >= b.time for a, b in zip(found.items, found.items[1:], strict=False))
-    ng = engine.monitor.history(ROLE, roi, decision="ng", limit=10_000)
+    ng = engine.monitor.history(ROLE, roi, decision="ng", limit=1_000)
     assert ng.n >= 2 and all(item.decision == "ng" and item.n_regions > 0 and item.boxes for item in ng.items)
     window = engine.monitor.history(ROLE, roi, since=newest[4].time, until=newest[1].time)
     assert [item.id for item in window.items] == [item.id for item in newest[1:5]]
@@ -176,10 +176,10 @@ def test_history_records_inspections_and_answers_queries(world: World) -> None:
 def test_stored_sample_scoring_is_not_an_inspection(world: World) -> None:
     engine = world.engine
     engine.monitor.flush()
-    before = engine.monitor.history(ROLE, "ds", limit=10_000).n
+    before = engine.monitor.history(ROLE, "ds", limit=1_000).n
     engine.infer_dataset(ROLE, "ds")
     engine.monitor.flush()
-    assert engine.monitor.history(ROLE, "ds", limit=10_000).n == before
+    assert engine.monitor.history(ROLE, "ds", limit=1_000).n == before
 
 
 @pytest.fixture(scope="module")
