@@ -9,6 +9,7 @@ temporary folder (its path is printed).
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -29,9 +30,14 @@ def _chromium() -> str:
     found = shutil.which("chromium") or shutil.which("chromium-browser")
     if found:
         return found
+    install = ["apt-get", "install", "-y", "--no-install-recommends", "chromium"]
     try:
-        subprocess.run(["nice", "-n", "19", "apt-get", "install", "-y", "chromium"], capture_output=True,
-                       timeout=900, check=False)
+        # a fresh machine may have no package lists yet: then update them and try once more
+        for command in (install, ["apt-get", "update"], install):
+            subprocess.run(command, capture_output=True, timeout=600, check=False,
+                           env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+            if command is install and shutil.which("chromium"):
+                break
     except (OSError, subprocess.TimeoutExpired) as exc:
         pytest.skip(f"chromium is not installed and apt-get could not install it: {exc}")
     found = shutil.which("chromium")
@@ -74,7 +80,7 @@ def _requests(netlog: Path) -> set[tuple[str, str]]:
 def _headless(chromium: str, url: str, *flags: str) -> subprocess.CompletedProcess[str]:
     host = httpx.URL(url).host
     return subprocess.run(
-        ["nice", "-n", "19", chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          f"--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE {host}", "--window-size=1280,1800", *flags, url],
         capture_output=True, text=True, timeout=120, check=False)
