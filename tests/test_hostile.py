@@ -749,7 +749,7 @@ class Hold(asyncio.Protocol):          # keeps every connection: the process soo
 
 async def main():
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(Hold, sock=listener)
+    server = await loop.create_server(Hold, sock=listener, backlog=512)   # asyncio listens again: 100 by default
     await loop.run_in_executor(None, sys.stdin.readline)     # until the test has looked
     print("held", len(held), "shed", listener.shed, flush=True)
     server.close()
