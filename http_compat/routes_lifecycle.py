@@ -4,13 +4,15 @@ GUI's calls changes."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import Response
 from pydantic import BeforeValidator
 
 from engine.errors import InvalidInput
+from engine.settings import Settings
 from http_compat.deps import EngineDep, RecipeDep, RequestIdDep, SettingsDep, bind_model, first_recipe
 from http_compat.routes import decimal_text
 from http_compat.uploads import UploadedImages, collect_images
@@ -78,12 +80,8 @@ def add_ok(
 def mark_ok(engine: EngineDep, settings: SettingsDep, rid: RequestIdDep, recipe: RecipeDep, role_id: _RoleForm,
             roi_id: _RoiForm, image: _ImageFile, mm_per_px: _OptMmForm = None, shape: _ShapeForm = None,
             operator_id: _OptForm = None, recipe_id: _RecipeForm = None) -> MarkReply:
-    bind_model(role_id, roi_id)
-    (upload,) = collect_images(settings, [image], max_count=1)
-    res = engine.lifecycle.mark_ok(role_id, roi_id, UploadedImages([upload])[0], mm_per_px,
-                                   shape if shape and shape.strip() else None, operator_id=operator_id,
-                                   recipe_id=first_recipe(recipe_id, recipe))
-    return MarkReply(**res.model_dump(), request_id=rid)
+    return _marked(engine.lifecycle.mark_ok, settings, rid, first_recipe(recipe_id, recipe), role_id, roi_id, image,
+                   mm_per_px, shape, operator_id)
 
 
 @router.post("/mark_ng", response_model=MarkReply, responses=error_responses(404, 409),
@@ -91,11 +89,18 @@ def mark_ok(engine: EngineDep, settings: SettingsDep, rid: RequestIdDep, recipe:
 def mark_ng(engine: EngineDep, settings: SettingsDep, rid: RequestIdDep, recipe: RecipeDep, role_id: _RoleForm,
             roi_id: _RoiForm, image: _ImageFile, mm_per_px: _OptMmForm = None, shape: _ShapeForm = None,
             operator_id: _OptForm = None, recipe_id: _RecipeForm = None) -> MarkReply:
+    return _marked(engine.lifecycle.mark_ng, settings, rid, first_recipe(recipe_id, recipe), role_id, roi_id, image,
+                   mm_per_px, shape, operator_id)
+
+
+def _marked(mark: Callable[..., Any], settings: Settings, rid: str, recipe_id: str | None, role_id: str,
+            roi_id: str, image: UploadFile, mm_per_px: float | None, shape: str | None,
+            operator_id: str | None) -> MarkReply:
+    """One ``mark_ok`` / ``mark_ng`` request: the single uploaded image, an empty shape as none."""
     bind_model(role_id, roi_id)
     (upload,) = collect_images(settings, [image], max_count=1)
-    res = engine.lifecycle.mark_ng(role_id, roi_id, UploadedImages([upload])[0], mm_per_px,
-                                   shape if shape and shape.strip() else None, operator_id=operator_id,
-                                   recipe_id=first_recipe(recipe_id, recipe))
+    res = mark(role_id, roi_id, UploadedImages([upload])[0], mm_per_px, shape if shape and shape.strip() else None,
+               operator_id=operator_id, recipe_id=recipe_id)
     return MarkReply(**res.model_dump(), request_id=rid)
 
 
