@@ -75,6 +75,8 @@ class Server:
                    BACKEND_INPUT_SIZE=str(args.input_size), BACKEND_BACKBONE="efficientnet_lite0",
                    BACKEND_DEVICE="cpu", BACKEND_ZMQ_WORKERS=str(args.workers), BACKEND_LOG_LEVEL="WARNING",
                    BACKEND_API_KEY=KEY)
+        if args.torch_threads:
+            env["BACKEND_TORCH_THREADS"] = str(args.torch_threads)
         self.log_path = root / "serve.log"
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
@@ -284,7 +286,14 @@ class Attackers:
                                files={"images": ("x.png", self._forged, "image/png")})
 
     def _rest_idle(self) -> str:
-        """Keep 600 idle connections open, reopening those the server closed, for the whole phase."""
+        """Keep 600 silent connections open, reopening those the server closed, for the whole phase."""
+        return self._rest_held(b"")
+
+    def _rest_one_byte(self) -> str:
+        """The same with connections that each send one byte of a request line and then nothing."""
+        return self._rest_held(b"G")
+
+    def _rest_held(self, first: bytes) -> str:
         socks: list[socket.socket] = []
         reopened = 0
         while not self.stop.is_set():
@@ -305,11 +314,21 @@ class Attackers:
             socks = alive
             while len(socks) < 600:
                 s = socket.socket()
-                s.setblocking(False)
-                try:
-                    s.connect(("127.0.0.1", self.server.http_port))
-                except BlockingIOError:
-                    pass
+                if first:
+                    s.settimeout(2.0)
+                    try:
+                        s.connect(("127.0.0.1", self.server.http_port))
+                        s.sendall(first)
+                    except OSError:
+                        s.close()
+                        continue
+                    s.setblocking(False)
+                else:
+                    s.setblocking(False)
+                    try:
+                        s.connect(("127.0.0.1", self.server.http_port))
+                    except BlockingIOError:
+                        pass
                 socks.append(s)
             self.stop.wait(1.0)
         for s in socks:
@@ -349,6 +368,7 @@ ATTACKS: dict[str, tuple[float, str]] = {
     "rest_json_million_items": (1.0, "_rest_json_million"),
     "rest_cross_site_fit": (0.2, "_rest_cross_site"),
     "rest_idle_connections": (0.0, "_rest_idle"),
+    "rest_one_byte_connections": (0.0, "_rest_one_byte"),
     "rest_slow_headers_and_drip": (0.0, "_rest_slow"),
 }
 
@@ -428,7 +448,8 @@ def _attacker_process(server: Server, args: argparse.Namespace) -> subprocess.Po
     do not slow the inspection clients of this process."""
     proc = subprocess.Popen([sys.executable, __file__, "--attack", server.zmq, str(server.http_port),
                              str(args.seconds), "--attacks", ",".join(args.attacks)], cwd=ROOT,
-                            stdout=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, text=True,
+                            preexec_fn=(lambda: os.nice(args.attackers_nice)) if args.attackers_nice else None)
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "attacking"
     return proc
@@ -491,6 +512,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--side", type=int, default=128)
     parser.add_argument("--input-size", type=int, default=128)
     parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--attackers-nice", type=int, default=0,
+                        help="CPU niceness of the attacker process (a remote attacker's CPU is not the server's)")
+    parser.add_argument("--torch-threads", type=int, default=0, help="BACKEND_TORCH_THREADS; 0 = the default")
     parser.add_argument("--max-ratio", type=float, default=2.0, help="allowed p99 under attack / idle p99")
     parser.add_argument("--max-rss-growth", type=float, default=512.0, help="MiB above the post-warm-up RSS")
     parser.add_argument("--json", action="store_true")

@@ -47,6 +47,8 @@ __all__ = [
     "list_test",
     "list_train",
     "main",
+    "read_mask",
+    "resize_side",
     "write_panel",
 ]
 
@@ -158,7 +160,7 @@ def list_test(category: Path) -> list[TestImage]:
     return out
 
 
-def _resize(array: np.ndarray, side: int, interpolation: int) -> np.ndarray:
+def resize_side(array: np.ndarray, side: int, interpolation: int) -> np.ndarray:
     import cv2
 
     if array.shape[:2] == (side, side):
@@ -166,7 +168,7 @@ def _resize(array: np.ndarray, side: int, interpolation: int) -> np.ndarray:
     return cv2.resize(array, (side, side), interpolation=interpolation)
 
 
-def _read_mask(item: TestImage, height: int, width: int, side: int) -> np.ndarray:
+def read_mask(item: TestImage, height: int, width: int, side: int) -> np.ndarray:
     """(side, side) bool ground truth of one test image (all False for good images)."""
     import cv2
 
@@ -177,7 +179,7 @@ def _read_mask(item: TestImage, height: int, width: int, side: int) -> np.ndarra
         raise ValueError(f"mask {item.mask_path} cannot be read")
     if mask.shape != (height, width):
         raise ValueError(f"mask {item.mask_path} is {mask.shape}, its image is {(height, width)}")
-    return _resize(mask, side, cv2.INTER_NEAREST) > 0
+    return resize_side(mask, side, cv2.INTER_NEAREST) > 0
 
 
 def _score_tests(
@@ -197,8 +199,8 @@ def _score_tests(
             raise RuntimeError("the engine returned no float32 heatmap")
         height, width = raw.shape
         amap = np.frombuffer(raw.data, dtype=np.float32).reshape(height, width)
-        maps[i] = _resize(amap, pixel_side, cv2.INTER_AREA)
-        masks[i] = _read_mask(item, height, width, pixel_side) if has_truth else False
+        maps[i] = resize_side(amap, pixel_side, cv2.INTER_AREA)
+        masks[i] = read_mask(item, height, width, pixel_side) if has_truth else False
         scores.append(ImageScore(item.name, item.label, float(result.score)))
         timings.append(result.timings_ms)
         scales.append(result.heatmap_scale)
@@ -310,7 +312,7 @@ def write_panel(
         image = cv2.imread(str(tests[i].path), cv2.IMREAD_COLOR)
         if image is None:
             raise ValueError(f"{tests[i].path} cannot be read")
-        image = _resize(image, side, cv2.INTER_AREA)                        # S S 3 (BGR)
+        image = resize_side(image, side, cv2.INTER_AREA)                        # S S 3 (BGR)
         heat = cv2.applyColorMap(to_uint8(maps[i], scale), cv2.COLORMAP_JET)
         overlay = cv2.addWeighted(image, 0.5, heat, 0.5, 0.0)
         if masks[i].any():

@@ -17,7 +17,13 @@ import uvicorn
 
 from engine.api import Engine
 from http_compat.app import create_app
-from http_compat.connections import ConnectionGuard, GuardedProtocol, SheddingListener, fit_to_descriptors
+from http_compat.connections import (
+    ConnectionGuard,
+    GuardedProtocol,
+    SheddingListener,
+    defer_until_data,
+    fit_to_descriptors,
+)
 from http_compat.settings import HttpSettings
 
 __all__ = ["HttpServer", "is_loopback"]
@@ -111,6 +117,7 @@ class HttpServer:
             raise RuntimeError("HttpServer already started")
         host, port = self._settings.http_host, self._settings.http_port
         sock = _listen(host.strip("[]"), port)
+        defer_until_data(sock, self._settings.http_header_timeout_s)
         self._port = int(sock.getsockname()[1])
         if not is_loopback(host):
             log.warning("http_remote_bind", host=host, port=self._port, api_key_set=self._settings.api_key is not None,

@@ -50,7 +50,8 @@ class HttpSettings(EnvSettings):
     http_header_timeout_s: float = env_field(
         10.0, "BACKEND_HTTP_HEADER_TIMEOUT_S", "http_header_timeout_s", gt=0,
         description="A new connection, or a request begun on a kept-alive one, must send its headers "
-                    "within this time (else 408 and close).")
+                    "within this time (else 408 and close); on Linux the kernel first holds a "
+                    "connection that has sent nothing for about as long.")
     http_keepalive_timeout_s: float = env_field(
         130.0, "BACKEND_HTTP_KEEPALIVE_TIMEOUT_S", "http_keepalive_timeout_s", gt=0,
         description="Idle time of a kept-alive connection between requests; longer than .NET's "

@@ -43,6 +43,8 @@ KEY, ROLE, ROI, MM, SIDE = "k3y", "cam1", "a", 0.1, 64
 MIB = 1024 * 1024
 BUDGET = 256 * MIB
 HEADER_TIMEOUT_S, BODY_GAP_S, BODY_TIMEOUT_S = 2.0, 3.0, 5.0
+# TCP_DEFER_ACCEPT of 2 s is two SYN-ACK retransmissions: the door sees a silent connection after 1 + 2 s
+DEFERRED_S = 3.0
 SAMPLE = png_bytes(noise(400))          # ~480 KB: a reply worth hoarding
 
 
@@ -267,15 +269,38 @@ def test_1100_idle_connections_leave_both_doors_answering(server: ServiceProcess
 
 
 def test_half_sent_headers_get_408_and_a_silent_connection_is_closed(server: ServiceProcess) -> None:
-    with socket.create_connection(("127.0.0.1", server.http_port), timeout=10) as silent, \
+    with socket.create_connection(("127.0.0.1", server.http_port), timeout=20) as silent, \
             socket.create_connection(("127.0.0.1", server.http_port), timeout=10) as slow:
         slow.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-")
         start = time.perf_counter()
-        assert silent.recv(100) == b""                       # closed, nothing said: nothing was asked
         reply = slow.recv(1000)
         assert reply.startswith(b"HTTP/1.1 408") and b"request_timeout" in reply, reply
         assert slow.recv(100) == b""
         assert time.perf_counter() - start < HEADER_TIMEOUT_S + 2
+        assert silent.recv(100) == b""                       # closed, nothing said: nothing was asked
+        # on Linux the kernel holds a silent connection for about the header timeout before the door
+        # sees it (TCP_DEFER_ACCEPT, on the SYN-ACK retransmission schedule), then the door's timer runs
+        held = DEFERRED_S if hasattr(socket, "TCP_DEFER_ACCEPT") else 0.0
+        assert time.perf_counter() - start < held + HEADER_TIMEOUT_S + 2
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_DEFER_ACCEPT"), reason="the kernel holds silent connections on Linux")
+def test_silent_connections_wait_in_the_kernel_and_cost_the_door_nothing(server: ServiceProcess) -> None:
+    before = server.open_files()
+    silent = _connect_idle(server.http_port, 400)
+    talking = socket.socket()
+    try:
+        time.sleep(0.5)
+        assert server.open_files() < before + 20            # none accepted: no descriptor, no eviction
+        _both_doors_answer(server, timeout=5.0)
+        talking.connect(("127.0.0.1", server.http_port))
+        talking.sendall(b"GET /he")                            # a first byte: the door takes it at once
+        time.sleep(0.5)
+        assert server.open_files() >= before + 1
+    finally:
+        for s in silent:
+            s.close()
+        talking.close()
 
 
 def test_a_body_dripped_byte_by_byte_is_cut_at_the_body_deadline(server: ServiceProcess) -> None:
@@ -296,8 +321,12 @@ def test_a_body_dripped_byte_by_byte_is_cut_at_the_body_deadline(server: Service
             except TimeoutError:
                 continue
             break
+        elapsed = time.perf_counter() - start
+        sock.settimeout(3.0)
+        while chunk := sock.recv(1000):                      # headers and body may come in two writes
+            reply += chunk
         assert reply.startswith(b"HTTP/1.1 408") and b"request_timeout" in reply, reply
-        assert BODY_TIMEOUT_S - 1 < time.perf_counter() - start < BODY_TIMEOUT_S + 3
+        assert BODY_TIMEOUT_S - 1 < elapsed < BODY_TIMEOUT_S + 3
 
 
 # --- memory amplification within limits ------------------------------------------------------------------

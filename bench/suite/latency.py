@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from bench.suite.common import (
+    BOTTLE,
     MM,
     ROLE,
     AugmentedImages,
@@ -53,7 +54,7 @@ FULL: dict[str, Any] = {
     # [side, images, coreset ratio]: the engine's default (320, 2.5 %), the earlier one (224, 10 %)
     # side by side, and a memory of >= 60k rows (448, 10 %)
     "production": [[320, 209, 0.025], [224, 209, 0.1], [448, 209, 0.1]],
-    "budget_s": 40.0, "n_min": 15, "n_max": 150, "exact_checks": 8,
+    "budget_s": 40.0, "n_min": 15, "n_max": 150, "exact_checks": 8, "exact_all_max_rows": 20000,
     "thread_counts": [1, 2, 0], "clients": [1, 2, 4], "throughput_s": 8.0,
     "crossover_rows": [2000, 4000, 8000, 16000, 32000, 64000],
     "small": [["efficientnet_lite0", 224], ["efficientnet_lite2", 224], ["dinov2_vits14", 224]],
@@ -155,7 +156,7 @@ def one_production(params: dict[str, Any]) -> dict[str, Any]:
                 client_class(endpoint, timeout=300, long_timeout=1800) as client:
             timing = _time_paths(engine, client, side, params)
         before = rss_bytes()
-        refinement = _refinement(engine, side, int(params["exact_checks"]))
+        refinement = _refinement(engine, side, int(params["exact_checks"]), int(params["exact_all_max_rows"]))
         return {
             "fit_s": round(fit_s, 3), "fit_timings_ms": dict(fit.timings_ms), "coreset_size": fit.coreset_size,
             "n_embeddings": fit.n_embeddings, "token_shape": list(fit.token_shape), "index": manifest["index"],
@@ -206,46 +207,63 @@ def _time_paths(engine: Any, client: Any, side: int, params: dict[str, Any]) -> 
     return out
 
 
-def _refinement(engine: Any, side: int, exact_checks: int) -> dict[str, Any]:
-    """Patches re-scored exactly over the bottle test set, and a few ROIs against a flat search."""
+def _refinement(engine: Any, side: int, exact_checks: int, exact_all_max_rows: int) -> dict[str, Any]:
+    """Patches re-scored exactly over the bottle test set, and refined against flat (exact) search.
+
+    Memories of at most ``exact_all_max_rows`` rows are checked on every test image: image and
+    pixel AUROC (maps and masks at 256 px, as ``python -m engine evaluate``), every decision and
+    every image score; larger ones on ``exact_checks`` images spread over the set.
+    """
+    import cv2
+
     from engine.anomaly_map import anomaly_map, masked_percentile
+    from engine.evaluate import list_test, read_mask, resize_side
     from engine.images import decode_image, resize_square
     from engine.knn import build_index, knn_distances
+    from engine.metrics import auroc
     from engine.patchcore import score_map
     from engine.regions import find_regions
 
     model = engine.models.load(engine.models.key(ROLE, "roi"))
     manifest, threshold = model.manifest, float(model.calibration["threshold"])
     sigma, percentile = float(manifest["score"]["gaussian_sigma"]), float(manifest["score"]["percentile"])
-    files = [p for folder in ("good", "broken_large", "broken_small", "contamination") for p in bottle_test(folder)]
+    tests = list_test(BOTTLE) if BOTTLE.is_dir() else []
     bank = engine.models.store(None).load(ROLE, "roi").embeddings
-    flat = build_index(bank, manifest["distance"]) if exact_checks else None
-    rows, checks = [], []
-    for i, path in enumerate(files):
-        rgb = decode_image(path.read_bytes(), 10**9)
+    check_all = len(bank) <= exact_all_max_rows
+    flat = build_index(bank, manifest["distance"]) if exact_checks or check_all else None
+    every = 1 if check_all else max(1, len(tests) // max(1, exact_checks))
+    rows, checks, truth_maps, refined_maps, masks, labels = [], [], [], [], [], []
+    for i, item in enumerate(tests):
+        rgb = decode_image(item.path.read_bytes(), 10**9)
+        height, width = rgb.shape[:2]
         features = engine.extractor([resize_square(rgb, side)])[0]
         timings: dict[str, float] = {}
-        got = score_map(model.index, features, rgb.shape[0], rgb.shape[1], sigma, None, percentile, threshold,
-                        timings=timings)
+        got = score_map(model.index, features, height, width, sigma, None, percentile, threshold, timings=timings)
         rows.append({"refined": got.refined, "rounds": got.rounds,
                      "patches": int(features.shape[0] * features.shape[1]),
-                     "knn_ms": timings["knn"], "map_ms": timings["map"], "defective": path.parent.name != "good"})
-        if flat is not None and i % max(1, len(files) // exact_checks) == 0 and len(checks) < exact_checks:
-            patches = knn_distances(flat, features.reshape(-1, features.shape[-1]), manifest["distance"],
-                                    int(manifest["knn_k"])).reshape(features.shape[:2])
-            truth = anomaly_map(patches, rgb.shape[0], rgb.shape[1], sigma)
-            want = find_regions(truth, threshold, None, MM)
-            have = find_regions(got.amap, threshold, None, MM)
-            # pixels within 1e-5 of the threshold may flip on the flat search's float32 rounding alone
-            differ = (truth >= threshold) != (got.amap >= threshold)
-            exact_score = masked_percentile(truth, None, percentile)
-            checks.append({"file": f"{path.parent.name}/{path.name}",
-                           "score_rel_diff": abs(got.score - exact_score) / max(1e-12, exact_score),
-                           "same_decision": bool(want) == bool(have),
-                           "same_regions": not np.any(differ & (np.abs(truth - threshold) > 1e-5 * threshold)),
-                           "same_boxes": [(r.bbox, r.area_px) for r in want] == [(r.bbox, r.area_px) for r in have]})
+                     "knn_ms": timings["knn"], "map_ms": timings["map"], "defective": item.label == 1})
+        if flat is None or i % every or (not check_all and len(checks) >= exact_checks):
+            continue
+        patches = knn_distances(flat, features.reshape(-1, features.shape[-1]), manifest["distance"],
+                                int(manifest["knn_k"])).reshape(features.shape[:2])
+        truth = anomaly_map(patches, height, width, sigma)
+        want = find_regions(truth, threshold, None, MM)
+        have = find_regions(got.amap, threshold, None, MM)
+        # pixels within 1e-5 of the threshold may flip on the flat search's float32 rounding alone
+        differ = (truth >= threshold) != (got.amap >= threshold)
+        exact_score = masked_percentile(truth, None, percentile)
+        checks.append({"file": item.name, "label": item.label, "score": got.score, "exact_score": exact_score,
+                       "score_rel_diff": abs(got.score - exact_score) / max(1e-12, exact_score),
+                       "same_decision": bool(want) == bool(have),
+                       "same_regions": not np.any(differ & (np.abs(truth - threshold) > 1e-5 * threshold)),
+                       "same_boxes": [(r.bbox, r.area_px) for r in want] == [(r.bbox, r.area_px) for r in have]})
+        if check_all:
+            truth_maps.append(resize_side(truth, 256, cv2.INTER_AREA))
+            refined_maps.append(resize_side(got.amap, 256, cv2.INTER_AREA))
+            masks.append(read_mask(item, height, width, 256))
+            labels.append(item.label)
     refined = np.array([r["refined"] for r in rows])
-    return {
+    out: dict[str, Any] = {
         "images": len(rows), "patches_per_image": rows[0]["patches"] if rows else 0,
         "refined_mean": round(float(refined.mean()), 1) if rows else 0, "refined_max": int(refined.max(initial=0)),
         "refined_mean_good": round(float(np.mean([r["refined"] for r in rows if not r["defective"]] or [0])), 1),
@@ -253,11 +271,22 @@ def _refinement(engine: Any, side: int, exact_checks: int) -> dict[str, Any]:
         "share_refined": round(float(np.mean(refined > 0)), 3) if rows else 0,
         "more_than_one_round": int(sum(r["rounds"] > 1 for r in rows)),
         "knn_ms_p50": round(float(np.median([r["knn_ms"] for r in rows])), 3) if rows else None,
-        "exact_checks": checks,
+        "exact_checked_images": len(checks),
         "exact_max_score_rel_diff": max((c["score_rel_diff"] for c in checks), default=None),
         "exact_same_decisions": all(c["same_decision"] for c in checks),
         "exact_same_regions": all(c["same_regions"] for c in checks),
+        "exact_checks": [c for c in checks if not (c["same_decision"] and c["same_regions"] and c["same_boxes"])]
+        or checks[:8],
     }
+    if check_all and len(set(labels)) == 2:
+        truth_stack, refined_stack, mask_stack = np.stack(truth_maps), np.stack(refined_maps), np.stack(masks)
+        out["auroc"] = {
+            "image_refined": round(auroc([c["score"] for c in checks], labels), 6),
+            "image_exact": round(auroc([c["exact_score"] for c in checks], labels), 6),
+            "pixel_refined": round(auroc(refined_stack, mask_stack), 6),
+            "pixel_exact": round(auroc(truth_stack, mask_stack), 6),
+        }
+    return out
 
 
 def one_threads(params: dict[str, Any]) -> dict[str, Any]:
