@@ -28,8 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import selectors
-import signal
 import socket
 import struct
 import subprocess
@@ -53,72 +51,25 @@ sys.path.insert(0, str(ROOT))   # run as a script from anywhere
 
 from bench.soak import _images, _percentiles  # noqa: E402
 from ipc import EngineClient, RemoteError  # noqa: E402
+from service.child import ServiceProcess  # noqa: E402
 
 ROLE, MM, KEY = "soak", 0.1, "soak-key"
 MIB = 1024 * 1024
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Server:
-    """``python -m service`` with both doors and an API key; its RSS read from /proc."""
-
-    def __init__(self, root: Path, args: argparse.Namespace) -> None:
-        self.zmq, self.http_port = f"tcp://127.0.0.1:{_free_port()}", _free_port()
-        self.url = f"http://127.0.0.1:{self.http_port}"
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("BACKEND_", "PATCHCORE_", "CALIB_"))}
-        env.update(BACKEND_DATA_ROOT=str(root), BACKEND_ZMQ_ENDPOINT=self.zmq, BACKEND_HTTP_PORT=str(self.http_port),
-                   BACKEND_INPUT_SIZE=str(args.input_size), BACKEND_BACKBONE="efficientnet_lite0",
-                   BACKEND_DEVICE="cpu", BACKEND_ZMQ_WORKERS=str(args.workers), BACKEND_LOG_LEVEL="WARNING",
-                   BACKEND_API_KEY=KEY)
-        if args.torch_threads:
-            env["BACKEND_TORCH_THREADS"] = str(args.torch_threads)
-        self.log_path = root / "serve.log"
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                     stderr=self._log)
-        assert self.proc.stdout is not None
-        with selectors.DefaultSelector() as sel:
-            sel.register(self.proc.stdout, selectors.EVENT_READ)
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                if not sel.select(timeout=0.5):
-                    continue
-                line = self.proc.stdout.readline()
-                if line.startswith(b"ready:"):
-                    return
-                if not line:
-                    break
-        self.stop()
-        raise SystemExit(f"serve did not start; see {self.log_path}")
-
-    @property
-    def rss(self) -> int:
-        with open(f"/proc/{self.proc.pid}/status", encoding="ascii") as fh:
-            return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmRSS:"))
-
-    def log_lines(self) -> int:
-        self._log.flush()
-        return len(self.log_path.read_bytes().splitlines())
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
+def _start(root: Path, args: argparse.Namespace) -> ServiceProcess:
+    """``python -m service`` with both doors and an API key."""
+    env = {"BACKEND_INPUT_SIZE": str(args.input_size), "BACKEND_BACKBONE": "efficientnet_lite0",
+           "BACKEND_DEVICE": "cpu", "BACKEND_ZMQ_WORKERS": str(args.workers), "BACKEND_LOG_LEVEL": "WARNING",
+           "BACKEND_API_KEY": KEY}
+    if args.torch_threads:
+        env["BACKEND_TORCH_THREADS"] = str(args.torch_threads)
+    return ServiceProcess(root, root / "serve.log", env)
 
 
 # --- normal inspections -----------------------------------------------------------------------------
 
-def _inspect(server: Server, args: argparse.Namespace, pool: list[bytes], seconds: float) -> dict[str, Any]:
+def _inspect(server: ServiceProcess, args: argparse.Namespace, pool: list[bytes], seconds: float) -> dict[str, Any]:
     """Closed-loop infers for ``seconds``: ``--clients`` ZeroMQ clients and one REST client."""
     latencies: dict[str, list[float]] = {"zmq": [], "rest": []}
     errors: Counter[str] = Counter()
@@ -132,7 +83,7 @@ def _inspect(server: Server, args: argparse.Namespace, pool: list[bytes], second
                 errors[f"{door}:{error}"] += 1
 
     def zmq_client(k: int) -> None:
-        with EngineClient(server.zmq, api_key=KEY, timeout=60, retries=0) as client:
+        with EngineClient(server.zmq_endpoint, api_key=KEY, timeout=60, retries=0) as client:
             i = 0
             while time.monotonic() < deadline:
                 start, error = time.perf_counter(), None
@@ -178,7 +129,7 @@ def _rounded(values: dict[str, float]) -> dict[str, float]:
 class Attackers:
     """Hostile clients in threads until ``stop``; ``answers`` counts what each got back."""
 
-    def __init__(self, server: Server, names: list[str]) -> None:
+    def __init__(self, server: ServiceProcess, names: list[str]) -> None:
         self.server = server
         self.stop = threading.Event()
         self.answers: dict[str, Counter[str]] = {name: Counter() for name in names}
@@ -230,7 +181,7 @@ class Attackers:
         sock = self._ctx.socket(zmq.REQ)
         sock.setsockopt(zmq.LINGER, 0)
         try:
-            sock.connect(self.server.zmq)
+            sock.connect(self.server.zmq_endpoint)
             sock.send(payload)
             if not sock.poll(10_000, zmq.POLLIN):
                 return "no_reply"
@@ -256,7 +207,7 @@ class Attackers:
         request = msgpack.packb({"v": 1, "op": "dataset_file", "id": "d", "api_key": KEY, "args": {
             "role_id": ROLE, "roi_id": "a", "label": "ok", "filename": "big.png"}})
         try:
-            dealer.connect(self.server.zmq)
+            dealer.connect(self.server.zmq_endpoint)
             for _ in range(500):
                 dealer.send_multipart([b"", request])
             self.stop.wait(5.0)
@@ -392,7 +343,7 @@ def _png_16bit_rgba_zeros(side: int) -> bytes:
 
 # --- the run ------------------------------------------------------------------------------------------
 
-def _sampled(server: Server, action: Callable[[], dict[str, Any]]) -> tuple[dict[str, Any], list[int]]:
+def _sampled(server: ServiceProcess, action: Callable[[], dict[str, Any]]) -> tuple[dict[str, Any], list[int]]:
     samples: list[int] = []
     stop = threading.Event()
 
@@ -411,10 +362,10 @@ def _sampled(server: Server, action: Callable[[], dict[str, Any]]) -> tuple[dict
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="soak-hostile-"))
-    server = Server(root, args)
+    server = _start(root, args)
     try:
         pool = _images(args.side, 40, seed=1)
-        with EngineClient(server.zmq, api_key=KEY, timeout=600, retries=0) as admin:
+        with EngineClient(server.zmq_endpoint, api_key=KEY, timeout=600, retries=0) as admin:
             for roi, seed in (("a", 2), ("b", 3)):
                 fit = admin.call("fit_ok", {"role_id": ROLE, "roi_id": roi, "mm_per_px": MM,
                                             "images": _images(args.side, 12, seed)})
@@ -424,7 +375,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             admin.call("dataset_upload", {"role_id": ROLE, "roi_id": "a", "label": "ok", "image": big,
                                           "filename": "big.png"})
         _inspect(server, args, pool, args.warmup_seconds)
-        rss_start, lines_start = server.rss, server.log_lines()
+        rss_start, lines_start = server.rss, len(server.log_lines())
         windows: dict[str, list[dict[str, Any]]] = {"idle": [], "attacked": []}
         rss: dict[str, list[int]] = {"idle": [], "attacked": []}
         answers: dict[str, Counter[str]] = {name: Counter() for name in args.attacks}
@@ -443,10 +394,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         server.stop()
 
 
-def _attacker_process(server: Server, args: argparse.Namespace) -> subprocess.Popen[str]:
+def _attacker_process(server: ServiceProcess, args: argparse.Namespace) -> subprocess.Popen[str]:
     """The attackers in a process of their own (as a hostile program would be): their CPU and GIL
     do not slow the inspection clients of this process."""
-    proc = subprocess.Popen([sys.executable, __file__, "--attack", server.zmq, str(server.http_port),
+    proc = subprocess.Popen([sys.executable, __file__, "--attack", server.zmq_endpoint, str(server.http_port),
                              str(args.seconds), "--attacks", ",".join(args.attacks)], cwd=ROOT,
                             stdout=subprocess.PIPE, text=True,
                             preexec_fn=(lambda: os.nice(args.attackers_nice)) if args.attackers_nice else None)
@@ -478,7 +429,7 @@ def cv2_png(image: np.ndarray) -> bytes:
     return cv2.imencode(".png", image)[1].tobytes()
 
 
-def _report(args: argparse.Namespace, server: Server, windows: dict[str, list[dict[str, Any]]],
+def _report(args: argparse.Namespace, server: ServiceProcess, windows: dict[str, list[dict[str, Any]]],
             answers: dict[str, Counter[str]], rss_start: int, rss: dict[str, list[int]],
             lines_start: int) -> dict[str, Any]:
     phases: dict[str, Any] = {}
@@ -498,7 +449,7 @@ def _report(args: argparse.Namespace, server: Server, windows: dict[str, list[di
                          "load_avg": [round(v, 2) for v in os.getloadavg()], "attacks": args.attacks},
             "idle": idle, "attacked": attacked, "p99_ratio": ratio, "rss_mib": figures,
             "attackers": {name: dict(c.most_common(4)) for name, c in answers.items()},
-            "server_log_lines_during_run": server.log_lines() - lines_start}
+            "server_log_lines_during_run": len(server.log_lines()) - lines_start}
 
 
 def main(argv: list[str] | None = None) -> int:

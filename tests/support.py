@@ -6,14 +6,7 @@ as ``from tests.support import ...``.
 
 from __future__ import annotations
 
-import os
-import selectors
-import signal
-import socket
 import struct
-import subprocess
-import sys
-import time
 import zlib
 from pathlib import Path
 from typing import Any
@@ -28,10 +21,11 @@ import zmq
 from engine.api import Engine
 from http_compat.server import HttpServer
 from ipc import EngineClient, IpcServer, RemoteError
+from service.child import ServiceProcess, free_port
 from service.serve import ServeConfig
 
 __all__ = ["MVTEC_BOTTLE", "REPO", "Doors", "ServiceProcess", "door_settings", "encoded", "free_port", "load_bgr",
-           "noise", "part_png", "png_bytes", "png_header_only"]
+           "noise", "part_png", "png_bytes", "png_header_only", "service_process"]
 
 REPO = Path(__file__).resolve().parents[1]
 # real data for tests and benchmarks only, next to the checkout (never copied into the repo)
@@ -93,13 +87,6 @@ def load_bgr(path: Path, side: int) -> np.ndarray:
 
 
 # --- servers -------------------------------------------------------------------------------------
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 def door_settings(root: Path, **changes: Any) -> ServeConfig:
     """A small CPU engine (EfficientNet-Lite0 at 64 px) with both doors on loopback, free ports;
@@ -180,90 +167,10 @@ class Doors:
         assert status == 200 and body["status"] == "ok"
 
 
-class ServiceProcess:
-    """``python -m service`` as a child process on loopback (both doors, a small CPU engine), for
-    tests that watch the server's own memory, descriptors and log.
-
-    ``env`` adds environment settings; ``max_files`` sets the child's RLIMIT_NOFILE (POSIX).
-    """
-
-    def __init__(self, root: Path, env: dict[str, str] | None = None, max_files: int | None = None) -> None:
-        self.root = root
-        self.http_port, zmq_port = free_port(), free_port()
-        self.zmq_endpoint = f"tcp://127.0.0.1:{zmq_port}"
-        self.url = f"http://127.0.0.1:{self.http_port}"
-        base = {k: v for k, v in os.environ.items() if not k.startswith(("BACKEND_", "PATCHCORE_", "CALIB_"))}
-        base.update(BACKEND_DATA_ROOT=str(root / "data"), BACKEND_BACKBONE="efficientnet_lite0",
-                    BACKEND_INPUT_SIZE="64", BACKEND_DEVICE="cpu", BACKEND_ZMQ_ENDPOINT=self.zmq_endpoint,
-                    BACKEND_HTTP_PORT=str(self.http_port), BACKEND_ZMQ_WORKERS="2", BACKEND_LOG_LEVEL="INFO")
-        base.update(env or {})
-        self.log_path = root / "service.log"
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=REPO, env=base, stdout=subprocess.PIPE,
-                                     stderr=self._log, preexec_fn=_limit_files(max_files) if max_files else None)
-        self._wait_ready()
-
-    def _wait_ready(self) -> None:
-        assert self.proc.stdout is not None
-        with selectors.DefaultSelector() as sel:
-            sel.register(self.proc.stdout, selectors.EVENT_READ)
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                if sel.select(timeout=0.5):
-                    line = self.proc.stdout.readline()
-                    if line.startswith(b"ready:"):
-                        return
-                    if not line:
-                        break
-        self.stop()
-        raise RuntimeError(f"python -m service did not start; see {self.log_path}")
-
-    def _status(self, field: str) -> int:
-        with open(f"/proc/{self.proc.pid}/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-        raise RuntimeError(f"no {field} line")
-
-    @property
-    def rss(self) -> int:
-        """Resident memory now (bytes)."""
-        return self._status("VmRSS")
-
-    @property
-    def peak_rss(self) -> int:
-        """Peak resident memory since start or the last ``reset_peak`` (bytes)."""
-        return self._status("VmHWM")
-
-    def reset_peak(self) -> None:
-        """Start a new peak measurement (Linux: writing 5 to clear_refs resets VmHWM to VmRSS)."""
-        with open(f"/proc/{self.proc.pid}/clear_refs", "w", encoding="ascii") as fh:
-            fh.write("5")
-
-    def open_files(self) -> int:
-        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
-
-    def log_lines(self) -> list[str]:
-        self._log.flush()
-        return self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        self._log.close()
-
-
-def _limit_files(count: int) -> Any:
-    def limit() -> None:
-        import resource
-
-        resource.setrlimit(resource.RLIMIT_NOFILE, (count, count))
-
-    return limit
+def service_process(root: Path, env: dict[str, str] | None = None, max_files: int | None = None) -> ServiceProcess:
+    """``python -m service`` in a child process with a small CPU engine (Lite0 at 64 px, 2 ZeroMQ
+    workers, INFO log), for tests that watch the server's own memory, descriptors and log;
+    ``env`` adds or overrides settings."""
+    settings = {"BACKEND_BACKBONE": "efficientnet_lite0", "BACKEND_INPUT_SIZE": "64", "BACKEND_DEVICE": "cpu",
+                "BACKEND_ZMQ_WORKERS": "2", "BACKEND_LOG_LEVEL": "INFO", **(env or {})}
+    return ServiceProcess(root / "data", root / "service.log", settings, max_files=max_files)

@@ -35,7 +35,7 @@ from engine.validate import check_filename, positive_number
 from http_compat import routes as http_routes, routes_datasets as http_dataset_routes
 from ipc import EngineClient, RemoteError
 from ipc.protocol import OPS
-from tests.support import REPO, Doors, ServiceProcess, door_settings, noise, png_bytes
+from tests.support import REPO, Doors, ServiceProcess, door_settings, noise, png_bytes, service_process
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc for the server's memory")
 
@@ -53,7 +53,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]
     env = {"BACKEND_API_KEY": KEY, "BACKEND_MEMORY_BUDGET": str(BUDGET), "BACKEND_MEMORY_WAIT_S": "30",
            "BACKEND_HTTP_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S), "BACKEND_HTTP_BODY_GAP_S": str(BODY_GAP_S),
            "BACKEND_HTTP_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S), "BACKEND_LOG_LEVEL": "WARNING"}
-    proc = ServiceProcess(tmp_path_factory.mktemp("hostile"), env, max_files=1024)
+    proc = service_process(tmp_path_factory.mktemp("hostile"), env, max_files=1024)
     try:
         with EngineClient(proc.zmq_endpoint, api_key=KEY, timeout=120) as client:
             fit = client.call("fit_ok", {"role_id": ROLE, "roi_id": ROI, "mm_per_px": MM,
