@@ -43,6 +43,7 @@ __all__ = [
     "TestImage",
     "auroc",
     "evaluate",
+    "format_auto_recipe",
     "format_report",
     "list_test",
     "list_train",
@@ -103,6 +104,8 @@ class EvalReport:
     wall_s: float
     scores: tuple[ImageScore, ...] = field(default=())
     panel: str | None = None
+    recipe: dict[str, Any] | None = None        # the fitted model's recipe (schemas.RecipeInfo)
+    auto_recipe: dict[str, Any] | None = None   # schemas.AutoRecipeReport when BACKEND_AUTO_RECIPE=on
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -231,11 +234,8 @@ def evaluate(
     category = Path(category)
     train = list_train(category, max_train)
     tests = list_test(category)
-    overrides: dict[str, Any] = {}
-    for name, value in (("input_size", input_size), ("coreset_ratio", coreset_ratio),
-                        ("backbone", backbone), ("weights", weights)):
-        if value is not None:
-            overrides[name] = value
+    overrides = {name: value for name, value in (("input_size", input_size), ("coreset_ratio", coreset_ratio),
+                                                  ("backbone", backbone), ("weights", weights)) if value is not None}
     has_truth = (category / "ground_truth").is_dir()
     with tempfile.TemporaryDirectory(prefix="engine-eval-") as tmp:
         settings = Settings(data_root=Path(data_root) if data_root is not None else Path(tmp), **overrides)
@@ -259,13 +259,15 @@ def evaluate(
     infer_ms = {k: round(statistics.median(t[k] for t in timings if k in t), 3) for k in stages}
     return EvalReport(
         category=category.name, backbone=fit.backbone, input_size=fit.input_size,
-        coreset_ratio=settings.coreset_ratio, n_train=len(train), n_test=len(tests),
+        coreset_ratio=fit.recipe.coreset_ratio if fit.recipe else settings.coreset_ratio, n_train=len(train),
+        n_test=len(tests),
         n_defective=int(labels.sum()), image_auroc=round(image_auroc, 6),
         pixel_auroc=None if pixel_auroc is None else round(pixel_auroc, 6),
         pro=None if pro is None else round(pro, 6), pixel_side=pixel_side,
         coreset_size=fit.coreset_size, n_embeddings=fit.n_embeddings, token_shape=fit.token_shape,
         fit_s=fit_s, infer_ms=infer_ms, wall_s=round(time.perf_counter() - started, 3),
-        scores=tuple(scores), panel=panel_path,
+        scores=tuple(scores), panel=panel_path, recipe=fit.recipe.model_dump() if fit.recipe else None,
+        auto_recipe=fit.auto_recipe.model_dump() if fit.auto_recipe else None,
     )
 
 
@@ -347,6 +349,7 @@ def format_report(report: EvalReport) -> str:
         f"model         {report.backbone} @ {report.input_size} px, tokens {report.token_shape[0]}x"
         f"{report.token_shape[1]}, coreset {report.coreset_size} of {report.n_embeddings} "
         f"({report.coreset_ratio:g})",
+        f"recipe        {report.recipe['name'] if report.recipe else 'n/a'}",
         f"image AUROC   {report.image_auroc:.4f}",
         f"pixel AUROC   {pixel}  (maps INTER_AREA / masks INTER_NEAREST resized to "
         f"{report.pixel_side}x{report.pixel_side})",
@@ -357,6 +360,26 @@ def format_report(report: EvalReport) -> str:
     ]
     if report.panel:
         lines.append(f"panel         {report.panel}")
+    if report.auto_recipe:
+        lines.append(format_auto_recipe(report.auto_recipe))
+    return "\n".join(lines)
+
+
+def format_auto_recipe(auto: dict[str, Any]) -> str:
+    """The automatic recipe choice of one fit: what it kept, and every trial's validation figures."""
+    lines = [
+        f"auto recipe   chose {auto['chosen']['name']} in {auto['seconds']:.1f} s (budget {auto['budget_s']:g} s); "
+        f"validation: {auto['n_ok']} held-out OK, {auto['n_synthetic']} synthetic defects, "
+        f"{auto['n_real_ng']} stored NG; trials fit on {auto['n_fit']} OK images",
+        "              recipe                            image AUROC  detected  pixel AUROC  s",
+    ]
+    for trial in auto["trials"]:
+        mark = "*" if trial["recipe"] == auto["chosen"] else " "
+        pixel = "n/a" if trial["pixel_auroc"] is None else f"{trial['pixel_auroc']:.4f}"
+        lines.append(f"            {mark} {trial['recipe']['name']:<33} {trial['image_auroc']:<12.4f} "
+                     f"{trial['detection_rate']:<9.3f} {pixel:<12} {trial['seconds']:.1f}")
+    if auto["skipped"]:
+        lines.append("              skipped (budget): " + ", ".join(auto["skipped"]))
     return "\n".join(lines)
 
 
