@@ -12,13 +12,13 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 
 from engine.api import Engine
-from engine.autorecipe import _best, _Figures
+from engine.autorecipe import MIN_AUTO_IMAGES, _best, _Figures
 from engine.backbones import FeatureLayout
 from engine.backbones.efficientnet_lite import EfficientNetLite, load_efficientnet_lite
 from engine.recipes import ModelRecipe, candidate_recipes, manifest_layout, settings_recipe
 from engine.settings import Settings
 from engine.synthetic import DEFECT_KINDS, draw_defect
-from tests.support import load_bgr, png_bytes
+from tests.support import Doors, door_settings, load_bgr, part_png, png_bytes
 
 MM = 0.1
 
@@ -122,44 +122,59 @@ def test_synthetic_defects_change_only_their_mask(kind: str) -> None:
         draw_defect(image, "dent", np.random.default_rng(0))
 
 
+def _bottles(bottle_dir: Path, folder: str, count: int, side: int) -> list[bytes]:
+    return [png_bytes(load_bgr(p, side)) for p in sorted((bottle_dir / folder).glob("*.png"))[:count]]
+
+
 def test_model_replays_its_own_recipe(tmp_path: Path, bottle_dir: Path) -> None:
-    """A model fitted with levels 4/8/16, no aggregation, 80 px is scored the same way by an
-    engine whose settings say otherwise (levels 8/16, 3 x 3, 64 px)."""
-    train = [png_bytes(load_bgr(p, 160)) for p in sorted((bottle_dir / "train" / "good").glob("*.png"))[:4]]
-    probe = png_bytes(load_bgr(sorted((bottle_dir / "test" / "broken_small").glob("*.png"))[0], 160))
-    fitted_with = Settings(data_root=tmp_path, backbone="efficientnet_lite0", input_size=80, feature_levels=(4, 8, 16),
-                           aggregation=1, score_percentile=99.9)
+    """A model fitted with levels 4/8/16, no aggregation, 80 px is scored, grown by add_ok and
+    imported the same way by an engine whose settings say otherwise (levels 8/16, 3 x 3, 64 px)."""
+    train = _bottles(bottle_dir, "train/good", 4, 160)
+    probe = _bottles(bottle_dir, "test/broken_small", 1, 160)[0]
+    fitted_with = Settings(data_root=tmp_path / "a", backbone="efficientnet_lite0", input_size=80,
+                           feature_levels=(4, 8, 16), aggregation=1, score_percentile=99.9)
     first = Engine(fitted_with)
     try:
         fit = first.fit_ok("top", "cap", MM, train)
         before = first.infer("top", "cap", MM, probe, allow_uncalibrated=True, heatmap="none")
         manifest = first.manifest("top", "cap")
+        archive = first.lifecycle.export_model("top", "cap").archive
     finally:
         first.close()
-    assert fit.recipe is not None and fit.auto_recipe is None
+    assert fit.recipe is not None and fit.auto_recipe is None and manifest["auto_recipe"] is None
     assert (fit.recipe.side, fit.recipe.levels, fit.recipe.aggregation, fit.recipe.score_percentile) == (
         80, (4, 8, 16), 1, 99.9)
     assert manifest["features"] == {"levels": [4, 8, 16], "aggregation": 1}
     assert manifest["backbone"]["feature_dim"] == 176 and manifest["input"]["side"] == 80
-    second = Engine(Settings(data_root=tmp_path, backbone="efficientnet_lite0", input_size=64))
+    later = Settings(data_root=tmp_path / "a", backbone="efficientnet_lite0", input_size=64)
+    second = Engine(later)
     try:
         after = second.infer("top", "cap", MM, probe, allow_uncalibrated=True, heatmap="none")
+        grown = second.lifecycle.add_ok("top", "cap", _bottles(bottle_dir, "train/good", 6, 160)[4:])
+        regrown = second.manifest("top", "cap")
     finally:
         second.close()
     assert after.token_shape == (10, 10) == before.token_shape
     assert after.score == pytest.approx(before.score, rel=1e-5)
+    # add_ok extracted the new images with the model's recipe: 10 x 10 patches of 176 channels each
+    assert grown.n_images_total == 6 and regrown["n_embeddings"] == 6 * 100
+    assert (regrown["features"], regrown["input"]["side"]) == (manifest["features"], 80)
+    third = Engine(later.model_copy(update={"data_root": tmp_path / "b"}))
+    try:
+        third.lifecycle.import_model("top", "cap", archive)
+        imported = third.infer("top", "cap", MM, probe, allow_uncalibrated=True, heatmap="none")
+    finally:
+        third.close()
+    assert imported.score == pytest.approx(before.score, rel=1e-5)
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(900)
 def test_auto_recipe_choice_is_recorded_and_reloaded(tmp_path: Path, bottle_dir: Path) -> None:
-    """A fit with BACKEND_AUTO_RECIPE=on on 16 real bottles: the reply and the manifest name the
-    recipe chosen with every trial's validation figures; a later engine with other settings
-    scores with the chosen recipe."""
-    train = [png_bytes(load_bgr(p, 256)) for p in sorted((bottle_dir / "train" / "good").glob("*.png"))[:16]]
-    broken = sorted((bottle_dir / "test" / "broken_large").glob("*.png"))[:2]
-    ng = [png_bytes(load_bgr(p, 256)) for p in broken]
-    first = Engine(Settings(data_root=tmp_path, backbone="efficientnet_lite0", input_size=96, auto_recipe="on",
+    """A fit with BACKEND_AUTO_RECIPE=on on 8 real bottles and 2 stored NG samples: the reply and
+    the manifest name the recipe chosen with every trial's validation figures; a later engine
+    with other settings (auto off, another side and aggregation) scores with the chosen recipe."""
+    train = _bottles(bottle_dir, "train/good", 8, 128)
+    ng = _bottles(bottle_dir, "test/broken_large", 2, 128)
+    first = Engine(Settings(data_root=tmp_path, backbone="efficientnet_lite0", input_size=64, auto_recipe="on",
                             auto_recipe_budget_s=600))
     try:
         for i, image in enumerate(ng):
@@ -171,22 +186,61 @@ def test_auto_recipe_choice_is_recorded_and_reloaded(tmp_path: Path, bottle_dir:
         first.close()
     auto = fit.auto_recipe
     assert auto is not None and fit.recipe == auto.chosen
-    assert (auto.n_ok, auto.n_real_ng, auto.skipped) == (4, 2, ())
-    assert auto.n_synthetic == 8 and auto.n_fit == 12
+    assert (auto.n_ok, auto.n_fit, auto.n_real_ng, auto.skipped) == (2, 6, 2, ())
+    assert 0 < auto.n_synthetic <= 2 * auto.n_ok     # a defect that changed no pixel is dropped
     tried = {t.recipe.name for t in auto.trials}
     assert len(tried) == 4 * 3 and auto.chosen.name in tried      # 4 candidates x 3 score percentiles
     best = max(auto.trials, key=lambda t: (round(t.image_auroc, 3), round(t.detection_rate, 3)))
     chosen = next(t for t in auto.trials if t.recipe == auto.chosen)
     assert (round(chosen.image_auroc, 3), round(chosen.detection_rate, 3)) == (
         round(best.image_auroc, 3), round(best.detection_rate, 3))
-    assert 0.0 <= chosen.image_auroc <= 1.0 and fit.timings_ms["auto_recipe"] > 0
-    assert manifest["auto_recipe"]["chosen"] == auto.chosen.model_dump(mode="json")
+    assert all(0.0 <= t.image_auroc <= 1.0 and t.seconds > 0 for t in auto.trials)
+    assert fit.timings_ms["auto_recipe"] > 0 and fit.input_size == auto.chosen.side
+    assert manifest["auto_recipe"] == auto.model_dump(mode="json")
     assert manifest["input"]["side"] == auto.chosen.side
     assert manifest["features"] == {"levels": list(auto.chosen.levels), "aggregation": auto.chosen.aggregation}
-    second = Engine(Settings(data_root=tmp_path, backbone="efficientnet_lite0", input_size=64, aggregation=5))
+    assert manifest["score"]["percentile"] == auto.chosen.score_percentile
+    assert manifest["coreset"]["ratio"] == auto.chosen.coreset_ratio
+    second = Engine(Settings(data_root=tmp_path, backbone="efficientnet_lite0", input_size=96, aggregation=5))
     try:
         after = second.infer("top", "cap", MM, ng[0], allow_uncalibrated=True, heatmap="none")
     finally:
         second.close()
     assert after.token_shape == (auto.chosen.side // 8,) * 2
     assert after.score == pytest.approx(before.score, rel=1e-5)
+
+
+def test_auto_recipe_needs_enough_images(tmp_path: Path, bottle_dir: Path) -> None:
+    """Below MIN_AUTO_IMAGES the fit keeps the settings' recipe and says no choice was made."""
+    engine = Engine(Settings(data_root=tmp_path, backbone="efficientnet_lite0", input_size=64, auto_recipe="on"))
+    try:
+        fit = engine.fit_ok("top", "cap", MM, _bottles(bottle_dir, "train/good", MIN_AUTO_IMAGES - 1, 128))
+        manifest = engine.manifest("top", "cap")
+    finally:
+        engine.close()
+    assert fit.auto_recipe is None and manifest["auto_recipe"] is None
+    assert fit.recipe is not None and (fit.recipe.side, fit.recipe.levels, fit.recipe.aggregation) == (64, (8, 16), 3)
+
+
+def test_both_doors_carry_the_recipe_choice(tmp_path: Path) -> None:
+    """The fit reply of each door holds the recipe and the automatic choice; a budget too small
+    for a second trial still tries the settings' recipe and names the candidates it skipped."""
+    config = door_settings(tmp_path, auto_recipe="on", auto_recipe_budget_s=0.001)
+    engine = Engine(config.engine)
+    images = [part_png(s) for s in range(MIN_AUTO_IMAGES)]
+    try:
+        with Doors(engine, config, timeout=120) as doors:
+            by_zmq = doors.zmq.fit_ok("door", "z", MM, images)
+            r = doors.web.post("/fit_ok", data={"role_id": "door", "roi_id": "h", "mm_per_px": str(MM)},
+                               files=[("images", (f"{i}.png", im, "image/png")) for i, im in enumerate(images)])
+            assert r.status_code == 200, r.text
+            by_http = r.json()
+    finally:
+        engine.close()
+    auto = by_zmq.auto_recipe
+    assert auto is not None and by_zmq.recipe == auto.chosen
+    assert len(auto.trials) == 3 and len(auto.skipped) == 3         # 1 candidate x 3 percentiles; 3 skipped
+    assert {t.recipe.side for t in auto.trials} == {64}
+    assert by_http["recipe"] == by_http["auto_recipe"]["chosen"]
+    assert [t["recipe"]["name"] for t in by_http["auto_recipe"]["trials"]] == [t.recipe.name for t in auto.trials]
+    assert by_http["auto_recipe"]["skipped"] == list(auto.skipped)
