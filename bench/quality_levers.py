@@ -14,7 +14,9 @@ than a percentile, test-time flips), to decide whether they are worth building.
 One JSON line per variant on stdout: image AUROC under each score rule (``p99``, ``p99.9``,
 ``max`` of the full-size map; ``top100ppm``: mean of its top 0.01 %), pixel AUROC and PRO on
 256 x 256 maps, as the protocol computes them, memory rows, coreset seconds and kNN ms per image.
-Figures of one variant equal the protocol's for the same recipe (same code path, same seed).
+Figures of one variant are close to, not equal to, the protocol's for the same recipe: the engine
+folds BatchNorms, thins large banks on fewer principal axes and may search an inverted file;
+this script searches a flat index.
 """
 
 from __future__ import annotations
