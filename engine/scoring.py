@@ -202,7 +202,7 @@ class Scorer:
     def score_batch(self, role_id: str, items: Sequence[Any], recipe_id: str | None, *,
                     allow_uncalibrated: bool, heatmap: HeatmapFormat,
                     timings: dict[str, float]) -> list[InferBatchItem]:
-        """Several ROIs of one part: one backbone call per input side; each item fails on its own."""
+        """Several ROIs of one part: one backbone call per input side and feature layout; each item fails on its own."""
         t0 = time.perf_counter()
         images = [item.get("image") for item in items if isinstance(item, dict)]
         with self.working_memory(images):
