@@ -1,6 +1,7 @@
 """``add_ok``: grow a stored model's memory with new OK images, without a refit.
 
-The new images go through the fit's own extraction (``Fitter.extract_all``). Each is scored
+The new images go through the fit's own extraction (``Fitter.extract_all``), with the model's own
+recipe (input side and feature layout from its manifest), not the settings' one. Each is scored
 against the memory before the call (an exact search, like an inference: an estimate of how unseen
 OK parts score, as the fit's hold-out scores are), then its patches join the memory by the
 coverage rule of ``engine.growth``. The serving index is rebuilt over the grown memory (a flat
@@ -75,7 +76,8 @@ class OkAdder:
             if previous is None:          # deleted or damaged since the load above
                 raise model_not_found(key)
             manifest, bank = files.manifest, files.embeddings
-            features, sizes, kept = self._fitter.extract_all(images, report, timings)      # N h w D
+            recipe = self._fitter.model_recipe(manifest)
+            features, sizes, kept = self._fitter.extract_all(images, report, timings, recipe)  # N h w D
             start = time.perf_counter()
             scores, nearest_kept = self._score_new(manifest, bank, features, sizes)
             timings["ok_scores"] = _ms(start)

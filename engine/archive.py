@@ -30,6 +30,7 @@ from typing import Any
 from engine import __version__
 from engine.backbones import BackboneInfo
 from engine.errors import ArchiveInvalid, ModelFileError
+from engine.recipes import manifest_layout
 from engine.storage import SCHEMA_VERSION, ModelFiles, read_folder
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "Archive", "read_archive", "write_archive"]
@@ -146,7 +147,9 @@ def _json(blob: bytes, name: str) -> dict[str, Any]:
 
 
 def _check_compatible(manifest: dict[str, Any], info: dict[str, Any], backbone: BackboneInfo) -> None:
-    """The archive's model must replay on this engine: same backbone and weights, same input rule."""
+    """The archive's model must replay on this engine: same backbone and weights, same input rule
+    and normalization; the side and feature layout are the model's own recipe (any side on the
+    backbone's stride grid, a valid layout)."""
     fitted = manifest.get("backbone") or {}
     if fitted.get("name") != backbone.name or fitted.get("weights_sha256") != backbone.weights_sha256:
         raise ArchiveInvalid(
@@ -155,10 +158,16 @@ def _check_compatible(manifest: dict[str, Any], info: dict[str, Any], backbone: 
             f"(weights {backbone.weights_sha256[:12]})")
     rule = manifest.get("input") or {}
     normalization = rule.get("normalization") or {}
-    if (rule.get("rule") != "resize_square" or rule.get("side") != backbone.input_size
+    side = rule.get("side")
+    on_grid = isinstance(side, int) and not isinstance(side, bool) and side > 0 and side % backbone.stride == 0
+    if (rule.get("rule") != "resize_square" or not on_grid
             or normalization.get("mean") != list(backbone.mean) or normalization.get("std") != list(backbone.std)):
-        raise ArchiveInvalid(f"the model's input rule {rule.get('rule')}/{rule.get('side')} is not "
-                             f"this engine's (resize_square/{backbone.input_size} with its normalization)")
+        raise ArchiveInvalid(f"the model's input rule {rule.get('rule')}/{side} is not this engine's "
+                             f"(resize_square to a multiple of {backbone.stride} px with its normalization)")
+    try:
+        manifest_layout(manifest)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ArchiveInvalid(f"the model's feature layout {manifest.get('features')!r} is invalid") from exc
     if info.get("schema_version") != SCHEMA_VERSION or info.get("input") != manifest.get("input"):
         raise ArchiveInvalid(f"archive.json does not describe its model (schema "
                              f"{info.get('schema_version')!r}, this engine stores {SCHEMA_VERSION})")

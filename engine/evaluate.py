@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ __all__ = [
     "TestImage",
     "auroc",
     "evaluate",
+    "format_auto_recipe",
     "format_report",
     "list_test",
     "list_train",
@@ -103,9 +104,24 @@ class EvalReport:
     wall_s: float
     scores: tuple[ImageScore, ...] = field(default=())
     panel: str | None = None
+    recipe: dict[str, Any] | None = None        # the fitted model's recipe (schemas.RecipeInfo)
+    auto_recipe: dict[str, Any] | None = None   # schemas.AutoRecipeReport when BACKEND_AUTO_RECIPE=on
+    settings: dict[str, Any] = field(default_factory=dict)   # engine settings given (beyond the environment)
+    versus: EvalReport | None = None            # the reference engine of ``--versus``, same process
+
+    @property
+    def latency_ratio(self) -> float | None:
+        """Median ROI latency of this engine over that of ``versus`` (inferences taken in turns)."""
+        if self.versus is None:
+            return None
+        return self.infer_ms["total"] / self.versus.infer_ms["total"]
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if self.versus is not None:
+            out["versus"]["latency_ratio"] = None
+            out["latency_ratio"] = round(self.latency_ratio or 0.0, 4)
+        return out
 
 
 def _images(folder: Path) -> list[Path]:
@@ -182,35 +198,95 @@ def read_mask(item: TestImage, height: int, width: int, side: int) -> np.ndarray
     return resize_side(mask, side, cv2.INTER_NEAREST) > 0
 
 
-def _score_tests(
-    engine: Any, tests: Sequence[TestImage], pixel_side: int, has_truth: bool,
-) -> tuple[np.ndarray, np.ndarray, list[ImageScore], list[dict[str, float]], list[float]]:
-    """Infer every test image: maps and masks (T, S, S), scores, stage timings, heatmap scales."""
+@dataclass
+class _Scored:
+    """What one engine produced on the test set."""
+
+    maps: np.ndarray                  # T S S, resized anomaly maps
+    masks: np.ndarray                 # T S S bool ground truth
+    scores: list[ImageScore] = field(default_factory=list)
+    timings: list[dict[str, float]] = field(default_factory=list)
+    scales: list[float] = field(default_factory=list)
+
+
+def _infer_one(engine: Any, item: TestImage, data: bytes, out: _Scored, i: int, has_truth: bool) -> None:
     import cv2
 
-    maps = np.empty((len(tests), pixel_side, pixel_side), dtype=np.float32)  # T S S
-    masks = np.empty((len(tests), pixel_side, pixel_side), dtype=bool)      # T S S
-    scores, timings, scales = [], [], []
+    result = engine.infer(_ROLE, _ROI, _MM_PER_PX, data, allow_uncalibrated=True, heatmap="float32")
+    raw = result.heatmap_raw
+    if raw is None or raw.dtype != "float32":
+        raise RuntimeError("the engine returned no float32 heatmap")
+    height, width = raw.shape
+    amap = np.frombuffer(raw.data, dtype=np.float32).reshape(height, width)
+    side = out.maps.shape[1]
+    out.maps[i] = resize_side(amap, side, cv2.INTER_AREA)
+    out.masks[i] = read_mask(item, height, width, side) if has_truth else False
+    out.scores.append(ImageScore(item.name, item.label, float(result.score)))
+    out.timings.append(result.timings_ms)
+    out.scales.append(result.heatmap_scale)
+
+
+def _score_tests(engines: Sequence[Any], tests: Sequence[TestImage], pixel_side: int,
+                 has_truth: bool) -> list[_Scored]:
+    """Infer every test image with each engine; with several, they take turns (a b, b a, ...) so
+    a change of machine load hits them alike and their latencies compare."""
+    out = [_Scored(np.empty((len(tests), pixel_side, pixel_side), np.float32),
+                   np.empty((len(tests), pixel_side, pixel_side), bool)) for _ in engines]
     for i, item in enumerate(tests):
-        result = engine.infer(_ROLE, _ROI, _MM_PER_PX, item.path.read_bytes(), allow_uncalibrated=True,
-                              heatmap="float32")
-        raw = result.heatmap_raw
-        if raw is None or raw.dtype != "float32":
-            raise RuntimeError("the engine returned no float32 heatmap")
-        height, width = raw.shape
-        amap = np.frombuffer(raw.data, dtype=np.float32).reshape(height, width)
-        maps[i] = resize_side(amap, pixel_side, cv2.INTER_AREA)
-        masks[i] = read_mask(item, height, width, pixel_side) if has_truth else False
-        scores.append(ImageScore(item.name, item.label, float(result.score)))
-        timings.append(result.timings_ms)
-        scales.append(result.heatmap_scale)
-    return maps, masks, scores, timings, scales
+        data = item.path.read_bytes()
+        order = range(len(engines)) if i % 2 == 0 else reversed(range(len(engines)))
+        for j in order:
+            _infer_one(engines[j], item, data, out[j], i, has_truth)
+    return out
+
+
+def _report(category: Path, fit: Any, n_train: int, tests: Sequence[TestImage], scored: _Scored,
+            has_truth: bool, started: float, overrides: dict[str, Any]) -> EvalReport:
+    """The figures of one engine's fit and test pass."""
+    labels = np.array([s.label for s in scored.scores])
+    pixel_auroc, pro = ((auroc(scored.maps, scored.masks), pro_auc(scored.maps, scored.masks))
+                        if has_truth and scored.masks.any() else (None, None))
+    fit_s = {stage: round(ms / 1000.0, 3) for stage, ms in fit.timings_ms.items()}
+    fit_s["total"] = round(sum(fit.timings_ms.values()) / 1000.0, 3)
+    stages = list(dict.fromkeys(k for t in scored.timings for k in t))
+    infer_ms = {k: round(statistics.median(t[k] for t in scored.timings if k in t), 3) for k in stages}
+    return EvalReport(
+        category=category.name, backbone=fit.backbone, input_size=fit.input_size,
+        coreset_ratio=fit.recipe.coreset_ratio, n_train=n_train, n_test=len(tests),
+        n_defective=int(labels.sum()),
+        image_auroc=round(auroc(np.array([s.score for s in scored.scores]), labels), 6),
+        pixel_auroc=None if pixel_auroc is None else round(pixel_auroc, 6),
+        pro=None if pro is None else round(pro, 6), pixel_side=scored.maps.shape[1],
+        coreset_size=fit.coreset_size, n_embeddings=fit.n_embeddings, token_shape=fit.token_shape,
+        fit_s=fit_s, infer_ms=infer_ms, wall_s=round(time.perf_counter() - started, 3),
+        scores=tuple(scored.scores), recipe=fit.recipe.model_dump(),
+        auto_recipe=fit.auto_recipe.model_dump() if fit.auto_recipe else None, settings=overrides,
+    )
+
+
+def _fit_and_score(category: Path, train: list[Path], tests: list[TestImage], configs: list[dict[str, Any]],
+                   data_root: Path, pixel_side: int) -> tuple[list[Any], list[_Scored]]:
+    """One engine per settings dict, each fitted in turn, then the test set scored in turns."""
+    from engine.api import Engine
+    from engine.settings import Settings
+
+    engines = []
+    try:
+        for j, config in enumerate(configs):
+            root = data_root if j == 0 else data_root / f"versus-{j}"
+            engines.append(Engine(Settings(data_root=root, **config)))
+        fits = [engine.fit_ok(_ROLE, _ROI, _MM_PER_PX, [p.read_bytes() for p in train]) for engine in engines]
+        return fits, _score_tests(engines, tests, pixel_side, (category / "ground_truth").is_dir())
+    finally:
+        for engine in engines:
+            engine.close()
 
 
 def evaluate(
     category: Path | str, *, max_train: int | None = None, input_size: int | None = None,
     coreset_ratio: float | None = None, backbone: str | None = None, weights: Path | None = None,
     data_root: Path | None = None, pixel_side: int = 256, panel: Path | None = None, panel_count: int = 6,
+    settings: dict[str, Any] | None = None, versus: dict[str, Any] | None = None,
 ) -> EvalReport:
     """Fit on train/good, score every test image, return AUROCs and timings.
 
@@ -221,52 +297,32 @@ def evaluate(
         data_root: where the model is written; a temporary folder, removed afterwards, when None.
         pixel_side: side the maps and masks are resized to for the pixel AUROC.
         panel: write a PNG panel (image | heatmap overlay) of ``panel_count`` test images there.
+        settings: more engine settings (field names) for the evaluated engine.
+        versus: when given, a second engine with these settings changed (on top of the
+            environment and the named arguments, not ``settings``) is fitted and scored in the
+            same process, inferences taken in turns; its report is the result's ``versus``.
     """
-    from engine.api import Engine
-    from engine.settings import Settings
-
     if pixel_side < 8:
         raise ValueError(f"pixel_side must be >= 8, got {pixel_side}")
     started = time.perf_counter()
     category = Path(category)
-    train = list_train(category, max_train)
-    tests = list_test(category)
-    overrides: dict[str, Any] = {}
-    for name, value in (("input_size", input_size), ("coreset_ratio", coreset_ratio),
-                        ("backbone", backbone), ("weights", weights)):
-        if value is not None:
-            overrides[name] = value
-    has_truth = (category / "ground_truth").is_dir()
+    train, tests = list_train(category, max_train), list_test(category)
+    common = {name: value for name, value in (("input_size", input_size), ("coreset_ratio", coreset_ratio),
+                                               ("backbone", backbone), ("weights", weights)) if value is not None}
+    configs = [{**common, **(settings or {})}] + ([{**common, **versus}] if versus is not None else [])
     with tempfile.TemporaryDirectory(prefix="engine-eval-") as tmp:
-        settings = Settings(data_root=Path(data_root) if data_root is not None else Path(tmp), **overrides)
-        engine = Engine(settings)
-        try:
-            fit = engine.fit_ok(_ROLE, _ROI, _MM_PER_PX, [p.read_bytes() for p in train])
-            maps, masks, scores, timings, scales = _score_tests(engine, tests, pixel_side, has_truth)
-        finally:
-            engine.close()
-
-    labels = np.array([s.label for s in scores])
-    image_auroc = auroc(np.array([s.score for s in scores]), labels)
-    pixel_auroc, pro = (auroc(maps, masks), pro_auc(maps, masks)) if has_truth and masks.any() else (None, None)
-    panel_path = None
+        fits, scored = _fit_and_score(category, train, tests, configs,
+                                      Path(data_root) if data_root is not None else Path(tmp), pixel_side)
+    has_truth = (category / "ground_truth").is_dir()
+    reports = [_report(category, fit, len(train), tests, s, has_truth, started, config)
+               for fit, s, config in zip(fits, scored, configs, strict=True)]
+    report = reports[0]
     if panel is not None:
-        write_panel(panel, tests, maps, masks, [s.score for s in scores], scales[0], panel_count)
-        panel_path = str(panel)
-    fit_s = {stage: round(ms / 1000.0, 3) for stage, ms in fit.timings_ms.items()}
-    fit_s["total"] = round(sum(fit.timings_ms.values()) / 1000.0, 3)
-    stages = list(dict.fromkeys(k for t in timings for k in t))
-    infer_ms = {k: round(statistics.median(t[k] for t in timings if k in t), 3) for k in stages}
-    return EvalReport(
-        category=category.name, backbone=fit.backbone, input_size=fit.input_size,
-        coreset_ratio=settings.coreset_ratio, n_train=len(train), n_test=len(tests),
-        n_defective=int(labels.sum()), image_auroc=round(image_auroc, 6),
-        pixel_auroc=None if pixel_auroc is None else round(pixel_auroc, 6),
-        pro=None if pro is None else round(pro, 6), pixel_side=pixel_side,
-        coreset_size=fit.coreset_size, n_embeddings=fit.n_embeddings, token_shape=fit.token_shape,
-        fit_s=fit_s, infer_ms=infer_ms, wall_s=round(time.perf_counter() - started, 3),
-        scores=tuple(scores), panel=panel_path,
-    )
+        first = scored[0]
+        write_panel(panel, tests, first.maps, first.masks, [s.score for s in first.scores], first.scales[0],
+                    panel_count)
+        report = replace(report, panel=str(panel))
+    return replace(report, versus=reports[1]) if versus is not None else report
 
 
 def _panel_picks(tests: Sequence[TestImage], count: int) -> list[int]:
@@ -347,6 +403,7 @@ def format_report(report: EvalReport) -> str:
         f"model         {report.backbone} @ {report.input_size} px, tokens {report.token_shape[0]}x"
         f"{report.token_shape[1]}, coreset {report.coreset_size} of {report.n_embeddings} "
         f"({report.coreset_ratio:g})",
+        f"recipe        {report.recipe['name'] if report.recipe else 'n/a'}",
         f"image AUROC   {report.image_auroc:.4f}",
         f"pixel AUROC   {pixel}  (maps INTER_AREA / masks INTER_NEAREST resized to "
         f"{report.pixel_side}x{report.pixel_side})",
@@ -357,6 +414,31 @@ def format_report(report: EvalReport) -> str:
     ]
     if report.panel:
         lines.append(f"panel         {report.panel}")
+    if report.settings:
+        lines.append("settings      " + "  ".join(f"{k}={v}" for k, v in report.settings.items()))
+    if report.auto_recipe:
+        lines.append(format_auto_recipe(report.auto_recipe))
+    if report.versus is not None:
+        lines += ["", "versus        (reference engine, same process, inferences in turns)",
+                  format_report(report.versus), f"latency ratio {report.latency_ratio:.2f}x"]
+    return "\n".join(lines)
+
+
+def format_auto_recipe(auto: dict[str, Any]) -> str:
+    """The automatic recipe choice of one fit: what it kept, and every trial's validation figures."""
+    lines = [
+        f"auto recipe   chose {auto['chosen']['name']} in {auto['seconds']:.1f} s (budget {auto['budget_s']:g} s); "
+        f"validation: {auto['n_ok']} held-out OK, {auto['n_synthetic']} synthetic defects, "
+        f"{auto['n_real_ng']} stored NG; trials fit on {auto['n_fit']} OK images",
+        "              recipe                            image AUROC  detected  pixel AUROC  s",
+    ]
+    for trial in auto["trials"]:
+        mark = "*" if trial["recipe"] == auto["chosen"] else " "
+        pixel = "n/a" if trial["pixel_auroc"] is None else f"{trial['pixel_auroc']:.4f}"
+        lines.append(f"            {mark} {trial['recipe']['name']:<33} {trial['image_auroc']:<12.4f} "
+                     f"{trial['detection_rate']:<9.3f} {pixel:<12} {trial['seconds']:.1f}")
+    if auto["skipped"]:
+        lines.append("              skipped (budget): " + ", ".join(auto["skipped"]))
     return "\n".join(lines)
 
 
@@ -374,14 +456,25 @@ def _quiet_logs(verbose: bool) -> None:
         logging.getLogger("engine").setLevel(logging.WARNING)
 
 
+def _summary_line(label: str, r: EvalReport) -> str:
+    pixel = "n/a" if r.pixel_auroc is None else f"{r.pixel_auroc:.4f}"
+    pro = "n/a" if r.pro is None else f"{r.pro:.4f}"
+    recipe = r.recipe["name"] if r.recipe else "n/a"
+    return (f"{label:<13} {recipe:<30} {r.image_auroc:<12.4f} {pixel:<12} {pro:<7} {r.fit_s['total']:<7.1f} "
+            f"{r.infer_ms.get('total', float('nan')):.1f}")
+
+
 def format_summary(reports: Sequence[EvalReport]) -> str:
-    """One line per category: the quality figures, the fit time and the ROI latency."""
-    lines = ["category      image AUROC  pixel AUROC  PRO     fit s   infer ms (median)"]
+    """One line per category (and per reference engine of ``--versus``, with the latency ratio):
+    the recipe, the quality figures, the fit time and the ROI latency."""
+    lines = ["category      recipe                         image AUROC  pixel AUROC  PRO     fit s   "
+             "infer ms (median)"]
     for r in reports:
-        pixel = "n/a" if r.pixel_auroc is None else f"{r.pixel_auroc:.4f}"
-        pro = "n/a" if r.pro is None else f"{r.pro:.4f}"
-        lines.append(f"{r.category:<13} {r.image_auroc:<12.4f} {pixel:<12} {pro:<7} {r.fit_s['total']:<7.1f} "
-                     f"{r.infer_ms.get('total', float('nan')):.1f}")
+        lines.append(_summary_line(r.category, r))
+        if r.versus is not None:
+            lines.append(_summary_line("  versus", r.versus))
+            lines.append(f"  latency ratio {r.latency_ratio:.2f}x (median ROI latency over the reference's, "
+                         f"inferences in turns)")
     return "\n".join(lines)
 
 
@@ -407,6 +500,11 @@ def _parser() -> argparse.ArgumentParser:
                              "<stem>-<category><suffix>)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the text report")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON report to this file")
+    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="NAME=VALUE",
+                        help="an engine setting (field name, e.g. aggregation=1 or feature_levels=4,8,16); repeatable")
+    parser.add_argument("--versus", action="append", default=None, metavar="NAME=VALUE",
+                        help="also fit and score a reference engine with this setting changed (repeatable; on top "
+                             "of the environment and the options above, not --set); prints the latency ratio")
     parser.add_argument("--verbose", action="store_true", help="engine logs on stderr")
     return parser
 
@@ -415,6 +513,17 @@ def _panel_path(panel: Path | None, category: Path, several: bool) -> Path | Non
     if panel is None or not several:
         return panel
     return panel.with_name(f"{panel.stem}-{category.name}{panel.suffix}")
+
+
+def _pairs(items: Sequence[str]) -> dict[str, str]:
+    """NAME=VALUE strings -> {NAME: VALUE}; values stay text, the settings object converts them."""
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"expected NAME=VALUE, got {item!r}")
+        out[name.strip()] = value.strip()
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -430,7 +539,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 category, max_train=args.max_train, input_size=args.input_size,
                 coreset_ratio=args.coreset_ratio, backbone=args.backbone, weights=args.weights,
                 data_root=args.data_root, pixel_side=args.pixel_side,
-                panel=_panel_path(args.panel, category, several),
+                panel=_panel_path(args.panel, category, several), settings=_pairs(args.settings),
+                versus=None if args.versus is None else _pairs(args.versus),
             ))
     except (FileNotFoundError, ValueError, EngineError) as exc:   # pydantic's ValidationError is a ValueError
         print(f"error: {exc}", file=sys.stderr)
@@ -444,7 +554,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(document))
     else:
         print("\n\n".join(format_report(r) for r in reports))
-        if several:
+        if several or args.versus is not None:
             print("\n" + format_summary(reports))
     return 0
 

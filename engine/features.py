@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engine.backbones import Backbone
+from engine.backbones import Backbone, FeatureLayout
 
 __all__ = ["ExtractedBatch", "FeatureExtractor"]
 
@@ -50,18 +50,20 @@ class FeatureExtractor:
     def precision(self) -> str:
         return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
 
-    def __call__(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        """N images (S, S, 3) uint8 -> (N, h, w, C) float32 features."""
+    def __call__(self, images: Sequence[np.ndarray], layout: FeatureLayout | None = None) -> np.ndarray:
+        """N images (S, S, 3) uint8 -> (N, h, w, C) float32 features (the backbone's layout when None)."""
         out = []
         with torch.inference_mode():
             for start in range(0, len(images), self.batch_size):
                 batch = np.stack(images[start : start + self.batch_size])        # B S S 3
                 x = torch.from_numpy(batch).to(self.device, non_blocking=True)
-                out.append(self.backbone(x).float().cpu().numpy())
+                out.append(self.backbone(x, layout).float().cpu().numpy())
         return np.concatenate(out, axis=0)
 
-    def stream(self, count: int, load: LoadFn, *, workers: int = 1) -> Iterator[ExtractedBatch]:
-        """Load and extract images 0..count-1, ``batch_size`` at a time, batches yielded in order.
+    def stream(self, count: int, load: LoadFn, *, workers: int = 1,
+               layout: FeatureLayout | None = None) -> Iterator[ExtractedBatch]:
+        """Load and extract images 0..count-1 with ``layout``, ``batch_size`` at a time, batches
+        yielded in order.
 
         With ``workers`` > 1 (CPU), that many threads each load a batch and run its forward pass
         with one torch thread, so the images go through side by side. On a 2-core CPU that beat
@@ -73,14 +75,15 @@ class FeatureExtractor:
         starts = range(0, count, self.batch_size)
         if workers <= 1 or self.device.type != "cpu":
             for first in starts:
-                yield self._extract_batch(first, min(first + self.batch_size, count), load)
+                yield self._extract_batch(first, min(first + self.batch_size, count), load, layout)
             return
         threads = torch.get_num_threads()
         pool = ThreadPoolExecutor(workers, thread_name_prefix="extract", initializer=_one_torch_thread)
         try:
             pending = []
             for first in starts:
-                pending.append(pool.submit(self._extract_batch, first, min(first + self.batch_size, count), load))
+                pending.append(pool.submit(self._extract_batch, first, min(first + self.batch_size, count), load,
+                                           layout))
                 if len(pending) >= 2 * workers:
                     yield pending.pop(0).result()
             for future in pending:
@@ -89,12 +92,12 @@ class FeatureExtractor:
             pool.shutdown(wait=True, cancel_futures=True)
             torch.set_num_threads(threads)   # the BLAS part of the setting is process-wide
 
-    def _extract_batch(self, first: int, end: int, load: LoadFn) -> ExtractedBatch:
+    def _extract_batch(self, first: int, end: int, load: LoadFn, layout: FeatureLayout | None) -> ExtractedBatch:
         start = time.perf_counter()
         loaded = [(i, load(i)) for i in range(first, end)]
         kept = [(i, image) for i, image in loaded if image is not None]
         loaded_at = time.perf_counter()
-        features = self([image for _, image in kept]) if kept else None
+        features = self([image for _, image in kept], layout) if kept else None
         return ExtractedBatch(end, [i for i, _ in kept], features, loaded_at - start, time.perf_counter() - loaded_at)
 
 

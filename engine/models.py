@@ -18,12 +18,13 @@ from typing import Any, NamedTuple
 import numpy as np
 import structlog
 
-from engine.backbones import BackboneInfo
+from engine.backbones import BackboneInfo, FeatureLayout
 from engine.datasets import DatasetStore
 from engine.errors import CorruptModel, FitInProgress, IncompatibleModel, MmPerPxMismatch, ModelNotFound
 from engine.knn import TorchBank, deserialize_index, set_nprobe
 from engine.model_cache import ModelCache
 from engine.patchcore import MemorySearch, searcher
+from engine.recipes import manifest_layout
 from engine.schemas import ModelSummary, StateResult
 from engine.storage import DEFAULT_VERSIONS_KEPT, ModelStore, remove_temp_files, version_of
 from engine.validate import check_id, check_recipe, stored_calibration
@@ -56,6 +57,11 @@ class LoadedModel:
     @property
     def side(self) -> int:
         return int(self.manifest["input"]["side"])
+
+    @property
+    def layout(self) -> FeatureLayout | None:
+        """The feature layout the model was fitted with (None: the backbone's own, older models)."""
+        return manifest_layout(self.manifest)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ __all__ = [
     "ActivateResult",
     "AddOkResult",
     "AnnulusShape",
+    "AutoRecipeReport",
     "BatchError",
     "CalibrationResult",
     "CircleShape",
@@ -40,6 +41,8 @@ __all__ = [
     "ModelSummary",
     "OkScoreStats",
     "RawArray",
+    "RecipeInfo",
+    "RecipeTrial",
     "RectShape",
     "RefitCalibration",
     "Region",
@@ -150,6 +153,41 @@ class RefitCalibration(_Frozen):
     reason: str | None                       # why the rule differs from the last one's, or nothing was carried
 
 
+class RecipeInfo(_Frozen):
+    """The feature and scoring choices a model is fitted and scored with (engine.recipes)."""
+
+    name: str
+    side: int                                # square input side
+    levels: tuple[int, ...]                  # strides of the backbone stages making the features
+    aggregation: int                         # local mean side per level (1 = none)
+    score_percentile: float                  # image score = this percentile of the masked map
+    coreset_ratio: float
+
+
+class RecipeTrial(_Frozen):
+    """One recipe tried by the automatic choice, with its validation figures."""
+
+    recipe: RecipeInfo
+    image_auroc: float                       # held-out OK images vs synthetic (and stored NG) defects
+    detection_rate: float                    # share of defective images scored above every OK image
+    pixel_auroc: float | None                # on the synthetic defects' masks
+    seconds: float                           # fit and scoring of this trial (shared by its percentiles)
+
+
+class AutoRecipeReport(_Frozen):
+    """What the automatic recipe choice tried at fit time and what it kept."""
+
+    chosen: RecipeInfo
+    trials: tuple[RecipeTrial, ...]
+    skipped: tuple[str, ...]                 # candidates not started within the budget
+    n_fit: int                               # OK images each trial fitted on
+    n_ok: int                                # held-out OK images
+    n_synthetic: int                         # synthetic defects drawn on them
+    n_real_ng: int                           # stored NG samples that joined the validation
+    seconds: float
+    budget_s: float
+
+
 class FitResult(_Frozen):
     role_id: str
     roi_id: str
@@ -169,6 +207,8 @@ class FitResult(_Frozen):
     ok_score_stats: OkScoreStats | None     # None when fitted on a single image
     threshold_suggestion: float | None       # OK-only calibration rule applied to ok_scores
     calibration: RefitCalibration | None     # None when the model had no calibration to carry over
+    recipe: RecipeInfo | None = None         # the recipe the model was fitted with
+    auto_recipe: AutoRecipeReport | None = None  # set when the recipe was chosen automatically
 
 
 class CalibrationResult(_Frozen):

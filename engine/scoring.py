@@ -14,6 +14,7 @@ import numpy as np
 import structlog
 
 from engine import heatmap as heatmaps
+from engine.backbones import FeatureLayout
 from engine.budget import MemoryBudget
 from engine.errors import CalibrationMissing, EngineError, InvalidInput
 from engine.explain import explain_regions
@@ -157,7 +158,7 @@ class Scorer:
         height, width = roi.size
         if features is None:
             start = time.perf_counter()
-            features = self._extractor([roi.resized])[0]                            # h w D
+            features = self._extractor([roi.resized], roi.model.layout)[0]          # h w D
             timings["extract"] = _ms(start)
         calibration = roi.model.calibration
         threshold = None if calibration is None else float(calibration["threshold"])
@@ -201,7 +202,7 @@ class Scorer:
     def score_batch(self, role_id: str, items: Sequence[Any], recipe_id: str | None, *,
                     allow_uncalibrated: bool, heatmap: HeatmapFormat,
                     timings: dict[str, float]) -> list[InferBatchItem]:
-        """Several ROIs of one part: one backbone call per input side; each item fails on its own."""
+        """Several ROIs of one part: one backbone call per input side and feature layout; each item fails on its own."""
         t0 = time.perf_counter()
         images = [item.get("image") for item in items if isinstance(item, dict)]
         with self.working_memory(images):
@@ -244,12 +245,12 @@ class Scorer:
                             allow_uncalibrated=allow_uncalibrated)
 
     def _extract_by_side(self, prepared: dict[int, PreparedRoi]) -> dict[int, np.ndarray]:
-        by_side: dict[int, list[int]] = {}
+        by_side: dict[tuple[int, FeatureLayout | None], list[int]] = {}
         for i, roi in prepared.items():
-            by_side.setdefault(roi.model.side, []).append(i)
+            by_side.setdefault((roi.model.side, roi.model.layout), []).append(i)
         features: dict[int, np.ndarray] = {}
-        for indices in by_side.values():
-            batch = self._extractor([prepared[i].resized for i in indices])          # n h w D
+        for (_, layout), indices in by_side.items():
+            batch = self._extractor([prepared[i].resized for i in indices], layout)  # n h w D
             features.update(zip(indices, batch, strict=True))
         return features
 

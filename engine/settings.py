@@ -194,10 +194,32 @@ class Settings(EnvSettings):
         validation_alias=AliasChoices("PATCHCORE_SCORE_PERCENTILE", "score_percentile"),
         description="Image score = this percentile of the anomaly map inside the mask.",
     )
+    aggregation: int | None = Field(
+        None, ge=1, le=9, validation_alias=AliasChoices("PATCHCORE_AGGREGATION", "aggregation"),
+        description="Side of the square mean around each patch, per feature level (1 = none, odd); "
+                    "None = the backbone's own (Lite 3, DINOv2 1).",
+    )
+    feature_levels: tuple[int, ...] | None = Field(
+        None, validation_alias=AliasChoices("PATCHCORE_LEVELS", "feature_levels"),
+        description="Strides of the backbone stages whose outputs make patch features, e.g. 4,8,16 "
+                    "(EfficientNet-Lite: 4, 8, 16); None = the backbone's own (Lite 8,16; DINOv2 14).",
+    )
     gaussian_sigma: float = Field(
         4.0, ge=0, validation_alias=AliasChoices("PATCHCORE_SIGMA", "gaussian_sigma")
     )
     seed: int = Field(0, validation_alias=AliasChoices("PATCHCORE_SEED", "seed"))
+
+    # automatic recipe choice at fit time (engine.autorecipe)
+    auto_recipe: Literal["on", "off"] = Field(
+        "off", validation_alias=AliasChoices("BACKEND_AUTO_RECIPE", "auto_recipe"),
+        description="on: each fit of at least 8 images tries a few recipes on its own OK images against "
+                    "synthetic defects (and the ROI's stored NG samples) and keeps the best (engine.autorecipe).",
+    )
+    auto_recipe_budget_s: float = Field(
+        120.0, gt=0, validation_alias=AliasChoices("BACKEND_AUTO_RECIPE_BUDGET_S", "auto_recipe_budget_s"),
+        description="Seconds the recipe trials may add to a fit: a trial is started only when its "
+                    "estimated end is within the budget (the settings' recipe is always tried).",
+    )
 
     # calibration
     calibration_percentile: float = Field(
@@ -289,6 +311,21 @@ class Settings(EnvSettings):
         200, "BACKEND_DRIFT_WINDOW", "drift_window", ge=30, le=100_000,
         description="Recent scores of a ROI compared with its fit's OK scores.",
     )
+
+    @field_validator("aggregation")
+    @classmethod
+    def _odd_side(cls, value: int | None) -> int | None:
+        if value is not None and value % 2 == 0:
+            raise ValueError(f"aggregation must be odd (1, 3, 5, ...), got {value}")
+        return value
+
+    @field_validator("feature_levels", mode="before")
+    @classmethod
+    def _levels_text(cls, value: Any) -> Any:
+        # PATCHCORE_LEVELS=4,8,16 in the environment; a list in YAML or keyword arguments
+        if isinstance(value, str):
+            return tuple(int(part) for part in value.replace(" ", "").split(",") if part) or None
+        return value
 
     @property
     def effective_batch_size(self) -> int:

@@ -59,6 +59,7 @@ def test_names_cover_expected_variants() -> None:
     assert set(effl.__all__) == {
         "EFFICIENTNET_LITE_NAMES",
         "EfficientNetLite",
+        "LITE_LEVELS",
         "embedded_weights_path",
         "load_efficientnet_lite",
     }

@@ -6,12 +6,13 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from engine.backbones.base import Backbone, BackboneInfo, file_sha256, load_weights_file
+from engine.backbones.base import Backbone, BackboneInfo, FeatureLayout, file_sha256, load_weights_file
 
 __all__ = [
     "Backbone",
     "BackboneInfo",
     "DEFAULT_INPUT_SIZE",
+    "FeatureLayout",
     "build_backbone",
     "file_sha256",
     "find_dinov2_weights",

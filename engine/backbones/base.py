@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from engine.errors import WeightsError
 
-__all__ = ["Backbone", "BackboneInfo", "file_sha256", "load_weights_file"]
+__all__ = ["Backbone", "BackboneInfo", "FeatureLayout", "file_sha256", "load_weights_file"]
 
 
 @dataclass(frozen=True)
@@ -34,10 +34,42 @@ class BackboneInfo:
         return height // self.stride, width // self.stride
 
 
+@dataclass(frozen=True)
+class FeatureLayout:
+    """Which trunk outputs make a patch feature, and over what neighbourhood each is averaged.
+
+    ``levels``: strides of the trunk stages whose outputs are concatenated (EfficientNet-Lite:
+    4, 8, 16; DINOv2: its one token grid, 14). ``aggregation``: side of the square mean taken
+    around each patch at its own level before the levels are brought to one grid (1 = none).
+    """
+
+    levels: tuple[int, ...]
+    aggregation: int
+
+    def __post_init__(self) -> None:
+        if not self.levels or list(self.levels) != sorted(set(self.levels)):
+            raise ValueError(f"levels must be distinct strides in increasing order, got {list(self.levels)}")
+        if self.aggregation < 1 or self.aggregation % 2 == 0:
+            raise ValueError(f"aggregation must be an odd side >= 1, got {self.aggregation}")
+
+    def as_dict(self) -> dict[str, list[int] | int]:
+        return {"levels": list(self.levels), "aggregation": self.aggregation}
+
+
 class Backbone(nn.Module):
-    """A frozen feature extractor. Subclasses set ``info`` and implement ``patch_features``."""
+    """A frozen feature extractor. Subclasses set ``info`` and ``layout`` (what ``forward`` gives
+    without a layout) and implement ``patch_features``."""
 
     info: BackboneInfo
+    layout: FeatureLayout
+
+    def check_layout(self, layout: FeatureLayout) -> None:
+        """Raises ValueError when this backbone cannot make features with ``layout``."""
+        raise NotImplementedError
+
+    def feature_dim(self, layout: FeatureLayout) -> int:
+        """Channels of a patch feature made with ``layout``."""
+        raise NotImplementedError
 
     def normalize(self, images: Tensor) -> Tensor:
         """(B, H, W, 3) uint8 RGB -> (B, 3, H, W) float, normalized for these weights."""
@@ -46,18 +78,18 @@ class Backbone(nn.Module):
         std = torch.tensor(self.info.std, device=x.device).view(1, 3, 1, 1)
         return (x - mean) / std
 
-    def patch_features(self, x: Tensor) -> Tensor:
-        """(B, 3, H, W) normalized -> (B, h, w, C) patch features."""
+    def patch_features(self, x: Tensor, layout: FeatureLayout | None = None) -> Tensor:
+        """(B, 3, H, W) normalized -> (B, h, w, C) patch features made with ``layout`` (``self.layout`` when None)."""
         raise NotImplementedError
 
     def fold_batch_norms(self) -> None:
         """Fold normalisation layers into the layers before them, for inference; by default there
         are none to fold. Call after the weights are loaded (the state dict changes)."""
 
-    def forward(self, images: Tensor) -> Tensor:
-        """(B, H, W, 3) uint8 RGB -> (B, h, w, C) patch features."""
+    def forward(self, images: Tensor, layout: FeatureLayout | None = None) -> Tensor:
+        """(B, H, W, 3) uint8 RGB -> (B, h, w, C) patch features (``self.layout`` when None)."""
         x = self.normalize(images)
-        return self.patch_features(x.to(self._compute_dtype()))
+        return self.patch_features(x.to(self._compute_dtype()), layout or self.layout)
 
     def _compute_dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype

