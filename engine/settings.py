@@ -155,7 +155,7 @@ class Settings(EnvSettings):
 
     # PatchCore
     coreset_ratio: float = Field(
-        0.025, gt=0, le=1, validation_alias=AliasChoices("PATCHCORE_CORESET_RATIO", "coreset_ratio")
+        0.015, gt=0, le=1, validation_alias=AliasChoices("PATCHCORE_CORESET_RATIO", "coreset_ratio")
     )
     coreset_projection_dim: int = Field(
         192, ge=8, validation_alias=AliasChoices("PATCHCORE_PROJECTION_DIM", "coreset_projection_dim"),

@@ -10,7 +10,7 @@ import pytest
 from tests.support import MVTEC_BOTTLE
 
 # Test fits are tiny (a few images at 64-224 px): they keep 10 % of their patches, as the tests'
-# expected memories and decisions were worked out for. The engine's default (2.5 %) is sized for
+# expected memories and decisions were worked out for. The engine's default (1.5 %) is sized for
 # hundreds of images; tests of the defaults pass it explicitly (test_quality_bottle).
 os.environ.setdefault("PATCHCORE_CORESET_RATIO", "0.1")
 

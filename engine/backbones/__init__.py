@@ -22,7 +22,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_INPUT_SIZE = {"dinov2_vits14": 448, "efficientnet_lite0": 320, "efficientnet_lite2": 224}
+DEFAULT_INPUT_SIZE = {"dinov2_vits14": 448, "efficientnet_lite0": 416, "efficientnet_lite2": 224}
 _DINOV2_FILENAMES = ("dinov2_vits14_pretrain.pth", "dinov2_vits14.pth", "dinov2-small.safetensors",
                      "model.safetensors")
 

@@ -216,7 +216,7 @@ class EfficientNetLite(Backbone):
     built so the upstream file loads with ``strict=True``; features never run past stride 16.
     """
 
-    def __init__(self, name: str = "efficientnet_lite0", input_size: int = 320) -> None:
+    def __init__(self, name: str = "efficientnet_lite0", input_size: int = 416) -> None:
         super().__init__()
         variant = _variant(name)
         if input_size <= 0 or input_size % _STRIDE:
@@ -343,7 +343,7 @@ def embedded_weights_path(name: str = "efficientnet_lite0") -> Path:
 
 
 def load_efficientnet_lite(
-    name: str = "efficientnet_lite0", input_size: int = 320, weights_path: Path | None = None
+    name: str = "efficientnet_lite0", input_size: int = 416, weights_path: Path | None = None
 ) -> EfficientNetLite:
     """Build the variant, load its upstream weights strictly, and freeze it in eval mode.
 
