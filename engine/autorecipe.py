@@ -88,7 +88,8 @@ def validation_set(images: Sequence[Any], real_ng: Sequence[Any], decode: Decode
     ``_DEFECTS_PER_IMAGE`` synthetic defects of different kinds on each held-out image."""
     n = len(images)
     held = [int(i) for i in spread(n, min(_HELD_OUT, max(2, n // 4)))]
-    rest = [i for i in range(n) if i not in set(held)]
+    held_set = set(held)
+    rest = [i for i in range(n) if i not in held_set]
     fit_ids = [rest[int(j)] for j in spread(len(rest), min(_FIT_IMAGES, len(rest)))]
     ok = _load(images, held, "image", decode, work_side)
     rng = np.random.default_rng(seed)
