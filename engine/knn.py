@@ -11,6 +11,8 @@ from typing import Literal
 import faiss
 import numpy as np
 
+from engine.threads import use_faiss_threads
+
 __all__ = [
     "Distance",
     "TorchBank",
@@ -65,6 +67,7 @@ def knn_distances(index: faiss.Index, queries: np.ndarray, distance: Distance, k
 
     l2: Euclidean distance. cosine: 1 - cosine similarity.
     """
+    use_faiss_threads()
     k = min(k, index.ntotal)
     sims, _ = index.search(prepare_rows(queries, distance), k)
     if distance == "l2":

@@ -337,9 +337,9 @@ class Settings(EnvSettings):
         else one per usable core (engine.features.FeatureExtractor.stream)."""
         if self.resolved_device != "cpu":
             return 1
-        if self.torch_threads:
-            return self.torch_threads
-        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        from engine.threads import usable_cores
+
+        return self.torch_threads or usable_cores()
 
     @property
     def coreset_rule(self) -> CoresetRule:

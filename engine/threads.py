@@ -1,27 +1,56 @@
 """Process-wide thread counts of the compute libraries, set once when the engine starts.
 
 ``threads`` (``BACKEND_TORCH_THREADS``) goes to torch's intra-op pool, faiss's OpenMP pool,
-OpenCV and the BLAS libraries numpy and faiss call. Unset, torch, faiss and OpenCV keep their
-defaults (one thread per core) and BLAS gets one thread: the engine's own matrix products are
+OpenCV, the workers of an exact memory search and the BLAS libraries numpy and faiss call.
+Unset, torch and OpenCV keep their defaults (one thread per core), faiss and the exact-search
+workers get one per usable core, and BLAS gets one thread: the engine's own matrix products are
 small (a 900 x 900 anomaly map is a (900, 28) x (28, 900) product), and on a busy 2-core
 machine a two-thread BLAS stalled on them (35 ms instead of 1.6 ms for that map, measured).
 Concurrent requests bring their own parallelism.
+
+OpenMP keeps its thread count per thread: a count set at start-up reaches only the thread that
+set it (limiting the OpenMP-built BLAS that faiss ships even set faiss to one thread there, and
+nowhere else). So the faiss count is applied by :func:`use_faiss_threads` in the thread that
+searches, before it searches.
 """
 
 from __future__ import annotations
 
-__all__ = ["configure_threads"]
+import os
+
+__all__ = ["configure_threads", "usable_cores", "use_faiss_threads"]
+
+_faiss_threads = 0     # 0: not configured (library use without an engine): OpenMP's own default
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity where the platform tells it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def configure_threads(threads: int | None) -> None:
     """Set the pools; call once at start-up (the BLAS limit holds for the whole process)."""
+    global _faiss_threads
+
     import cv2
-    import faiss
     import torch
     from threadpoolctl import threadpool_limits
 
+    from engine.search import configure_exact_workers
+
     if threads is not None:
         torch.set_num_threads(threads)
-        faiss.omp_set_num_threads(threads)
         cv2.setNumThreads(threads)
     threadpool_limits(limits=threads or 1, user_api="blas")
+    _faiss_threads = threads or usable_cores()
+    configure_exact_workers(_faiss_threads)
+    use_faiss_threads()
+
+
+def use_faiss_threads() -> None:
+    """Give the calling thread the configured faiss (OpenMP) thread count; cheap when it has it."""
+    if _faiss_threads:
+        import faiss
+
+        if faiss.omp_get_max_threads() != _faiss_threads:
+            faiss.omp_set_num_threads(_faiss_threads)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import io
+
 import cv2
 import numpy as np
 import pytest
+from PIL import Image
 
 from engine.heatmap import THRESHOLD_GREY, encode_png, to_uint8
 from engine.regions import find_regions
@@ -126,10 +129,23 @@ def test_heatmap_bad_scale_raises() -> None:
         to_uint8(np.zeros((2, 2), np.float32), 0.0)
 
 
-def test_heatmap_png_decodes_back_to_the_same_array() -> None:
-    grey = np.random.default_rng(0).integers(0, 256, (17, 23), dtype=np.uint8)
+@pytest.mark.parametrize("shape", [(17, 23), (1, 5), (37, 1), (300, 901)])
+def test_heatmap_png_decodes_back_to_the_same_array_in_opencv_and_pillow(shape: tuple[int, int]) -> None:
+    grey = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    grey[: shape[0] // 2] = np.arange(shape[1], dtype=np.uint8)         # smooth rows: small "up" differences
     png = encode_png(grey)
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     back = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED)
-    assert back.dtype == np.uint8 and back.shape == (17, 23)
+    assert back.dtype == np.uint8 and back.shape == shape
     np.testing.assert_array_equal(back, grey)
+    with Image.open(io.BytesIO(png)) as image:
+        image.load()
+        assert image.mode == "L"
+        np.testing.assert_array_equal(np.asarray(image), grey)
+
+
+def test_heatmap_png_refuses_what_is_not_a_grey_image() -> None:
+    with pytest.raises(ValueError):
+        encode_png(np.zeros((0, 4), np.uint8))
+    with pytest.raises(ValueError):
+        encode_png(np.zeros((4, 4, 3), np.uint8))

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
 import faiss
 import numpy as np
 import pytest
 
 from engine.knn import build_index, deserialize_index, knn_distances, serialize_index
-from engine.search import MemorySearch, build_search_index, keep_rows
+from engine.search import MemorySearch, build_search_index, configure_exact_workers, keep_rows
 
 
 def _clustered(n: int, d: int, seed: int, spread: float = 1.0) -> np.ndarray:
@@ -86,3 +89,31 @@ def test_probe_count_reaches_the_recall_target_on_held_out_rows(bank: np.ndarray
     recall = float(np.mean(found <= truth * 1.001 + 1e-3))
     assert choice.recall == pytest.approx(recall, abs=0.02)
     assert choice.recall >= 0.9 or choice.nprobe == min(choice.nlist, 16)
+
+
+@pytest.fixture
+def shared_exact_search() -> Iterator[None]:
+    """Exact searches shared out over three workers for the test, one (inline) after it."""
+    configure_exact_workers(3)
+    yield
+    configure_exact_workers(1)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_exact_search_shared_out_over_workers_equals_brute_force(bank: np.ndarray, queries: np.ndarray, k: int,
+                                                                 shared_exact_search: None) -> None:
+    """Outlying queries reach many blocks: their work is shared out, from many request threads at once."""
+    index, choice = build_search_index(bank, "l2", ivf_min_rows=1000, probe_queries=_clustered(400, 32, 3), axes=16)
+    search = MemorySearch(index, bank, "l2", k, nprobe=choice.nprobe)
+    truth = knn_distances(build_index(bank, "l2"), queries, "l2", k)
+    allowed = np.random.default_rng(7).random(len(bank)) < 0.7
+    truth_allowed = knn_distances(build_index(bank[allowed], "l2"), queries, "l2", k)
+    _, reach = search.search(queries)
+    _, reach_allowed = search.search(queries, keep_rows(allowed))
+    with ThreadPoolExecutor(4) as pool:
+        plain = [pool.submit(search.exact, queries, reach * 2) for _ in range(4)]
+        hidden = [pool.submit(search.exact, queries, reach_allowed, keep_rows(allowed)) for _ in range(4)]
+        for future in plain:
+            np.testing.assert_allclose(future.result(), truth, rtol=1e-4, atol=1e-4)
+        for future in hidden:
+            np.testing.assert_allclose(future.result(), truth_allowed, rtol=1e-4, atol=1e-4)
