@@ -20,7 +20,8 @@ from functools import lru_cache
 import cv2
 import numpy as np
 
-__all__ = ["anomaly_map", "axis_weights", "masked_percentile", "patch_support", "percentile_if_above"]
+__all__ = ["add_patch_change", "anomaly_map", "axis_weights", "masked_percentile", "patch_support",
+           "percentile_if_above"]
 
 
 def _kernel_size(sigma: float) -> int:
@@ -51,6 +52,26 @@ def anomaly_map(patch_scores: np.ndarray, height: int, width: int, sigma: float)
     rows = axis_weights(height, h, float(sigma))                                 # H h
     cols = axis_weights(width, w, float(sigma))                                  # W w
     return (rows @ scores) @ cols.T                                              # H W
+
+
+def add_patch_change(amap: np.ndarray, change: np.ndarray, sigma: float) -> None:
+    """``amap`` (H, W) += the map of ``change`` (h, w), in place: the map is linear, so a few
+    changed patches update only the pixels they feed (equal to a full recomputation up to float
+    rounding)."""
+    height, width = amap.shape
+    h, w = change.shape
+    rows, cols = np.flatnonzero(change.any(axis=1)), np.flatnonzero(change.any(axis=0))
+    if rows.size == 0:
+        return
+    r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    y_first, y_last = _support_bounds(height, h, float(sigma))
+    x_first, x_last = _support_bounds(width, w, float(sigma))
+    y0, y1 = int(y_first[r0:r1].min()), int(y_last[r0:r1].max())
+    x0, x1 = int(x_first[c0:c1].min()), int(x_last[c0:c1].max())
+    weights_y = axis_weights(height, h, float(sigma))[y0:y1, r0:r1]
+    weights_x = axis_weights(width, w, float(sigma))[x0:x1, c0:c1]
+    part = np.ascontiguousarray(change[r0:r1, c0:c1], dtype=np.float32)
+    amap[y0:y1, x0:x1] += (weights_y @ part) @ weights_x.T
 
 
 @lru_cache(maxsize=64)

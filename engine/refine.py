@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.anomaly_map import anomaly_map, patch_support, percentile_if_above
+from engine.anomaly_map import add_patch_change, anomaly_map, patch_support, percentile_if_above
 
 __all__ = ["ExactDistances", "RefinedMap", "refine_map"]
 
@@ -85,9 +85,12 @@ def refine_map(
         need = patch_support(hot, scores.shape, sigma) & ~done                  # h w
         if need.any():
             flat = np.flatnonzero(need)
-            scores.flat[flat] = exact(flat)
+            fresh = exact(flat)
+            change = np.zeros_like(scores)
+            change.flat[flat] = fresh - scores.flat[flat]
+            scores.flat[flat] = fresh
             done |= need
-            amap = anomaly_map(scores, height, width, sigma)
+            add_patch_change(amap, change, sigma)
         score = percentile_if_above(amap, mask, percentile, level)
         if score is not None:
             return RefinedMap(amap, score, scores, level, int(done.sum()), rounds)

@@ -6,7 +6,14 @@ import cv2
 import numpy as np
 import pytest
 
-from engine.anomaly_map import anomaly_map, axis_weights, masked_percentile, patch_support, percentile_if_above
+from engine.anomaly_map import (
+    add_patch_change,
+    anomaly_map,
+    axis_weights,
+    masked_percentile,
+    patch_support,
+    percentile_if_above,
+)
 
 
 def _resize_then_blur(scores: np.ndarray, height: int, width: int, sigma: float) -> np.ndarray:
@@ -82,3 +89,15 @@ def test_percentile_if_above_is_the_percentile_or_none() -> None:
 def test_percentile_of_an_empty_mask_is_refused() -> None:
     with pytest.raises(ValueError):
         percentile_if_above(np.ones(4, np.float32), np.zeros(4, bool), 99.0, 0.0)
+
+
+@pytest.mark.parametrize("cells", [[(3, 4)], [(0, 0), (27, 27)], [(10, 3), (11, 3), (12, 20)], []])
+def test_a_patch_change_updates_the_map_as_a_recomputation_does(cells: list[tuple[int, int]]) -> None:
+    rng = np.random.default_rng(5)
+    scores = rng.uniform(0.0, 2.0, (28, 28)).astype(np.float32)
+    amap = anomaly_map(scores, 300, 451, 4.0)
+    change = np.zeros_like(scores)
+    for row, col in cells:
+        change[row, col] = -rng.uniform(0.1, 1.0)
+    add_patch_change(amap, change, 4.0)
+    np.testing.assert_allclose(amap, anomaly_map(scores + change, 300, 451, 4.0), rtol=1e-5, atol=1e-6)
