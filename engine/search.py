@@ -169,9 +169,13 @@ class _Projection:
             raise ValueError("the projected index needs an orthonormal PCA (no whitening, no rotation)")
         return cls(faiss.vector_to_array(pca.mean).astype(np.float64), matrix.astype(np.float64))
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        centred = np.asarray(x, dtype=np.float64) - self.mean                   # N D
-        principal = centred @ self.axes.T                                        # N axes
+    def __call__(self, x: np.ndarray, *, precise: bool = True) -> np.ndarray:
+        """Coordinates of ``x``; ``precise=False`` computes them in float32 (~2x faster, ~1e-4
+        off for the bottle features): enough to pick candidates, not for the lower bounds that
+        exact search relies on."""
+        dtype = np.float64 if precise else np.float32
+        centred = np.asarray(x, dtype=dtype) - self.mean.astype(dtype, copy=False)   # N D
+        principal = centred @ self.axes.T.astype(dtype, copy=False)                  # N axes
         rest = np.einsum("nd,nd->n", centred, centred) - np.einsum("na,na->n", principal, principal)
         coords = np.empty((len(centred), self.axes.shape[0] + 1), dtype=np.float32)
         coords[:, :-1] = principal
@@ -225,7 +229,7 @@ class MemorySearch:
         if self.projection is None:
             raw, _ = self.ivf.search(x, self.k, params=params)
             return self._finish(_squared_l2(raw, self.distance))
-        _, ids = self.ivf.search(self.projection(x), self.candidates, params=params)
+        _, ids = self.ivf.search(self.projection(x, precise=False), self.candidates, params=params)
         return self._finish(np.sort(self._true_sq(x, ids), axis=1)[:, : self.k])
 
     def exact(self, queries: np.ndarray, reach: np.ndarray, only: RowFilter | None = None) -> np.ndarray:
