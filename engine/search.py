@@ -461,10 +461,12 @@ class _ExactWorkers:
         self._lock = Lock()
 
     def configure(self, count: int) -> None:
+        """A new count takes a new pool. The old one is dropped, not shut down: a search that
+        holds it finishes there, and its idle threads end when it is collected."""
         with self._lock:
-            if self._pool is not None:
-                self._pool.shutdown(wait=False)
-            self._count, self._pool = max(1, int(count)), None
+            count = max(1, int(count))
+            if count != self._count:
+                self._count, self._pool = count, None
 
     def map_balanced(self, fn: Callable[[_T], _R], items: Sequence[_T], costs: np.ndarray) -> list[_R]:
         """``fn`` over ``items`` (sorted by ``costs``, largest first): inline when there is little

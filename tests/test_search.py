@@ -117,3 +117,18 @@ def test_exact_search_shared_out_over_workers_equals_brute_force(bank: np.ndarra
             np.testing.assert_allclose(future.result(), truth, rtol=1e-4, atol=1e-4)
         for future in hidden:
             np.testing.assert_allclose(future.result(), truth_allowed, rtol=1e-4, atol=1e-4)
+
+
+def test_searches_in_flight_survive_a_change_of_worker_count(bank: np.ndarray, queries: np.ndarray,
+                                                              shared_exact_search: None) -> None:
+    """Each engine set up in a process configures the workers: searches already running go on."""
+    index, choice = build_search_index(bank, "l2", ivf_min_rows=1000, probe_queries=_clustered(400, 32, 3), axes=16)
+    search = MemorySearch(index, bank, "l2", 1, nprobe=choice.nprobe)
+    truth = knn_distances(build_index(bank, "l2"), queries, "l2", 1)
+    _, reach = search.search(queries)
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(search.exact, queries, reach * 2) for _ in range(8)]
+        for count in (2, 3, 4, 2, 3):
+            configure_exact_workers(count)
+        for future in futures:
+            np.testing.assert_allclose(future.result(), truth, rtol=1e-4, atol=1e-4)
