@@ -11,11 +11,11 @@
   in-process ``timings_ms``; the ratio is ZeroMQ p50 / (decode+resize p50 + forward p50), all
   from one run. Then every bottle test image is scored in-process to count the patches the
   refinement re-scored exactly, and a few are checked against a flat (exact) search.
-* threads: the 224 model, loaded in a fresh process per ``BACKEND_TORCH_THREADS`` value, under
-  1, 2 and 4 clients sending PNG ROIs through the ZeroMQ door at once: ROIs per second and
-  per-request p50.
+* threads: the first production model (the default side), loaded in a fresh process per
+  ``BACKEND_TORCH_THREADS`` value, under 1, 2 and 4 clients sending PNG ROIs through the ZeroMQ
+  door at once: ROIs per second and per-request p50.
 * crossover: kNN stage of flat against refined search on memories of increasing size (random
-  subsets of 224 px bottle patch features): where the refined search starts to pay.
+  subsets of bottle patch features at the default side): where the refined search starts to pay.
 * small: 10-image models of other backbones (labelled as such), forward against infer.
 """
 
@@ -86,6 +86,7 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
             result = run_child("latency:one_threads", {**params, "side": first[0], "root": root,
                                                        "threads": threads or None}, timeout=params["timeout_s"])
             result["torch_threads"] = threads or "default"
+            result["side"] = first[0]
             out["threads"].append(result)
     say(SECTION, "flat against refined search by memory size")
     out["crossover"] = run_child("latency:crossover", params, timeout=params["timeout_s"])

@@ -298,8 +298,9 @@ def _threads_md(sec: dict[str, Any]) -> list[str]:
     runs = [t for t in sec.get("threads", []) if "error" not in t]
     if not runs:
         return []
+    model = f"{runs[0]['side']} px model" if "side" in runs[0] else "first production model"
     lines = ["", "Thread counts (`BACKEND_TORCH_THREADS`; default = one per core, BLAS one): ROIs per second through "
-             "the ZeroMQ door (PNG in/out, 224 model) with concurrent clients, and per-request p50 ms:", ""]
+             f"the ZeroMQ door (PNG in/out, {model}) with concurrent clients, and per-request p50 ms:", ""]
     clients = [r["clients"] for r in runs[0]["rows"]]
     rows = [[t["torch_threads"]] + [f"{r['rois_per_s']:.1f} ({r['latency_ms']['p50']:.0f})" for r in t["rows"]]
             for t in runs]
@@ -508,7 +509,8 @@ def _plot_multi(plt: Any, s: dict[str, Any]) -> Any:
                 label=f"threads {t['torch_threads']}")
     ax.set_xlabel("concurrent clients")
     ax.set_ylabel("ROIs per second")
-    ax.set_title("Throughput through the ZeroMQ door (224 model)")
+    side = runs[0].get("side")
+    ax.set_title("Throughput through the ZeroMQ door" + (f" ({side} px model)" if side else ""))
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return fig
