@@ -381,8 +381,8 @@ class _Blocks:
         memory rows among those whose coordinate distance (``coords`` (Q, d)) is within
         ``reach_sq`` (Q,); +inf where fewer are. ``allowed`` (M,) bool hides rows.
 
-        Each block's rows within reach get their true distances and are cut to the k nearest per
-        query inside the block's task, on the exact-search workers when there is enough work."""
+        Each block's rows within reach get their true distances inside the block's task (cut to
+        the nearest per query when k = 1), on the exact-search workers when there is enough work."""
         q = np.ascontiguousarray(coords, dtype=np.float32)
         q_sq = np.einsum("qd,qd->q", q, q)
         gap = np.sqrt(np.maximum(q_sq[:, None] + np.einsum("bd,bd->b", self.centre, self.centre)[None, :]
@@ -407,7 +407,9 @@ class _Blocks:
             if allowed is not None:
                 keep = allowed[rows]
                 query, rows = query[keep], rows[keep]
-            return _k_smallest_pairs(query, _pair_sq(x, bank, query, rows), k)
+            true_sq = _pair_sq(x, bank, query, rows)
+            # k = 1 (the usual case) keeps one pair per query here; k > 1 leaves it to _k_smallest
+            return _nearest_per_query(query, true_sq) if k == 1 else (query.astype(np.int64), true_sq)
 
         parts = _exact_workers.map_balanced(search, blocks[order].tolist(), work[order])
         if not parts:
@@ -426,19 +428,13 @@ def _pair_sq(x: np.ndarray, bank: np.ndarray, query: np.ndarray, rows: np.ndarra
     return out
 
 
-def _k_smallest_pairs(query: np.ndarray, values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The pairs (query, value) left after keeping each query's k smallest values; ``query``
-    must be grouped (nondecreasing), as a range search returns it."""
+def _nearest_per_query(query: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's smallest value, as pairs (query, value); ``query`` must be grouped
+    (nondecreasing), as a range search returns it."""
     if len(query) == 0:
         return query.astype(np.int64), values
     first = np.flatnonzero(np.r_[True, query[1:] != query[:-1]])
-    if k == 1:
-        return query[first].astype(np.int64), np.minimum.reduceat(values, first)
-    order = np.lexsort((values, query))
-    query, values = query[order], values[order]
-    rank = np.arange(len(query)) - np.repeat(first, np.diff(np.r_[first, len(query)]))
-    keep = rank < k
-    return query[keep].astype(np.int64), values[keep]
+    return query[first].astype(np.int64), np.minimum.reduceat(values, first)
 
 
 _T = TypeVar("_T")
