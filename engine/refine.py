@@ -114,7 +114,8 @@ def _first_level(
     values = sample[chosen] if chosen is not None else sample.ravel()
     if values.size == 0:
         raise ValueError("mask selects no pixel")
-    return _cap(float(np.percentile(values, percentile)), threshold, margin)
+    rank = int(percentile / 100.0 * (values.size - 1))           # an estimate: the lower order statistic
+    return _cap(float(np.partition(values, rank)[rank]), threshold, margin)
 
 
 def _lower_level(

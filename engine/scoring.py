@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import structlog
@@ -25,11 +25,14 @@ from engine.models import LoadedModel, ModelKey, ModelRegistry
 from engine.patchcore import score_map
 from engine.regions import find_regions
 from engine.schemas import BatchError, HeatmapFormat, InferBatchItem, InferResult, Region
+from engine.threads import run_beside
 from engine.validate import heatmap_format, mm_per_px as check_mm_per_px
 
 __all__ = ["Decoder", "Inspection", "PreparedRoi", "Recorder", "Scorer", "calibration_missing"]
 
 Decoder = Callable[[object], np.ndarray]     # image input -> (H, W, 3) uint8 RGB
+_R = TypeVar("_R")
+
 _BATCH_ITEM_FIELDS = frozenset({"roi_id", "image", "mm_per_px", "shape"})
 # what scoring keeps at the image's full size, per pixel: the float32 map and its blurred copy,
 # the masked selection, the region labels and the heatmap's temporaries (measured peak ~24)
@@ -166,16 +169,16 @@ class Scorer:
                            roi.mask, float(manifest["score"]["percentile"]), threshold, k=int(manifest["knn_k"]),
                            timings=timings)
         amap, score = scored.amap, scored.score
+        scale = threshold if threshold and threshold > 0 else _uncalibrated_scale(manifest, amap)
+        # the heatmap is encoded beside the regions (both only read the map)
+        encoded = run_beside(lambda: _timed(heatmaps.encode, amap, scale, heatmap))
         start = time.perf_counter()
         area_thr, regions = self._regions(roi, amap)
         if explain and regions:
             regions = explain_regions(regions, features, scored.patch_scores, roi.size, roi.model.index,
                                       roi.model.origins, manifest)
         timings["regions"] = _ms(start)
-        start = time.perf_counter()
-        scale = threshold if threshold and threshold > 0 else _uncalibrated_scale(manifest, amap)
-        png, raw = heatmaps.encode(amap, scale, heatmap)
-        timings["heatmap"] = _ms(start)
+        (png, raw), timings["heatmap"] = encoded()
         timings["total"] = _ms(t0)
         decision = None if threshold is None else ("ng" if regions else "ok")
         key = roi.key
@@ -253,6 +256,12 @@ class Scorer:
             batch = self._extractor([prepared[i].resized for i in indices], layout)  # n h w D
             features.update(zip(indices, batch, strict=True))
         return features
+
+
+def _timed(fn: Callable[..., _R], *args: Any) -> tuple[_R, float]:
+    """``fn(*args)`` and the milliseconds it took."""
+    start = time.perf_counter()
+    return fn(*args), _ms(start)
 
 
 def _uncalibrated_scale(manifest: dict[str, Any], amap: np.ndarray) -> float:

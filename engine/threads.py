@@ -12,13 +12,22 @@ OpenMP keeps its thread count per thread: a count set at start-up reaches only t
 set it (limiting the OpenMP-built BLAS that faiss ships even set faiss to one thread there, and
 nowhere else). So the faiss count is applied by :func:`use_faiss_threads` in the thread that
 searches, before it searches.
+
+:func:`run_beside` lends the same count of helper threads to a request's independent steps
+(its heatmap encoding beside its region extraction).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from threading import BoundedSemaphore, Lock
+from typing import TypeVar
 
-__all__ = ["configure_threads", "usable_cores", "use_faiss_threads"]
+__all__ = ["configure_threads", "run_beside", "usable_cores", "use_faiss_threads"]
+
+_T = TypeVar("_T")
 
 _faiss_threads = 0     # 0: not configured (library use without an engine): OpenMP's own default
 
@@ -44,6 +53,7 @@ def configure_threads(threads: int | None) -> None:
     threadpool_limits(limits=threads or 1, user_api="blas")
     _faiss_threads = threads or usable_cores()
     configure_exact_workers(_faiss_threads)
+    _helpers.configure(_faiss_threads)
     use_faiss_threads()
 
 
@@ -54,3 +64,62 @@ def use_faiss_threads() -> None:
 
         if faiss.omp_get_max_threads() != _faiss_threads:
             faiss.omp_set_num_threads(_faiss_threads)
+
+
+class _Helpers:
+    """Helper threads for steps of a request that can run beside each other.
+
+    A step runs on a helper only when one is idle: with every helper busy (several requests at
+    once, already using the cores) it runs in the request's own thread, so a request never
+    waits in a queue behind another one's step.
+    """
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._pool: ThreadPoolExecutor | None = None
+        self._idle = BoundedSemaphore(1)
+        self._lock = Lock()
+
+    def configure(self, count: int) -> None:
+        """One helper per thread of the configured count; 1 (or 0) turns helpers off. A running
+        step keeps its old pool."""
+        with self._lock:
+            count = max(0, int(count))
+            if count != self._count:
+                self._count, self._pool = count, None
+                self._idle = BoundedSemaphore(max(1, count))
+
+    def start(self, step: Callable[[], _T]) -> Callable[[], _T]:
+        with self._lock:
+            if self._count < 2:
+                pool, idle = None, None
+            else:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(self._count, thread_name_prefix="beside")
+                pool, idle = self._pool, self._idle
+        if pool is None or idle is None or not idle.acquire(blocking=False):
+            result = step()
+            return lambda: result
+
+        def run() -> _T:
+            try:
+                return step()
+            finally:
+                idle.release()
+
+        try:
+            return pool.submit(run).result
+        except RuntimeError:                 # the pool is gone (interpreter shutting down)
+            idle.release()
+            result = step()
+            return lambda: result
+
+
+_helpers = _Helpers()
+
+
+def run_beside(step: Callable[[], _T]) -> Callable[[], _T]:
+    """Start ``step`` on an idle helper thread, or run it now when none is (or helpers are off:
+    ``BACKEND_TORCH_THREADS=1``, or no engine configured them). Returns a function that waits
+    for its result (re-raising what ``step`` raised)."""
+    return _helpers.start(step)
