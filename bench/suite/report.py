@@ -272,7 +272,8 @@ def _latency_md(sec: dict[str, Any]) -> list[str]:
     lines += _table(["model", "memory rows", "ROI", "decode+resize", "forward", "in-process", "ZeroMQ p50",
                      "ZeroMQ p99", "ZeroMQ raw", "ratio", "raw ratio", "n"], rows)
     lines += ["", "Stages (p50 ms; `preprocess` = decode + mask + resize, `knn` = approximate search and exact "
-              "re-scoring, `map` = maps, percentile and level checks):", ""]
+              "re-scoring, `map` = maps, percentile and level checks; `regions` and `heatmap` run side by side, each "
+              "timed on its own):", ""]
     lines += _table(["model", "ROI", "preprocess", "extract", "knn", "map", "regions", "heatmap", "total", "door",
                      "kNN share", "decision"], stage_rows)
     lines += ["", "Exact refinement over the bottle test set (patches re-scored exactly per ROI; flat-search "
