@@ -91,28 +91,24 @@ class _Helpers:
 
     def start(self, step: Callable[[], _T]) -> Callable[[], _T]:
         with self._lock:
-            if self._count < 2:
-                pool, idle = None, None
-            else:
-                if self._pool is None:
-                    self._pool = ThreadPoolExecutor(self._count, thread_name_prefix="beside")
-                pool, idle = self._pool, self._idle
-        if pool is None or idle is None or not idle.acquire(blocking=False):
-            result = step()
-            return lambda: result
+            on = self._count >= 2
+            if on and self._pool is None:
+                self._pool = ThreadPoolExecutor(self._count, thread_name_prefix="beside")
+            pool, idle = self._pool, self._idle
+        if on and pool is not None and idle.acquire(blocking=False):
 
-        def run() -> _T:
+            def run() -> _T:
+                try:
+                    return step()
+                finally:
+                    idle.release()
+
             try:
-                return step()
-            finally:
+                return pool.submit(run).result
+            except RuntimeError:             # the pool is gone (interpreter shutting down)
                 idle.release()
-
-        try:
-            return pool.submit(run).result
-        except RuntimeError:                 # the pool is gone (interpreter shutting down)
-            idle.release()
-            result = step()
-            return lambda: result
+        result = step()
+        return lambda: result
 
 
 _helpers = _Helpers()
