@@ -34,16 +34,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from threading import Lock
 from typing import Literal, TypeVar
 
 import faiss
 import numpy as np
 
 from engine.knn import Distance, build_index, knn_distances, prepare_rows
-from engine.threads import use_faiss_threads
+from engine.threads import SizedPool, use_faiss_threads
 
 __all__ = ["AXES", "IndexChoice", "MemorySearch", "RowFilter", "build_search_index", "configure_exact_workers",
            "keep_rows"]
@@ -452,40 +450,27 @@ class _ExactWorkers:
     """
 
     def __init__(self) -> None:
-        self._count = 1
-        self._pool: ThreadPoolExecutor | None = None
-        self._lock = Lock()
+        self._pool = SizedPool("exact-search", 1, initializer=faiss.omp_set_num_threads, initargs=(1,))
 
     def configure(self, count: int) -> None:
-        """A new count takes a new pool. The old one is dropped, not shut down: a search that
-        holds it finishes there, and its idle threads end when it is collected."""
-        with self._lock:
-            count = max(1, int(count))
-            if count != self._count:
-                self._count, self._pool = count, None
+        """A new count takes a new pool; searches in flight finish on the old one."""
+        self._pool.resize(max(1, int(count)))
 
     def map_balanced(self, fn: Callable[[_T], _R], items: Sequence[_T], costs: np.ndarray) -> list[_R]:
         """``fn`` over ``items`` (sorted by ``costs``, largest first): inline when there is little
         work, else in one share per worker, filled greedily; results in no particular order."""
-        if self._count == 1 or len(items) < 2 or float(np.sum(costs)) < _SHARED_WORK:
+        if self._pool.size == 1 or len(items) < 2 or float(np.sum(costs)) < _SHARED_WORK:
             return [fn(item) for item in items]
-        count = min(self._count, len(items))
+        count = min(self._pool.size, len(items))
         shares: list[list[_T]] = [[] for _ in range(count)]
         loads = np.zeros(count)
         for item, cost in zip(items, costs, strict=True):
             lightest = int(np.argmin(loads))
             shares[lightest].append(item)
             loads[lightest] += float(cost)
-        pool = self._ensure_pool()
+        pool = self._pool.get()
         futures = [pool.submit(lambda share=share: [fn(item) for item in share]) for share in shares]
         return [result for future in futures for result in future.result()]
-
-    def _ensure_pool(self) -> ThreadPoolExecutor:
-        with self._lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self._count, thread_name_prefix="exact-search",
-                                                initializer=faiss.omp_set_num_threads, initargs=(1,))
-            return self._pool
 
 
 _exact_workers = _ExactWorkers()

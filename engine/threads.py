@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from threading import BoundedSemaphore, Lock
 from typing import TypeVar
 
-__all__ = ["configure_threads", "run_beside", "usable_cores", "use_faiss_threads"]
+__all__ = ["SizedPool", "configure_threads", "run_beside", "usable_cores", "use_faiss_threads"]
 
 _T = TypeVar("_T")
 
@@ -66,6 +66,40 @@ def use_faiss_threads() -> None:
             faiss.omp_set_num_threads(_faiss_threads)
 
 
+class SizedPool:
+    """A thread pool of a configured size, started on first use.
+
+    A new size takes a new pool. The old one is dropped, not shut down: work that holds it
+    finishes there, and its idle threads end when it is collected.
+    """
+
+    def __init__(self, name: str, size: int, initializer: Callable[..., object] | None = None,
+                 initargs: tuple[object, ...] = ()) -> None:
+        self._name, self._initializer, self._initargs = name, initializer, initargs
+        self._size = size
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = Lock()
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def resize(self, size: int) -> bool:
+        """Set the size; True when it changed."""
+        with self._lock:
+            if size == self._size:
+                return False
+            self._size, self._pool = size, None
+            return True
+
+    def get(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max(1, self._size), thread_name_prefix=self._name,
+                                                initializer=self._initializer, initargs=self._initargs)
+            return self._pool
+
+
 class _Helpers:
     """Helper threads for steps of a request that can run beside each other.
 
@@ -75,27 +109,18 @@ class _Helpers:
     """
 
     def __init__(self) -> None:
-        self._count = 0
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool = SizedPool("beside", 0)
         self._idle = BoundedSemaphore(1)
-        self._lock = Lock()
 
     def configure(self, count: int) -> None:
-        """One helper per thread of the configured count; 1 (or 0) turns helpers off. A running
-        step keeps its old pool."""
-        with self._lock:
-            count = max(0, int(count))
-            if count != self._count:
-                self._count, self._pool = count, None
-                self._idle = BoundedSemaphore(max(1, count))
+        """One helper per thread of the configured count; 1 (or 0) turns helpers off."""
+        count = max(0, int(count))
+        if self._pool.resize(count):
+            self._idle = BoundedSemaphore(max(1, count))
 
     def start(self, step: Callable[[], _T]) -> Callable[[], _T]:
-        with self._lock:
-            on = self._count >= 2
-            if on and self._pool is None:
-                self._pool = ThreadPoolExecutor(self._count, thread_name_prefix="beside")
-            pool, idle = self._pool, self._idle
-        if on and pool is not None and idle.acquire(blocking=False):
+        idle = self._idle
+        if self._pool.size >= 2 and idle.acquire(blocking=False):
 
             def run() -> _T:
                 try:
@@ -104,7 +129,7 @@ class _Helpers:
                     idle.release()
 
             try:
-                return pool.submit(run).result
+                return self._pool.get().submit(run).result
             except RuntimeError:             # the pool is gone (interpreter shutting down)
                 idle.release()
         result = step()
