@@ -193,10 +193,17 @@ def greedy_cells(
 
 
 def _greedy_loop(cells: _Cells, k: int, j: int) -> np.ndarray:
-    """greedy_cells on cells.rows from cell-sorted row j: cell-sorted indices (k,) in pick order."""
+    """greedy_cells on cells.rows from cell-sorted row j: cell-sorted indices (k,) in pick order.
+
+    Each pick c is kept as ``(-2 c, |c|^2)`` and each row r as ``(r, 1)``: one product then
+    gives ``|c - r|^2 - |r|^2`` (and, with ``(centre, 1)``, the distance test of a cell's ball)
+    with no elementwise pass over the (picks, rows) block; the minimum runs down the picks axis,
+    along contiguous rows. 597 408 x 96 real features at 10 %: the loop took 19-23 s with
+    separate scaling and shifting passes, ~35 % less this way (2-core EPYC, one BLAS thread).
+    """
     p = cells.rows.shape[1]
-    zs, sq, bounds = cells.rows, cells.sq, cells.bounds
-    min_d2 = np.maximum(sq + sq[j] - 2.0 * (zs @ zs[j]), 0.0)
+    rows, sq, bounds = cells.augmented, cells.sq, cells.bounds
+    min_d2 = np.maximum(sq + sq[j] - 2.0 * (cells.rows @ cells.rows[j]), 0.0)
     min_d2[j] = -np.inf                     # picked rows never win the argmax again
     worst = np.full(cells.count, -np.inf, dtype=np.float32)   # R_g^2: exact or an upper bound
     worst_row = bounds[:-1].copy()
@@ -204,12 +211,12 @@ def _greedy_loop(cells: _Cells, k: int, j: int) -> np.ndarray:
         s, e = bounds[g], bounds[g + 1]
         a = int(np.argmax(min_d2[s:e]))
         worst_row[g], worst[g] = s + a, min_d2[s + a]
-    picked = np.empty((k, p), dtype=np.float32)
-    picked_sq = np.empty(k, dtype=np.float32)
+    picked = np.empty((k, p + 1), dtype=np.float32)            # (-2 c, |c|^2) of each pick
     picks = np.empty(k, dtype=np.int64)
-    picks[0], picked[0], picked_sq[0] = j, zs[j], sq[j]
+    picks[0] = j
+    picked[0, :p], picked[0, p] = -2.0 * cells.rows[j], sq[j]
     caught_up = np.ones(cells.count, dtype=np.int64)          # picks[:caught_up[g]] applied to g
-    centroid, centroid_sq = cells.centroid, cells.centroid_sq
+    centroid, centroid_sq = cells.augmented_centroid, cells.centroid_sq
     # a little slack on the bound: distances carry float32 rounding, and a pick wrongly
     # skipped would change the selection while one wrongly kept only costs a product
     reach_pad = cells.radius * (1 + 1e-4) + 1e-6
@@ -222,21 +229,20 @@ def _greedy_loop(cells: _Cells, k: int, j: int) -> np.ndarray:
             caught_up[g] = t
             reach = math.sqrt(max(float(worst[g]), 0.0)) * (1 + 1e-4) + reach_pad[g]
             start, end = bounds[g], bounds[g + 1]
-            d2c = picked_sq[since:t] - 2.0 * (picked[since:t] @ centroid[g])
-            near = (d2c < reach * reach - centroid_sq[g]).nonzero()[0]
+            # picks within reach of the cell's ball: |c - centre|^2 - |centre|^2 from one product
+            near = (picked[since:t] @ centroid[g] < reach * reach - centroid_sq[g]).nonzero()[0]
             if near.size:
                 near += since
                 seg = min_d2[start:end]
                 for b in range(0, near.size, _CATCH_UP_BLOCK):
-                    block = near[b : b + _CATCH_UP_BLOCK]
-                    d2 = zs[start:end] @ picked[block].T
-                    d2 *= -2.0
-                    d2 += picked_sq[block]
-                    np.minimum(seg, d2.min(1) + sq[start:end], out=seg)
+                    closest = (picked[near[b : b + _CATCH_UP_BLOCK]] @ rows[start:end].T).min(0)
+                    closest += sq[start:end]
+                    np.minimum(seg, closest, out=seg)
             a = start + int(min_d2[start:end].argmax())
             worst_row[g], worst[g] = a, min_d2[a]
         j = int(worst_row[g])
-        picks[t], picked[t], picked_sq[t] = j, zs[j], sq[j]
+        picks[t] = j
+        picked[t, :p], picked[t, p] = -2.0 * cells.rows[j], sq[j]
         min_d2[j] = -np.inf
     return picks
 
@@ -255,7 +261,11 @@ class _Cells:
         self.order = np.argsort(label, kind="stable")               # cell-sorted row -> row
         self.position = np.empty(n, dtype=np.int64)                 # row -> cell-sorted row
         self.position[self.order] = np.arange(n)
-        self.rows = np.ascontiguousarray(z[self.order])
+        # rows stored as (r, 1) (see _greedy_loop); ``rows`` is a view of their first p columns
+        self.augmented = np.ones((n, p + 1), dtype=np.float32)
+        for s in range(0, n, 65_536):                             # no full-size temporary
+            self.augmented[s : s + 65_536, :p] = z[self.order[s : s + 65_536]]
+        self.rows = self.augmented[:, :p]
         self.count = count
         self.bounds = np.searchsorted(label[self.order], np.arange(count + 1))
         self.sq = np.einsum("nd,nd->n", self.rows, self.rows)
@@ -267,3 +277,4 @@ class _Cells:
             offset = rows - self.centroid[g]
             self.radius[g] = math.sqrt(float(np.einsum("nd,nd->n", offset, offset).max()))
         self.centroid_sq = np.einsum("gd,gd->g", self.centroid, self.centroid)
+        self.augmented_centroid = np.concatenate([self.centroid, np.ones((count, 1), np.float32)], axis=1)
