@@ -67,6 +67,30 @@ def test_mask_excludes_blob(amap: np.ndarray) -> None:
     assert cut.bbox == (4, 3, 3, 4) and cut.area_px == 12
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_one_component_statistics_equal_opencvs(masked: bool) -> None:
+    """One component takes a path of its own (no OpenCV statistics): an irregular blob with a
+    hole, and one cut by a mask, get OpenCV's box, area and centroid, and the map's values."""
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[0:120, 0:150].astype(np.float32)
+    m = np.exp(-((yy - 50) ** 2 / 800 + (xx - 70) ** 2 / 1500)).astype(np.float32)
+    m += 0.05 * rng.random(m.shape, dtype=np.float32)
+    m[45:52, 66:75] = 0.0                                      # a hole inside the blob
+    mask = None
+    if masked:
+        mask = np.ones(m.shape, dtype=bool)
+        mask[:, :60] = False
+    hot = (m >= 0.5) & (mask if mask is not None else True)
+    count, labels, stats, centroids = cv2.connectedComponentsWithStats(hot.view(np.uint8), connectivity=8)
+    assert count == 2                                          # the case under test: one component
+    [region] = find_regions(m, 0.5, mask, MM)
+    x, y, w, h, area = (int(v) for v in stats[1])
+    assert region.bbox == (x, y, w, h) and region.area_px == area
+    assert region.centroid == (float(centroids[1, 0]), float(centroids[1, 1]))
+    assert region.max_score == float(m[labels == 1].max())
+    assert region.mean_score == pytest.approx(float(m[labels == 1].mean()), rel=1e-6)
+
+
 def test_eight_connectivity_joins_diagonal_pixels() -> None:
     m = np.zeros((6, 6), np.float32)
     m[1, 1] = m[2, 2] = m[3, 3] = 1.0
