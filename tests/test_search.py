@@ -9,6 +9,7 @@ import faiss
 import numpy as np
 import pytest
 
+import engine.search
 from engine.knn import build_index, deserialize_index, knn_distances, serialize_index
 from engine.search import MemorySearch, build_search_index, configure_exact_workers, keep_rows
 
@@ -89,6 +90,38 @@ def test_probe_count_reaches_the_recall_target_on_held_out_rows(bank: np.ndarray
     recall = float(np.mean(found <= truth * 1.001 + 1e-3))
     assert choice.recall == pytest.approx(recall, abs=0.02)
     assert choice.recall >= 0.9 or choice.nprobe == min(choice.nlist, 16)
+
+
+@pytest.mark.parametrize(("list_cost", "routed"), [(0.0, "all"), (1e9, "none"), (None, "some")])
+@pytest.mark.parametrize("k", [1, 3])
+def test_queries_go_list_by_list_or_by_blocks_with_the_same_exact_result(
+    bank: np.ndarray, queries: np.ndarray, k: int, list_cost: float | None, routed: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every query forced list by list, every one by blocks, and the engine's own mix (queries
+    near the memory by lists, outliers by blocks) all give brute force's distances."""
+    if list_cost is not None:
+        monkeypatch.setattr(engine.search, "_LIST_COST", list_cost)
+    counted: list[int] = []
+    split = engine.search._share_ends
+    monkeypatch.setattr(engine.search, "_share_ends",
+                        lambda work, shares: (counted.append(len(work)), split(work, shares))[1])
+    index, choice = build_search_index(bank, "l2", ivf_min_rows=1000, probe_queries=_clustered(400, 32, 3), axes=16)
+    search = MemorySearch(index, bank, "l2", k, nprobe=choice.nprobe)
+    allowed = np.random.default_rng(8).random(len(bank)) < 0.6
+    _, reach = search.search(queries)
+    _, reach_allowed = search.search(queries, keep_rows(allowed))
+    np.testing.assert_allclose(search.exact(queries, reach), knn_distances(build_index(bank, "l2"), queries, "l2", k),
+                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(search.exact(queries, reach_allowed, keep_rows(allowed)),
+                               knn_distances(build_index(bank[allowed], "l2"), queries, "l2", k), rtol=1e-4, atol=1e-4)
+    by_list = counted[0]
+    if routed == "all":
+        assert by_list == len(queries)
+    elif routed == "none":
+        assert by_list == 0
+    else:
+        assert 0 < by_list < len(queries)
 
 
 @pytest.fixture
