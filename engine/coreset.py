@@ -23,7 +23,8 @@ the plain loop (one mat-vec per pick) is fast and is used as it is.
 
 The pruning works when rows are spread unevenly, as patch features are: 200 704 x 384 real
 features at 10 % take ~2.5 s here (2-core EPYC) against ~140 s for plain greedy in numpy.
-Isotropic noise is its worst case: 200 000 x 384 synthetic Gaussian clusters take ~5.5 s.
+Isotropic noise is its worst case: 200 000 x 384 synthetic Gaussian clusters (bench suite) take
+~15 s (15.1-16.7 s in the latest runs).
 """
 
 from __future__ import annotations
