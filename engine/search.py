@@ -400,6 +400,45 @@ class _Blocks:
                    np.ascontiguousarray(list_side.T, dtype=np.float32), float(list_size[~empty].mean()),
                    float(sq.max()))
 
+    def _routes(self, q: np.ndarray, q_sq: np.ndarray,
+                reach_sq: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """For coordinates ``q`` (Q, d): the blocks (Q, B) and the lists (Q, L) each query must
+        search, the rows the lists would cost (Q,) in block-row units, and which queries go list
+        by list (Q,) (their blocks are cleared)."""
+        gap = np.sqrt(np.maximum(q_sq[:, None] + np.einsum("bd,bd->b", self.centre, self.centre)[None, :]
+                                 - 2.0 * (q @ self.centre.T), 0.0)) - self.radius[None, :]      # Q B
+        # rounding slack of |q|^2 + |c|^2 - 2 q.c in float32, relative to the norms
+        within = np.sqrt(reach_sq) + 1e-3 * np.sqrt(q_sq) + 1e-4                               # Q
+        need = gap <= within[:, None]                                                         # Q B
+        # the same test for the lists, |q - c| <= within + r, squared and in one product:
+        # (q, w, 1, |q|^2 - w^2) . (-2c, -2r, |c|^2 - r^2, 1) <= 0, rounding slack on the norms
+        query_side = np.concatenate([q, within[:, None], np.ones((len(q), 1), np.float32),
+                                     (q_sq * (1 - 1e-5) - within * within)[:, None]], axis=1)    # Q d+3
+        list_need = query_side.astype(np.float32) @ self.list_side <= 0.0                      # Q L
+        # each query goes the cheaper way: list by list, or by whole blocks
+        list_work = np.count_nonzero(list_need, axis=1) * (self.list_mean_size * _LIST_COST)   # Q
+        by_list = list_work < need @ np.diff(self.start).astype(np.float64)                   # Q
+        need[by_list] = False
+        return need, list_need, list_work, by_list
+
+    def _by_lists(self, who: np.ndarray, list_need: np.ndarray, q: np.ndarray, q_sq: np.ndarray,
+                  reach_sq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Pairs (query, memory row) within reach for the queries ``who``, from their lists."""
+        row, found_list = np.nonzero(list_need[who])                                         # grouped by row
+        width = max(1, int(np.bincount(row, minlength=len(who)).max(initial=0)))
+        keys = np.full((len(who), width), -1, dtype=np.int64)                                 # -1: no list
+        keys[row, np.arange(len(row)) - np.searchsorted(row, row)] = found_list
+        limit = reach_sq[who] + 1e-5 * (q_sq[who] + self.max_norm_sq)
+        augmented = np.ascontiguousarray(np.concatenate(
+            [q[who], np.ones((len(who), 1), np.float32), (limit - q_sq[who])[:, None]], axis=1), np.float32)
+        result = faiss.RangeSearchResult(len(who))
+        self.lists.range_search_preassigned_c(
+            len(who), faiss.swig_ptr(augmented), _BELOW_ZERO, faiss.swig_ptr(keys),
+            faiss.swig_ptr(np.zeros(keys.shape, np.float32)), result, False, faiss.SearchParametersIVF(nprobe=width))
+        lims = faiss.rev_swig_ptr(result.lims, len(who) + 1).copy()
+        rows = faiss.rev_swig_ptr(result.labels, int(lims[-1])).copy().astype(np.int64)
+        return np.repeat(who, np.diff(lims).astype(np.int64)), rows
+
     def nearest(self, x: np.ndarray, coords: np.ndarray, reach_sq: np.ndarray, bank: np.ndarray, k: int,
                 allowed: np.ndarray | None) -> np.ndarray:
         """(Q, k) ascending squared true distances of queries ``x`` (Q, D) to their k nearest
@@ -410,21 +449,7 @@ class _Blocks:
         the nearest per query when k = 1), on the exact-search workers when there is enough work."""
         q = np.ascontiguousarray(coords, dtype=np.float32)
         q_sq = np.einsum("qd,qd->q", q, q)
-        gap = np.sqrt(np.maximum(q_sq[:, None] + np.einsum("bd,bd->b", self.centre, self.centre)[None, :]
-                                 - 2.0 * (q @ self.centre.T), 0.0)) - self.radius[None, :]      # Q B
-        # rounding slack of |q|^2 + |c|^2 - 2 q.c in float32, relative to the norms
-        within = np.sqrt(reach_sq)[:, None] + 1e-3 * np.sqrt(q_sq)[:, None] + 1e-4             # Q 1
-        need = gap <= within                                                                  # Q B
-        # the same test for the lists, |q - c| <= within + r, squared and in one product:
-        # (q, w, 1, |q|^2 - w^2) . (-2c, -2r, |c|^2 - r^2, 1) <= 0, rounding slack on the norms
-        reach = within[:, 0]
-        query_side = np.concatenate([q, reach[:, None], np.ones((len(q), 1), np.float32),
-                                     (q_sq * (1 - 1e-5) - reach * reach)[:, None]], axis=1)      # Q d+3
-        list_need = query_side.astype(np.float32) @ self.list_side <= 0.0                      # Q L
-        # each query goes the cheaper way: list by list, or by whole blocks
-        list_work = np.count_nonzero(list_need, axis=1) * (self.list_mean_size * _LIST_COST)   # Q
-        by_list = list_work < need @ np.diff(self.start).astype(np.float64)                   # Q
-        need[by_list] = False
+        need, list_need, list_work, by_list = self._routes(q, q_sq, reach_sq)
         blocks = np.flatnonzero(need.any(0))
         # rows compared per block, largest first: the workers' shares are balanced greedily
         work = need[:, blocks].sum(0) * np.diff(self.start)[blocks]
@@ -438,26 +463,9 @@ class _Blocks:
                 costs = np.append(costs, float(list_work[share].sum()))
         order = np.argsort(-costs, kind="stable")
 
-        def by_lists(who: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            row, found_list = np.nonzero(list_need[who])                                     # grouped by row
-            width = max(1, int(np.bincount(row, minlength=len(who)).max(initial=0)))
-            keys = np.full((len(who), width), -1, dtype=np.int64)                             # -1: no list
-            keys[row, np.arange(len(row)) - np.searchsorted(row, row)] = found_list
-            limit = reach_sq[who] + 1e-5 * (q_sq[who] + self.max_norm_sq)
-            augmented = np.ascontiguousarray(np.concatenate(
-                [q[who], np.ones((len(who), 1), np.float32), (limit - q_sq[who])[:, None]], axis=1), np.float32)
-            result = faiss.RangeSearchResult(len(who))
-            self.lists.range_search_preassigned_c(
-                len(who), faiss.swig_ptr(augmented), _BELOW_ZERO, faiss.swig_ptr(keys),
-                faiss.swig_ptr(np.zeros(keys.shape, np.float32)), result, False,
-                faiss.SearchParametersIVF(nprobe=width))
-            lims = faiss.rev_swig_ptr(result.lims, len(who) + 1).copy()
-            rows = faiss.rev_swig_ptr(result.labels, int(lims[-1])).copy().astype(np.int64)
-            return np.repeat(who, np.diff(lims).astype(np.int64)), rows
-
         def search(block: int) -> tuple[np.ndarray, np.ndarray]:
             if block < 0:
-                return finish(*by_lists(shares[-1 - block]))
+                return finish(*self._by_lists(shares[-1 - block], list_need, q, q_sq, reach_sq))
             who = np.flatnonzero(need[:, block])
             # rounding slack of the inner product in float32, relative to the norms
             limit = reach_sq[who] + 1e-5 * (q_sq[who] + self.norm_sq[block])
