@@ -382,9 +382,7 @@ class _Blocks:
             s, e = start[b], start[b + 1]
             index = faiss.IndexFlatIP(rows.shape[1])
             if e > s:
-                centre[b] = coords[s:e].mean(0)
-                offset = coords[s:e] - centre[b]
-                radius[b] = math.sqrt(float(np.einsum("nd,nd->n", offset, offset).max()))
+                centre[b], radius[b] = _ball(coords[s:e])
                 norm_sq[b] = sq[s:e].max()
                 index.add(np.ascontiguousarray(rows[s:e], dtype=np.float32))
             indexes.append(index)
@@ -504,6 +502,13 @@ def _share_ends(work: np.ndarray, shares: int) -> np.ndarray:
     return np.unique(np.searchsorted(total, total[-1] * np.arange(1, shares) / shares))
 
 
+def _ball(points: np.ndarray) -> tuple[np.ndarray, float]:
+    """Centre (the mean) and radius (the largest distance from it) of ``points`` (n, d), n >= 1."""
+    centre = points.mean(0)
+    offset = points - centre
+    return centre, math.sqrt(float(np.einsum("nd,nd->n", offset, offset).max()))
+
+
 def _list_index(rows: np.ndarray, ids: np.ndarray, list_of_row: np.ndarray, nlist: int,
                 coords: np.ndarray) -> tuple[faiss.IndexIVFFlat, np.ndarray, np.ndarray, np.ndarray]:
     """The augmented rows (M, d + 2) in an inner-product inverted file with the given lists (its
@@ -519,9 +524,7 @@ def _list_index(rows: np.ndarray, ids: np.ndarray, list_of_row: np.ndarray, nlis
     start = np.searchsorted(list_of_row[order], np.arange(nlist + 1))
     for lst in np.flatnonzero(size):
         members = order[start[lst] : start[lst + 1]]
-        centre[lst] = coords[members].mean(0)
-        offset = coords[members] - centre[lst]
-        radius[lst] = math.sqrt(float(np.einsum("nd,nd->n", offset, offset).max()))
+        centre[lst], radius[lst] = _ball(coords[members])
         codes = np.ascontiguousarray(rows[members], dtype=np.float32)
         member_ids = np.ascontiguousarray(ids[members], dtype=np.int64)
         index.invlists.add_entries(int(lst), len(members), faiss.swig_ptr(member_ids),
