@@ -335,8 +335,8 @@ class _Blocks:
     A query near the memory reaches few lists, but the ball of a block (~1 000 rows) is wide:
     it would compare every row of each block it touches. Such a query goes list by list
     instead: ``lists`` holds the same augmented rows in the inverted file's own lists, and faiss's
-    pre-assigned range search scans only the lists whose ball (``list_centre``, ``list_radius``)
-    is within reach. That scan goes vector by vector, with no matrix product, so a query goes by
+    pre-assigned range search scans only the lists whose ball (``list_side``: centre and radius
+    as one matrix) is within reach. That scan goes vector by vector, with no matrix product, so a query goes by
     lists only when it compares under an eighth of the rows it would by blocks. Outlying queries
     reach most lists and stay with the blocks. Measured on bottle Lite0 models (2-core EPYC,
     exact step of the patches refinement re-scores, alternating runs): 224 px, 16 386 rows, good
@@ -412,7 +412,7 @@ class _Blocks:
         # (q, w, 1, |q|^2 - w^2) . (-2c, -2r, |c|^2 - r^2, 1) <= 0, rounding slack on the norms
         query_side = np.concatenate([q, within[:, None], np.ones((len(q), 1), np.float32),
                                      (q_sq * (1 - 1e-5) - within * within)[:, None]], axis=1)    # Q d+3
-        list_need = query_side.astype(np.float32) @ self.list_side <= 0.0                      # Q L
+        list_need = query_side @ self.list_side <= 0.0                                         # Q L
         # each query goes the cheaper way: list by list, or by whole blocks
         list_work = np.count_nonzero(list_need, axis=1) * (self.list_mean_size * _LIST_COST)   # Q
         by_list = list_work < need @ np.diff(self.start).astype(np.float64)                   # Q
