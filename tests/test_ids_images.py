@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 
 import cv2
 import numpy as np
@@ -95,6 +97,35 @@ def test_png_written_by_opencv_is_rgb(rgb: np.ndarray) -> None:
     ok, buf = cv2.imencode(".png", rgb[:, :, ::-1])            # OpenCV writes BGR
     assert ok
     np.testing.assert_array_equal(decode_image(buf.tobytes(), MAX_PIXELS), rgb)
+
+
+def test_16_bit_rgb_and_interlaced_png_written_by_opencv() -> None:
+    """The PNG decoder's other layouts: 16 bits per channel (rounded to 8) and Adam7 interlacing."""
+    deep = np.random.default_rng(3).integers(0, 65536, (12, 16, 3), dtype=np.uint16)
+    ok, buf = cv2.imencode(".png", deep[:, :, ::-1])
+    assert ok
+    expected = ((deep.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    np.testing.assert_array_equal(decode_image(buf.tobytes(), MAX_PIXELS), expected)
+    adam7 = _adam7_png(expected)                   # Pillow and OpenCV write no interlaced PNG
+    assert Image.open(io.BytesIO(adam7)).info.get("interlace") == 1
+    np.testing.assert_array_equal(decode_image(adam7, MAX_PIXELS), expected)
+
+
+def _adam7_png(rgb: np.ndarray) -> bytes:
+    """An 8-bit RGB PNG with Adam7 interlacing (passes written with filter 0)."""
+    height, width = rgb.shape[:2]
+    passes = [(0, 0, 8, 8), (0, 4, 8, 8), (4, 0, 8, 4), (0, 2, 4, 4), (2, 0, 4, 2), (0, 1, 2, 2), (1, 0, 2, 1)]
+    data = b""
+    for y0, x0, dy, dx in passes:
+        part = rgb[y0::dy, x0::dx]
+        if part.size:
+            data += b"".join(b"\x00" + row.tobytes() for row in part)
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 1)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(data)) + chunk(b"IEND", b"")
 
 
 def test_jpeg_round_trip_is_close() -> None:
