@@ -2,18 +2,14 @@
 the drift state of every ROI, and the normal patches region explanations point to.
 
 Its public methods are ZeroMQ ops (``ipc.protocol.OPS`` entries with ``part="monitor"``): op name
-= method name, args = keyword args. ``record`` is the scorer's recorder: it hands the inspection to the
-recorder thread, which makes the thumbnails, queues the record (the history's writer thread does
-the I/O) and updates the drift window, after the reply is on its way; it never raises. Ops that
-read what was recorded (``history``, ``drift``, ``flush``) first wait for the inspections handed
-over before them. See docs/observability.md.
+= method name, args = keyword args. ``record`` is the scorer's recorder: it runs on the request's
+thread, queues the record (the history's writer thread does the I/O) and updates the drift
+window; it never raises. See docs/observability.md.
 """
 
 from __future__ import annotations
 
-import queue
 import sqlite3
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -41,10 +37,6 @@ Decision = Literal["ok", "ng"]
 _THUMB_SIDE = 64
 _MAX_LIMIT = 1_000   # a page; older records are paged with `until` (a page stays well under 50 ms)
 _SEED_WINDOWS = 5          # a ROI's window is seeded from up to this many windows of history
-# inspections waiting for the recorder thread (each holds its map and resized image, ~4 MB at
-# 900 x 900); with the queue full, a request records its own inspection, as it did before
-_PENDING_MAX = 8
-_SETTLE_TIMEOUT_S = 10.0
 
 log = structlog.get_logger("engine.monitor")
 
@@ -86,11 +78,6 @@ class Monitor:
         self._history = self._open_history(settings, models.data_root / "history.sqlite")
         self._watch = DriftWatch(settings.drift_window)
         self._listeners: list[DriftListener] = []
-        self._pending: queue.Queue[tuple[Inspection, object] | threading.Event | None] = queue.Queue(_PENDING_MAX)
-        self._recorder: threading.Thread | None = None
-        if self._history is not None:
-            self._recorder = threading.Thread(target=self._drain, name="inspection-recorder", daemon=True)
-            self._recorder.start()
         scorer.recorder = self.record
 
     @staticmethod
@@ -106,25 +93,13 @@ class Monitor:
             return None
 
     def close(self) -> None:
-        if self._recorder is not None:
-            self._pending.put(None)
-            self._recorder.join(_SETTLE_TIMEOUT_S)
         if self._history is not None:
             self._history.close()
 
     def flush(self, timeout: float = 5.0) -> None:
-        """Wait until the inspections recorded so far are written."""
-        self._settle()
+        """Wait until the records queued so far are written."""
         if self._history is not None:
             self._history.flush(timeout)
-
-    def _settle(self) -> None:
-        """Wait until the recorder thread has taken in every inspection handed over so far."""
-        if self._recorder is None or not self._recorder.is_alive():
-            return
-        done = threading.Event()
-        self._pending.put(done)
-        done.wait(_SETTLE_TIMEOUT_S)
 
     def subscribe(self, listener: DriftListener) -> Callable[[], None]:
         """Call ``listener(event)`` on every drift state change; returns the unsubscribe function."""
@@ -134,37 +109,17 @@ class Monitor:
     # --- recording (the scorer's recorder) ---------------------------------------------------
 
     def record(self, inspection: Inspection) -> None:
-        """Hand ``inspection`` to the recorder thread (~1.6 ms of thumbnails and drift window off
-        the request, measured at 416 px); with its queue full, record it here."""
         if self._history is None:
             return
-        request_id = structlog.contextvars.get_contextvars().get("request_id")
         try:
-            self._pending.put_nowait((inspection, request_id))
-        except queue.Full:
-            self._record_safely(inspection, request_id)
+            self._record(inspection)
+        except Exception:   # an inspection never fails for its record
+            log.exception("inspection_not_recorded")
 
-    def _drain(self) -> None:
-        while True:
-            item = self._pending.get()
-            if item is None:
-                return
-            if isinstance(item, threading.Event):
-                item.set()
-            else:
-                self._record_safely(*item)
-
-    def _record_safely(self, inspection: Inspection, request_id: object) -> None:
-        # the request's id on this thread's log lines too (a drift change names its request)
-        context = {} if request_id is None else {"request_id": request_id}
-        with structlog.contextvars.bound_contextvars(**context):
-            try:
-                self._record(inspection, request_id)
-            except Exception:   # an inspection never fails for its record
-                log.exception("inspection_not_recorded")
-
-    def _record(self, inspection: Inspection, request_id: object) -> None:
+    def _record(self, inspection: Inspection) -> None:
         result, key = inspection.result, inspection.roi.key
+        context = structlog.contextvars.get_contextvars()
+        request_id = context.get("request_id")
         image, heat = _thumbnails(inspection) if self._settings.history_thumbnails else (None, None)
         regions = result.regions
         assert self._history is not None
@@ -225,7 +180,6 @@ class Monitor:
         for name, value in (("since", since), ("until", until)):
             if value is not None and not np.isfinite(value):
                 raise InvalidInput(f"{name} must be a finite number of seconds since the epoch")
-        self._settle()
         records = [] if self._history is None else self._history.query(
             key.role_id, key.roi_id, key.recipe, since=since, until=until, decision=decision, limit=limit,
             thumbnails=thumbnails)
@@ -240,7 +194,6 @@ class Monitor:
         Raises: InvalidId (400), ModelNotFound (404)."""
         key = self._models.key(role_id, roi_id, recipe_id)
         manifest = self._models.require_manifest(key)
-        self._settle()
         version, reference = int(manifest["model_version"]), _reference(manifest)
         roi = _roi_key(key)
         if self._history is not None and not self._watch.known(roi, version):

@@ -8,7 +8,6 @@ sent with the fit), ``top/old`` (``ds`` stored again without row sources, as old
 from __future__ import annotations
 
 import base64
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -172,34 +171,6 @@ def test_history_records_inspections_and_answers_queries(world: World) -> None:
     assert engine.monitor.history(ROLE, roi, limit=1).items[0].thumbnail_jpeg is None
     with pytest.raises(InvalidInput):
         engine.monitor.history(ROLE, roi, limit=0)
-
-
-def test_records_are_made_after_the_reply_and_ops_wait_for_them(world: World,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """An inspection is answered while its record is still being made; ``drift`` (and ``flush``,
-    ``history``) then wait for every inspection answered before them."""
-    engine, roi = world.engine, "sent"
-    engine.monitor.flush()
-    before = engine.monitor.history(ROLE, roi, limit=1_000).n
-    drift = engine.monitor.drift(ROLE, roi)
-    assert drift.n_window + 3 <= drift.window
-    gate, threads = threading.Event(), set()
-    make = engine.monitor._record
-
-    def held(inspection: Any, request_id: object) -> None:
-        threads.add(threading.current_thread().name)
-        gate.wait(10.0)
-        make(inspection, request_id)
-
-    monkeypatch.setattr(engine.monitor, "_record", held)
-    for path in world.good[:3]:
-        engine.infer(ROLE, roi, MM, _png(path))          # answered with the recorder held
-    assert not gate.is_set()
-    threading.Timer(0.3, gate.set).start()
-    assert engine.monitor.drift(ROLE, roi).n_window == drift.n_window + 3
-    engine.monitor.flush()
-    assert engine.monitor.history(ROLE, roi, limit=1_000).n == before + 3
-    assert threads == {"inspection-recorder"}
 
 
 def test_stored_sample_scoring_is_not_an_inspection(world: World) -> None:
