@@ -210,7 +210,7 @@ def _decode_png(raw: bytes) -> np.ndarray | None:
     if arr.dtype not in (np.uint8, np.uint16):
         return None
     if arr.dtype == np.uint16:
-        arr = ((arr.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+        arr = _to_8_bits(arr)
     if arr.ndim == 3 and arr.shape[2] == 2:     # grey + alpha
         arr = arr[:, :, 0]
     if arr.ndim == 2:
@@ -218,6 +218,11 @@ def _decode_png(raw: bytes) -> np.ndarray | None:
     if arr.ndim != 3 or arr.shape[2] not in (3, 4):
         return None
     return np.ascontiguousarray(arr[:, :, :3])
+
+
+def _to_8_bits(values: np.ndarray) -> np.ndarray:
+    """uint16 -> uint8, rounded to the nearest level (65535 -> 255)."""
+    return ((values.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
 
 
 def _to_rgb(img: Image.Image) -> np.ndarray:
@@ -256,7 +261,7 @@ def from_array(array: np.ndarray, max_pixels: int) -> np.ndarray:
     if array.shape[0] * array.shape[1] > max_pixels:
         raise PayloadTooLarge(f"image of {array.shape[1]}x{array.shape[0]} pixels exceeds {max_pixels}")
     if array.dtype == np.uint16:
-        array = (array.astype(np.uint32) * 255 + 32767) // 65535
+        array = _to_8_bits(array)
     array = array.astype(np.uint8, copy=False)
     channels = array.shape[2]
     if channels == 1:

@@ -99,7 +99,7 @@ def test_png_written_by_opencv_is_rgb(rgb: np.ndarray) -> None:
     np.testing.assert_array_equal(decode_image(buf.tobytes(), MAX_PIXELS), rgb)
 
 
-def test_16_bit_rgb_and_interlaced_png_written_by_opencv() -> None:
+def test_16_bit_rgb_and_interlaced_png() -> None:
     """The PNG decoder's other layouts: 16 bits per channel (rounded to 8) and Adam7 interlacing."""
     deep = np.random.default_rng(3).integers(0, 65536, (12, 16, 3), dtype=np.uint16)
     ok, buf = cv2.imencode(".png", deep[:, :, ::-1])
