@@ -336,8 +336,8 @@ class _Blocks:
     it would compare every row of each block it touches. Such a query goes list by list
     instead: ``lists`` holds the same augmented rows in the inverted file's own lists, and faiss's
     pre-assigned range search scans only the lists whose ball (``list_side``: centre and radius
-    as one matrix) is within reach. That scan goes vector by vector, with no matrix product, so a query goes by
-    lists only when it compares under an eighth of the rows it would by blocks. Outlying queries
+    as one matrix) is within reach. That scan goes vector by vector, with no matrix product, so a
+    query goes by lists only when it compares under an eighth of the rows it would by blocks. Outlying queries
     reach most lists and stay with the blocks. Measured on bottle Lite0 models (2-core EPYC,
     exact step of the patches refinement re-scores, alternating runs): 224 px, 16 386 rows, good
     ROI 11-13 -> 4-5 ms; 416 px and 448 px unchanged within noise; a cost factor of 4 made
