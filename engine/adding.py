@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -122,6 +123,9 @@ class OkAdder:
         left_out = np.setdiff1d(np.arange(len(rows)), joined)[:_PROBE_QUERIES]
         index, choice = build_search_index(grown, manifest["distance"], ivf_min_rows=self._settings.ivf_min_rows,
                                            probe_queries=rows[left_out], seed=self._settings.seed)
+        margin = (manifest.get("index") or {}).get("margin")
+        if choice.kind != "flat" and margin is not None:     # the grown memory keeps the fit's measured margin
+            choice = replace(choice, margin=float(margin))
         timings["index"] = _ms(start)
         return radius, joined, grown, index, choice
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import platform
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -88,7 +89,7 @@ class Fitter:
             )
             report("coreset", 1, 1)
             start = time.perf_counter()
-            held_out = self._hold_out_scores(features, memory, sizes, report, recipe.score_percentile)
+            held_out, memory = self._hold_out_scores(features, memory, sizes, report, recipe.score_percentile)
             timings["ok_scores"] = _ms(start)
             start = time.perf_counter()
             manifest = self._manifest(key, mm_per_px, operator_id, memory_fit, features.shape, memory, held_out,
@@ -178,14 +179,17 @@ class Fitter:
         return np.concatenate(chunks), [sizes[i] for i in kept], kept
 
     def _hold_out_scores(self, features: np.ndarray, memory: Memory, sizes: list[tuple[int, int]],
-                         report: ProgressFn, percentile: float) -> dict[int, float]:
+                         report: ProgressFn, percentile: float) -> tuple[dict[int, float], Memory]:
+        """Held-out OK scores, and the memory with the refinement margin they measured."""
         s = self._settings
         scored = spread(len(sizes), _HOLD_OUT_MAX_IMAGES)
         report("ok_scores", 0, len(scored))
-        held_out = leave_out_scores(features, memory, sizes, scored, s.distance, s.knn_k, s.gaussian_sigma,
-                                    percentile, HOLD_OUT_FOLDS)
+        held_out, margin = leave_out_scores(features, memory, sizes, scored, s.distance, s.knn_k, s.gaussian_sigma,
+                                            percentile, HOLD_OUT_FOLDS)
         report("ok_scores", len(held_out), len(scored))
-        return held_out
+        if memory.choice.kind == "flat":
+            return held_out, memory
+        return held_out, replace(memory, choice=replace(memory.choice, margin=margin))
 
     def _manifest(self, key: ModelKey, mm_per_px: float, operator_id: str | None, memory_fit: bool,
                   features_shape: tuple[int, ...], memory: Memory, held_out: dict[int, float],

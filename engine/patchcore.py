@@ -13,7 +13,7 @@ import torch
 from engine.anomaly_map import anomaly_map, masked_percentile
 from engine.coreset import CoresetRule, greedy_coreset
 from engine.knn import Distance, TorchBank, build_index
-from engine.refine import RefinedMap, refine_map
+from engine.refine import DEFAULT_MARGIN, RefinedMap, margin_for, refine_map
 from engine.search import IndexChoice, MemorySearch, RowFilter, build_search_index, keep_rows
 
 __all__ = ["Memory", "MemorySearch", "build_memory", "leave_out_scores", "patch_origins", "score_map", "searcher"]
@@ -81,9 +81,11 @@ def searcher(index: faiss.Index, bank: np.ndarray, distance: Distance, k: int,
     """The search of a stored memory; ``choice`` is the manifest's ``index`` entry."""
     nprobe = int(choice.get("nprobe", 0) or 0)             # type: ignore[call-overload]
     candidates = int(choice.get("candidates", 0) or 0)     # type: ignore[call-overload]
+    # models fitted before the margin was measured refine with the default one
+    margin = float(choice.get("margin", 0.0) or DEFAULT_MARGIN)    # type: ignore[arg-type]
     if candidates > 0:
-        return MemorySearch(index, bank, distance, k, nprobe=nprobe, candidates=candidates)
-    return MemorySearch(index, bank, distance, k, nprobe=nprobe)
+        return MemorySearch(index, bank, distance, k, nprobe=nprobe, candidates=candidates, margin=margin)
+    return MemorySearch(index, bank, distance, k, nprobe=nprobe, margin=margin)
 
 
 def score_map(
@@ -95,7 +97,8 @@ def score_map(
 
     An exact search scores every patch exactly; an approximate one is refined (``engine.refine``)
     until the score, and the pixels at or above ``threshold``, are those of exact search.
-    ``k`` is the neighbour count of a torch bank (a ``MemorySearch`` holds its own).
+    ``k`` is the neighbour count of a torch bank (a ``MemorySearch`` holds its own, and the
+    refinement's first-level margin).
     ``timings`` receives milliseconds: ``knn`` (searches, exact re-scoring included) and ``map``.
     """
     h, w, d = features.shape
@@ -109,13 +112,15 @@ def score_map(
     start = time.perf_counter()
     if isinstance(search, TorchBank) or not search.approximate:
         amap = anomaly_map(patches.reshape(h, w), height, width, sigma)
-        scored = RefinedMap(amap, masked_percentile(amap, mask, percentile), patches.reshape(h, w), float("-inf"), 0, 0)
+        score = masked_percentile(amap, mask, percentile)
+        scored = RefinedMap(amap, score, patches.reshape(h, w), float("-inf"), 0, 0, score)
     else:
         def exact(indices: np.ndarray) -> np.ndarray:
             with clock:
                 return search.exact(flat[indices], reach[indices], only)
 
-        scored = refine_map(patches.reshape(h, w), exact, height, width, sigma, mask, percentile, threshold)
+        scored = refine_map(patches.reshape(h, w), exact, height, width, sigma, mask, percentile, threshold,
+                            margin=search.margin)
     if timings is not None:
         spent = clock.seconds * 1000.0
         timings["knn"] = round(spent, 3)
@@ -142,24 +147,27 @@ class _Clock:
 def leave_out_scores(
     features: np.ndarray, memory: Memory, image_sizes: Sequence[tuple[int, int]], scored: Sequence[int],
     distance: Distance, k: int, sigma: float, percentile: float, folds: int,
-) -> dict[int, float]:
+) -> tuple[dict[int, float], float]:
     """Image scores of training images ``scored``, each against the memory without its own fold.
 
     Image i belongs to fold ``i % folds``; it is scored like an inference (whole image, no mask)
     against the memory rows that came from other folds, so the scores estimate what unseen OK
     parts will score. A flat memory gets one flat index per fold; an inverted file is searched
-    once, each fold's rows filtered out, with exact refinement of the score. Needs at least
-    two training images.
+    once, each fold's rows filtered out, with exact refinement of the score; how far those
+    refinements found the exact scores below their approximate estimates gives the memory's
+    refinement margin (``engine.refine.margin_for``), returned with the scores. Needs at least
+    two training images for scores (else none, and the default margin).
     """
     n = features.shape[0]
     folds = min(folds, n)
     if folds < 2:
-        return {}
+        return {}, DEFAULT_MARGIN
     fold_of = memory.sources % folds
     approximate = memory.choice.kind != "flat"
     shared = MemorySearch(memory.index, memory.bank, distance, k, nprobe=memory.choice.nprobe,
                           candidates=memory.choice.candidates) if approximate else None
     out: dict[int, float] = {}
+    gaps: list[float | None] = []
     for fold in range(folds):
         members = [i for i in scored if i % folds == fold]
         others = fold_of != fold
@@ -172,5 +180,7 @@ def leave_out_scores(
             search, only = MemorySearch(build_index(rows, distance), rows, distance, k), None
         for i in members:
             height, width = image_sizes[i]
-            out[i] = score_map(search, features[i], height, width, sigma, None, percentile, None, only=only).score
-    return out
+            refined = score_map(search, features[i], height, width, sigma, None, percentile, None, only=only)
+            out[i] = refined.score
+            gaps.append(refined.gap)
+    return out, margin_for(gaps) if approximate else DEFAULT_MARGIN

@@ -41,6 +41,7 @@ import faiss
 import numpy as np
 
 from engine.knn import Distance, build_index, knn_distances, prepare_rows
+from engine.refine import DEFAULT_MARGIN
 from engine.threads import SizedPool, use_faiss_threads
 
 __all__ = ["AXES", "IndexChoice", "MemorySearch", "RowFilter", "build_search_index", "configure_exact_workers",
@@ -58,7 +59,8 @@ _MIN_LISTS, _MAX_LISTS = 16, 4096
 
 @dataclass(frozen=True)
 class IndexChoice:
-    """Which index a memory got; for inverted files the probe count and its measured recall."""
+    """Which index a memory got; for inverted files the probe count and its measured recall, and
+    the refinement's first-level margin once the fit has measured it (``engine.refine.margin_for``)."""
 
     kind: Literal["flat", "ivf", "projected_ivf"]
     nlist: int = 0
@@ -66,12 +68,15 @@ class IndexChoice:
     recall: float = 1.0
     axes: int = 0
     candidates: int = 0
+    margin: float | None = None
 
     def as_dict(self) -> dict[str, float | int | str]:
         out: dict[str, float | int | str] = {"kind": self.kind, "nlist": self.nlist, "nprobe": self.nprobe,
                                              "recall": self.recall}
         if self.kind == "projected_ivf":
             out.update(axes=self.axes, candidates=self.candidates, exact="refined")
+        if self.margin is not None and self.kind != "flat":
+            out["margin"] = self.margin
         return out
 
 
@@ -193,10 +198,11 @@ class MemorySearch:
         distance, k: as the model was fitted.
         nprobe: lists probed by ``search`` (inverted files); 0 = the index's own.
         candidates: rows per query whose true distance ``search`` takes (projected layout).
+        margin: first-level margin of the exact refinement of this memory's approximate maps.
     """
 
     def __init__(self, index: faiss.Index, bank: np.ndarray, distance: Distance, k: int, *, nprobe: int = 0,
-                 candidates: int = _CANDIDATES) -> None:
+                 candidates: int = _CANDIDATES, margin: float = DEFAULT_MARGIN) -> None:
         self.index = index
         self.distance = distance
         self.ivf, self.projection = _inverted_file(index)
@@ -206,6 +212,7 @@ class MemorySearch:
         # 0: the probe count stored in the index itself (models written before it was in the manifest)
         self.nprobe = int(nprobe) if nprobe > 0 else (self.ivf.nprobe if self.ivf is not None else 1)
         self.candidates = max(self.k, int(candidates))
+        self.margin = float(margin)
         if self.ivf is not None:
             self._blocks = _Blocks.of(self.ivf)
 

@@ -30,6 +30,7 @@ def test_projected_memory_scores_like_the_flat_one(bottle_dir: Path, tmp_path: P
     refined = ivf.fit_ok("r", "a", 0.1, train)
     index = ivf.manifest("r", "a")["index"]
     assert index["kind"] == "projected_ivf" and index["nprobe"] >= 1 and index["axes"] >= 1
+    assert 0.02 <= index["margin"] <= 0.2                     # measured on the hold-out refinements
     assert flat.manifest("r", "a")["index"]["kind"] == "flat"
     # the hold-out OK scores are scored with refinement too: the same as the flat memory's
     assert refined.ok_scores == pytest.approx(fitted.ok_scores, rel=1e-4)
@@ -38,6 +39,7 @@ def test_projected_memory_scores_like_the_flat_one(bottle_dir: Path, tmp_path: P
         engine.calibrate_ng("r", "a", 0.1, [threshold / 1.1], area_mm2_thr=0.0)
     ivf.close()
     reopened = Engine(Settings(data_root=tmp_path / "ivf", ivf_min_rows=1000, **common))  # from disk
+    assert reopened.models.load(reopened.models.key("r", "a", None)).index.margin == index["margin"]
     for image in tests:
         exact = flat.infer("r", "a", 0.1, image, heatmap="none")
         got = reopened.infer("r", "a", 0.1, image, heatmap="none")
@@ -45,3 +47,16 @@ def test_projected_memory_scores_like_the_flat_one(bottle_dir: Path, tmp_path: P
         assert got.decision == exact.decision and got.threshold == exact.threshold
         assert [(r.bbox, r.area_px) for r in got.regions] == [(r.bbox, r.area_px) for r in exact.regions]
         assert [r.max_score for r in got.regions] == pytest.approx([r.max_score for r in exact.regions], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_added_images_keep_the_fitted_refinement_margin(bottle_dir: Path, tmp_path: Path) -> None:
+    train = [_png(p) for p in sorted((bottle_dir / "train" / "good").glob("*.png"))[:14]]
+    engine = Engine(Settings(data_root=tmp_path, backbone="efficientnet_lite0", input_size=SIDE, coreset_ratio=0.5,
+                             ivf_min_rows=1000))
+    engine.fit_ok("r", "a", 0.1, train[:12])
+    margin = engine.manifest("r", "a")["index"]["margin"]
+    engine.lifecycle.add_ok("r", "a", train[12:], mm_per_px=0.1)
+    grown = engine.manifest("r", "a")["index"]
+    assert grown["kind"] == "projected_ivf" and grown["margin"] == margin
+    assert engine.models.load(engine.models.key("r", "a", None)).index.margin == margin

@@ -9,7 +9,7 @@ import pytest
 
 from engine.anomaly_map import anomaly_map, masked_percentile, patch_support
 from engine.knn import build_index, knn_distances
-from engine.refine import refine_map
+from engine.refine import DEFAULT_MARGIN, margin_for, refine_map
 from engine.regions import find_regions
 from engine.search import MemorySearch, build_search_index
 
@@ -160,3 +160,20 @@ def test_bottle_features_brute_force(bottle_dir: Path, threshold_quantile: float
             got, want = _regions(out.amap, threshold, None), _regions(truth, threshold, None)
             assert [r[1] for r in got] == [r[1] for r in want]
             assert [r[2] for r in got] == pytest.approx([r[2] for r in want], rel=1e-4)
+
+
+def test_margin_covers_the_median_held_out_gap_within_bounds() -> None:
+    assert margin_for([0.01, 0.03, 0.05, 0.07, 0.09]) == pytest.approx(0.055)      # median + 0.005
+    assert margin_for([0.0, 0.001, None, float("nan")]) == DEFAULT_MARGIN         # never below the default
+    assert margin_for([0.5, 0.6]) == 0.2                                          # nor above 0.2
+    assert margin_for([]) == DEFAULT_MARGIN
+
+
+def test_gap_is_what_the_first_level_needed() -> None:
+    exact, approx = _exact_and_approx(3)
+    approx = approx * 1.3                                      # the approximate score far above the exact one
+    out = refine_map(approx, _lookup(exact, []), H, W, SIGMA, None, P, None, margin=0.02)
+    assert out.rounds == 2 and out.gap is not None and out.gap > 0.02
+    again = refine_map(approx, _lookup(exact, []), H, W, SIGMA, None, P, None, margin=out.gap + 0.005)
+    assert again.rounds == 1 and again.score == pytest.approx(out.score, rel=1e-6)
+    assert again.estimate == pytest.approx(out.estimate)
