@@ -1,8 +1,8 @@
 """The engine facade both doors call: it checks ids and delegates to ``ModelRegistry``, ``Fitter``,
 ``Scorer``, ``Calibrator``, ``Samples``; ``lifecycle`` and ``monitor`` serve their own ops.
 
-Thread-safe: infers on any ROIs run concurrently; fits are serialized per ROI and never block infers
-(an infer during a refit uses the previous model until the new one is on disk).
+Thread-safe: inferences run on the inference thread (``engine.threads``) in arrival order, fits on threads of
+their own, serialized per ROI, never blocking inferences (which use the previous model until the new one is saved).
 """
 from __future__ import annotations
 
@@ -15,11 +15,10 @@ import numpy as np
 import structlog
 
 from engine import __version__
-from engine.backbones import build_backbone
 from engine.budget import MemoryBudget
 from engine.calibrator import Calibrator
 from engine.errors import InvalidInput, PayloadTooLarge
-from engine.features import FeatureExtractor
+from engine.features import build_extractor
 from engine.fitting import Fitter
 from engine.images import ImageLimits
 from engine.knn import configure_faiss
@@ -46,7 +45,7 @@ from engine.schemas import (
 from engine.scoring import Scorer
 from engine.settings import Settings
 from engine.storage import make_dirs
-from engine.threads import configure_threads
+from engine.threads import configure_threads, on_fresh_thread, run_inference
 from engine.validate import check_id, check_recipe, heatmap_format, mm_per_px as check_mm_per_px
 
 __all__ = ["Engine", "ImageInput", "ProgressFn"]
@@ -71,11 +70,9 @@ class Engine:
         make_dirs(self.data_root)
         configure_faiss()
         configure_threads(settings.torch_threads)
-        backbone, self.backbone_reason = build_backbone(settings.backbone, settings.weights, self.data_root,
-                                                        settings.input_size, settings.dinov2_block)
         self.device = settings.resolved_device
-        self.extractor = FeatureExtractor(backbone, self.device, settings.precision, settings.effective_batch_size)
-        self.backbone_info = backbone.info
+        self.extractor, self.backbone_reason = build_extractor(settings, self.data_root, self.device)
+        self.backbone_info = self.extractor.backbone.info
         self.models = ModelRegistry(self.data_root, self.backbone_info, precision=self.extractor.precision,
                                     device=self.device, cache_size=settings.model_cache_size,
                                     mm_per_px_rtol=settings.mm_per_px_rtol, versions_kept=settings.model_versions_kept)
@@ -152,8 +149,8 @@ class Engine:
             raise PayloadTooLarge(f"{len(images)} images exceed the limit of {self.settings.max_fit_images} per fit")
         recalibrate = self.settings.allow_refit_recalibration if allow_refit_recalibration is None else \
             allow_refit_recalibration
-        return self._fitter.fit(key, mm, images, operator_id=operator_id, memory_fit=memory_fit, sources=sources,
-                                recalibrate=recalibrate, report=progress or _no_progress)
+        return on_fresh_thread(lambda: self._fitter.fit(key, mm, images, operator_id=operator_id, memory_fit=memory_fit,
+                               sources=sources, recalibrate=recalibrate, report=progress or _no_progress))
 
     def calibrate_ng(
         self, role_id: str, roi_id: str, mm_per_px: float, ok_scores: Sequence[float],
@@ -173,8 +170,8 @@ class Engine:
     ) -> CalibrationResult:
         """Calibrate from the stored OK/NG samples (see ``Calibrator.from_samples``)."""
         key = self.models.key(role_id, roi_id, recipe_id)
-        return self._calibrator.from_samples(key, default_mm_per_px, score_percentile, area_mm2_thr,
-                                             progress or _no_progress)
+        return on_fresh_thread(lambda: self._calibrator.from_samples(key, default_mm_per_px, score_percentile,
+                                                                     area_mm2_thr, progress or _no_progress))
 
     # --- inference -----------------------------------------------------------------------
 
@@ -189,8 +186,10 @@ class Engine:
             InvalidImage / InvalidShape / InvalidInput (400), PayloadTooLarge (413),
             ModelNotFound (404), CalibrationMissing (428), MmPerPxMismatch (409)."""
         key = self.models.key(role_id, roi_id, recipe_id)
-        return self._scorer.infer(key, mm_per_px, image, shape, allow_uncalibrated=allow_uncalibrated,
-                                  heatmap=heatmap, t0=time.perf_counter(), operator_id=operator_id, explain=explain)
+        t0 = time.perf_counter()        # a wait for the inference thread counts in the total
+        return run_inference(lambda: self._scorer.infer(
+            key, mm_per_px, image, shape, allow_uncalibrated=allow_uncalibrated, heatmap=heatmap, t0=t0,
+            operator_id=operator_id, explain=explain))
 
     def infer_batch(
         self, role_id: str, items: Sequence[dict[str, Any]], *, allow_uncalibrated: bool = False,
@@ -208,8 +207,8 @@ class Engine:
             raise PayloadTooLarge(f"{len(items)} items exceed the limit of {self.settings.max_batch_items} per batch")
         heatmap_format(heatmap)
         timings: dict[str, float] = {}
-        out = self._scorer.score_batch(role_id, items, recipe_id, allow_uncalibrated=allow_uncalibrated,
-                                       heatmap=heatmap, timings=timings)
+        out = run_inference(lambda: self._scorer.score_batch(
+            role_id, items, recipe_id, allow_uncalibrated=allow_uncalibrated, heatmap=heatmap, timings=timings))
         timings["total"] = round((time.perf_counter() - t0) * 1000.0, 3)
         return InferBatchResult(role_id=role_id, recipe_id=check_recipe(recipe_id), n_total=len(out),
                                 n_errors=sum(1 for item in out if item.error), items=tuple(out), timings_ms=timings)
@@ -220,7 +219,8 @@ class Engine:
     ) -> InferDatasetResult:
         """Score every stored sample (raw scores when the model is not calibrated yet)."""
         key = self.models.key(role_id, roi_id, recipe_id)
-        return self._samples.infer_all(key, default_mm_per_px, include_heatmap, progress or _no_progress)
+        report = progress or _no_progress
+        return on_fresh_thread(lambda: self._samples.infer_all(key, default_mm_per_px, include_heatmap, report))
 
     # --- dataset store -------------------------------------------------------------------
 

@@ -6,13 +6,16 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from engine.backbones import Backbone, FeatureLayout
+from engine.backbones import Backbone, FeatureLayout, build_backbone
+from engine.settings import Settings
+from engine.threads import on_fresh_thread, run_inference
 
-__all__ = ["ExtractedBatch", "FeatureExtractor"]
+__all__ = ["ExtractedBatch", "FeatureExtractor", "build_extractor"]
 
 # (image index) -> the image resized to the input side, or None to leave it out
 LoadFn = Callable[[int], "np.ndarray | None"]
@@ -51,7 +54,12 @@ class FeatureExtractor:
         return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
 
     def __call__(self, images: Sequence[np.ndarray], layout: FeatureLayout | None = None) -> np.ndarray:
-        """N images (S, S, 3) uint8 -> (N, h, w, C) float32 features (the backbone's layout when None)."""
+        """N images (S, S, 3) uint8 -> (N, h, w, C) float32 features (the backbone's layout when None),
+        computed on an inference thread (``engine.threads``: one OpenMP team for all callers)."""
+        return run_inference(lambda: self._forward(images, layout))
+
+    def _forward(self, images: Sequence[np.ndarray], layout: FeatureLayout | None) -> np.ndarray:
+        """``__call__`` in the calling thread."""
         out = []
         with torch.inference_mode():
             for start in range(0, len(images), self.batch_size):
@@ -75,7 +83,7 @@ class FeatureExtractor:
         starts = range(0, count, self.batch_size)
         if workers <= 1 or self.device.type != "cpu":
             for first in starts:
-                yield self._extract_batch(first, min(first + self.batch_size, count), load, layout)
+                yield self._extract_batch(first, min(first + self.batch_size, count), load, layout, self)
             return
         threads = torch.get_num_threads()
         pool = ThreadPoolExecutor(workers, thread_name_prefix="extract", initializer=_one_torch_thread)
@@ -83,7 +91,7 @@ class FeatureExtractor:
             pending = []
             for first in starts:
                 pending.append(pool.submit(self._extract_batch, first, min(first + self.batch_size, count), load,
-                                           layout))
+                                           layout, self._forward))
                 if len(pending) >= 2 * workers:
                     yield pending.pop(0).result()
             for future in pending:
@@ -92,13 +100,30 @@ class FeatureExtractor:
             pool.shutdown(wait=True, cancel_futures=True)
             torch.set_num_threads(threads)   # the BLAS part of the setting is process-wide
 
-    def _extract_batch(self, first: int, end: int, load: LoadFn, layout: FeatureLayout | None) -> ExtractedBatch:
+    def _extract_batch(self, first: int, end: int, load: LoadFn, layout: FeatureLayout | None,
+                       forward: Callable[[Sequence[np.ndarray], FeatureLayout | None], np.ndarray]) -> ExtractedBatch:
+        """One batch; ``forward``: the extractor itself, or with one torch thread per worker (where
+        OpenMP forms no team) ``_forward`` in the worker's thread."""
         start = time.perf_counter()
         loaded = [(i, load(i)) for i in range(first, end)]
         kept = [(i, image) for i, image in loaded if image is not None]
         loaded_at = time.perf_counter()
-        features = self([image for _, image in kept], layout) if kept else None
+        features = forward([image for _, image in kept], layout) if kept else None
         return ExtractedBatch(end, [i for i, _ in kept], features, loaded_at - start, time.perf_counter() - loaded_at)
+
+
+def build_extractor(settings: Settings, data_root: Path, device: str) -> tuple[FeatureExtractor, str]:
+    """The configured backbone's extractor, and why that backbone (``build_backbone``).
+
+    Loading the weights runs torch: it happens on a thread that ends, so the thread that builds
+    the engine keeps no OpenMP team beside the inference thread's (``engine.threads``)."""
+
+    def build() -> tuple[FeatureExtractor, str]:
+        backbone, reason = build_backbone(settings.backbone, settings.weights, data_root, settings.input_size,
+                                          settings.dinov2_block)
+        return FeatureExtractor(backbone, device, settings.precision, settings.effective_batch_size), reason
+
+    return on_fresh_thread(build)
 
 
 def _one_torch_thread() -> None:

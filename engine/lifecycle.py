@@ -39,6 +39,7 @@ from engine.schemas import (
 from engine.scoring import Scorer
 from engine.settings import Settings
 from engine.storage import version_of
+from engine.threads import on_fresh_thread
 from engine.validate import mm_per_px as check_mm_per_px
 
 __all__ = ["Lifecycle"]
@@ -133,8 +134,9 @@ class Lifecycle:
             raise InvalidInput("add_ok needs at least one OK image")
         if len(images) > self._settings.max_fit_images:
             raise PayloadTooLarge(f"{len(images)} images exceed the limit of {self._settings.max_fit_images}")
-        return self._adder.add(key, images, mm, operator_id=operator_id, sources=None, feedback=False,
-                               report=progress or _no_progress)
+        # torch and faiss work on a thread that ends with it (engine.threads)
+        return on_fresh_thread(lambda: self._adder.add(key, images, mm, operator_id=operator_id, sources=None,
+                                                       feedback=False, report=progress or _no_progress))
 
     def mark_ok(self, role_id: str, roi_id: str, image: bytes, mm_per_px: float | None = None,
                 shape: Shape | dict[str, Any] | str | None = None, *, operator_id: str | None = None,
@@ -142,14 +144,16 @@ class Lifecycle:
         """An inspection the operator overruled as OK: the image is stored as an OK sample with its
         provenance and added to the model (``add_ok``, keeping the served threshold: one false alarm
         must not move it, and the grown memory only lowers scores)."""
-        return self._mark(role_id, roi_id, "ok", image, mm_per_px, shape, operator_id, recipe_id)
+        return on_fresh_thread(lambda: self._mark(role_id, roi_id, "ok", image, mm_per_px, shape, operator_id,
+                                                  recipe_id))
 
     def mark_ng(self, role_id: str, roi_id: str, image: bytes, mm_per_px: float | None = None,
                 shape: Shape | dict[str, Any] | str | None = None, *, operator_id: str | None = None,
                 recipe_id: str | None = None) -> MarkResult:
         """A missed defect: the image is stored as an NG sample with its provenance, for the next
         calibration (``calibrate_dataset``); the model is unchanged."""
-        return self._mark(role_id, roi_id, "ng", image, mm_per_px, shape, operator_id, recipe_id)
+        return on_fresh_thread(lambda: self._mark(role_id, roi_id, "ng", image, mm_per_px, shape, operator_id,
+                                                  recipe_id))
 
     def _mark(self, role_id: str, roi_id: str, label: Literal["ok", "ng"], image: bytes, mm_per_px: float | None,
               shape: object, operator_id: str | None, recipe_id: str | None) -> MarkResult:

@@ -1,14 +1,19 @@
 """Thread counts: the configured faiss count holds in every thread that searches, not only the
 thread that configured it (OpenMP keeps its count per thread); helper threads run a request's
-independent steps beside it only when one is idle."""
+independent steps beside it only when one is idle; inferences run on the inference thread
+whoever asks, and other long work on threads that end, so OpenMP teams do not pile up."""
 
 from __future__ import annotations
 
+import contextvars
 import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import cv2
 import faiss
@@ -16,8 +21,13 @@ import numpy as np
 import pytest
 import torch
 
+from engine.api import Engine
 from engine.knn import build_index, knn_distances
-from engine.threads import _Helpers, configure_threads, usable_cores
+from engine.settings import Settings
+from engine.threads import _Helpers, configure_threads, on_fresh_thread, run_inference, usable_cores
+from tests.support import part_png
+
+_REQUEST = contextvars.ContextVar("request", default="none")
 
 
 @pytest.fixture
@@ -96,3 +106,94 @@ def test_importing_the_engine_bounds_openmp_spinning_unless_the_operator_chose(o
     out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120,
                          check=True)
     assert out.stdout.strip() == (operator_value or "10000")
+
+
+def _where() -> tuple[int, str]:
+    return threading.get_ident(), _REQUEST.get()
+
+
+def test_inferences_run_on_one_thread_whoever_asks_in_the_askers_context(restored_threads: None) -> None:
+    configure_threads(None)                               # torch's default count: one inference thread
+    _REQUEST.set("main")
+    first = run_inference(_where)
+    seen: list[tuple[int, str]] = []
+
+    def ask() -> None:
+        _REQUEST.set("other")
+        seen.append(run_inference(_where))
+
+    asker = threading.Thread(target=ask)
+    asker.start()
+    asker.join()
+    assert first[0] == seen[0][0] != threading.get_ident()
+    assert (first[1], seen[0][1]) == ("main", "other")
+    assert run_inference(lambda: run_inference(threading.get_ident)) == first[0]     # nested: in place
+
+    def fails() -> None:
+        raise ValueError("bad inference")
+
+    with pytest.raises(ValueError, match="bad inference"):
+        run_inference(fails)
+
+
+@pytest.mark.skipif(usable_cores() < 2, reason="one inference thread per core needs two cores")
+def test_one_torch_thread_gives_one_inference_thread_per_core(restored_threads: None) -> None:
+    configure_threads(1)                       # no OpenMP teams form: forwards may run side by side
+    both = threading.Barrier(2, timeout=10)
+    askers = [threading.Thread(target=lambda: run_inference(both.wait)) for _ in range(2)]
+    for asker in askers:
+        asker.start()
+    for asker in askers:
+        asker.join()
+    assert not both.broken                     # both waits ran at once, on two inference threads
+
+
+def test_fresh_thread_work_ends_with_its_thread_and_reraises_here() -> None:
+    _REQUEST.set("fit")
+    ident, request = on_fresh_thread(_where)
+    assert ident != threading.get_ident() and request == "fit"
+    assert ident not in {t.ident for t in threading.enumerate()}
+
+    def fails() -> None:
+        raise KeyError("bad fit")
+
+    with pytest.raises(KeyError, match="bad fit"):
+        on_fresh_thread(fails)
+
+
+def _os_threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def _settle(expected: int, timeout_s: float = 5.0) -> int:
+    """The process's thread count once it comes back to ``expected`` (ended threads take a moment)."""
+    deadline = time.monotonic() + timeout_s
+    while _os_threads() != expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return _os_threads()
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir() or usable_cores() < 2,
+                    reason="counts the process's threads in /proc; teams form with two cores or more")
+def test_fits_and_inferences_from_many_threads_leave_no_openmp_teams_behind(tmp_path: Path) -> None:
+    """A door's worker threads live on: had they run forward passes or searches themselves, each
+    would keep torch and faiss teams, every later inference paying for them."""
+    engine = Engine(Settings(data_root=tmp_path, backbone="efficientnet_lite0", input_size=112, coreset_ratio=0.5,
+                             ivf_min_rows=500))
+    train = [part_png(seed, side=112) for seed in range(12)]
+    try:
+        engine.fit_ok("r", "a", 0.1, train)
+        engine.infer("r", "a", 0.1, part_png(99, side=112), allow_uncalibrated=True)      # the pools start
+        workers = [ThreadPoolExecutor(1) for _ in range(3)]                          # live on, like a door's
+        for worker in workers:
+            worker.submit(int).result()                                              # started, idle
+        before = _settle(_os_threads())
+        for worker in workers:
+            worker.submit(engine.infer, "r", "a", 0.1, part_png(7, side=112), allow_uncalibrated=True).result()
+        workers[0].submit(engine.fit_ok, "r", "a", 0.1, train).result()
+        assert engine.manifest("r", "a")["model_version"] == 2
+        assert _settle(before) == before
+        for worker in workers:
+            worker.shutdown()
+    finally:
+        engine.close()

@@ -224,6 +224,7 @@ def _refinement(engine: Any, side: int, exact_checks: int, exact_all_max_rows: i
     from engine.metrics import auroc
     from engine.patchcore import score_map
     from engine.regions import find_regions
+    from engine.threads import run_inference
 
     model = engine.models.load(engine.models.key(ROLE, "roi"))
     manifest, threshold = model.manifest, float(model.calibration["threshold"])
@@ -239,7 +240,9 @@ def _refinement(engine: Any, side: int, exact_checks: int, exact_all_max_rows: i
         height, width = rgb.shape[:2]
         features = engine.extractor([resize_square(rgb, side)])[0]
         timings: dict[str, float] = {}
-        got = score_map(model.index, features, height, width, sigma, None, percentile, threshold, timings=timings)
+        # on the inference thread, as an inference runs (engine.threads)
+        got = run_inference(lambda features=features, height=height, width=width, timings=timings: score_map(
+            model.index, features, height, width, sigma, None, percentile, threshold, timings=timings))
         rows.append({"refined": got.refined, "rounds": got.rounds,
                      "patches": int(features.shape[0] * features.shape[1]),
                      "knn_ms": timings["knn"], "map_ms": timings["map"], "defective": item.label == 1})
@@ -343,7 +346,7 @@ def crossover(params: dict[str, Any]) -> dict[str, Any]:
     from engine.knn import build_index
     from engine.patchcore import score_map
     from engine.search import MemorySearch, build_search_index
-    from engine.threads import configure_threads
+    from engine.threads import configure_threads, run_inference
 
     configure_threads(params.get("threads"))
     from engine.features import FeatureExtractor
@@ -377,7 +380,8 @@ def crossover(params: dict[str, Any]) -> dict[str, Any]:
                 ms = []
                 for _ in range(5):
                     timings: dict[str, float] = {}
-                    score_map(search, feats, h, w, 4.0, None, 99.0, threshold, timings=timings)
+                    run_inference(lambda search=search, feats=feats, h=h, w=w, level=threshold, timings=timings:
+                                  score_map(search, feats, h, w, 4.0, None, 99.0, level, timings=timings))
                     ms.append(timings["knn"])
                 row[f"{kind} {name}"] = round(float(np.median(ms)), 3)
         out.append(row)
