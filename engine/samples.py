@@ -24,6 +24,7 @@ from engine.schemas import (
 )
 from engine.scoring import Scorer
 from engine.settings import Settings
+from engine.threads import run_inference
 from engine.validate import LABELS, label as check_label, mm_per_px as check_mm_per_px, sample_metadata
 
 __all__ = ["Samples", "sample_extension"]
@@ -131,10 +132,16 @@ class Samples:
         mm = meta.get("mm_per_px") or default_mm_per_px or model.manifest["mm_per_px"]
         image = self.read(key, label, name)
         timings: dict[str, float] = {}
-        with self._scorer.working_memory([image]):
-            roi = self._scorer.prepare(key, mm, image, meta.get("shape_json") or meta.get("shape"),
-                                       allow_uncalibrated=True, model=model, timings=timings)
-            return self._scorer.score(roi, "png" if include_heatmap else "none", timings, time.perf_counter())
+
+        def scored() -> InferResult:
+            with self._scorer.working_memory([image]):
+                roi = self._scorer.prepare(key, mm, image, meta.get("shape_json") or meta.get("shape"),
+                                           allow_uncalibrated=True, model=model, timings=timings)
+                return self._scorer.score(roi, "png" if include_heatmap else "none", timings, time.perf_counter())
+
+        # like an inference, with its working memory held on the inference thread: held here, it
+        # could wait there behind an inference that waits for this memory
+        return run_inference(scored)
 
     def try_score(self, key: ModelKey, model: LoadedModel, label: str, name: str, include_heatmap: bool,
                   default_mm_per_px: float | None) -> InferResult | EngineError:

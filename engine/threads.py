@@ -24,9 +24,9 @@ outnumber the cores, every team's barriers sleep instead of spinning, and a forw
 thread (:func:`run_inference`; one per core with one torch thread, where no teams form), and
 long work that is not an inference (fits, calibrations from samples, added images) on a thread
 that ends with it (:func:`on_fresh_thread`), taking its teams along. Bottle Lite0 @ 224 px,
-16 386 rows, 2-core EPYC, the same ROI from the main thread and two other threads in turns:
-forward 21-42 ms and the whole inference 75-107 ms as teams piled up, against 18-22 and 68-78
-ms from every thread through the inference thread (the backbone built on a thread that ended).
+16 386 rows, 2-core EPYC, the same ROI 20 times from the main thread, two other threads, the
+main thread again: forward 20-41 ms and the whole inference 73-98 ms as each computed in its
+own thread and the teams piled up, against 19-25 and 72-85 ms through the inference thread.
 """
 
 from __future__ import annotations
