@@ -108,6 +108,10 @@ def test_importing_the_engine_bounds_openmp_spinning_unless_the_operator_chose(o
     assert out.stdout.strip() == (operator_value or "10000")
 
 
+def _denormal_times_one() -> float:
+    return float(torch.tensor([1e-39], dtype=torch.float32)[0] * 1.0)
+
+
 def _where() -> tuple[int, str]:
     return threading.get_ident(), _REQUEST.get()
 
@@ -128,6 +132,7 @@ def test_inferences_run_on_one_thread_whoever_asks_in_the_askers_context(restore
     assert first[0] == seen[0][0] != threading.get_ident()
     assert (first[1], seen[0][1]) == ("main", "other")
     assert run_inference(lambda: run_inference(threading.get_ident)) == first[0]     # nested: in place
+    assert run_inference(_denormal_times_one) == on_fresh_thread(_denormal_times_one) == 0.0   # flushed there
 
     def fails() -> None:
         raise ValueError("bad inference")
