@@ -45,7 +45,7 @@ from engine.schemas import (
 from engine.scoring import Scorer
 from engine.settings import Settings
 from engine.storage import make_dirs
-from engine.threads import configure_threads, on_fresh_thread, run_inference
+from engine.threads import configure_threads, on_fresh_thread
 from engine.validate import check_id, check_recipe, heatmap_format, mm_per_px as check_mm_per_px
 
 __all__ = ["Engine", "ImageInput", "ProgressFn"]
@@ -186,10 +186,8 @@ class Engine:
             InvalidImage / InvalidShape / InvalidInput (400), PayloadTooLarge (413),
             ModelNotFound (404), CalibrationMissing (428), MmPerPxMismatch (409)."""
         key = self.models.key(role_id, roi_id, recipe_id)
-        t0 = time.perf_counter()        # a wait for the inference thread counts in the total
-        return run_inference(lambda: self._scorer.infer(
-            key, mm_per_px, image, shape, allow_uncalibrated=allow_uncalibrated, heatmap=heatmap, t0=t0,
-            operator_id=operator_id, explain=explain))
+        return self._scorer.infer(key, mm_per_px, image, shape, allow_uncalibrated=allow_uncalibrated,
+                                  heatmap=heatmap, t0=time.perf_counter(), operator_id=operator_id, explain=explain)
 
     def infer_batch(
         self, role_id: str, items: Sequence[dict[str, Any]], *, allow_uncalibrated: bool = False,
@@ -207,8 +205,8 @@ class Engine:
             raise PayloadTooLarge(f"{len(items)} items exceed the limit of {self.settings.max_batch_items} per batch")
         heatmap_format(heatmap)
         timings: dict[str, float] = {}
-        out = run_inference(lambda: self._scorer.score_batch(
-            role_id, items, recipe_id, allow_uncalibrated=allow_uncalibrated, heatmap=heatmap, timings=timings))
+        out = self._scorer.score_batch(role_id, items, recipe_id, allow_uncalibrated=allow_uncalibrated,
+                                       heatmap=heatmap, timings=timings)
         timings["total"] = round((time.perf_counter() - t0) * 1000.0, 3)
         return InferBatchResult(role_id=role_id, recipe_id=check_recipe(recipe_id), n_total=len(out),
                                 n_errors=sum(1 for item in out if item.error), items=tuple(out), timings_ms=timings)

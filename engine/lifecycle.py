@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -24,23 +23,22 @@ from engine.calibrator import Calibrator
 from engine.errors import ArchiveInvalid, InvalidInput, PayloadTooLarge
 from engine.fitting import Fitter, now_utc
 from engine.knn import deserialize_index
-from engine.models import ModelKey, ModelRegistry, model_not_found
+from engine.models import ModelRegistry, model_not_found
 from engine.samples import Samples
 from engine.schemas import (
     ActivateResult,
     AddOkResult,
     ExportResult,
     ImportResult,
-    InferResult,
     MarkResult,
     Shape,
     VersionInfo,
     VersionsResult,
 )
-from engine.scoring import PreparedRoi, Scorer
+from engine.scoring import Scorer
 from engine.settings import Settings
 from engine.storage import version_of
-from engine.threads import on_fresh_thread, run_inference
+from engine.threads import on_fresh_thread
 from engine.validate import mm_per_px as check_mm_per_px
 
 __all__ = ["Lifecycle"]
@@ -165,7 +163,7 @@ class Lifecycle:
             raise InvalidInput("the marked image must be an encoded image file (PNG, JPEG, BMP, TIFF)")
         # request faults before the model's state (Scorer.prepare), unless the scale must come from the model
         mm = self._models.load(key).manifest["mm_per_px"] if mm_per_px is None else mm_per_px
-        roi, scored = run_inference(lambda: self._scored(key, mm, image, shape))
+        roi, scored = self._scorer.score_image(key, mm, image, shape, "none")
         model = roi.model
         marked = {"at": now_utc(), "label": label, "operator_id": operator_id, "score": scored.score,
                   "threshold": scored.threshold, "decision": scored.decision, "model_version": scored.model_version,
@@ -187,12 +185,6 @@ class Lifecycle:
         return MarkResult(role_id=key.role_id, roi_id=key.roi_id, recipe_id=key.recipe, label=label,
                           filename=sample.filename, score=scored.score, threshold=scored.threshold,
                           decision=scored.decision, marked_version=marked["version"], added=added)
-
-    def _scored(self, key: ModelKey, mm: object, image: bytes, shape: object) -> tuple[PreparedRoi, InferResult]:
-        """The marked image scored as an inference, on the inference thread (``Samples.score``)."""
-        with self._scorer.working_memory([image]):
-            roi = self._scorer.prepare(key, mm, image, shape, allow_uncalibrated=True)
-            return roi, self._scorer.score(roi, "none", {}, time.perf_counter())
 
     # --- archives --------------------------------------------------------------------------
 

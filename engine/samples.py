@@ -4,7 +4,6 @@ every stored sample against the ROI's model.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Collection
 from typing import Any
 
@@ -24,7 +23,6 @@ from engine.schemas import (
 )
 from engine.scoring import Scorer
 from engine.settings import Settings
-from engine.threads import run_inference
 from engine.validate import LABELS, label as check_label, mm_per_px as check_mm_per_px, sample_metadata
 
 __all__ = ["Samples", "sample_extension"]
@@ -131,17 +129,8 @@ class Samples:
         meta = self._models.datasets(key.recipe).meta(key.role_id, key.roi_id, label, name, strict=True)
         mm = meta.get("mm_per_px") or default_mm_per_px or model.manifest["mm_per_px"]
         image = self.read(key, label, name)
-        timings: dict[str, float] = {}
-
-        def scored() -> InferResult:
-            with self._scorer.working_memory([image]):
-                roi = self._scorer.prepare(key, mm, image, meta.get("shape_json") or meta.get("shape"),
-                                           allow_uncalibrated=True, model=model, timings=timings)
-                return self._scorer.score(roi, "png" if include_heatmap else "none", timings, time.perf_counter())
-
-        # like an inference, with its working memory held on the inference thread: held here, it
-        # could wait there behind an inference that waits for this memory
-        return run_inference(scored)
+        return self._scorer.score_image(key, mm, image, meta.get("shape_json") or meta.get("shape"),
+                                        "png" if include_heatmap else "none", model=model)[1]
 
     def try_score(self, key: ModelKey, model: LoadedModel, label: str, name: str, include_heatmap: bool,
                   default_mm_per_px: float | None) -> InferResult | EngineError:

@@ -25,7 +25,7 @@ from engine.models import LoadedModel, ModelKey, ModelRegistry
 from engine.patchcore import score_map
 from engine.regions import find_regions
 from engine.schemas import BatchError, HeatmapFormat, InferBatchItem, InferResult, Region
-from engine.threads import run_beside
+from engine.threads import run_beside, run_inference
 from engine.validate import heatmap_format, mm_per_px as check_mm_per_px
 
 __all__ = ["Decoder", "Inspection", "PreparedRoi", "Recorder", "Scorer", "calibration_missing"]
@@ -110,12 +110,32 @@ class Scorer:
 
     def infer(self, key: ModelKey, mm_per_px: object, image: object, shape: object, *, allow_uncalibrated: bool,
               heatmap: HeatmapFormat, t0: float, operator_id: str | None = None, explain: bool = False) -> InferResult:
-        """``prepare`` and ``score`` one ROI image, its working memory held from decode to result."""
-        timings: dict[str, float] = {}
-        with self.working_memory([image]):
-            roi = self.prepare(key, mm_per_px, image, shape, allow_uncalibrated=allow_uncalibrated, heatmap=heatmap,
-                               timings=timings)
-            return self.score(roi, heatmap, timings, t0, explain=explain, record=True, operator_id=operator_id)
+        """``prepare`` and ``score`` one ROI image on the inference thread, its working memory held
+        there from decode to result (``t0``: when the request came, so a wait counts in the total)."""
+
+        def inspected() -> InferResult:
+            timings: dict[str, float] = {}
+            with self.working_memory([image]):
+                roi = self.prepare(key, mm_per_px, image, shape, allow_uncalibrated=allow_uncalibrated,
+                                   heatmap=heatmap, timings=timings)
+                return self.score(roi, heatmap, timings, t0, explain=explain, record=True, operator_id=operator_id)
+
+        return run_inference(inspected)
+
+    def score_image(self, key: ModelKey, mm_per_px: object, image: object, shape: object, heatmap: HeatmapFormat, *,
+                    model: LoadedModel | None = None) -> tuple[PreparedRoi, InferResult]:
+        """A stored or marked image scored as ``infer`` scores it, uncalibrated models included and
+        nothing recorded, with the ROI it was prepared to. On the inference thread, working memory
+        held there: held by the caller, it could wait there behind an inference waiting for it."""
+
+        def scored() -> tuple[PreparedRoi, InferResult]:
+            timings: dict[str, float] = {}
+            with self.working_memory([image]):
+                roi = self.prepare(key, mm_per_px, image, shape, allow_uncalibrated=True, model=model,
+                                   timings=timings)
+                return roi, self.score(roi, heatmap, timings, time.perf_counter())
+
+        return run_inference(scored)
 
     def prepare(self, key: ModelKey, mm_per_px: object, image: object, shape: object, *,
                 allow_uncalibrated: bool, heatmap: object = None, model: LoadedModel | None = None,
@@ -205,7 +225,13 @@ class Scorer:
     def score_batch(self, role_id: str, items: Sequence[Any], recipe_id: str | None, *,
                     allow_uncalibrated: bool, heatmap: HeatmapFormat,
                     timings: dict[str, float]) -> list[InferBatchItem]:
-        """Several ROIs of one part: one backbone call per input side and feature layout; each item fails on its own."""
+        """Several ROIs of one part, on the inference thread: one backbone call per input side and
+        feature layout; each item fails on its own."""
+        return run_inference(lambda: self._score_batch(role_id, items, recipe_id, allow_uncalibrated, heatmap,
+                                                       timings))
+
+    def _score_batch(self, role_id: str, items: Sequence[Any], recipe_id: str | None, allow_uncalibrated: bool,
+                     heatmap: HeatmapFormat, timings: dict[str, float]) -> list[InferBatchItem]:
         t0 = time.perf_counter()
         images = [item.get("image") for item in items if isinstance(item, dict)]
         with self.working_memory(images):
