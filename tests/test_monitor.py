@@ -124,7 +124,10 @@ def test_explanations_only_when_asked(world: World) -> None:
 
 def test_images_sent_with_the_fit_are_named_by_index_but_not_kept(world: World) -> None:
     engine = world.engine
-    res = engine.infer(ROLE, "sent", MM, _png(world.broken[5]), explain=True)
+    # the 6-image model's clearest find (its threshold sits close to the milder breaks)
+    res = max((engine.infer(ROLE, "sent", MM, _png(path), explain=True) for path in world.broken[3:8]),
+              key=lambda r: r.score)
+    assert res.decision == "ng"
     e = res.regions[0].explanation
     assert e is not None and e.known and e.source is None and e.image_index is not None and 0 <= e.image_index < 6
     assert e.source_patch is not None
