@@ -33,8 +33,10 @@ way with coordinates equal to the rows; flat indexes are exact and ``exact`` is 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from threading import Lock
 from typing import Literal, TypeVar
 
 import faiss
@@ -582,19 +584,50 @@ class _ExactWorkers:
 
     def map_balanced(self, fn: Callable[[_T], _R], items: Sequence[_T], costs: np.ndarray) -> list[_R]:
         """``fn`` over ``items`` (sorted by ``costs``, largest first): inline when there is little
-        work, else in one share per worker, filled greedily; results in no particular order."""
+        work, else taken in turn by the caller and the workers, each taking the next item when it
+        is free; results in no particular order.
+
+        Taken in turn rather than dealt out beforehand: a worker that starts late (its core just
+        woke from idle) then costs only the items it did not take, where a dealt-out share made
+        the whole search wait for it, and one that has not started by the end is not waited for."""
         if self._pool.size == 1 or len(items) < 2 or float(np.sum(costs)) < _SHARED_WORK:
             return [fn(item) for item in items]
-        count = min(self._pool.size, len(items))
-        shares: list[list[_T]] = [[] for _ in range(count)]
-        loads = np.zeros(count)
-        for item, cost in zip(items, costs, strict=True):
-            lightest = int(np.argmin(loads))
-            shares[lightest].append(item)
-            loads[lightest] += float(cost)
+        pending = iter(items)
+        lock = Lock()
+
+        def drain() -> list[_R]:
+            done = []
+            while True:
+                with lock:
+                    item = next(pending, _NO_ITEM)
+                if item is _NO_ITEM:
+                    return done
+                done.append(fn(item))                                  # type: ignore[arg-type]
+
         pool = self._pool.get()
-        futures = [pool.submit(lambda share=share: [fn(item) for item in share]) for share in shares]
-        return [result for future in futures for result in future.result()]
+        helpers = [pool.submit(drain) for _ in range(min(self._pool.size, len(items)) - 1)]
+        try:
+            with _one_faiss_thread():
+                results = drain()
+        finally:
+            # every item is taken: a helper that has not started is called off, not waited for
+            helped = [future.result() for future in helpers if not future.cancel()]
+        return results + [result for done in helped for result in done]
+
+
+_NO_ITEM = object()
+
+
+@contextmanager
+def _one_faiss_thread() -> Iterator[None]:
+    """faiss on one OpenMP thread in the calling thread for the block (restored after), as on the
+    workers: the caller takes items beside them."""
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
 
 
 _exact_workers = _ExactWorkers()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -165,3 +166,23 @@ def test_searches_in_flight_survive_a_change_of_worker_count(bank: np.ndarray, q
             configure_exact_workers(count)
         for future in futures:
             np.testing.assert_allclose(future.result(), truth, rtol=1e-4, atol=1e-4)
+
+
+def test_an_exact_search_does_not_wait_for_busy_workers(bank: np.ndarray, queries: np.ndarray,
+                                                        shared_exact_search: None) -> None:
+    """The caller takes the blocks itself while every worker is held elsewhere (a core slow to
+    wake, another search): the search finishes, exact, without them."""
+    index, choice = build_search_index(bank, "l2", ivf_min_rows=1000, probe_queries=_clustered(400, 32, 3), axes=16)
+    search = MemorySearch(index, bank, "l2", 1, nprobe=choice.nprobe)
+    truth = knn_distances(build_index(bank, "l2"), queries, "l2", 1)
+    _, reach = search.search(queries)
+    release = threading.Event()
+    workers = engine.search._exact_workers._pool.get()
+    held = [workers.submit(release.wait, 60) for _ in range(3)]
+    try:
+        with ThreadPoolExecutor(1) as caller:
+            result = caller.submit(search.exact, queries, reach * 2).result(timeout=30)
+        np.testing.assert_allclose(result, truth, rtol=1e-4, atol=1e-4)
+        assert not any(future.done() for future in held)         # the workers were held throughout
+    finally:
+        release.set()
