@@ -149,8 +149,8 @@ class Settings(EnvSettings):
     )
     torch_threads: int | None = Field(
         None, ge=1, validation_alias=AliasChoices("BACKEND_TORCH_THREADS", "torch_threads"),
-        description="Threads of torch, faiss, OpenCV and BLAS (engine.threads); None = one per core, "
-                    "BLAS one.",
+        description="Threads of torch, faiss and OpenCV (engine.threads); None = one per core. "
+                    "BLAS always runs on one.",
     )
 
     # PatchCore
