@@ -180,13 +180,14 @@ def mib(n: float | None) -> float | None:
 # --- timing ------------------------------------------------------------------------------------
 
 def stats(ms: Sequence[float]) -> dict[str, Any]:
-    """p50 (median), p99 (nearest rank: the max when n < 100), mean, min, max, n; milliseconds."""
+    """p50 (median), p90 and p99 (nearest rank: p99 is the max when n < 100), mean, min, max, n;
+    milliseconds."""
     values = sorted(float(v) for v in ms)
     if not values:
         return {"n": 0}
     n = len(values)
-    p99 = values[min(n - 1, max(0, math.ceil(0.99 * n) - 1))]
-    return {"n": n, "p50": round(float(np.median(values)), 3), "p99": round(p99, 3),
+    p90, p99 = (values[min(n - 1, max(0, math.ceil(q * n) - 1))] for q in (0.9, 0.99))
+    return {"n": n, "p50": round(float(np.median(values)), 3), "p90": round(p90, 3), "p99": round(p99, 3),
             "mean": round(sum(values) / n, 3), "min": round(values[0], 3), "max": round(values[-1], 3)}
 
 

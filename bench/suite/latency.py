@@ -13,7 +13,8 @@
   refinement re-scored exactly, and a few are checked against a flat (exact) search.
 * threads: the first production model (the default side), loaded in a fresh process per
   ``BACKEND_TORCH_THREADS`` value, under 1, 2 and 4 clients sending PNG ROIs through the ZeroMQ
-  door at once: ROIs per second and per-request p50.
+  door at once: ROIs per second and per-request p50; then one client pausing 0.2 s before each
+  ROI (paced, as parts come one by one): per-request p50 and p90 when the cores were idle.
 * crossover: kNN stage of flat against refined search on memories of increasing size (random
   subsets of bottle patch features at the default side): where the refined search starts to pay.
 * small: 10-image models of other backbones (labelled as such), forward against infer.
@@ -55,14 +56,14 @@ FULL: dict[str, Any] = {
     # side by side, and a memory of >= 60k rows (448, 10 %)
     "production": [[416, 209, 0.015], [224, 209, 0.1], [448, 209, 0.1]],
     "budget_s": 40.0, "n_min": 15, "n_max": 150, "exact_checks": 8, "exact_all_max_rows": 20000,
-    "thread_counts": [1, 2, 0], "clients": [1, 2, 4], "throughput_s": 8.0,
+    "thread_counts": [1, 2, 0], "clients": [1, 2, 4], "throughput_s": 8.0, "paced_n": 30, "paced_gap_s": 0.2,
     "crossover_rows": [2000, 4000, 8000, 16000, 32000, 64000],
     "small": [["efficientnet_lite0", 224], ["efficientnet_lite2", 224], ["dinov2_vits14", 224]],
     "small_fit_images": 10, "small_budget_s": 8.0, "timeout_s": 900,
 }
 QUICK: dict[str, Any] = {
     **FULL, "production": [[416, 24, 0.015]], "budget_s": 4.0, "n_min": 4, "n_max": 20, "exact_checks": 2,
-    "thread_counts": [1, 0], "clients": [1, 2], "throughput_s": 2.0, "crossover_rows": [2000, 16000],
+    "thread_counts": [1, 0], "clients": [1, 2], "throughput_s": 2.0, "paced_n": 5, "crossover_rows": [2000, 16000],
     "small": [["efficientnet_lite0", 224]], "small_budget_s": 2.0, "timeout_s": 300,
 }
 SECTION = "latency"
@@ -309,9 +310,25 @@ def one_threads(params: dict[str, Any]) -> dict[str, Any]:
                 rows.append(_throughput(endpoint, client_class, png, int(clients), float(params["throughput_s"])))
                 say(SECTION, f"threads {params.get('threads') or 'default'}, {clients} clients: "
                              f"{rows[-1]['rois_per_s']:.1f} ROI/s, p50 {rows[-1]['latency_ms']['p50']:.1f} ms")
+            paced = _paced(endpoint, client_class, png, int(params["paced_n"]), float(params["paced_gap_s"]))
+            say(SECTION, f"threads {params.get('threads') or 'default'}, one ROI every {params['paced_gap_s']} s "
+                         f"of idle: p50 {paced['p50']:.1f} ms, p90 {paced['p90']:.1f} ms")
     finally:
         engine.close()
-    return {"rows": rows}
+    return {"rows": rows, "paced": {"gap_s": float(params["paced_gap_s"]), "latency_ms": paced}}
+
+
+def _paced(endpoint: str, client_class: Any, png: bytes, count: int, gap_s: float) -> dict[str, Any]:
+    """One client with an idle pause before each request, as a GUI inspecting part after part:
+    the cores have gone idle when the ROI comes."""
+    ms = []
+    with client_class(endpoint, timeout=300) as client:
+        for _ in range(count):
+            time.sleep(gap_s)
+            t0 = time.perf_counter()
+            client.infer(ROLE, "roi", MM, png, heatmap="png")
+            ms.append((time.perf_counter() - t0) * 1000.0)
+    return stats(ms)
 
 
 def _throughput(endpoint: str, client_class: Any, png: bytes, clients: int, seconds: float) -> dict[str, Any]:

@@ -300,12 +300,21 @@ def _threads_md(sec: dict[str, Any]) -> list[str]:
     if not runs:
         return []
     model = f"{runs[0]['side']} px model" if "side" in runs[0] else "first production model"
-    lines = ["", "Thread counts (`BACKEND_TORCH_THREADS`; default = one per core, BLAS one): ROIs per second through "
-             f"the ZeroMQ door (PNG in/out, {model}) with concurrent clients, and per-request p50 ms:", ""]
+    lines = ["", "Thread counts (`BACKEND_TORCH_THREADS`; default = one per core; BLAS always one): ROIs per "
+             f"second through the ZeroMQ door (PNG in/out, {model}) with concurrent clients, and per-request "
+             "p50 ms:", ""]
     clients = [r["clients"] for r in runs[0]["rows"]]
     rows = [[t["torch_threads"]] + [f"{r['rois_per_s']:.1f} ({r['latency_ms']['p50']:.0f})" for r in t["rows"]]
-            for t in runs]
-    return lines + _table(["threads", *[f"{c} clients" for c in clients]], rows)
+            + [_paced_cell(t.get("paced"))] for t in runs]
+    gap = next((t["paced"]["gap_s"] for t in runs if t.get("paced")), None)
+    paced = f"1 client, {gap} s idle before each: p50 (p90) ms" if gap is not None else "paced"
+    return lines + _table(["threads", *[f"{c} clients" for c in clients], paced], rows)
+
+
+def _paced_cell(paced: dict[str, Any] | None) -> str:
+    if not paced:
+        return "-"
+    return f"{paced['latency_ms']['p50']:.0f} ({paced['latency_ms']['p90']:.0f})"
 
 
 def _crossover_md(sec: dict[str, Any]) -> list[str]:
