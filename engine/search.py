@@ -592,17 +592,17 @@ class _ExactWorkers:
         the whole search wait for it, and one that has not started by the end is not waited for."""
         if self._pool.size == 1 or len(items) < 2 or float(np.sum(costs)) < _SHARED_WORK:
             return [fn(item) for item in items]
-        pending = iter(items)
+        positions = iter(range(len(items)))
         lock = Lock()
 
         def drain() -> list[_R]:
             done = []
             while True:
                 with lock:
-                    item = next(pending, _NO_ITEM)
-                if item is _NO_ITEM:
+                    position = next(positions, -1)
+                if position < 0:
                     return done
-                done.append(fn(item))                                  # type: ignore[arg-type]
+                done.append(fn(items[position]))
 
         pool = self._pool.get()
         helpers = [pool.submit(drain) for _ in range(min(self._pool.size, len(items)) - 1)]
@@ -615,13 +615,10 @@ class _ExactWorkers:
         return results + [result for done in helped for result in done]
 
 
-_NO_ITEM = object()
-
-
 @contextmanager
 def _one_faiss_thread() -> Iterator[None]:
-    """faiss on one OpenMP thread in the calling thread for the block (restored after), as on the
-    workers: the caller takes items beside them."""
+    """faiss on one OpenMP thread in the calling thread inside the ``with`` (its count restored
+    after), as on the workers: the caller takes items beside them."""
     before = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)
     try:

@@ -4,11 +4,13 @@
 OpenCV and the workers of an exact memory search. Unset, torch and OpenCV keep their defaults
 (one thread per core), faiss and the exact-search workers get one per usable core.
 
-The BLAS libraries numpy and faiss call get one thread whatever the setting: the engine's own
-matrix products are small (a 900 x 900 anomaly map is a (900, 28) x (28, 900) product), and on a
-busy 2-core machine a two-thread BLAS stalled on them (35 ms instead of 1.6 ms for that map).
+The BLAS libraries in the process (numpy's, faiss's and OpenCV's OpenBLAS) get one thread
+whatever the setting: the engine's own matrix products are small (a 900 x 900 anomaly map is a
+(900, 28) x (28, 900) product), and on a busy 2-core machine a two-thread BLAS stalled on them
+(35 ms instead of 1.6 ms for that map), its idle threads busy-waiting beside the forward pass.
 When the setting still reached BLAS, ``BACKEND_TORCH_THREADS=2`` on the 2-core AVX-512 EPYC gave
-8.2 ROIs/s through the ZeroMQ door against 19.8 unset (bottle Lite0 @ 416 px, one client).
+8.2 ROIs/s through the ZeroMQ door against 19.8 unset (bottle Lite0 @ 416 px, one client), and
+the forward pass at 224 px took 62 ms instead of 7-9.
 Concurrent requests bring their own parallelism.
 
 OpenMP keeps its thread count per thread: a count set at start-up reaches only the thread that
