@@ -44,7 +44,7 @@ import numpy as np
 
 from engine.knn import Distance, build_index, knn_distances, prepare_rows
 from engine.refine import DEFAULT_MARGIN
-from engine.threads import SizedPool, denormals_kept, use_faiss_threads
+from engine.threads import SizedPool, use_faiss_threads
 
 __all__ = ["AXES", "IndexChoice", "MemorySearch", "RowFilter", "build_search_index", "configure_exact_workers",
            "keep_rows"]
@@ -607,7 +607,7 @@ class _ExactWorkers:
         pool = self._pool.get()
         helpers = [pool.submit(drain) for _ in range(min(self._pool.size, len(items)) - 1)]
         try:
-            with _one_faiss_thread(), denormals_kept():
+            with _one_faiss_thread():
                 results = drain()
         finally:
             # every item is taken: a helper that has not started is called off, not waited for

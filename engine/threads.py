@@ -39,14 +39,13 @@ from __future__ import annotations
 
 import contextvars
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from threading import BoundedSemaphore, Lock, Thread, local
 from typing import TypeVar
 
-__all__ = ["SizedPool", "configure_threads", "denormals_kept", "on_fresh_thread", "run_beside", "run_inference",
-           "usable_cores", "use_faiss_threads"]
+__all__ = ["SizedPool", "configure_threads", "on_fresh_thread", "run_beside", "run_inference", "usable_cores",
+           "use_faiss_threads"]
 
 _T = TypeVar("_T")
 
@@ -183,34 +182,12 @@ _helpers = _Helpers()
 _on_inference_thread = local()
 
 
-_flushing = local()
-
-
 def _flush_denormals() -> None:
     """Denormal floats flushed to zero in this thread (a per-thread processor flag): denormal
     activations made EfficientNet-Lite0 forwards 10-100x slower on x86 (``engine.features``)."""
     import torch
 
     torch.set_flush_denormal(True)
-    _flushing.yes = True
-
-
-@contextmanager
-def denormals_kept() -> Iterator[None]:
-    """Denormals kept (not flushed) in this thread inside the ``with``, flushed again after where
-    the thread flushed them. faiss's exact-search blocks ran 1.67x slower (median over the same
-    blocks) on the inference thread, which flushes, than on a worker, which does not, and 1.01x
-    with the flag off (bottle Lite0 @ 448 px, 65 542 rows, 2-core AVX-512 EPYC)."""
-    if not getattr(_flushing, "yes", False):
-        yield
-        return
-    import torch
-
-    torch.set_flush_denormal(False)
-    try:
-        yield
-    finally:
-        torch.set_flush_denormal(True)
 
 
 def _mark_inference_thread() -> None:

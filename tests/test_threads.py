@@ -213,28 +213,3 @@ def test_fits_and_inferences_from_many_threads_leave_no_openmp_teams_behind(tmp_
             worker.shutdown()
     finally:
         engine.close()
-
-
-def _denormal_survives() -> bool:
-    """Whether a denormal float32 survives a multiplication in this thread (not flushed to zero)."""
-    return bool((torch.tensor([1e-39], dtype=torch.float32) * 1.0).item() != 0.0)
-
-
-def test_denormals_are_kept_inside_the_block_and_flushed_again_after() -> None:
-    """faiss ran slower with flushing on: the exact search keeps denormals for its blocks."""
-    from engine.threads import denormals_kept
-
-    def on_a_flushing_thread() -> tuple[bool, bool, bool]:
-        before = _denormal_survives()
-        with denormals_kept():
-            inside = _denormal_survives()
-        return before, inside, _denormal_survives()
-
-    def on_a_plain_thread() -> tuple[bool, bool]:
-        with denormals_kept():
-            inside = _denormal_survives()
-        return inside, _denormal_survives()
-
-    assert on_fresh_thread(on_a_flushing_thread) == (False, True, False)
-    with ThreadPoolExecutor(1) as pool:                 # a thread that does not flush stays so
-        assert pool.submit(on_a_plain_thread).result() == (True, True)
