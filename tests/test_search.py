@@ -72,6 +72,25 @@ def test_plain_ivf_models_are_searched_exactly_too(bank: np.ndarray, queries: np
     np.testing.assert_allclose(search.exact(queries, reach), truth, rtol=1e-4, atol=1e-4)
 
 
+def test_rows_kept_in_block_order_still_answer_by_memory_row(bank: np.ndarray, queries: np.ndarray) -> None:
+    """The search keeps the rows in its own order; its answers still name and measure the memory's rows."""
+    index, choice = build_search_index(bank, "l2", ivf_min_rows=1000, probe_queries=_clustered(400, 32, 3), axes=16)
+    search = MemorySearch(index, bank, "l2", 1, nprobe=choice.nprobe)
+    rows = np.random.default_rng(5).choice(len(bank), 200, replace=False)
+    approx, _ = search.search(bank[rows])
+    np.testing.assert_allclose(approx, 0.0, atol=1e-3)         # each row finds itself among its candidates
+    distance, ids = search.nearest(queries)
+    truth_sq, truth_ids = faiss.knn(queries, bank, 1)
+    np.testing.assert_array_equal(ids, truth_ids[:, 0])
+    np.testing.assert_allclose(distance, np.sqrt(truth_sq[:, 0]), rtol=1e-4, atol=1e-4)
+
+
+def test_an_index_missing_memory_rows_is_refused(bank: np.ndarray) -> None:
+    index, choice = build_search_index(bank, "l2", ivf_min_rows=1000, probe_queries=_clustered(400, 32, 3), axes=16)
+    with pytest.raises(ValueError, match="ids are not the memory's rows"):
+        MemorySearch(index, bank[:-1], "l2", 1, nprobe=choice.nprobe)
+
+
 def test_small_memories_stay_flat_and_exact(queries: np.ndarray) -> None:
     small = _clustered(500, 32, 5)
     index, choice = build_search_index(small, "l2", ivf_min_rows=1000, probe_queries=queries)
