@@ -6,7 +6,12 @@ model's decision threshold: grey 128 is exactly the threshold, 255 is twice it o
 
 from __future__ import annotations
 
+import itertools
 import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import cv2
 import numpy as np
@@ -14,13 +19,14 @@ from zlib_ng import zlib_ng
 
 from engine.schemas import HeatmapFormat, RawArray
 
-__all__ = ["THRESHOLD_GREY", "encode", "encode_png", "to_uint8"]
+__all__ = ["THRESHOLD_GREY", "Encoding", "encode", "encode_png", "encoding", "to_uint8"]
 
 THRESHOLD_GREY = 128
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _FILTER_UP = 2          # PNG row filter: each byte minus the byte above it (zero above the first row)
+_ZLIB_HEADER = b"\x78\x01"   # deflate, 32 KiB window, fastest level
 
 
 def to_uint8(amap: np.ndarray, scale: float) -> np.ndarray:
@@ -40,21 +46,78 @@ def encode_png(grey: np.ndarray) -> bytes:
     """(H, W) uint8 -> an 8-bit grey PNG.
 
     Rows carry the "up" filter (a smooth map becomes mostly small differences) and go through
-    zlib-ng's deflate at level 1: ~3 ms for a 900 x 900 heatmap (~160 KiB) where OpenCV's
+    zlib-ng's deflate at level 1: ~2-3 ms for a 900 x 900 heatmap (~160-270 KiB) where OpenCV's
     libpng writer took ~9 ms at level 1 (~140 KiB), and ~9 ms even storing it uncompressed
     (2-core EPYC). Any PNG reader gets the same pixels.
     """
+    grey = _checked(grey)
+    return _png(grey.shape, [_deflated(_filtered(grey, 0, len(grey)), last=True)])
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """A heatmap being encoded: ``steps`` may run on different threads, in any order; ``join``
+    takes their outputs, in the order of ``steps``, and gives (PNG bytes, raw array)."""
+
+    steps: tuple[Callable[[], Any], ...]
+    join: Callable[[list[Any]], tuple[bytes | None, RawArray | None]]
+
+
+def encoding(amap: np.ndarray, scale: float, fmt: HeatmapFormat, *, bands: int = 2) -> Encoding:
+    """:func:`encode` cut into steps: a PNG deflates in ``bands`` bands of rows, each its own
+    deflate stream ending on a byte boundary (sync flush), so the streams join into one. Two
+    bands on two threads: ~1.1 ms for a 900 x 900 heatmap against ~1.9 ms in one (+200 bytes)."""
+    if fmt != "png":
+        return Encoding((lambda: encode(amap, scale, fmt),), lambda outputs: outputs[0])
+    if not scale > 0:
+        raise ValueError(f"scale must be positive, got {scale}")
+    height, width = amap.shape
+    cuts = np.linspace(0, height, max(1, min(int(bands), height)) + 1).round().astype(int).tolist()
+
+    def band(start: int, stop: int) -> tuple[np.ndarray, bytes]:
+        above = max(start - 1, 0)             # the "up" filter reads the row above the band
+        grey = to_uint8(amap[above:stop], scale)
+        return _deflated(_filtered(grey, start - above, len(grey)), last=stop == height)
+
+    steps = tuple(partial(band, start, stop) for start, stop in itertools.pairwise(cuts))
+    return Encoding(steps, lambda outputs: (_png((height, width), outputs), None))
+
+
+def _checked(grey: np.ndarray) -> np.ndarray:
     grey = np.ascontiguousarray(grey, dtype=np.uint8)
     if grey.ndim != 2 or grey.size == 0:
         raise ValueError(f"a heatmap is a non-empty (H, W) array, got shape {grey.shape}")
-    height, width = grey.shape
-    rows = np.empty((height, width + 1), dtype=np.uint8)
+    return grey
+
+
+def _filtered(grey: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """Rows ``start:stop`` of ``grey`` as PNG image data: the "up" filter byte, then each byte
+    minus the one above it (modulo 256, as PNG defines it; zero above the first row)."""
+    rows = np.empty((stop - start, grey.shape[1] + 1), dtype=np.uint8)
     rows[:, 0] = _FILTER_UP
-    rows[0, 1:] = grey[0]
-    np.subtract(grey[1:], grey[:-1], out=rows[1:, 1:])              # modulo 256, as PNG defines it
+    if start == 0:
+        rows[0, 1:] = grey[0]
+        np.subtract(grey[1:stop], grey[: stop - 1], out=rows[1:, 1:])
+    else:
+        np.subtract(grey[start:stop], grey[start - 1 : stop - 1], out=rows[:, 1:])
+    return rows
+
+
+def _deflated(rows: np.ndarray, *, last: bool) -> tuple[np.ndarray, bytes]:
+    """The rows and their raw deflate stream, final, or ended by a sync flush for the next one."""
+    deflate = zlib_ng.compressobj(1, zlib_ng.DEFLATED, -15)
+    return rows, deflate.compress(rows) + deflate.flush(zlib_ng.Z_FINISH if last else zlib_ng.Z_SYNC_FLUSH)
+
+
+def _png(shape: tuple[int, int], bands: list[tuple[np.ndarray, bytes]]) -> bytes:
+    """The PNG of image data deflated in consecutive bands (rows, raw deflate)."""
+    height, width = shape
+    adler = 1
+    for rows, _ in bands:
+        adler = zlib_ng.adler32(rows, adler)
+    stream = b"".join([_ZLIB_HEADER, *(deflated for _, deflated in bands), struct.pack(">I", adler)])
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)   # 8-bit grey, deflate, no interlace
-    return b"".join([_PNG_SIGNATURE, _chunk(b"IHDR", header), _chunk(b"IDAT", zlib_ng.compress(rows, 1)),
-                     _chunk(b"IEND", b"")])
+    return b"".join([_PNG_SIGNATURE, _chunk(b"IHDR", header), _chunk(b"IDAT", stream), _chunk(b"IEND", b"")])
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:

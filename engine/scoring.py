@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 import numpy as np
@@ -25,7 +26,7 @@ from engine.models import LoadedModel, ModelKey, ModelRegistry
 from engine.patchcore import score_map
 from engine.regions import find_regions
 from engine.schemas import BatchError, HeatmapFormat, InferBatchItem, InferResult, Region
-from engine.threads import run_beside, run_inference
+from engine.threads import run_inference, run_shared
 from engine.validate import heatmap_format, mm_per_px as check_mm_per_px
 
 __all__ = ["Decoder", "Inspection", "PreparedRoi", "Recorder", "Scorer", "calibration_missing"]
@@ -190,15 +191,19 @@ class Scorer:
                            timings=timings)
         amap, score = scored.amap, scored.score
         scale = threshold if threshold and threshold > 0 else _uncalibrated_scale(manifest, amap)
-        # the heatmap is encoded beside the regions (both only read the map)
-        encoded = run_beside(lambda: _timed(heatmaps.encode, amap, scale, heatmap))
+        # the heatmap is encoded beside the regions (both only read the map); the request's
+        # thread takes the heatmap's steps the helper has not taken once the regions are done
+        encoding = heatmaps.encoding(amap, scale, heatmap)
+        encoded = run_shared([partial(_timed, step) for step in encoding.steps])
         start = time.perf_counter()
         area_thr, regions = self._regions(roi, amap)
         if explain and regions:
             regions = explain_regions(regions, features, scored.patch_scores, roi.size, roi.model.index,
                                       roi.model.origins, manifest)
         timings["regions"] = _ms(start)
-        (png, raw), timings["heatmap"] = encoded()
+        steps = encoded()
+        png, raw = encoding.join([output for output, _ in steps])
+        timings["heatmap"] = round(sum(ms for _, ms in steps), 3)
         timings["total"] = _ms(t0)
         decision = None if threshold is None else ("ng" if regions else "ok")
         key = roi.key

@@ -39,13 +39,13 @@ from __future__ import annotations
 
 import contextvars
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from threading import BoundedSemaphore, Lock, Thread, local
 from typing import TypeVar
 
-__all__ = ["SizedPool", "configure_threads", "on_fresh_thread", "run_beside", "run_inference", "usable_cores",
-           "use_faiss_threads"]
+__all__ = ["SizedPool", "configure_threads", "on_fresh_thread", "run_beside", "run_inference", "run_shared",
+           "usable_cores", "use_faiss_threads"]
 
 _T = TypeVar("_T")
 
@@ -224,3 +224,30 @@ def run_beside(step: Callable[[], _T]) -> Callable[[], _T]:
     ``BACKEND_TORCH_THREADS=1``, or no engine configured them). Returns a function that waits
     for its result (re-raising what ``step`` raised)."""
     return _helpers.start(step)
+
+
+def run_shared(steps: Sequence[Callable[[], _T]]) -> Callable[[], list[_T]]:
+    """Start ``steps`` on an idle helper thread (as :func:`run_beside`), which takes them one
+    after another in order. Returns a function that takes the steps no one has taken yet in the
+    calling thread, waits for the helper's, and gives every result in the order of ``steps``:
+    the caller does its own work in between, then shares what is left."""
+    results: list[_T | None] = [None] * len(steps)
+    positions = iter(range(len(steps)))
+    lock = Lock()
+
+    def drain() -> None:
+        while True:
+            with lock:
+                position = next(positions, -1)
+            if position < 0:
+                return
+            results[position] = steps[position]()
+
+    helped = _helpers.start(drain)
+
+    def finish() -> list[_T]:
+        drain()
+        helped()
+        return results  # type: ignore[return-value]
+
+    return finish

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.heatmap import THRESHOLD_GREY, encode_png, to_uint8
+from engine.heatmap import THRESHOLD_GREY, encode_png, encoding as heatmap_encoding, to_uint8
 from engine.regions import find_regions
 
 MM = 0.1          # mm per pixel
@@ -166,6 +166,27 @@ def test_heatmap_png_decodes_back_to_the_same_array_in_opencv_and_pillow(shape: 
         image.load()
         assert image.mode == "L"
         np.testing.assert_array_equal(np.asarray(image), grey)
+
+
+@pytest.mark.parametrize("bands", [1, 2, 3, 7])
+@pytest.mark.parametrize("shape", [(900, 900), (5, 31), (1, 9)])
+def test_a_heatmap_deflated_in_bands_in_any_order_is_one_png_of_the_same_grey_levels(
+        bands: int, shape: tuple[int, int]) -> None:
+    rng = np.random.default_rng(1)
+    amap = cv2.GaussianBlur(rng.random(shape, dtype=np.float32) * 3.0, (0, 0), 3.0) if min(shape) > 1 \
+        else rng.random(shape, dtype=np.float32) * 3.0
+    encoding = heatmap_encoding(amap, 1.5, "png", bands=bands)
+    assert len(encoding.steps) == min(bands, shape[0])
+    outputs = {i: step() for i, step in reversed(list(enumerate(encoding.steps)))}    # the last band first
+    png, raw = encoding.join([outputs[i] for i in range(len(encoding.steps))])
+    assert raw is None
+    expected = to_uint8(amap, 1.5)
+    np.testing.assert_array_equal(cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED), expected)
+    with Image.open(io.BytesIO(png)) as image:
+        image.load()
+        np.testing.assert_array_equal(np.asarray(image), expected)
+    if bands == 1:
+        assert png == encode_png(expected)
 
 
 def test_heatmap_png_refuses_what_is_not_a_grey_image() -> None:

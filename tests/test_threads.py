@@ -24,7 +24,7 @@ import torch
 from engine.api import Engine
 from engine.knn import build_index, knn_distances
 from engine.settings import Settings
-from engine.threads import _Helpers, configure_threads, on_fresh_thread, run_inference, usable_cores
+from engine.threads import _Helpers, configure_threads, on_fresh_thread, run_inference, run_shared, usable_cores
 from tests.support import part_png
 
 _REQUEST = contextvars.ContextVar("request", default="none")
@@ -105,6 +105,40 @@ def test_a_step_runs_in_the_callers_thread_when_every_helper_is_busy_or_helpers_
     assert helpers.start(lambda: threading.current_thread().name)().startswith("beside")
     helpers.configure(1)
     assert helpers.start(lambda: threading.current_thread().name)() == threading.current_thread().name
+
+
+def test_shared_steps_are_taken_by_a_helper_and_by_the_caller_and_come_back_in_order(
+        restored_threads: None) -> None:
+    configure_threads(2)
+    me = threading.current_thread().name
+    helper_took_one, caller_took_the_rest = threading.Event(), threading.Event()
+
+    def first() -> str:
+        helper_took_one.set()
+        assert caller_took_the_rest.wait(10)       # blocked until the caller has taken the others
+        return threading.current_thread().name
+
+    def last() -> str:
+        caller_took_the_rest.set()
+        return threading.current_thread().name
+
+    finish = run_shared([first, lambda: threading.current_thread().name, last])
+    assert helper_took_one.wait(10)
+    taken = finish()
+    assert taken[0].startswith("beside") and taken[1:] == [me, me]
+
+
+def test_shared_steps_reraise_in_the_caller_and_run_there_when_helpers_are_off(restored_threads: None) -> None:
+    configure_threads(2)
+
+    def fails() -> str:
+        raise ValueError("bad step")
+
+    with pytest.raises(ValueError, match="bad step"):
+        run_shared([fails, fails])()
+    configure_threads(1)
+    me = threading.current_thread().name
+    assert run_shared([lambda: threading.current_thread().name, lambda: "second"])() == [me, "second"]
 
 
 @pytest.mark.parametrize("operator_value", [None, "300000"])
