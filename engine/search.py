@@ -16,11 +16,12 @@ of the true distances, in ``axes + 1`` dimensions instead of D. The memory rows 
   it is never below the exact nearest-neighbour distance (the property ``engine.refine``
   builds on).
 * ``exact``: given a reach (an upper bound of the k-th nearest distance, e.g. ``search``'s),
-  only rows whose coordinate distance is within reach can be closer. The rows are grouped in
-  blocks of neighbouring lists; a block whose ball (centre, largest member distance) stays out
-  of reach is skipped, and in the others one matrix product per block (a reach per query)
-  gives the rows within reach, whose true distances decide. Outlying
-  patches reach many blocks: the blocks of one search are shared out over worker threads.
+  only rows whose coordinate distance is within reach can be closer. A list whose ball (centre,
+  largest member distance) stays out of every query's reach is skipped; the lists are grouped
+  in blocks of neighbouring lists, and one matrix product per block (a reach per query, over
+  the lists of the block some query needs) gives the rows within reach, whose true distances
+  decide. Outlying patches reach many blocks: the blocks of one search are shared out over
+  worker threads.
 
 Measured on bottle features (Lite0, 152 dims, 2-core EPYC): 32 axes keep 94 % of the
 variance. At 65 542 rows (448 px), the patches refinement re-scores in a defective ROI pass the
@@ -32,6 +33,7 @@ way with coordinates equal to the rows; flat indexes are exact and ``exact`` is 
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -53,9 +55,7 @@ AXES = 31                     # principal coordinates of the projected index (pl
 _CANDIDATES = 8               # rows per query whose true distance the approximate search takes
 _MAX_PROBES = 16              # the recall tuning stops here: exactness comes from refinement anyway
 _ROWS_PER_BLOCK = 1024        # memory rows per block of the exact search
-_LIST_COST = 8                # a row compared list by list costs about this many compared by block
-_SHARED_WORK = 2_000_000      # row comparisons of one exact search above which its blocks are shared out
-_BELOW_ZERO = -1e-30          # range-search radius of the lists: faiss keeps inner products strictly above it
+_SHARED_WORK = 500_000        # row comparisons of one exact search above which its blocks are shared out (~0.6 ms)
 _MIN_LISTS, _MAX_LISTS = 16, 4096
 
 
@@ -334,31 +334,28 @@ def _k_smallest(query: np.ndarray, values: np.ndarray, n: int, k: int) -> np.nda
 class _Blocks:
     """The rows of an inverted file regrouped into blocks of neighbouring lists, for exact search.
 
-    Rows are kept at positions in block order: position p is memory row ``ids[p]`` (``position``
-    maps back), and ``bank`` holds the true rows in that order, so the true distances of one
-    block's rows within reach read ~1 000 neighbouring rows instead of rows spread over the whole
-    memory (the pair distances of a 448 px defective ROI's exact step, 660 000 pairs over 65 542
-    rows, one thread: 17.0 -> 12.3 ms). Block b holds positions ``start[b]:start[b + 1]`` inside
-    the ball (``centre[b]``, ``radius[b]``); a query needs a block only if that ball comes within
-    its reach. Each block keeps its rows as the columns of ``(2 w, -|w|^2, 1)``: a query
-    ``(q, 1, r - |q|^2)`` has the inner product ``r - |q - w|^2`` with each, so one matrix product
-    per block and a sign test give exactly the rows within squared reach ``r``, with a different
-    reach per query. numpy's product and ``flatnonzero`` do that ~1.4x faster than faiss's range
-    search over the same rows, whose result collection costs ~3 ns per row compared against ~1 ns
-    for the product (bottle Lite0 @ 448 px, 65 542 rows, one defective ROI's 960 re-scored
-    patches, one thread on the 2-core EPYC: 57-60 -> 40-44 ms; @ 416 px 7.5-8.5 -> 5.4-6.1 ms).
+    Rows are kept at positions in block order, each list's rows together: position p is memory
+    row ``ids[p]`` (``position`` maps back), and ``bank`` holds the true rows in that order, so
+    the true distances of one block's rows within reach read neighbouring rows instead of rows
+    spread over the whole memory (the pair distances of a 448 px defective ROI's exact step,
+    660 000 pairs over 65 542 rows, one thread: 17.0 -> 12.3 ms).
 
-    A query near the memory reaches few lists, but the ball of a block (~1 000 rows) is wide:
-    it would compare every row of each block it touches. Such a query goes list by list
-    instead: ``lists`` holds the same augmented rows in the inverted file's own lists, and faiss's
-    pre-assigned range search scans only the lists whose ball (``list_side``: centre and radius
-    as one matrix) is within reach. That scan goes vector by vector, with no matrix product, so a
-    query goes by lists only when it compares under an eighth of the rows it would by blocks. Outlying queries
-    reach most lists and stay with the blocks. Measured on bottle Lite0 models (2-core EPYC,
-    exact step of the patches refinement re-scores, alternating runs): 224 px, 16 386 rows, good
-    ROI 11-13 -> 4-5 ms; 416 px and 448 px unchanged within noise; a cost factor of 4 made
-    448 px slower (lists of 64 rows lose to blocks queried by hundreds of patches), 16 lost the
-    224 px gain.
+    Each list has a ball (centre, largest member distance, as one matrix ``list_side``): a query
+    needs a list only if its ball comes within the query's reach. Block b holds the lists
+    ``block_lists[b]:block_lists[b + 1]`` (positions ``start[b]:start[b + 1]``); its rows are the
+    columns of ``(2 w, -|w|^2, 1)``, and a query ``(q, 1, r - |q|^2)`` has the inner product
+    ``r - |q - w|^2`` with each, so one matrix product per block and a sign test give exactly the
+    rows within squared reach ``r``, with a different reach per query. The product takes, of the
+    block, only the lists some query of the search needs: all of them when an outlying patch
+    (a defect) reaches the block, a few when only patches near the memory do.
+
+    Measured on bottle Lite0 models (2-core EPYC, one thread, the exact step of the patches one
+    ROI's refinement re-scores), against faiss's range search on whole blocks with the queries
+    near the memory going list by list through faiss's pre-assigned range search: 416 px
+    (8 477 rows) good ROI 4.4-4.6 -> 2.6-2.7 ms, defective 9.6-9.9 -> 9.0; 224 px defective
+    6.1 -> 4.9 ms; 448 px (65 542 rows) defective 60-61 -> 54 ms. numpy's product and
+    ``flatnonzero`` cost ~1 ns per row compared; faiss's range search spent ~3 ns more per row
+    collecting its results, and its list by list scan ~14 ns per row.
     """
 
     columns: tuple[np.ndarray, ...]    # (d + 2, rows of block b) float32 per block: its augmented rows
@@ -367,13 +364,9 @@ class _Blocks:
     position: np.ndarray    # (M,) int64 position of each memory row
     bank: np.ndarray        # (M, D) float32 the true rows, by position
     start: np.ndarray       # (B + 1,) first position of each block
-    centre: np.ndarray      # (B, d) float32
-    radius: np.ndarray      # (B,) float32
-    lists: faiss.IndexIVFFlat          # inner product over the augmented rows in the inverted file's lists; ids:
-                                       # positions
-    list_side: np.ndarray              # (d + 3, L) float32: ball as (-2 centre, -2 radius, |centre|^2 - radius^2, 1)
-    list_mean_size: float              # rows per non-empty list
-    max_norm_sq: float                 # largest |w|^2 of all rows (the lists' rounding slack)
+    list_start: np.ndarray  # (L + 1,) first position of each non-empty list, lists in block order
+    block_lists: np.ndarray  # (B + 1,) first list of each block
+    list_side: np.ndarray   # (d + 3, L) float32: each list's ball as (-2 centre, -2 radius, |centre|^2 - radius^2, 1)
 
     @classmethod
     def of(cls, ivf: faiss.IndexIVFFlat, bank: np.ndarray) -> _Blocks:
@@ -390,75 +383,47 @@ class _Blocks:
             group = kmeans.index.search(centroids, 1)[1][:, 0]
         else:
             group = np.zeros(ivf.nlist, dtype=np.int64)
-        block = group[lists]
-        order = np.argsort(block, kind="stable")
-        coords, ids, block, lists_of_row = coords[order], ids[order], block[order], lists[order]
-        start = np.searchsorted(block, np.arange(count + 1))
+        order = np.lexsort((lists, group[lists]))              # by block, then by list (rows keep their order)
+        coords, ids, lists = coords[order], ids[order], lists[order]
+        _, block = np.unique(group[lists], return_inverse=True)  # blocks without rows are dropped
+        start = np.searchsorted(block, np.arange(block.max() + 2))
+        list_start = np.r_[np.flatnonzero(np.r_[True, lists[1:] != lists[:-1]]), len(lists)]
         sq = np.einsum("nd,nd->n", coords, coords)
         rows = np.concatenate([2.0 * coords, -sq[:, None], np.ones((len(coords), 1), np.float32)], axis=1)
-        centre = np.zeros((count, coords.shape[1]), dtype=np.float32)
-        radius = np.zeros(count, dtype=np.float32)
-        norm_sq = np.zeros(count, dtype=np.float32)
-        columns = []
-        for b in range(count):
-            s, e = start[b], start[b + 1]
-            if e > s:
-                centre[b], radius[b] = _ball(coords[s:e])
-                norm_sq[b] = sq[s:e].max()
-            columns.append(np.ascontiguousarray(rows[s:e].T, dtype=np.float32))
-        positions = np.arange(len(ids), dtype=np.int64)
-        lists, list_centre, list_radius, list_size = _list_index(rows, positions, lists_of_row, ivf.nlist, coords)
-        centre_sq = np.einsum("ld,ld->l", list_centre, list_centre)
-        list_side = np.concatenate([-2.0 * list_centre, -2.0 * list_radius[:, None],
-                                    (centre_sq * (1 - 1e-5) - list_radius * list_radius)[:, None],
-                                    np.ones((len(list_radius), 1), np.float32)], axis=1)
-        empty = list_size == 0                                     # never needed
-        list_side[empty] = 0.0
-        list_side[empty, -2] = 1e30                                # (not inf: no 0 * inf in the product)
-        position = np.empty_like(positions)
-        position[ids] = positions
-        return cls(tuple(columns), norm_sq, ids, position, np.ascontiguousarray(bank[ids]), start, centre, radius,
-                   lists, np.ascontiguousarray(list_side.T, dtype=np.float32), float(list_size[~empty].mean()),
-                   float(sq.max()))
+        columns = tuple(np.ascontiguousarray(rows[s:e].T, dtype=np.float32)
+                        for s, e in itertools.pairwise(start.tolist()))
+        balls = [_ball(coords[s:e]) for s, e in itertools.pairwise(list_start.tolist())]
+        centre = np.stack([c for c, _ in balls]).astype(np.float32)
+        radius = np.array([r for _, r in balls], dtype=np.float32)
+        centre_sq = np.einsum("ld,ld->l", centre, centre)
+        list_side = np.concatenate([-2.0 * centre, -2.0 * radius[:, None],
+                                    (centre_sq * (1 - 1e-5) - radius * radius)[:, None],
+                                    np.ones((len(radius), 1), np.float32)], axis=1)
+        position = np.empty_like(ids)
+        position[ids] = np.arange(len(ids))
+        return cls(columns, np.maximum.reduceat(sq, start[:-1]), ids, position, np.ascontiguousarray(bank[ids]),
+                   start, list_start, np.searchsorted(list_start, start), np.ascontiguousarray(list_side.T))
 
-    def _routes(self, q: np.ndarray, q_sq: np.ndarray,
-                reach_sq: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """For coordinates ``q`` (Q, d): the blocks (Q, B) and the lists (Q, L) each query must
-        search, the rows the lists would cost (Q,) in block-row units, and which queries go list
-        by list (Q,) (their blocks are cleared)."""
-        gap = np.sqrt(np.maximum(q_sq[:, None] + np.einsum("bd,bd->b", self.centre, self.centre)[None, :]
-                                 - 2.0 * (q @ self.centre.T), 0.0)) - self.radius[None, :]      # Q B
+    def _lists_needed(self, q: np.ndarray, q_sq: np.ndarray, reach_sq: np.ndarray) -> np.ndarray:
+        """(Q, L) bool: the lists whose ball comes within each query's reach, ``|q - c| <= reach + r``,
+        squared and in one product: (q, w, 1, |q|^2 - w^2) . (-2c, -2r, |c|^2 - r^2, 1) <= 0."""
         # rounding slack of |q|^2 + |c|^2 - 2 q.c in float32, relative to the norms
         within = np.sqrt(reach_sq) + 1e-3 * np.sqrt(q_sq) + 1e-4                               # Q
-        need = gap <= within[:, None]                                                         # Q B
-        # the same test for the lists, |q - c| <= within + r, squared and in one product:
-        # (q, w, 1, |q|^2 - w^2) . (-2c, -2r, |c|^2 - r^2, 1) <= 0, rounding slack on the norms
         query_side = np.concatenate([q, within[:, None], np.ones((len(q), 1), np.float32),
                                      (q_sq * (1 - 1e-5) - within * within)[:, None]], axis=1)    # Q d+3
-        list_need = query_side @ self.list_side <= 0.0                                         # Q L
-        # each query goes the cheaper way: list by list, or by whole blocks
-        list_work = np.count_nonzero(list_need, axis=1) * (self.list_mean_size * _LIST_COST)   # Q
-        by_list = list_work < need @ np.diff(self.start).astype(np.float64)                   # Q
-        need[by_list] = False
-        return need, list_need, list_work, by_list
+        return query_side @ self.list_side <= 0.0
 
-    def _by_lists(self, who: np.ndarray, list_need: np.ndarray, q: np.ndarray, q_sq: np.ndarray,
-                  reach_sq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Pairs (query, position) within reach for the queries ``who``, from their lists."""
-        row, found_list = np.nonzero(list_need[who])                                         # grouped by row
-        width = max(1, int(np.bincount(row, minlength=len(who)).max(initial=0)))
-        keys = np.full((len(who), width), -1, dtype=np.int64)                                 # -1: no list
-        keys[row, np.arange(len(row)) - np.searchsorted(row, row)] = found_list
-        limit = reach_sq[who] + 1e-5 * (q_sq[who] + self.max_norm_sq)
-        augmented = np.ascontiguousarray(np.concatenate(
-            [q[who], np.ones((len(who), 1), np.float32), (limit - q_sq[who])[:, None]], axis=1), np.float32)
-        result = faiss.RangeSearchResult(len(who))
-        self.lists.range_search_preassigned_c(
-            len(who), faiss.swig_ptr(augmented), _BELOW_ZERO, faiss.swig_ptr(keys),
-            faiss.swig_ptr(np.zeros(keys.shape, np.float32)), result, False, faiss.SearchParametersIVF(nprobe=width))
-        lims = faiss.rev_swig_ptr(result.lims, len(who) + 1).copy()
-        rows = faiss.rev_swig_ptr(result.labels, int(lims[-1])).copy().astype(np.int64)
-        return np.repeat(who, np.diff(lims).astype(np.int64)), rows
+    def _columns(self, block: int, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Block ``block``'s augmented rows of the lists ``wanted`` (L,) bool, and their positions
+        (None: the whole block, from ``start[block]`` on)."""
+        first, end = self.block_lists[block], self.block_lists[block + 1]
+        taken = first + np.flatnonzero(wanted[first:end])
+        if len(taken) == end - first:
+            return self.columns[block], None
+        sizes = self.list_start[taken + 1] - self.list_start[taken]
+        # the positions of the taken lists' rows, list after list
+        positions = np.repeat(self.list_start[taken] - np.cumsum(sizes) + sizes, sizes) + np.arange(sizes.sum())
+        return self.columns[block][:, positions - self.start[block]], positions
 
     def nearest(self, x: np.ndarray, coords: np.ndarray, reach_sq: np.ndarray, k: int,
                 allowed: np.ndarray | None) -> np.ndarray:
@@ -471,59 +436,37 @@ class _Blocks:
         q = np.ascontiguousarray(coords, dtype=np.float32)
         q_sq = np.einsum("qd,qd->q", q, q)
         shown = allowed[self.ids] if allowed is not None else None                  # by position
-        need, list_need, list_work, by_list = self._routes(q, q_sq, reach_sq)
+        lists = self._lists_needed(q, q_sq, reach_sq)                                          # Q L
+        wanted = lists.any(0)                                                                 # L
+        need = np.logical_or.reduceat(lists, self.block_lists[:-1], axis=1)                    # Q B
         blocks = np.flatnonzero(need.any(0))
-        # rows compared per block, largest first: the workers' shares are balanced greedily
-        work = need[:, blocks].sum(0) * np.diff(self.start)[blocks]
-        items, costs = blocks.tolist(), work.astype(np.float64)
-        # the queries that go list by list, in a few shares of about equal work (-1 - share)
-        routed = np.flatnonzero(by_list)
-        shares = np.array_split(routed, _share_ends(list_work[routed], _LIST_SHARES))
-        for i, share in enumerate(shares):
-            if share.size:
-                items.append(-1 - i)
-                costs = np.append(costs, float(list_work[share].sum()))
-        order = np.argsort(-costs, kind="stable")
+        # rows compared per block, largest first: the workers take them in turn
+        sizes = np.diff(self.list_start) * wanted
+        work = need[:, blocks].sum(0) * np.add.reduceat(sizes, self.block_lists[:-1])[blocks]
+        order = np.argsort(-work, kind="stable")
 
         def search(block: int) -> tuple[np.ndarray, np.ndarray]:
-            if block < 0:
-                return finish(*self._by_lists(shares[-1 - block], list_need, q, q_sq, reach_sq))
             who = np.flatnonzero(need[:, block])
+            columns, positions = self._columns(block, wanted)
             # rounding slack of the inner product in float32, relative to the norms
             limit = reach_sq[who] + 1e-5 * (q_sq[who] + self.norm_sq[block])
             augmented = np.concatenate([q[who], np.ones((len(who), 1), np.float32),
                                         (limit - q_sq[who])[:, None]], axis=1)            # n d+2
-            columns = self.columns[block]
             within = np.flatnonzero(augmented @ columns >= 0.0)                            # row-major: by query
             query, found = np.divmod(within, columns.shape[1])
-            return finish(who[query], self.start[block] + found)
-
-        def finish(query: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            """True distances of the pairs (query, position) found within reach."""
+            rows = self.start[block] + found if positions is None else positions[found]
             if shown is not None:
                 keep = shown[rows]
                 query, rows = query[keep], rows[keep]
-            true_sq = _pair_sq(x, self.bank, query, rows)
+            true_sq = _pair_sq(x, self.bank, who[query], rows)
             # k = 1 (the usual case) keeps one pair per query here; k > 1 leaves it to _k_smallest
-            return _nearest_per_query(query, true_sq) if k == 1 else (query.astype(np.int64), true_sq)
+            return _nearest_per_query(who[query], true_sq) if k == 1 else (who[query].astype(np.int64), true_sq)
 
-        parts = _exact_workers.map_balanced(search, [items[i] for i in order], costs[order])
+        parts = _exact_workers.map_balanced(search, blocks[order].tolist(), work[order].astype(np.float64))
         if not parts:
             return np.full((len(x), k), np.inf, dtype=np.float32)
         query = np.concatenate([part[0] for part in parts])
         return _k_smallest(query, np.concatenate([part[1] for part in parts]), len(x), k)
-
-
-_LIST_SHARES = 4       # tasks the queries that go list by list are split into (for the workers' balance)
-
-
-def _share_ends(work: np.ndarray, shares: int) -> np.ndarray:
-    """Split points of a sequence with per-item ``work`` into ``shares`` parts of about equal
-    total work (for ``np.array_split``)."""
-    total = np.cumsum(work)
-    if total.size == 0 or total[-1] <= 0:
-        return np.zeros(0, dtype=np.int64)
-    return np.unique(np.searchsorted(total, total[-1] * np.arange(1, shares) / shares))
 
 
 def _ball(points: np.ndarray) -> tuple[np.ndarray, float]:
@@ -531,30 +474,6 @@ def _ball(points: np.ndarray) -> tuple[np.ndarray, float]:
     centre = points.mean(0)
     offset = points - centre
     return centre, math.sqrt(float(np.einsum("nd,nd->n", offset, offset).max()))
-
-
-def _list_index(rows: np.ndarray, ids: np.ndarray, list_of_row: np.ndarray, nlist: int,
-                coords: np.ndarray) -> tuple[faiss.IndexIVFFlat, np.ndarray, np.ndarray, np.ndarray]:
-    """The augmented rows (M, d + 2) in an inner-product inverted file with the given lists (its
-    quantizer is never used: searches are pre-assigned), and each list's centre, radius and size."""
-    dim = coords.shape[1]
-    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(rows.shape[1]), rows.shape[1], nlist, faiss.METRIC_INNER_PRODUCT)
-    _keep_alive(index, index.quantizer)
-    index.is_trained = True
-    centre = np.zeros((nlist, dim), dtype=np.float32)
-    radius = np.zeros(nlist, dtype=np.float32)
-    size = np.bincount(list_of_row, minlength=nlist).astype(np.float64)
-    order = np.argsort(list_of_row, kind="stable")
-    start = np.searchsorted(list_of_row[order], np.arange(nlist + 1))
-    for lst in np.flatnonzero(size):
-        members = order[start[lst] : start[lst + 1]]
-        centre[lst], radius[lst] = _ball(coords[members])
-        codes = np.ascontiguousarray(rows[members], dtype=np.float32)
-        member_ids = np.ascontiguousarray(ids[members], dtype=np.int64)
-        index.invlists.add_entries(int(lst), len(members), faiss.swig_ptr(member_ids),
-                                   faiss.swig_ptr(codes.view(np.uint8)))
-    index.ntotal = len(rows)
-    return index, centre, radius, size
 
 
 def _pair_sq(x: np.ndarray, bank: np.ndarray, query: np.ndarray, rows: np.ndarray) -> np.ndarray:

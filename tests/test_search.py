@@ -112,36 +112,34 @@ def test_probe_count_reaches_the_recall_target_on_held_out_rows(bank: np.ndarray
     assert choice.recall >= 0.9 or choice.nprobe == min(choice.nlist, 16)
 
 
-@pytest.mark.parametrize(("list_cost", "routed"), [(0.0, "all"), (1e9, "none"), (None, "some")])
 @pytest.mark.parametrize("k", [1, 3])
-def test_queries_go_list_by_list_or_by_blocks_with_the_same_exact_result(
-    bank: np.ndarray, queries: np.ndarray, k: int, list_cost: float | None, routed: str,
-    monkeypatch: pytest.MonkeyPatch,
+def test_a_block_compares_only_the_lists_its_queries_need_with_the_same_exact_result(
+    bank: np.ndarray, queries: np.ndarray, k: int, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Every query forced list by list, every one by blocks, and the engine's own mix (queries
-    near the memory by lists, outliers by blocks) all give brute force's distances."""
-    if list_cost is not None:
-        monkeypatch.setattr(engine.search, "_LIST_COST", list_cost)
-    counted: list[int] = []
-    split = engine.search._share_ends
-    monkeypatch.setattr(engine.search, "_share_ends",
-                        lambda work, shares: (counted.append(len(work)), split(work, shares))[1])
+    """Patches near the memory need a few lists of a block, outliers all of them: the product
+    over the lists needed gives brute force's distances either way, with and without a filter."""
+    taken: list[bool] = []                                   # per block searched: the whole block?
+    columns = engine.search._Blocks._columns
+
+    def recorded(blocks: object, block: int, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        out = columns(blocks, block, wanted)                  # type: ignore[arg-type]
+        taken.append(out[1] is None)
+        return out
+
+    monkeypatch.setattr(engine.search._Blocks, "_columns", recorded)
     index, choice = build_search_index(bank, "l2", ivf_min_rows=1000, probe_queries=_clustered(400, 32, 3), axes=16)
     search = MemorySearch(index, bank, "l2", k, nprobe=choice.nprobe)
     allowed = np.random.default_rng(8).random(len(bank)) < 0.6
-    _, reach = search.search(queries)
-    _, reach_allowed = search.search(queries, keep_rows(allowed))
-    np.testing.assert_allclose(search.exact(queries, reach), knn_distances(build_index(bank, "l2"), queries, "l2", k),
-                               rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(search.exact(queries, reach_allowed, keep_rows(allowed)),
-                               knn_distances(build_index(bank[allowed], "l2"), queries, "l2", k), rtol=1e-4, atol=1e-4)
-    by_list = counted[0]
-    if routed == "all":
-        assert by_list == len(queries)
-    elif routed == "none":
-        assert by_list == 0
-    else:
-        assert 0 < by_list < len(queries)
+    for group, whole in ((queries[100:104], False), (queries[:100], True)):   # a few near the memory, outliers
+        taken.clear()
+        _, reach = search.search(group)
+        _, reach_allowed = search.search(group, keep_rows(allowed))
+        np.testing.assert_allclose(search.exact(group, reach), knn_distances(build_index(bank, "l2"), group, "l2", k),
+                                   rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(search.exact(group, reach_allowed, keep_rows(allowed)),
+                                   knn_distances(build_index(bank[allowed], "l2"), group, "l2", k),
+                                   rtol=1e-4, atol=1e-4)
+        assert taken and (any(taken) if whole else not all(taken))
 
 
 @pytest.fixture
