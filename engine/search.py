@@ -500,8 +500,8 @@ _R = TypeVar("_R")
 
 
 class _ExactWorkers:
-    """Threads that share out the blocks of one exact search, each running faiss (the list by
-    list scans) on one thread; BLAS (the blocks' products) runs on one thread everywhere.
+    """Threads that share out the blocks of one exact search, each running faiss (the pair
+    distances) on one thread; BLAS (the blocks' products) runs on one thread everywhere.
 
     OpenMP thread counts are per thread, so a worker's single-thread setting leaves the request
     threads alone. Blocks as the parallel grain beat faiss's own threads on one block at a time
