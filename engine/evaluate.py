@@ -444,7 +444,8 @@ def format_auto_recipe(auto: dict[str, Any]) -> str:
 
 def _quiet_logs(verbose: bool) -> None:
     # the engine logs one structlog line per infer; structlog's default prints to stdout, which
-    # would mix with --json output. Only this command-line entry point touches logging.
+    # would mix with --json output: warnings (a drift alarm on the defective test images) go to
+    # stderr too. Only this command-line entry point touches logging.
     import structlog
 
     if verbose:
@@ -452,7 +453,8 @@ def _quiet_logs(verbose: bool) -> None:
 
         configure_logging("INFO", json_lines=False)   # stderr
     else:
-        structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+        structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+                            logger_factory=structlog.PrintLoggerFactory(sys.stderr))
         logging.getLogger("engine").setLevel(logging.WARNING)
 
 

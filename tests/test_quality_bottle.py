@@ -7,11 +7,27 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import structlog
 
+import engine.evaluate
 from engine.backbones import DEFAULT_INPUT_SIZE
 from engine.evaluate import evaluate, list_test, list_train
 from engine.metrics import auroc
 from engine.settings import Settings
+
+
+def test_evaluate_keeps_stdout_for_its_report_even_for_warnings(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--json`` output stays parseable: the engine's warnings (a drift alarm) go to stderr."""
+    before = structlog.get_config()
+    try:
+        engine.evaluate._quiet_logs(verbose=False)
+        structlog.get_logger("engine.drift").warning("drift_state_changed", state="alarm")
+        structlog.get_logger("engine.scoring").info("infer")
+        out, err = capsys.readouterr()
+        assert out == ""
+        assert "drift_state_changed" in err and "infer" not in err
+    finally:
+        structlog.configure(**before)
 
 
 def test_auroc_counts_ties_as_half() -> None:
