@@ -15,13 +15,14 @@ patches feed which pixels).
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from collections.abc import Callable, Sequence
+from functools import lru_cache, partial
 
 import cv2
 import numpy as np
 
-__all__ = ["add_patch_change", "anomaly_map", "axis_weights", "masked_percentile", "patch_support",
-           "percentile_if_above"]
+__all__ = ["Steps", "add_patch_change", "anomaly_map", "axis_weights", "in_turn", "masked_percentile",
+           "patch_support", "percentile_if_above"]
 
 
 def _kernel_size(sigma: float) -> int:
@@ -45,19 +46,40 @@ def axis_weights(size: int, cells: int, sigma: float) -> np.ndarray:
     return weights
 
 
-def anomaly_map(patch_scores: np.ndarray, height: int, width: int, sigma: float) -> np.ndarray:
-    """(h, w) patch distances -> (height, width) float32 map: bilinear upsample, Gaussian blur."""
+# runs the given steps, in any order and possibly on several threads, and returns once all are done
+Steps = Callable[[Sequence[Callable[[], object]]], object]
+
+
+def in_turn(steps: Sequence[Callable[[], object]]) -> None:
+    """The plain :data:`Steps` runner: one after another in the calling thread."""
+    for step in steps:
+        step()
+
+
+def anomaly_map(patch_scores: np.ndarray, height: int, width: int, sigma: float, *,
+                run: Steps = in_turn) -> np.ndarray:
+    """(h, w) patch distances -> (height, width) float32 map: bilinear upsample, Gaussian blur.
+
+    The second (larger) product goes in two bands of rows through ``run``, which may put them
+    on two threads."""
     scores = np.ascontiguousarray(patch_scores, dtype=np.float32)
     h, w = scores.shape
-    rows = axis_weights(height, h, float(sigma))                                 # H h
+    left = axis_weights(height, h, float(sigma)) @ scores                        # H w
     cols = axis_weights(width, w, float(sigma))                                  # W w
-    return (rows @ scores) @ cols.T                                              # H W
+    amap = np.empty((height, width), dtype=np.float32)
+    run([partial(np.matmul, left[start:stop], cols.T, out=amap[start:stop]) for start, stop in _halves(0, height)])
+    return amap
 
 
-def add_patch_change(amap: np.ndarray, change: np.ndarray, sigma: float) -> None:
+def _halves(start: int, stop: int) -> list[tuple[int, int]]:
+    middle = (start + stop) // 2
+    return [(start, middle), (middle, stop)] if start < middle < stop else [(start, stop)]
+
+
+def add_patch_change(amap: np.ndarray, change: np.ndarray, sigma: float, *, run: Steps = in_turn) -> None:
     """``amap`` (H, W) += the map of ``change`` (h, w), in place: the map is linear, so a few
     changed patches update only the pixels they feed (equal to a full recomputation up to float
-    rounding)."""
+    rounding). Two bands of rows through ``run``, as in :func:`anomaly_map`."""
     height, width = amap.shape
     h, w = change.shape
     rows, cols = np.flatnonzero(change.any(axis=1)), np.flatnonzero(change.any(axis=0))
@@ -70,8 +92,12 @@ def add_patch_change(amap: np.ndarray, change: np.ndarray, sigma: float) -> None
     x0, x1 = int(x_first[c0:c1].min()), int(x_last[c0:c1].max())
     weights_y = axis_weights(height, h, float(sigma))[y0:y1, r0:r1]
     weights_x = axis_weights(width, w, float(sigma))[x0:x1, c0:c1]
-    part = np.ascontiguousarray(change[r0:r1, c0:c1], dtype=np.float32)
-    amap[y0:y1, x0:x1] += (weights_y @ part) @ weights_x.T
+    left = weights_y @ np.ascontiguousarray(change[r0:r1, c0:c1], dtype=np.float32)            # y1-y0 c
+
+    def add(start: int, stop: int) -> None:
+        amap[start:stop, x0:x1] += left[start - y0 : stop - y0] @ weights_x.T
+
+    run([partial(add, start, stop) for start, stop in _halves(y0, y1)])
 
 
 @lru_cache(maxsize=64)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import faiss
@@ -15,6 +15,7 @@ from engine.coreset import CoresetRule, greedy_coreset
 from engine.knn import Distance, TorchBank, build_index
 from engine.refine import DEFAULT_MARGIN, RefinedMap, margin_for, refine_map
 from engine.search import IndexChoice, MemorySearch, RowFilter, build_search_index, keep_rows
+from engine.threads import run_shared
 
 __all__ = ["Memory", "MemorySearch", "build_memory", "leave_out_scores", "patch_origins", "score_map", "searcher"]
 
@@ -111,7 +112,7 @@ def score_map(
             patches, reach = search.search(flat, only)
     start = time.perf_counter()
     if isinstance(search, TorchBank) or not search.approximate:
-        amap = anomaly_map(patches.reshape(h, w), height, width, sigma)
+        amap = anomaly_map(patches.reshape(h, w), height, width, sigma, run=_beside)
         score = masked_percentile(amap, mask, percentile)
         scored = RefinedMap(amap, score, patches.reshape(h, w), float("-inf"), 0, 0, score)
     else:
@@ -120,12 +121,18 @@ def score_map(
                 return search.exact(flat[indices], reach[indices], only)
 
         scored = refine_map(patches.reshape(h, w), exact, height, width, sigma, mask, percentile, threshold,
-                            margin=search.margin)
+                            margin=search.margin, run=_beside)
     if timings is not None:
         spent = clock.seconds * 1000.0
         timings["knn"] = round(spent, 3)
         timings["map"] = round((time.perf_counter() - start) * 1000.0 - (spent - clock.first * 1000.0), 3)
     return scored
+
+
+def _beside(steps: Sequence[Callable[[], object]]) -> None:
+    """The map products' bands of rows: one on an idle helper thread, the others in the calling
+    thread (all here when no helper is idle)."""
+    run_shared(steps)()
 
 
 class _Clock:

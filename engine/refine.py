@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.anomaly_map import add_patch_change, anomaly_map, patch_support, percentile_if_above
+from engine.anomaly_map import Steps, add_patch_change, anomaly_map, in_turn, patch_support, percentile_if_above
 
 __all__ = ["DEFAULT_MARGIN", "ExactDistances", "RefinedMap", "margin_for", "refine_map"]
 
@@ -75,7 +75,7 @@ class RefinedMap:
 
 def refine_map(
     approx: np.ndarray, exact: ExactDistances, height: int, width: int, sigma: float, mask: np.ndarray | None,
-    percentile: float, threshold: float | None = None, *, margin: float = DEFAULT_MARGIN,
+    percentile: float, threshold: float | None = None, *, margin: float = DEFAULT_MARGIN, run: Steps = in_turn,
 ) -> RefinedMap:
     """Map, score and regions-relevant pixels equal to exact search's, from approximate distances.
 
@@ -87,12 +87,13 @@ def refine_map(
         percentile: the image score's percentile (0..100).
         threshold: the decision threshold; None when uncalibrated (the score level only).
         margin: relative gap between the first level and min(threshold, approximate score).
+        run: runs the map products' bands (``engine.anomaly_map.Steps``), e.g. on two threads.
     """
     if not 0.0 <= margin < 1.0:
         raise ValueError(f"margin must be in [0, 1), got {margin}")
     scores = np.array(approx, dtype=np.float32)                                 # h w
     done = np.zeros(scores.shape, dtype=bool)                                   # h w
-    amap = anomaly_map(scores, height, width, sigma)                            # H W
+    amap = anomaly_map(scores, height, width, sigma, run=run)                   # H W
     estimate = _estimate(amap, mask, percentile)
     level = _cap(estimate, threshold, margin)
     rounds = 0
@@ -109,7 +110,7 @@ def refine_map(
             change.flat[flat] = fresh - scores.flat[flat]
             scores.flat[flat] = fresh
             done |= need
-            add_patch_change(amap, change, sigma)
+            add_patch_change(amap, change, sigma, run=run)
         score = percentile_if_above(amap, mask, percentile, level)
         if score is not None:
             return RefinedMap(amap, score, scores, level, int(done.sum()), rounds, estimate)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
 import cv2
 import numpy as np
 import pytest
@@ -101,3 +104,22 @@ def test_a_patch_change_updates_the_map_as_a_recomputation_does(cells: list[tupl
         change[row, col] = -rng.uniform(0.1, 1.0)
     add_patch_change(amap, change, 4.0)
     np.testing.assert_allclose(amap, anomaly_map(scores + change, 300, 451, 4.0), rtol=1e-5, atol=1e-6)
+
+
+def _on_threads(steps: Sequence[Callable[[], object]]) -> None:
+    """A runner as the engine's: the bands on two threads at once, the last one first."""
+    with ThreadPoolExecutor(2) as pool:
+        for future in [pool.submit(step) for step in reversed(steps)]:
+            future.result()
+
+
+@pytest.mark.parametrize(("height", "width"), [(900, 900), (301, 451), (1, 37), (2, 2)])
+def test_the_map_and_its_updates_are_the_same_in_bands_on_two_threads(height: int, width: int) -> None:
+    rng = np.random.default_rng(9)
+    scores = rng.uniform(0.0, 2.0, (28, 28)).astype(np.float32)
+    amap = anomaly_map(scores, height, width, 4.0, run=_on_threads)
+    np.testing.assert_allclose(amap, anomaly_map(scores, height, width, 4.0), rtol=1e-6, atol=1e-7)
+    change = np.zeros_like(scores)
+    change[5:9, 3:20] = -rng.uniform(0.1, 1.0, (4, 17)).astype(np.float32)
+    add_patch_change(amap, change, 4.0, run=_on_threads)
+    np.testing.assert_allclose(amap, anomaly_map(scores + change, height, width, 4.0), rtol=1e-5, atol=1e-6)
