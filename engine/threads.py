@@ -41,7 +41,7 @@ import contextvars
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from threading import BoundedSemaphore, Lock, Thread, local
+from threading import Barrier, BoundedSemaphore, Lock, Thread, local
 from typing import TypeVar
 
 __all__ = ["SizedPool", "configure_threads", "on_fresh_thread", "run_beside", "run_inference", "run_shared",
@@ -108,10 +108,12 @@ def on_fresh_thread(fn: Callable[[], _T]) -> _T:
 
 
 class SizedPool:
-    """A thread pool of a configured size, started on first use.
+    """A thread pool of a configured size, all its threads started on first use.
 
-    A new size takes a new pool. The old one is dropped, not shut down: work that holds it
-    finishes there, and its idle threads end when it is collected.
+    A ThreadPoolExecutor starts a thread per submission while none is idle; started all at
+    once, no thread is created while a request waits on the pool (and the process's thread
+    count stays put). A new size takes a new pool. The old one is dropped, not shut down: work
+    that holds it finishes there, and its idle threads end when it is collected.
     """
 
     def __init__(self, name: str, size: int, initializer: Callable[..., object] | None = None,
@@ -136,8 +138,13 @@ class SizedPool:
     def get(self) -> ThreadPoolExecutor:
         with self._lock:
             if self._pool is None:
-                self._pool = ThreadPoolExecutor(max(1, self._size), thread_name_prefix=self._name,
-                                                initializer=self._initializer, initargs=self._initargs)
+                count = max(1, self._size)
+                pool = ThreadPoolExecutor(count, thread_name_prefix=self._name, initializer=self._initializer,
+                                          initargs=self._initargs)
+                started = Barrier(count)          # each thread holds one wait until all are started
+                for wait in [pool.submit(started.wait, 30.0) for _ in range(count)]:
+                    wait.result()
+                self._pool = pool
             return self._pool
 
 
@@ -175,6 +182,34 @@ class _Helpers:
                 idle.release()
         result = step()
         return lambda: result
+
+    def share(self, drain: Callable[[], None]) -> Callable[[], None]:
+        """Start ``drain`` on an idle helper, if one is. Returns a function that waits for it, or
+        calls it off when it has not started yet: a drain only takes work the caller takes
+        otherwise, so a helper slow to wake from idle costs nothing."""
+        idle = self._idle
+        if self._pool.size < 2 or not idle.acquire(blocking=False):
+            return lambda: None
+
+        def run() -> None:
+            try:
+                drain()
+            finally:
+                idle.release()
+
+        try:
+            future = self._pool.get().submit(run)
+        except RuntimeError:                 # the pool is gone (interpreter shutting down)
+            idle.release()
+            return lambda: None
+
+        def wait() -> None:
+            if future.cancel():
+                idle.release()
+            else:
+                future.result()
+
+        return wait
 
 
 _helpers = _Helpers()
@@ -229,8 +264,9 @@ def run_beside(step: Callable[[], _T]) -> Callable[[], _T]:
 def run_shared(steps: Sequence[Callable[[], _T]]) -> Callable[[], list[_T]]:
     """Start ``steps`` on an idle helper thread (as :func:`run_beside`), which takes them one
     after another in order. Returns a function that takes the steps no one has taken yet in the
-    calling thread, waits for the helper's, and gives every result in the order of ``steps``:
-    the caller does its own work in between, then shares what is left."""
+    calling thread, waits for the helper's (or calls the helper off if it has not started), and
+    gives every result in the order of ``steps``: the caller does its own work in between, then
+    shares what is left. Without an idle helper every step runs in that function."""
     results: list[_T | None] = [None] * len(steps)
     positions = iter(range(len(steps)))
     lock = Lock()
@@ -243,7 +279,7 @@ def run_shared(steps: Sequence[Callable[[], _T]]) -> Callable[[], list[_T]]:
                 return
             results[position] = steps[position]()
 
-    helped = _helpers.start(drain)
+    helped = _helpers.share(drain)
 
     def finish() -> list[_T]:
         drain()

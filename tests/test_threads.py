@@ -24,7 +24,15 @@ import torch
 from engine.api import Engine
 from engine.knn import build_index, knn_distances
 from engine.settings import Settings
-from engine.threads import _Helpers, configure_threads, on_fresh_thread, run_inference, run_shared, usable_cores
+from engine.threads import (
+    SizedPool,
+    _Helpers,
+    configure_threads,
+    on_fresh_thread,
+    run_inference,
+    run_shared,
+    usable_cores,
+)
 from tests.support import part_png
 
 _REQUEST = contextvars.ContextVar("request", default="none")
@@ -139,6 +147,34 @@ def test_shared_steps_reraise_in_the_caller_and_run_there_when_helpers_are_off(r
     configure_threads(1)
     me = threading.current_thread().name
     assert run_shared([lambda: threading.current_thread().name, lambda: "second"])() == [me, "second"]
+
+
+def test_a_helper_that_has_not_started_is_called_off_and_its_slot_freed() -> None:
+    """A shared drain only takes work the caller would take: when the helper is slow to start,
+    the caller does it all and does not wait for the helper to wake."""
+    helpers = _Helpers()
+    helpers.configure(2)
+    release = threading.Event()
+    blockers = [helpers._pool.get().submit(release.wait, 10) for _ in range(2)]   # both threads held
+    ran: list[str] = []
+    try:
+        wait = helpers.share(lambda: ran.append(threading.current_thread().name))
+        wait()                                     # called off: returns while both threads are held
+        assert ran == [] and not any(blocker.done() for blocker in blockers)
+    finally:
+        release.set()
+    assert all(blocker.result() for blocker in blockers)
+    both = threading.Barrier(3)
+    names = [helpers.start(lambda: (both.wait(10), threading.current_thread().name)[1]) for _ in range(2)]
+    both.wait(10)                                  # both slots were free again: two steps at once
+    assert all(wait().startswith("beside") for wait in names)
+
+
+def test_a_sized_pool_starts_all_its_threads_at_once() -> None:
+    pool = SizedPool("started-at-once", 3)
+    executor = pool.get()
+    assert sum(t.name.startswith("started-at-once") for t in threading.enumerate()) == 3
+    executor.shutdown()
 
 
 @pytest.mark.parametrize("operator_value", [None, "300000"])
