@@ -38,7 +38,7 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from threading import Lock
+from functools import partial
 from typing import Literal, TypeVar
 
 import faiss
@@ -46,7 +46,7 @@ import numpy as np
 
 from engine.knn import Distance, build_index, knn_distances, prepare_rows
 from engine.refine import DEFAULT_MARGIN
-from engine.threads import SizedPool, use_faiss_threads
+from engine.threads import InTurn, SizedPool, use_faiss_threads
 
 __all__ = ["AXES", "IndexChoice", "MemorySearch", "RowFilter", "build_search_index", "configure_exact_workers",
            "keep_rows"]
@@ -520,34 +520,25 @@ class _ExactWorkers:
     def map_balanced(self, fn: Callable[[_T], _R], items: Sequence[_T], costs: np.ndarray) -> list[_R]:
         """``fn`` over ``items`` (sorted by ``costs``, largest first): inline when there is little
         work, else taken in turn by the caller and the workers, each taking the next item when it
-        is free; results in no particular order.
+        is free (``engine.threads.InTurn``); results in the order of ``items``.
 
         Taken in turn rather than dealt out beforehand: a worker that starts late (its core just
         woke from idle) then costs only the items it did not take, where a dealt-out share made
         the whole search wait for it, and one that has not started by the end is not waited for."""
         if self._pool.size == 1 or len(items) < 2 or float(np.sum(costs)) < _SHARED_WORK:
             return [fn(item) for item in items]
-        positions = iter(range(len(items)))
-        lock = Lock()
-
-        def drain() -> list[_R]:
-            done = []
-            while True:
-                with lock:
-                    position = next(positions, -1)
-                if position < 0:
-                    return done
-                done.append(fn(items[position]))
-
+        turns = InTurn([partial(fn, item) for item in items])
         pool = self._pool.get()
-        helpers = [pool.submit(drain) for _ in range(min(self._pool.size, len(items)) - 1)]
+        helpers = [pool.submit(turns.drain) for _ in range(min(self._pool.size, len(items)) - 1)]
         try:
             with _one_faiss_thread():
-                results = drain()
+                turns.drain()
         finally:
             # every item is taken: a helper that has not started is called off, not waited for
-            helped = [future.result() for future in helpers if not future.cancel()]
-        return results + [result for done in helped for result in done]
+            for future in helpers:
+                if not future.cancel():
+                    future.result()
+        return turns.results
 
 
 @contextmanager

@@ -42,9 +42,9 @@ import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from threading import Barrier, BoundedSemaphore, Lock, Thread, local
-from typing import TypeVar
+from typing import Generic, TypeVar
 
-__all__ = ["SizedPool", "configure_threads", "on_fresh_thread", "run_beside", "run_inference", "run_shared",
+__all__ = ["InTurn", "SizedPool", "configure_threads", "on_fresh_thread", "run_beside", "run_inference", "run_shared",
            "usable_cores", "use_faiss_threads"]
 
 _T = TypeVar("_T")
@@ -261,29 +261,42 @@ def run_beside(step: Callable[[], _T]) -> Callable[[], _T]:
     return _helpers.start(step)
 
 
+class InTurn(Generic[_T]):
+    """Steps taken one after another by every thread that calls :meth:`drain` (a request's
+    thread and its helpers), each taking the next step no one has taken yet; ``results`` are in
+    the order of the steps once every drain has returned."""
+
+    def __init__(self, steps: Sequence[Callable[[], _T]]) -> None:
+        self._steps = steps
+        self._results: list[_T | None] = [None] * len(steps)
+        self._positions = iter(range(len(steps)))
+        self._lock = Lock()
+
+    def drain(self) -> None:
+        while True:
+            with self._lock:
+                position = next(self._positions, -1)
+            if position < 0:
+                return
+            self._results[position] = self._steps[position]()
+
+    @property
+    def results(self) -> list[_T]:
+        return self._results  # type: ignore[return-value]
+
+
 def run_shared(steps: Sequence[Callable[[], _T]]) -> Callable[[], list[_T]]:
     """Start ``steps`` on an idle helper thread (as :func:`run_beside`), which takes them one
     after another in order. Returns a function that takes the steps no one has taken yet in the
     calling thread, waits for the helper's (or calls the helper off if it has not started), and
     gives every result in the order of ``steps``: the caller does its own work in between, then
     shares what is left. Without an idle helper every step runs in that function."""
-    results: list[_T | None] = [None] * len(steps)
-    positions = iter(range(len(steps)))
-    lock = Lock()
-
-    def drain() -> None:
-        while True:
-            with lock:
-                position = next(positions, -1)
-            if position < 0:
-                return
-            results[position] = steps[position]()
-
-    helped = _helpers.share(drain)
+    turns = InTurn(steps)
+    helped = _helpers.share(turns.drain)
 
     def finish() -> list[_T]:
-        drain()
+        turns.drain()
         helped()
-        return results  # type: ignore[return-value]
+        return turns.results
 
     return finish
