@@ -18,8 +18,8 @@ set it (limiting the OpenMP-built BLAS that faiss ships even set faiss to one th
 nowhere else). So the faiss count is applied by :func:`use_faiss_threads` in the thread that
 searches, before it searches.
 
-:func:`run_beside` lends the same count of helper threads to a request's independent steps
-(its heatmap encoding beside its region extraction).
+:func:`run_shared` lends the same count of helper threads to a request's independent steps
+(its heatmap encoding beside its region extraction, the bands of its anomaly map).
 
 GNU OpenMP (torch's and faiss's, each its own copy) also keeps a *team* of threads for every
 thread that has started a parallel region, for that thread's life; while a runtime's threads
@@ -44,7 +44,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from threading import Barrier, BoundedSemaphore, Lock, Thread, local
 from typing import Generic, TypeVar
 
-__all__ = ["InTurn", "SizedPool", "configure_threads", "on_fresh_thread", "run_beside", "run_inference", "run_shared",
+__all__ = ["InTurn", "SizedPool", "configure_threads", "on_fresh_thread", "run_inference", "run_shared",
            "usable_cores", "use_faiss_threads"]
 
 _T = TypeVar("_T")
@@ -166,23 +166,6 @@ class _Helpers:
         if self._pool.resize(count):
             self._idle = BoundedSemaphore(max(1, count))
 
-    def start(self, step: Callable[[], _T]) -> Callable[[], _T]:
-        idle = self._idle
-        if self._pool.size >= 2 and idle.acquire(blocking=False):
-
-            def run() -> _T:
-                try:
-                    return step()
-                finally:
-                    idle.release()
-
-            try:
-                return self._pool.get().submit(run).result
-            except RuntimeError:             # the pool is gone (interpreter shutting down)
-                idle.release()
-        result = step()
-        return lambda: result
-
     def share(self, drain: Callable[[], None]) -> Callable[[], None]:
         """Start ``drain`` on an idle helper, if one is. Returns a function that waits for it, or
         calls it off when it has not started yet: a drain only takes work the caller takes
@@ -254,13 +237,6 @@ def run_inference(fn: Callable[[], _T]) -> _T:
     return _inference.run(fn)
 
 
-def run_beside(step: Callable[[], _T]) -> Callable[[], _T]:
-    """Start ``step`` on an idle helper thread, or run it now when none is (or helpers are off:
-    ``BACKEND_TORCH_THREADS=1``, or no engine configured them). Returns a function that waits
-    for its result (re-raising what ``step`` raised)."""
-    return _helpers.start(step)
-
-
 class InTurn(Generic[_T]):
     """Steps taken one after another by every thread that calls :meth:`drain` (a request's
     thread and its helpers), each taking the next step no one has taken yet; ``results`` are in
@@ -286,7 +262,7 @@ class InTurn(Generic[_T]):
 
 
 def run_shared(steps: Sequence[Callable[[], _T]]) -> Callable[[], list[_T]]:
-    """Start ``steps`` on an idle helper thread (as :func:`run_beside`), which takes them one
+    """Start ``steps`` on an idle helper thread, if one is, which takes them one
     after another in order. Returns a function that takes the steps no one has taken yet in the
     calling thread, waits for the helper's (or calls the helper off if it has not started), and
     gives every result in the order of ``steps``: the caller does its own work in between, then

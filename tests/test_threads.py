@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -85,16 +85,34 @@ def test_blas_runs_on_one_thread_whatever_the_setting(threads: int | None, resto
     assert blas and all(pool["num_threads"] == 1 for pool in blas)
 
 
+def _name_on_start(names: list[str]) -> tuple[Callable[[], None], threading.Event]:
+    """A drain that records the thread it runs on, and the event it sets once it has."""
+    started = threading.Event()
+
+    def drain() -> None:
+        names.append(threading.current_thread().name)
+        started.set()
+
+    return drain, started
+
+
 def test_a_step_runs_beside_the_caller_on_an_idle_helper_and_reraises_there() -> None:
     helpers = _Helpers()
     helpers.configure(2)
-    wait = helpers.start(lambda: threading.current_thread().name)
-    assert wait().startswith("beside")
+    names: list[str] = []
+    drain, started = _name_on_start(names)
+    wait = helpers.share(drain)
+    assert started.wait(10)
+    wait()
+    assert names[0].startswith("beside")
+    failed = threading.Event()
 
     def fails() -> None:
+        failed.set()
         raise ValueError("bad step")
 
-    wait_failed = helpers.start(fails)
+    wait_failed = helpers.share(fails)
+    assert failed.wait(10)
     with pytest.raises(ValueError, match="bad step"):
         wait_failed()
 
@@ -102,17 +120,33 @@ def test_a_step_runs_beside_the_caller_on_an_idle_helper_and_reraises_there() ->
 def test_a_step_runs_in_the_callers_thread_when_every_helper_is_busy_or_helpers_are_off() -> None:
     helpers = _Helpers()
     helpers.configure(2)
-    release = threading.Event()
-    busy = [helpers.start(lambda: release.wait(10)) for _ in range(2)]
+    release, holding = threading.Event(), threading.Barrier(3)
+
+    def hold() -> None:
+        holding.wait(10)
+        release.wait(10)
+
+    busy = [helpers.share(hold) for _ in range(2)]
+    names: list[str] = []
     try:
-        assert helpers.start(lambda: threading.current_thread().name)() == threading.current_thread().name
+        holding.wait(10)                           # both helpers are running a step
+        drain, _ = _name_on_start(names)
+        helpers.share(drain)()
+        assert names == []                         # no helper took it: the request's thread does the step
     finally:
         release.set()
-    assert all(wait() for wait in busy)
+    for wait in busy:
+        wait()
     # the helpers are free again once their steps ended
-    assert helpers.start(lambda: threading.current_thread().name)().startswith("beside")
+    drain, started = _name_on_start(names)
+    wait = helpers.share(drain)
+    assert started.wait(10)
+    wait()
+    assert names[0].startswith("beside")
     helpers.configure(1)
-    assert helpers.start(lambda: threading.current_thread().name)() == threading.current_thread().name
+    drain, _ = _name_on_start(names)
+    helpers.share(drain)()
+    assert len(names) == 1
 
 
 def test_shared_steps_are_taken_by_a_helper_and_by_the_caller_and_come_back_in_order(
@@ -164,10 +198,17 @@ def test_a_helper_that_has_not_started_is_called_off_and_its_slot_freed() -> Non
     finally:
         release.set()
     assert all(blocker.result() for blocker in blockers)
-    both = threading.Barrier(3)
-    names = [helpers.start(lambda: (both.wait(10), threading.current_thread().name)[1]) for _ in range(2)]
+    both, names = threading.Barrier(3), []
+
+    def together() -> None:
+        both.wait(10)
+        names.append(threading.current_thread().name)
+
+    waits = [helpers.share(together) for _ in range(2)]
     both.wait(10)                                  # both slots were free again: two steps at once
-    assert all(wait().startswith("beside") for wait in names)
+    for wait in waits:
+        wait()
+    assert len(names) == 2 and all(name.startswith("beside") for name in names)
 
 
 def test_a_sized_pool_starts_all_its_threads_at_once() -> None:
