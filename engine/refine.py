@@ -92,6 +92,9 @@ def refine_map(
     if not 0.0 <= margin < 1.0:
         raise ValueError(f"margin must be in [0, 1), got {margin}")
     scores = np.array(approx, dtype=np.float32)                                 # h w
+    if not np.isfinite(scores).all():
+        # an infinite upper bound would turn the map's zero weights into NaN, and no level would pass
+        raise ValueError("approximate distances must be finite (every patch needs a neighbour found)")
     done = np.zeros(scores.shape, dtype=bool)                                   # h w
     amap = anomaly_map(scores, height, width, sigma, run=run)                   # H W
     estimate = _estimate(amap, mask, percentile)

@@ -234,10 +234,12 @@ class MemorySearch:
             return self._finish(_squared_l2(raw, self.distance))
         params = faiss.SearchParametersIVF(nprobe=min(nprobe or self.nprobe, self.ivf.nlist), sel=selector)
         if self.projection is None:
-            raw, _ = self.ivf.search(x, self.k, params=params)
-            return self._finish(_squared_l2(raw, self.distance))
-        _, ids = self.ivf.search(self.projection(x, precise=False), self.candidates, params=params)
-        return self._finish(np.sort(self._true_sq(x, ids), axis=1)[:, : self.k])
+            raw, ids = self.ivf.search(x, self.k, params=params)
+            squared = _squared_l2(raw, self.distance)
+        else:
+            _, ids = self.ivf.search(self.projection(x, precise=False), self.candidates, params=params)
+            squared = np.sort(self._true_sq(x, ids), axis=1)[:, : self.k]
+        return self._finish(self._fill_missing(x, squared, ids, only))
 
     def exact(self, queries: np.ndarray, reach: np.ndarray, only: RowFilter | None = None) -> np.ndarray:
         """(Q,) exact mean distance to the k nearest rows, given each query's ``reach`` (Q,): an
@@ -266,6 +268,24 @@ class MemorySearch:
             squared, at = faiss.knn(x, self._blocks.bank, 1)
             ids = self._blocks.ids[at]
         return self._finish(squared)[0], ids[:, 0].astype(np.int64)
+
+    def _fill_missing(self, x: np.ndarray, squared: np.ndarray, ids: np.ndarray,
+                      only: RowFilter | None) -> np.ndarray:
+        """``squared`` (Q, k), with the queries whose probed lists held fewer than k rows the
+        search may return (lists left empty, or rows a filter hides) searched over every such
+        row. Without it they would get an infinite distance: no upper bound for the exact step,
+        and a map poisoned by 0 x inf."""
+        missing = np.flatnonzero(np.count_nonzero(ids >= 0, axis=1) < self.k)
+        if missing.size == 0:
+            return squared
+        rows = self._blocks.bank if only is None else self._blocks.bank[only.rows[self._blocks.ids]]
+        found = np.full((len(missing), self.k), np.inf, dtype=np.float32)
+        if len(rows):
+            nearest, _ = faiss.knn(np.ascontiguousarray(x[missing]), rows, min(self.k, len(rows)))
+            found[:, : nearest.shape[1]] = nearest
+        squared = np.array(squared, dtype=np.float32)
+        squared[missing] = found
+        return squared
 
     def _true_sq(self, x: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """(Q, C) true squared distances to the rows ``ids`` (Q, C); +inf where an id is -1."""

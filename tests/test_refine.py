@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 
 from engine.anomaly_map import anomaly_map, masked_percentile, patch_support
 from engine.knn import build_index, knn_distances
+from engine.patchcore import Memory, leave_out_scores
 from engine.refine import DEFAULT_MARGIN, margin_for, refine_map
 from engine.regions import find_regions
 from engine.search import MemorySearch, build_search_index
@@ -177,3 +179,51 @@ def test_gap_is_what_the_first_level_needed() -> None:
     again = refine_map(approx, _lookup(exact, []), H, W, SIGMA, None, P, None, margin=out.gap + 0.005)
     assert again.rounds == 1 and again.score == pytest.approx(out.score, rel=1e-6)
     assert again.estimate == pytest.approx(out.estimate)
+
+
+def _finishes(fn, seconds: float = 60.0):      # noqa: ANN001, ANN202 - a test helper
+    """fn() on a thread, with its result or exception: a refinement that never ends fails the test."""
+    box: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            box["result"] = fn()
+        except Exception as exc:       # handed to the test
+            box["error"] = exc
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert not worker.is_alive(), "the refinement did not end"
+    if "error" in box:
+        raise box["error"]             # type: ignore[misc]
+    return box["result"]
+
+
+def test_infinite_approximate_distances_are_refused() -> None:
+    approx = np.ones((6, 6), np.float32)
+    approx[2, 3] = np.inf
+    with pytest.raises(ValueError, match="finite"):
+        _finishes(lambda: refine_map(approx, lambda i: np.ones(len(i), np.float32), 12, 12, 1.0, None, P, None))
+
+
+def test_hold_out_scores_end_and_are_exact_when_a_fold_holds_the_only_near_rows() -> None:
+    """Each training image's patches sit in a cluster of their own fold's, so without its fold
+    the lists an image probes hold no row it may use: the hold-out search still finds the exact
+    nearest rows of the other folds (it once gave them infinite distances and never ended)."""
+    rng = np.random.default_rng(5)
+    images, h, w, dim, folds = 6, 10, 10, 24, 3
+    centres = rng.normal(size=(folds, dim)).astype(np.float32) * 20
+    features = (centres[np.arange(images) % folds][:, None, None, :]
+                + rng.normal(size=(images, h, w, dim))).astype(np.float32)            # N h w D
+    bank = features.reshape(-1, dim)
+    sources = np.repeat(np.arange(images), h * w)
+    index, choice = build_search_index(bank, "l2", ivf_min_rows=100, probe_queries=bank[::7], axes=8)
+    assert choice.kind == "projected_ivf"
+    memory = Memory(bank, sources, index, choice, np.zeros((len(bank), 3), np.int32))
+    sizes = [(40, 40)] * images
+    scores, _ = _finishes(lambda: leave_out_scores(features, memory, sizes, range(images), "l2", 1, SIGMA, P, folds))
+    for i in range(images):
+        others = sources % folds != i % folds
+        truth = knn_distances(build_index(bank[others], "l2"), features[i].reshape(-1, dim), "l2").reshape(h, w)
+        assert scores[i] == pytest.approx(masked_percentile(anomaly_map(truth, 40, 40, SIGMA), None, P), rel=1e-4)

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import engine.search
-from engine.knn import build_index, deserialize_index, knn_distances, serialize_index
-from engine.search import MemorySearch, build_search_index, configure_exact_workers, keep_rows
+from engine.knn import build_index, deserialize_index, knn_distances, prepare_rows, serialize_index
+from engine.search import MemorySearch, _inverted_rows, build_search_index, configure_exact_workers, keep_rows
 
 
 def _clustered(n: int, d: int, seed: int, spread: float = 1.0) -> np.ndarray:
@@ -58,6 +58,28 @@ def test_a_row_filter_hides_rows_from_both_searches(bank: np.ndarray, queries: n
     approx, reach = search.search(queries, keep_rows(allowed))
     assert np.all(approx >= truth - 1e-4)
     np.testing.assert_allclose(search.exact(queries, reach, keep_rows(allowed)), truth, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("distance", ["l2", "cosine"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_queries_whose_probed_lists_hold_no_allowed_row_still_get_their_nearest(
+        bank: np.ndarray, queries: np.ndarray, distance: str, k: int) -> None:
+    """The filter hides the clusters the queries sit in, so the lists they probe hold no row the
+    search may return: they are searched over the allowed rows, not given an infinite distance."""
+    index, choice = build_search_index(bank, distance, ivf_min_rows=1000, probe_queries=_clustered(400, 32, 3),
+                                       axes=16)
+    search = MemorySearch(index, bank, distance, k, nprobe=1)
+    near = queries[100:]                                              # the patches near the memory
+    _, probed = search.ivf.quantizer.search(search.projection(prepare_rows(near, distance), precise=False), 1)
+    _, ids, lists = _inverted_rows(search.ivf)
+    allowed = np.ones(len(bank), dtype=bool)
+    allowed[ids[np.isin(lists, probed)]] = False                      # every row of the lists they probe
+    assert allowed.any() and not allowed.all()
+    truth = knn_distances(build_index(bank[allowed], distance), near, distance, k)
+    approx, reach = search.search(near, keep_rows(allowed))
+    assert np.all(np.isfinite(approx)) and np.all(np.isfinite(reach))
+    assert np.all(approx >= truth - 1e-4)
+    np.testing.assert_allclose(search.exact(near, reach, keep_rows(allowed)), truth, rtol=1e-4, atol=1e-4)
 
 
 def test_plain_ivf_models_are_searched_exactly_too(bank: np.ndarray, queries: np.ndarray) -> None:
