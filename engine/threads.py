@@ -44,6 +44,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from threading import Barrier, BoundedSemaphore, Lock, Thread, local
 from typing import Generic, TypeVar
 
+from engine.heap import release_free_memory
+
 __all__ = ["InTurn", "SizedPool", "configure_threads", "on_fresh_thread", "run_inference", "run_shared",
            "usable_cores", "use_faiss_threads"]
 
@@ -90,7 +92,8 @@ def use_faiss_threads() -> None:
 
 def on_fresh_thread(fn: Callable[[], _T]) -> _T:
     """``fn()`` on a new thread that ends with it (in the caller's context variables, such as
-    the request id the logs carry); its result, or its exception re-raised here."""
+    the request id the logs carry); its result, or its exception re-raised here. What the work
+    freed goes back to the operating system once it ends (``engine.heap``)."""
     done: Future[_T] = Future()
     context = contextvars.copy_context()
 
@@ -104,6 +107,7 @@ def on_fresh_thread(fn: Callable[[], _T]) -> _T:
     thread = Thread(target=run, name="engine-work", daemon=True)
     thread.start()
     thread.join()
+    release_free_memory()
     return done.result()
 
 
