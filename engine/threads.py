@@ -44,7 +44,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from threading import Barrier, BoundedSemaphore, Lock, Thread, local
 from typing import Generic, TypeVar
 
-from engine.heap import release_free_memory
+from engine.heap import limit_arenas, release_free_memory
 
 __all__ = ["InTurn", "SizedPool", "configure_threads", "on_fresh_thread", "run_inference", "run_shared",
            "usable_cores", "use_faiss_threads"]
@@ -73,6 +73,7 @@ def configure_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
         cv2.setNumThreads(threads)
     threadpool_limits(limits=1, user_api="blas")
+    limit_arenas(usable_cores())
     _faiss_threads = threads or usable_cores()
     # one thread with a team of all cores, or (one torch thread each) one per core
     _inference.configure(usable_cores() if threads == 1 else max(1, usable_cores() // (threads or usable_cores())))

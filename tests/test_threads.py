@@ -21,7 +21,6 @@ import numpy as np
 import pytest
 import torch
 
-from engine import heap
 from engine.api import Engine
 from engine.knn import build_index, knn_distances
 from engine.settings import Settings
@@ -325,24 +324,3 @@ def test_fits_and_inferences_from_many_threads_leave_no_openmp_teams_behind(tmp_
             worker.shutdown()
     finally:
         engine.close()
-
-
-def _resident_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-@pytest.mark.skipif(heap._malloc_trim() is None, reason="the C library cannot give freed memory back")
-def test_memory_that_long_work_freed_goes_back_to_the_system() -> None:
-    """256 MiB in 64 KiB pieces (below the size the allocator maps on its own), a few kept alive
-    between the holes as a fit's results are: the freed pieces would stay resident untrimmed."""
-    kept: list[np.ndarray] = []
-
-    def work() -> None:
-        pieces = [np.ones(8192) for _ in range(4096)]
-        kept.extend(pieces[::64])
-
-    before = _resident_bytes()
-    on_fresh_thread(work)
-    assert len(kept) == 64
-    assert _resident_bytes() - before < 64 * 2**20
