@@ -11,7 +11,8 @@ whatever the setting: the engine's own matrix products are small (a 900 x 900 an
 When the setting still reached BLAS, ``BACKEND_TORCH_THREADS=2`` on the 2-core AVX-512 EPYC gave
 8.2 ROIs/s through the ZeroMQ door against 19.8 unset (bottle Lite0 @ 416 px, one client), and
 the forward pass at 224 px took 62 ms instead of 7-9.
-Concurrent requests bring their own parallelism.
+Concurrent requests bring their own parallelism. The C allocator gets one arena per usable core
+(``engine.heap``), where glibc would give every thread that allocates beside another its own.
 
 OpenMP keeps its thread count per thread: a count set at start-up reaches only the thread that
 set it (limiting the OpenMP-built BLAS that faiss ships even set faiss to one thread there, and
