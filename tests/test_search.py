@@ -64,8 +64,8 @@ def test_a_row_filter_hides_rows_from_both_searches(bank: np.ndarray, queries: n
 @pytest.mark.parametrize("k", [1, 3])
 def test_queries_whose_probed_lists_hold_no_allowed_row_still_get_their_nearest(
         bank: np.ndarray, queries: np.ndarray, distance: str, k: int) -> None:
-    """The filter hides the clusters the queries sit in, so the lists they probe hold no row the
-    search may return: they are searched over the allowed rows, not given an infinite distance."""
+    """The filter hides every row of the lists the queries probe, so the approximate search finds
+    none it may return: they are searched over the allowed rows, not given an infinite distance."""
     index, choice = build_search_index(bank, distance, ivf_min_rows=1000, probe_queries=_clustered(400, 32, 3),
                                        axes=16)
     search = MemorySearch(index, bank, distance, k, nprobe=1)
