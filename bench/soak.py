@@ -170,14 +170,16 @@ def _soak(server: ServiceProcess, args: argparse.Namespace) -> dict[str, Any]:
                 time.sleep(0.05)
             with EngineClient(server.zmq_endpoint, timeout=600, retries=0) as admin:
                 began = time.monotonic()
-                gap.start = gap.start or began
+                if gap.start is None:
+                    gap.start = began
                 fit = admin.call("fit_ok", {"role_id": ROLE, "roi_id": "a", "mm_per_px": MM,
                                             "images": _images(args.side, args.fit_images, 4)})
                 refit["fit_s"].append(round(time.monotonic() - began, 2))
                 admin.call("calibrate_ng", {"role_id": ROLE, "roi_id": "a", "mm_per_px": MM,
                                             "ok_scores": list(fit["ok_scores"])})
                 gap.end = time.monotonic()
-                first_end[:] = first_end or [gap.end]
+                if not first_end:
+                    first_end.append(gap.end)
                 refit["at_s"].append(round(began - t0, 1))
                 refit["model_version"].append(fit["model_version"])
 
