@@ -89,6 +89,26 @@ def test_percentile_if_above_is_the_percentile_or_none() -> None:
             assert got is None
 
 
+@pytest.mark.parametrize("layout", ["map", "strided_high", "ties"])
+def test_a_high_percentile_of_many_hot_values_is_the_exact_one(layout: str) -> None:
+    """Many values above the level, few needed: the selection runs on a tail of them, whose cut
+    comes from a strided sample; a sample that overrates the tail (the sampled values are the
+    large ones) falls back to every hot value."""
+    rng = np.random.default_rng(3)
+    values = cv2.GaussianBlur(rng.random((400, 500)).astype(np.float32), (0, 0), 6) * 100
+    if layout == "strided_high":
+        values = rng.random(values.size).astype(np.float32)
+        values[::8] += 10.0
+    elif layout == "ties":
+        values = np.round(values / 4).astype(np.float32)
+    mask, level = None, -1.0                                       # every value hot: the stride stays
+    if layout != "strided_high":
+        mask = rng.random(values.shape) >= 0.1
+        level = float(np.quantile(values[mask], 0.2))              # four fifths of the pixels are hot
+    for q in (99.0, 99.9, 95.0, 100.0):
+        assert percentile_if_above(values, mask, q, level) == masked_percentile(values, mask, q)
+
+
 def test_percentile_of_an_empty_mask_is_refused() -> None:
     with pytest.raises(ValueError):
         percentile_if_above(np.ones(4, np.float32), np.zeros(4, bool), 99.0, 0.0)
