@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 
 __all__ = ["Steps", "add_patch_change", "anomaly_map", "axis_weights", "in_turn", "masked_percentile",
-           "patch_support", "percentile_if_above"]
+           "order_statistic", "patch_support", "percentile_if_above"]
 
 
 # a percentile selects among a tail of the values above its level when they outnumber what it needs
@@ -157,6 +157,14 @@ def percentile_if_above(
     part = np.partition(top, first)
     pair = part[first : first + 1] if first + 1 == top.size else np.array([part[first], part[first + 1 :].min()])
     return float(np.percentile(pair, 100.0 * (rank - low)))
+
+
+def order_statistic(values: np.ndarray, rank: int) -> float:
+    """The ``rank``-th smallest of ``values`` (1-D, 0-based), selected among a tail of them when
+    the rank is high (see :func:`_tail_holding`)."""
+    tail = _tail_holding(values, values.size - rank)
+    at = tail.size - (values.size - rank)
+    return float(np.partition(tail, at)[at])
 
 
 def _tail_holding(values: np.ndarray, need: int) -> np.ndarray:

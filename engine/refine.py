@@ -34,7 +34,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.anomaly_map import Steps, add_patch_change, anomaly_map, in_turn, patch_support, percentile_if_above
+from engine.anomaly_map import (
+    Steps,
+    add_patch_change,
+    anomaly_map,
+    in_turn,
+    order_statistic,
+    patch_support,
+    percentile_if_above,
+)
 
 __all__ = ["DEFAULT_MARGIN", "ExactDistances", "RefinedMap", "margin_for", "refine_map"]
 
@@ -152,8 +160,7 @@ def _estimate(amap: np.ndarray, mask: np.ndarray | None, percentile: float) -> f
     values = sample[chosen] if chosen is not None else sample.ravel()
     if values.size == 0:
         raise ValueError("mask selects no pixel")
-    rank = int(percentile / 100.0 * (values.size - 1))
-    return float(np.partition(values, rank)[rank])
+    return order_statistic(values, int(percentile / 100.0 * (values.size - 1)))
 
 
 def _lower_level(
@@ -167,4 +174,4 @@ def _lower_level(
     """
     values = amap[mask] if mask is not None else amap.ravel()
     low = int(np.floor(percentile / 100.0 * (values.size - 1)))
-    return _cap(float(np.partition(values, low)[low]), threshold, margin)
+    return _cap(order_statistic(values, low), threshold, margin)

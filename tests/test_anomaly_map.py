@@ -14,6 +14,7 @@ from engine.anomaly_map import (
     anomaly_map,
     axis_weights,
     masked_percentile,
+    order_statistic,
     patch_support,
     percentile_if_above,
 )
@@ -107,6 +108,19 @@ def test_a_high_percentile_of_many_hot_values_is_the_exact_one(layout: str) -> N
         level = float(np.quantile(values[mask], 0.2))              # four fifths of the pixels are hot
     for q in (99.0, 99.9, 95.0, 100.0):
         assert percentile_if_above(values, mask, q, level) == masked_percentile(values, mask, q)
+
+
+def test_an_order_statistic_is_the_one_a_full_selection_gives() -> None:
+    rng = np.random.default_rng(8)
+    for trial in range(200):
+        n = int(rng.integers(1, 60_000))
+        values = rng.random(n).astype(np.float32)
+        if trial % 3 == 1:
+            values = np.round(values * 20).astype(np.float32)             # ties
+        elif trial % 3 == 2:
+            values[::8] += 5.0                                            # the strided sample overrates the tail
+        rank = int(rng.choice([n - 1, int(0.99 * (n - 1)), int(0.999 * (n - 1)), int(rng.integers(0, n))]))
+        assert order_statistic(values, rank) == np.partition(values, rank)[rank]
 
 
 def test_percentile_of_an_empty_mask_is_refused() -> None:
