@@ -19,6 +19,7 @@ elsewhere: Windows, macOS, musl):
 from __future__ import annotations
 
 import ctypes
+import platform
 import sys
 from functools import cache
 from typing import Any
@@ -31,7 +32,7 @@ _M_ARENA_MAX = -8               # mallopt's parameter number (glibc's malloc.h)
 @cache
 def _libc(name: str) -> Any:
     """A function of the process's own C library when it is glibc's, else None."""
-    if not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return None
     try:
         function = getattr(ctypes.CDLL(None), name)
