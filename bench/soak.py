@@ -84,11 +84,13 @@ class Tally:
 
 
 class Gap:
-    """From the first refit's start to the end of the last one's recalibration."""
+    """From the first refit's start to the end of the last one's recalibration (``first_end``:
+    of the first one's)."""
 
     def __init__(self) -> None:
         self.start: float | None = None
         self.end: float | None = None
+        self.first_end: float | None = None
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:
@@ -159,9 +161,9 @@ def _soak(server: ServiceProcess, args: argparse.Namespace) -> dict[str, Any]:
                 tally.add((time.perf_counter() - start) * 1e3, code)
 
     refit: dict[str, Any] = {"fit_s": [], "at_s": [], "model_version": []}
-    first_end: list[float] = []
 
     def refitter() -> None:
+        images = _images(args.side, args.fit_images, 4)
         for j in range(1, args.refits + 1):
             while True:
                 with done_lock:
@@ -173,13 +175,13 @@ def _soak(server: ServiceProcess, args: argparse.Namespace) -> dict[str, Any]:
                 if gap.start is None:
                     gap.start = began
                 fit = admin.call("fit_ok", {"role_id": ROLE, "roi_id": "a", "mm_per_px": MM,
-                                            "images": _images(args.side, args.fit_images, 4)})
+                                            "images": images})
                 refit["fit_s"].append(round(time.monotonic() - began, 2))
                 admin.call("calibrate_ng", {"role_id": ROLE, "roi_id": "a", "mm_per_px": MM,
                                             "ok_scores": list(fit["ok_scores"])})
                 gap.end = time.monotonic()
-                if not first_end:
-                    first_end.append(gap.end)
+                if gap.first_end is None:
+                    gap.first_end = gap.end
                 refit["at_s"].append(round(began - t0, 1))
                 refit["model_version"].append(fit["model_version"])
 
@@ -212,9 +214,9 @@ def _soak(server: ServiceProcess, args: argparse.Namespace) -> dict[str, Any]:
     sampler.join()
     rss_end = server.rss
     samples.append((wall, rss_end))
-    assert gap.start is not None and gap.end is not None
+    assert gap.start is not None and gap.end is not None and gap.first_end is not None
     before_refit = [r for t, r in samples if t < gap.start - t0]
-    after_refit = [r for t, r in samples if t > first_end[0] - t0 + 2.0]
+    after_refit = [r for t, r in samples if t > gap.first_end - t0 + 2.0]
     # judged on the stretches without a model change: warm-up to the first refit, and 2 s after
     # it to the end (with --refits 2 or more, a refit that leaks shows there). The step across the
     # first refit (a new model loaded, the old one released) is reported, not judged
