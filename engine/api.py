@@ -14,7 +14,7 @@ from typing import Any, Literal
 import numpy as np
 import structlog
 
-from engine import __version__
+from engine import __version__, ivfscan
 from engine.budget import MemoryBudget
 from engine.calibrator import Calibrator
 from engine.errors import InvalidInput, PayloadTooLarge
@@ -88,7 +88,8 @@ class Engine:
         self.lifecycle = Lifecycle(settings, *parts, self.backbone_info)
         self.monitor = Monitor(settings, self.models, self._samples, self._scorer)   # the scorer's recorder
         log.info("engine_ready", backbone=self.backbone_info.name, reason=self.backbone_reason,
-                 device=self.device, precision=self.extractor.precision, data_root=str(self.data_root))
+                 device=self.device, precision=self.extractor.precision, data_root=str(self.data_root),
+                 exact_scan="c" if ivfscan.AVAILABLE else "numpy")
 
     def close(self) -> None:
         self.monitor.close()

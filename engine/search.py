@@ -44,6 +44,7 @@ from typing import Literal, TypeVar
 import faiss
 import numpy as np
 
+from engine import ivfscan
 from engine.knn import Distance, build_index, knn_distances, prepare_rows
 from engine.refine import DEFAULT_MARGIN
 from engine.threads import InTurn, SizedPool, use_faiss_threads
@@ -57,6 +58,8 @@ _MAX_PROBES = 16              # the recall tuning stops here: exactness comes fr
 _ROWS_PER_BLOCK = 1024        # memory rows per block of the exact search
 _SHARED_WORK = 500_000        # row comparisons of one exact search above which its blocks are shared out (~0.6 ms)
 _MIN_LISTS, _MAX_LISTS = 16, 4096
+_NATIVE_MAX_K = 64             # the C exact scan's largest k (engine/_ivfscan.c); numpy above it
+_SCAN_PIECES = 8               # list ranges of one C exact scan, taken in turn by the exact-search workers
 
 
 @dataclass(frozen=True)
@@ -201,10 +204,11 @@ class MemorySearch:
         nprobe: lists probed by ``search`` (inverted files); 0 = the index's own.
         candidates: rows per query whose true distance ``search`` takes (projected layout).
         margin: first-level margin of the exact refinement of this memory's approximate maps.
+        native: exact searches of inverted files by the C scan (``engine.ivfscan``); None = where built.
     """
 
     def __init__(self, index: faiss.Index, bank: np.ndarray, distance: Distance, k: int, *, nprobe: int = 0,
-                 candidates: int = _CANDIDATES, margin: float = DEFAULT_MARGIN) -> None:
+                 candidates: int = _CANDIDATES, margin: float = DEFAULT_MARGIN, native: bool | None = None) -> None:
         self.index = index
         self.distance = distance
         self.ivf, self.projection = _inverted_file(index)
@@ -216,6 +220,10 @@ class MemorySearch:
         if self.ivf is not None:
             # true distances come from the rows themselves (a flat index holds its own copy)
             self._blocks = _Blocks.of(self.ivf, prepare_rows(bank, distance))
+            native = ivfscan.AVAILABLE if native is None else native
+            if native and not ivfscan.AVAILABLE:
+                raise ValueError("the C exact scan (engine._ivfscan) was not built")
+            self._tiled = self._blocks.tiled() if native and self.k <= _NATIVE_MAX_K else None
 
     @property
     def approximate(self) -> bool:
@@ -239,7 +247,7 @@ class MemorySearch:
         else:
             _, ids = self.ivf.search(self.projection(x, precise=False), self.candidates, params=params)
             squared = np.sort(self._true_sq(x, ids), axis=1)[:, : self.k]
-        return self._finish(self._fill_missing(x, squared, ids, only))
+        return self._finish(self._fill_missing(x, squared, np.count_nonzero(ids >= 0, axis=1) < self.k, only))
 
     def exact(self, queries: np.ndarray, reach: np.ndarray, only: RowFilter | None = None) -> np.ndarray:
         """(Q,) exact mean distance to the k nearest rows, given each query's ``reach`` (Q,): an
@@ -253,6 +261,9 @@ class MemorySearch:
         # slack for float32 rounding in the faiss and numpy distances: a row kept in vain costs a
         # distance, a row wrongly dropped would cost exactness
         reach_sq = (reach_sq * (1 + 1e-3) + 1e-4).astype(np.float32)
+        if self._tiled is not None:
+            shown = None if only is None else only.rows[self._blocks.ids]       # by position
+            return self._finish(_exact_scan(self._tiled, coords, x, reach_sq, self.k, shown))[0]
         allowed = only.rows if only is not None else None
         return self._finish(self._blocks.nearest(x, coords, reach_sq, self.k, allowed))[0]
 
@@ -269,13 +280,13 @@ class MemorySearch:
             ids = self._blocks.ids[at]
         return self._finish(squared)[0], ids[:, 0].astype(np.int64)
 
-    def _fill_missing(self, x: np.ndarray, squared: np.ndarray, ids: np.ndarray,
+    def _fill_missing(self, x: np.ndarray, squared: np.ndarray, short: np.ndarray,
                       only: RowFilter | None) -> np.ndarray:
-        """``squared`` (Q, k), with the queries whose probed lists held fewer than k rows the
-        search may return (lists left empty, or rows a filter hides) searched over every such
-        row. Without it they would get an infinite distance: no upper bound for the exact step,
-        and a map poisoned by 0 x inf."""
-        missing = np.flatnonzero(np.count_nonzero(ids >= 0, axis=1) < self.k)
+        """``squared`` (Q, k), with the queries ``short`` (Q,) bool, whose probed lists held fewer
+        than k rows the search may return (lists left empty, or rows a filter hides), searched over
+        every such row. Without it they would get an infinite distance: no upper bound for the
+        exact step, and a map poisoned by 0 x inf."""
+        missing = np.flatnonzero(short)
         if missing.size == 0:
             return squared
         rows = self._blocks.bank if only is None else self._blocks.bank[only.rows[self._blocks.ids]]
@@ -424,6 +435,15 @@ class _Blocks:
         return cls(columns, np.maximum.reduceat(sq, start[:-1]), ids, position, np.ascontiguousarray(bank[ids]),
                    start, list_start, np.searchsorted(list_start, start), np.ascontiguousarray(list_side.T))
 
+    def tiled(self) -> ivfscan.TiledLists:
+        """The same lists in panels for the C exact scan (coordinates, centres and radii read back
+        from the blocks' columns and balls, which hold them times 2 or -2: exact in float32)."""
+        dims = self.columns[0].shape[0] - 2
+        coords = np.concatenate([block[:dims].T for block in self.columns]) / np.float32(2.0)
+        centres = self.list_side[:dims].T / np.float32(-2.0)
+        radius = self.list_side[dims] / np.float32(-2.0)
+        return ivfscan.TiledLists.of(coords, self.list_start, centres, radius, self.bank)
+
     def _lists_needed(self, q: np.ndarray, q_sq: np.ndarray, reach_sq: np.ndarray) -> np.ndarray:
         """(Q, L) bool: the lists whose ball comes within each query's reach, ``|q - c| <= reach + r``,
         squared and in one product: (q, w, 1, |q|^2 - w^2) . (-2c, -2r, |c|^2 - r^2, 1) <= 0."""
@@ -513,6 +533,20 @@ def _nearest_per_query(query: np.ndarray, values: np.ndarray) -> tuple[np.ndarra
         return query.astype(np.int64), values
     first = np.flatnonzero(np.r_[True, query[1:] != query[:-1]])
     return query[first].astype(np.int64), np.minimum.reduceat(values, first)
+
+
+def _exact_scan(tiled: ivfscan.TiledLists, coords: np.ndarray, x: np.ndarray, reach_sq: np.ndarray, k: int,
+                shown: np.ndarray | None) -> np.ndarray:
+    """(Q, k) the C exact scan over ranges of the lists, taken in turn by the caller and the
+    exact-search workers (the scan releases the GIL), each range's k nearest merged."""
+    per_piece = -(-tiled.lists // (_SCAN_PIECES * ivfscan.LANES)) * ivfscan.LANES
+    pieces = [slice(first, min(tiled.lists, first + per_piece)) for first in range(0, tiled.lists, per_piece)]
+    # the pieces' work, as the numpy path counts it: every row against every query
+    work = np.full(len(pieces), len(x) * tiled.bank.shape[0] / len(pieces))
+    parts = _exact_workers.map_balanced(lambda lists: tiled.exact(coords, x, reach_sq, k, shown, lists), pieces, work)
+    if k == 1:
+        return np.minimum.reduce(parts)
+    return np.sort(np.concatenate(parts, axis=1), axis=1)[:, :k]
 
 
 _T = TypeVar("_T")

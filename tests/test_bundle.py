@@ -343,6 +343,15 @@ def test_rest_door_matches_source_engine(ready: dict[str, str], reference: Any,
     assert np.max(np.abs(np.subtract(got_others, want_others))) <= TOL, (got_others, want_others)
 
 
+def test_the_c_exact_scan_is_bundled_where_it_was_built(executable: Path) -> None:
+    """The bundle carries the C exact scan the source install has (without it the engine falls back
+    to the numpy search: the same answers, slower)."""
+    from engine import ivfscan
+
+    found = sorted(p.name for p in executable.parent.rglob("_ivfscan*"))
+    assert bool(found) == ivfscan.AVAILABLE, found
+
+
 def test_sigterm_stops_cleanly(ready: dict[str, str], frozen: Frozen) -> None:
     assert frozen.proc.poll() is None, f"bundle died:\n{frozen.stderr_tail()}"
     t0 = time.perf_counter()

@@ -11,8 +11,13 @@ import numpy as np
 import pytest
 
 import engine.search
+from engine import ivfscan
 from engine.knn import build_index, deserialize_index, knn_distances, prepare_rows, serialize_index
 from engine.search import MemorySearch, _inverted_rows, build_search_index, configure_exact_workers, keep_rows
+
+# the exact search of an inverted file: numpy and faiss, and the C scan where it was built
+SCANS = [pytest.param(False, id="numpy"),
+         pytest.param(True, id="c-scan", marks=pytest.mark.skipif(not ivfscan.AVAILABLE, reason="C scan not built"))]
 
 
 def _clustered(n: int, d: int, seed: int, spread: float = 1.0) -> np.ndarray:
@@ -35,12 +40,14 @@ def queries() -> np.ndarray:
 
 @pytest.mark.parametrize("distance", ["l2", "cosine"])
 @pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("native", SCANS)
 def test_exact_equals_brute_force_and_search_bounds_it(bank: np.ndarray, queries: np.ndarray, distance: str,
-                                                       k: int) -> None:
+                                                       k: int, native: bool) -> None:
     index, choice = build_search_index(bank, distance, ivf_min_rows=1000, probe_queries=_clustered(400, 32, 3),
                                        axes=16)
     assert choice.kind == "projected_ivf" and choice.as_dict()["axes"] == 16
-    search = MemorySearch(deserialize_index(serialize_index(index)), bank, distance, k, nprobe=choice.nprobe)
+    search = MemorySearch(deserialize_index(serialize_index(index)), bank, distance, k, nprobe=choice.nprobe,
+                          native=native)
     truth = knn_distances(build_index(bank, distance), queries, distance, k)
     approx, reach = search.search(queries)
     assert np.all(approx >= truth - 1e-4)                     # a search that misses is never closer
@@ -49,10 +56,12 @@ def test_exact_equals_brute_force_and_search_bounds_it(bank: np.ndarray, queries
 
 
 @pytest.mark.parametrize("distance", ["l2", "cosine"])
-def test_a_row_filter_hides_rows_from_both_searches(bank: np.ndarray, queries: np.ndarray, distance: str) -> None:
+@pytest.mark.parametrize("native", SCANS)
+def test_a_row_filter_hides_rows_from_both_searches(bank: np.ndarray, queries: np.ndarray, distance: str,
+                                                    native: bool) -> None:
     index, choice = build_search_index(bank, distance, ivf_min_rows=1000, probe_queries=_clustered(400, 32, 3),
                                        axes=16)
-    search = MemorySearch(index, bank, distance, 1, nprobe=choice.nprobe)
+    search = MemorySearch(index, bank, distance, 1, nprobe=choice.nprobe, native=native)
     allowed = np.random.default_rng(4).random(len(bank)) < 0.5
     truth = knn_distances(build_index(bank[allowed], distance), queries, distance, 1)
     approx, reach = search.search(queries, keep_rows(allowed))
@@ -62,13 +71,14 @@ def test_a_row_filter_hides_rows_from_both_searches(bank: np.ndarray, queries: n
 
 @pytest.mark.parametrize("distance", ["l2", "cosine"])
 @pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("native", SCANS)
 def test_queries_whose_probed_lists_hold_no_allowed_row_still_get_their_nearest(
-        bank: np.ndarray, queries: np.ndarray, distance: str, k: int) -> None:
+        bank: np.ndarray, queries: np.ndarray, distance: str, k: int, native: bool) -> None:
     """The filter hides every row of the lists the queries probe, so the approximate search finds
     none it may return: they are searched over the allowed rows, not given an infinite distance."""
     index, choice = build_search_index(bank, distance, ivf_min_rows=1000, probe_queries=_clustered(400, 32, 3),
                                        axes=16)
-    search = MemorySearch(index, bank, distance, k, nprobe=1)
+    search = MemorySearch(index, bank, distance, k, nprobe=1, native=native)
     near = queries[100:]                                              # the patches near the memory
     _, probed = search.ivf.quantizer.search(search.projection(prepare_rows(near, distance), precise=False), 1)
     _, ids, lists = _inverted_rows(search.ivf)
@@ -82,12 +92,13 @@ def test_queries_whose_probed_lists_hold_no_allowed_row_still_get_their_nearest(
     np.testing.assert_allclose(search.exact(near, reach, keep_rows(allowed)), truth, rtol=1e-4, atol=1e-4)
 
 
-def test_plain_ivf_models_are_searched_exactly_too(bank: np.ndarray, queries: np.ndarray) -> None:
+@pytest.mark.parametrize("native", SCANS)
+def test_plain_ivf_models_are_searched_exactly_too(bank: np.ndarray, queries: np.ndarray, native: bool) -> None:
     """Models stored with a full-dimension IndexIVFFlat keep loading, and get exact re-scoring."""
     ivf = faiss.IndexIVFFlat(faiss.IndexFlatL2(32), 32, 64)
     ivf.train(bank)
     ivf.add(bank)
-    search = MemorySearch(deserialize_index(serialize_index(ivf)), bank, "l2", 1, nprobe=2)
+    search = MemorySearch(deserialize_index(serialize_index(ivf)), bank, "l2", 1, nprobe=2, native=native)
     truth = knn_distances(build_index(bank, "l2"), queries, "l2", 1)
     approx, reach = search.search(queries)
     assert search.approximate and np.all(approx >= truth - 1e-4) and np.any(approx > truth + 1e-3)
@@ -150,7 +161,7 @@ def test_a_block_compares_only_the_lists_its_queries_need_with_the_same_exact_re
 
     monkeypatch.setattr(engine.search._Blocks, "_columns", recorded)
     index, choice = build_search_index(bank, "l2", ivf_min_rows=1000, probe_queries=_clustered(400, 32, 3), axes=16)
-    search = MemorySearch(index, bank, "l2", k, nprobe=choice.nprobe)
+    search = MemorySearch(index, bank, "l2", k, nprobe=choice.nprobe, native=False)
     allowed = np.random.default_rng(8).random(len(bank)) < 0.6
     for group, whole in ((queries[100:104], False), (queries[:100], True)):   # a few near the memory, outliers
         taken.clear()
@@ -173,11 +184,12 @@ def shared_exact_search() -> Iterator[None]:
 
 
 @pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("native", SCANS)
 def test_exact_search_shared_out_over_workers_equals_brute_force(bank: np.ndarray, queries: np.ndarray, k: int,
-                                                                 shared_exact_search: None) -> None:
+                                                                 shared_exact_search: None, native: bool) -> None:
     """Outlying queries reach many blocks: their work is shared out, from many request threads at once."""
     index, choice = build_search_index(bank, "l2", ivf_min_rows=1000, probe_queries=_clustered(400, 32, 3), axes=16)
-    search = MemorySearch(index, bank, "l2", k, nprobe=choice.nprobe)
+    search = MemorySearch(index, bank, "l2", k, nprobe=choice.nprobe, native=native)
     truth = knn_distances(build_index(bank, "l2"), queries, "l2", k)
     allowed = np.random.default_rng(7).random(len(bank)) < 0.7
     truth_allowed = knn_distances(build_index(bank[allowed], "l2"), queries, "l2", k)
@@ -192,11 +204,12 @@ def test_exact_search_shared_out_over_workers_equals_brute_force(bank: np.ndarra
             np.testing.assert_allclose(future.result(), truth_allowed, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("native", SCANS)
 def test_searches_in_flight_survive_a_change_of_worker_count(bank: np.ndarray, queries: np.ndarray,
-                                                              shared_exact_search: None) -> None:
+                                                              shared_exact_search: None, native: bool) -> None:
     """Each engine set up in a process configures the workers: searches already running go on."""
     index, choice = build_search_index(bank, "l2", ivf_min_rows=1000, probe_queries=_clustered(400, 32, 3), axes=16)
-    search = MemorySearch(index, bank, "l2", 1, nprobe=choice.nprobe)
+    search = MemorySearch(index, bank, "l2", 1, nprobe=choice.nprobe, native=native)
     truth = knn_distances(build_index(bank, "l2"), queries, "l2", 1)
     _, reach = search.search(queries)
     with ThreadPoolExecutor(4) as pool:
@@ -207,12 +220,13 @@ def test_searches_in_flight_survive_a_change_of_worker_count(bank: np.ndarray, q
             np.testing.assert_allclose(future.result(), truth, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("native", SCANS)
 def test_an_exact_search_does_not_wait_for_busy_workers(bank: np.ndarray, queries: np.ndarray,
-                                                        shared_exact_search: None) -> None:
+                                                        shared_exact_search: None, native: bool) -> None:
     """The caller takes the blocks itself while every worker is held elsewhere (a core slow to
     wake, another search): the search finishes, exact, without them."""
     index, choice = build_search_index(bank, "l2", ivf_min_rows=1000, probe_queries=_clustered(400, 32, 3), axes=16)
-    search = MemorySearch(index, bank, "l2", 1, nprobe=choice.nprobe)
+    search = MemorySearch(index, bank, "l2", 1, nprobe=choice.nprobe, native=native)
     truth = knn_distances(build_index(bank, "l2"), queries, "l2", 1)
     _, reach = search.search(queries)
     release = threading.Event()

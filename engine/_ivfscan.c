@@ -1,0 +1,357 @@
+/* The exact nearest-neighbour scan of the projected inverted file (engine/search.py).
+ *
+ * Given queries, each with a reach (an upper bound of its k-th nearest true distance), find the
+ * k nearest rows among those whose coordinate distance, a lower bound of the true one, is within
+ * the reach (or within the k-th best true distance found so far, which only tightens it).
+ *
+ * Layout ("panels"): rows go by LANES into panels of (d, LANES) floats, dimension-major, so one
+ * pass over the d dimensions reads LANES * d contiguous floats and gives LANES squared distances
+ * with no horizontal sum. Each list starts a new panel; padding columns hold a huge value and map
+ * to position -1. The lists' ball centres are laid out the same way.
+ *
+ * Lists in the outer loop: a list's panels stay in L1 while every query that needs it (its ball
+ * comes within the query's reach) is compared with them. Outlying patches (a defect's) need a
+ * large share of the memory; scanning the memory once per query would stream it from L3 each
+ * time, where this reads each list once per call. One call covers a range of lists; callers share
+ * the ranges out over threads (the GIL is released) and keep the k smallest of the results.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define LANES 16
+#define MAX_K 64
+#define GROUP 4             /* queries compared with one panel at a time */
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && !defined(__clang__)
+#define CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define CLONES
+#endif
+
+#if defined(__GNUC__) || defined(__clang__)
+#define VECTORS 1
+typedef float lanes_t __attribute__((vector_size(LANES * sizeof(float))));
+typedef int32_t lane_ints_t __attribute__((vector_size(LANES * sizeof(int32_t))));
+#define INLINE static inline __attribute__((always_inline))
+#else
+#define VECTORS 0
+#define INLINE static __forceinline
+#endif
+
+#if VECTORS
+#if defined(__clang__)
+#define SHUFFLE(v, ...) __builtin_shufflevector(v, v, __VA_ARGS__)
+#else
+#define SHUFFLE(v, ...) __builtin_shuffle(v, (lane_ints_t){__VA_ARGS__})
+#endif
+
+/* the sum of the lanes, by halving */
+INLINE float lanes_sum(lanes_t v) {
+    v += SHUFFLE(v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+    v += SHUFFLE(v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+    v += SHUFFLE(v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+    v += SHUFFLE(v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+    return v[0];
+}
+
+/* whether any lane of a comparison's result is set */
+INLINE int any_lane(lane_ints_t hit) {
+    int64_t words[LANES / 2];
+    memcpy(words, &hit, sizeof(words));
+    int64_t any = 0;
+    for (int j = 0; j < LANES / 2; j++) any |= words[j];
+    return any != 0;
+}
+#endif
+
+/* squared distances of one query (d coordinates) to the LANES columns of a panel */
+INLINE void panel_distances(const float *query, const float *panel, int d, float *out) {
+#if VECTORS
+    lanes_t acc = {0};
+    for (int a = 0; a < d; a++) {
+        lanes_t column;
+        memcpy(&column, panel + (int64_t)a * LANES, sizeof(column));
+        lanes_t t = query[a] - column;
+        acc += t * t;
+    }
+    memcpy(out, &acc, sizeof(acc));
+#else
+    for (int j = 0; j < LANES; j++) out[j] = 0.0f;
+    for (int a = 0; a < d; a++) {
+        const float *column = panel + (int64_t)a * LANES;
+        for (int j = 0; j < LANES; j++) {
+            float t = query[a] - column[j];
+            out[j] += t * t;
+        }
+    }
+#endif
+}
+
+/* the squared distance of two rows of n floats */
+INLINE float row_distance(const float *a, const float *b, int n) {
+#if VECTORS
+    if (n >= LANES) {
+        lanes_t acc = {0}, x, y, t;
+        int i = 0;
+        for (; i + LANES <= n; i += LANES) {
+            memcpy(&x, a + i, sizeof(x));
+            memcpy(&y, b + i, sizeof(y));
+            t = x - y;
+            acc += t * t;
+        }
+        if (i < n) {        /* the last LANES floats, less those already counted */
+            static const int32_t ramp[LANES] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+            lane_ints_t index, seen = {0};
+            memcpy(&index, ramp, sizeof(index));
+            seen += LANES - (n - i);
+            memcpy(&x, a + n - LANES, sizeof(x));
+            memcpy(&y, b + n - LANES, sizeof(y));
+            t = x - y;
+            acc += (lanes_t)((lane_ints_t)(t * t) & (index >= seen));
+        }
+        return lanes_sum(acc);
+    }
+#endif
+    float s = 0.0f;
+    for (int i = 0; i < n; i++) {
+        float t = a[i] - b[i];
+        s += t * t;
+    }
+    return s;
+}
+
+/* insert value into the ascending best[k] (keeps the k smallest) */
+INLINE void keep_smallest(float *best, int k, float value) {
+    int i = k - 1;
+    if (!(value < best[i])) return;
+    while (i > 0 && best[i - 1] > value) {
+        best[i] = best[i - 1];
+        i--;
+    }
+    best[i] = value;
+}
+
+typedef struct {
+    int d, dim;                   /* coordinates per row, true dimensions per row */
+    int64_t lists;
+    const float *panels;          /* every list's panels, one list after another */
+    const float *norms;           /* (columns) squared norm of each column's coordinates, +inf for padding */
+    const int64_t *list_start;    /* (lists + 1) first column of each list (a multiple of LANES) */
+    const int64_t *slots;         /* (columns) position of the row in each column, -1 for padding */
+    const float *centres;         /* the lists' ball centres in panels */
+    const float *radius;          /* (lists) the lists' ball radii */
+    const float *bank;            /* (positions, dim) true rows */
+    const uint8_t *shown;         /* (positions) rows the search may return; NULL: all */
+} Memory;
+
+typedef struct {
+    int64_t n;
+    const float *coords, *rows, *reach_sq;
+    int k;
+    float *out;                   /* (n, k) */
+} Queries;
+
+/* need[(l - first) * n + i] = 1 where list l's ball comes within query i's reach:
+   |q - b| >= |q - c| - r for every row b of the list (c its centre, r its radius); the slack
+   covers float rounding of both distances */
+INLINE void lists_needed(const Memory *m, const Queries *q, int64_t first, int64_t end, uint8_t *need) {
+    float lane[LANES];
+    for (int64_t panel = first / LANES; panel * LANES < end; panel++) {
+        const float *centres = m->centres + panel * LANES * m->d;
+        for (int64_t i = 0; i < q->n; i++) {
+            float reach = sqrtf(q->reach_sq[i]);
+            panel_distances(q->coords + i * m->d, centres, m->d, lane);
+            for (int j = 0; j < LANES; j++) {
+                int64_t l = panel * LANES + j;
+                if (l < first || l >= end) continue;
+                float centre = sqrtf(lane[j]);
+                need[(l - first) * q->n + i] = centre - m->radius[l] <= (reach + 1e-5f * centre) * (1.0f + 1e-4f);
+            }
+        }
+    }
+}
+
+/* inner products of GROUP queries with the LANES columns of a panel: each column read once for all
+   of them (register blocking, as a matrix product does) */
+INLINE void group_dots(const float *const *query, const float *panel, int d, float out[GROUP][LANES]) {
+#if VECTORS
+    lanes_t acc[GROUP];
+    memset(acc, 0, sizeof(acc));
+    for (int a = 0; a < d; a++) {
+        lanes_t column;
+        memcpy(&column, panel + (int64_t)a * LANES, sizeof(column));
+        for (int g = 0; g < GROUP; g++) acc[g] += query[g][a] * column;
+    }
+    memcpy(out, acc, sizeof(acc));
+#else
+    memset(out, 0, sizeof(float) * GROUP * LANES);
+    for (int a = 0; a < d; a++)
+        for (int g = 0; g < GROUP; g++)
+            for (int j = 0; j < LANES; j++) out[g][j] += query[g][a] * panel[(int64_t)a * LANES + j];
+#endif
+}
+
+/* the rows of list l for the queries who[0:count] (count <= GROUP): coordinate distances as
+   |q|^2 + |b|^2 - 2 q.b, with a slack for its float rounding relative to the norms; the rows
+   within a query's bound get their true distance, which may tighten the bound */
+INLINE void scan_group(const Memory *m, const Queries *q, const float *q_sq, int64_t l, const int64_t *who,
+                       int count) {
+    const float *query[GROUP];
+    float bound[GROUP], dots[GROUP][LANES];
+    for (int g = 0; g < GROUP; g++) {
+        int64_t i = who[g < count ? g : 0];
+        const float *best = q->out + i * q->k;
+        query[g] = q->coords + i * m->d;
+        bound[g] = best[q->k - 1] < q->reach_sq[i] ? best[q->k - 1] : q->reach_sq[i];
+    }
+    for (int64_t c0 = m->list_start[l]; c0 < m->list_start[l + 1]; c0 += LANES) {
+        group_dots(query, m->panels + c0 * m->d, m->d, dots);
+        const float *norms = m->norms + c0;
+        for (int g = 0; g < count; g++) {
+            int64_t i = who[g];
+            float *best = q->out + i * q->k;
+            float lower[LANES];
+            for (int j = 0; j < LANES; j++) lower[j] = (q_sq[i] + norms[j]) * (1.0f - 2e-5f) - 2.0f * dots[g][j];
+            float limit = bound[g] * (1.0f + 1e-4f);
+#if VECTORS
+            lanes_t lower_v, limit_v = {0};
+            memcpy(&lower_v, lower, sizeof(lower_v));
+            limit_v += limit;
+            if (!any_lane(lower_v <= limit_v)) continue;
+#endif
+            for (int j = 0; j < LANES; j++) {
+                if (!(lower[j] <= limit)) continue;
+                int64_t pos = m->slots[c0 + j];
+                if (pos < 0 || (m->shown && !m->shown[pos])) continue;
+                float true_sq = row_distance(q->rows + i * m->dim, m->bank + pos * m->dim, m->dim);
+                if (true_sq < best[q->k - 1]) {
+                    keep_smallest(best, q->k, true_sq);
+                    if (best[q->k - 1] < bound[g]) bound[g] = best[q->k - 1], limit = bound[g] * (1.0f + 1e-4f);
+                }
+            }
+        }
+    }
+}
+
+CLONES static void exact(const Memory *m, const Queries *q, int64_t first, int64_t end, uint8_t *need,
+                         float *q_sq, int64_t *who) {
+    for (int64_t i = 0; i < q->n * q->k; i++) q->out[i] = INFINITY;
+    for (int64_t i = 0; i < q->n; i++) {
+        float sum = 0.0f;
+        for (int a = 0; a < m->d; a++) sum += q->coords[i * m->d + a] * q->coords[i * m->d + a];
+        q_sq[i] = sum;
+    }
+    lists_needed(m, q, first, end, need);
+    for (int64_t l = first; l < end; l++) {
+        const uint8_t *needs = need + (l - first) * q->n;
+        int64_t count = 0;
+        for (int64_t i = 0; i < q->n; i++)
+            if (needs[i]) who[count++] = i;
+        for (int64_t g = 0; g < count; g += GROUP)
+            scan_group(m, q, q_sq, l, who + g, count - g < GROUP ? (int)(count - g) : GROUP);
+    }
+}
+
+/* ---- Python glue: buffers in, sizes checked, GIL released around the scan ---------------------- */
+
+enum { PANELS, NORMS, LIST_START, SLOTS, CENTRES, RADIUS, BANK, SHOWN, COORDS, ROWS, REACH, OUT, BUFFERS };
+
+static int fail(const char *message) {
+    PyErr_SetString(PyExc_ValueError, message);
+    return -1;
+}
+
+#define FLOATS(b) ((int64_t)((b).len / (Py_ssize_t)sizeof(float)))
+#define INTS(b) ((int64_t)((b).len / (Py_ssize_t)sizeof(int64_t)))
+
+/* checks the buffers' sizes and fills `m` and `q`. The contents of list_start and slots (widths
+   that are multiples of LANES, positions within the bank) are checked once, when
+   engine.ivfscan.TiledLists builds them: a search makes no pass over the memory for it. */
+static int describe(Py_buffer *b, int d, int dim, int k, Memory *m, Queries *q) {
+    if (d <= 0 || dim <= 0 || k <= 0 || k > MAX_K) return fail("bad dimensions or k");
+    int64_t lists = INTS(b[LIST_START]) - 1, columns = INTS(b[SLOTS]);
+    const int64_t *list_start = b[LIST_START].buf;
+    if (lists < 1 || list_start[0] != 0 || list_start[lists] != columns) return fail("list_start does not span the slots");
+    if (FLOATS(b[PANELS]) != columns * d) return fail("panels size mismatch");
+    if (FLOATS(b[NORMS]) != columns) return fail("norms size mismatch");
+    if (FLOATS(b[CENTRES]) != (lists + LANES - 1) / LANES * LANES * d) return fail("centres size mismatch");
+    if (FLOATS(b[RADIUS]) != lists) return fail("radius size mismatch");
+    int64_t positions = FLOATS(b[BANK]) / dim;
+    if (positions * dim != FLOATS(b[BANK])) return fail("bank size mismatch");
+    if (b[SHOWN].obj && b[SHOWN].len != positions) return fail("shown size mismatch");
+    int64_t n = FLOATS(b[REACH]);
+    if (FLOATS(b[COORDS]) != n * d || FLOATS(b[ROWS]) != n * dim) return fail("query size mismatch");
+    if (FLOATS(b[OUT]) != n * k) return fail("out size mismatch");
+    *m = (Memory){d, dim, lists, b[PANELS].buf, b[NORMS].buf, list_start, b[SLOTS].buf, b[CENTRES].buf, b[RADIUS].buf,
+                  b[BANK].buf, b[SHOWN].obj ? b[SHOWN].buf : NULL};
+    *q = (Queries){n, b[COORDS].buf, b[ROWS].buf, b[REACH].buf, k, b[OUT].buf};
+    return 0;
+}
+
+static PyObject *py_exact(PyObject *self, PyObject *args) {
+    Py_buffer b[BUFFERS];
+    memset(b, 0, sizeof(b));
+    PyObject *shown;
+    int d, dim, k;
+    long long first, end;
+    if (!PyArg_ParseTuple(args, "y*y*y*y*y*y*y*Oiiy*y*y*iLLw*", &b[PANELS], &b[NORMS], &b[LIST_START], &b[SLOTS], &b[CENTRES],
+                          &b[RADIUS], &b[BANK], &shown, &d, &dim, &b[COORDS], &b[ROWS], &b[REACH], &k, &first, &end,
+                          &b[OUT]))
+        return NULL;
+    Memory m;
+    Queries q;
+    uint8_t *need = NULL;
+    float *q_sq = NULL;
+    int64_t *who = NULL;
+    int status = (shown != Py_None && PyObject_GetBuffer(shown, &b[SHOWN], PyBUF_SIMPLE) < 0) ? -1 : 0;
+    if (status == 0) status = describe(b, d, dim, k, &m, &q);
+    if (status == 0 && (first < 0 || first > end || end > m.lists || first % LANES))
+        status = fail("list range out of bounds (or not starting a panel)");
+    if (status == 0 && end > first && q.n > 0) {
+        need = malloc((size_t)((end - first) * q.n));
+        q_sq = malloc(sizeof(float) * (size_t)q.n);
+        who = malloc(sizeof(int64_t) * (size_t)q.n);
+        if (!need || !q_sq || !who) {
+            PyErr_NoMemory();
+            status = -1;
+        }
+    }
+    if (status == 0) {
+        Py_BEGIN_ALLOW_THREADS
+        if (need) exact(&m, &q, first, end, need, q_sq, who);
+        else for (int64_t i = 0; i < q.n * q.k; i++) q.out[i] = INFINITY;
+        Py_END_ALLOW_THREADS
+    }
+    free(need);
+    free(q_sq);
+    free(who);
+    for (int i = 0; i < BUFFERS; i++)
+        if (b[i].obj) PyBuffer_Release(&b[i]);
+    if (status) return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"exact", py_exact, METH_VARARGS,
+     "exact(panels, norms, list_start, slots, centres, radius, bank, shown, d, dim, coords, rows, reach_sq, k, first, end, "
+     "out): the k smallest squared true distances per query (ascending, +inf where fewer), over the lists "
+     "first:end"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_ivfscan", "The exact scan of the projected inverted file.",
+                                    -1, methods};
+
+PyMODINIT_FUNC PyInit__ivfscan(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (m && PyModule_AddIntConstant(m, "LANES", LANES) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

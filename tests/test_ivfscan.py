@@ -1,0 +1,94 @@
+"""The C exact scan of an inverted file's lists (engine/_ivfscan.c) against brute force."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from engine import ivfscan
+
+pytestmark = pytest.mark.skipif(not ivfscan.AVAILABLE, reason="C scan not built (no C compiler at install)")
+
+
+def _lists(n: int, d: int, dim: int, sizes: list[int], seed: int) -> tuple[ivfscan.TiledLists, np.ndarray, np.ndarray]:
+    """Tiled lists of random rows (true rows of ``dim``, coordinates their first ``d`` values, a
+    lower bound of the true distance), with lists of the given sizes, and the rows."""
+    assert sum(sizes) == n
+    rng = np.random.default_rng(seed)
+    rows = rng.normal(size=(n, dim)).astype(np.float32)
+    coords = np.ascontiguousarray(rows[:, :d])
+    list_start = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    spans = list(itertools.pairwise(list_start.tolist()))
+    centres = np.stack([coords[s:e].mean(0) if e > s else np.zeros(d, np.float32) for s, e in spans])
+    radius = np.array([np.sqrt(((coords[s:e] - centres[i]) ** 2).sum(1).max()) if e > s else 0.0
+                       for i, (s, e) in enumerate(spans)], dtype=np.float32)
+    return ivfscan.TiledLists.of(coords, list_start, centres.astype(np.float32), radius, rows), rows, coords
+
+
+def _merged(tiled: ivfscan.TiledLists, queries: np.ndarray, reach_sq: np.ndarray, k: int,
+            shown: np.ndarray | None, step: int) -> np.ndarray:
+    parts = [tiled.exact(queries[:, : tiled.dims], queries, reach_sq, k, shown,
+                         slice(first, min(tiled.lists, first + step))) for first in range(0, tiled.lists, step)]
+    return np.sort(np.concatenate(parts, axis=1), axis=1)[:, :k]
+
+
+def _brute(rows: np.ndarray, queries: np.ndarray, k: int, shown: np.ndarray | None = None) -> np.ndarray:
+    sq = ((queries[:, None, :].astype(np.float64) - rows[None].astype(np.float64)) ** 2).sum(-1)
+    if shown is not None:
+        sq[:, ~shown] = np.inf
+    return np.sort(sq, axis=1)[:, :k]
+
+
+@pytest.mark.parametrize(("d", "dim"), [(7, 20), (16, 16), (32, 152), (5, 9)])
+@pytest.mark.parametrize("k", [1, 4])
+def test_the_scan_over_any_list_ranges_equals_brute_force(d: int, dim: int, k: int) -> None:
+    """Lists of odd sizes (an empty one, some shorter than a panel), dimensions off the lane count,
+    ranges of one or several panels of lists: the k nearest of the rows within reach."""
+    sizes = [37, 0, 5, 16, 64, 1, 90, 17, 33, 2, 41, 22, 7, 19, 50, 3, 13]
+    tiled, rows, _ = _lists(sum(sizes), d, dim, sizes, seed=d + dim)
+    rng = np.random.default_rng(1)
+    queries = np.concatenate([rows[rng.choice(len(rows), 40)] + rng.normal(size=(40, dim)).astype(np.float32) * 0.3,
+                              rng.normal(size=(20, dim)).astype(np.float32) * 3])          # near the rows, and outliers
+    truth = _brute(rows, queries, k)
+    reach_sq = (truth[:, -1] * 1.001 + 1e-6).astype(np.float32)
+    for step in (ivfscan.LANES, 2 * ivfscan.LANES, tiled.lists):
+        np.testing.assert_allclose(_merged(tiled, queries, reach_sq, k, None, step), truth, rtol=1e-5, atol=1e-5)
+    # a reach below the nearest row's distance: no row qualifies (coordinates are the rows' first values,
+    # so a row outside the reach in coordinates is outside it in truth too, but not conversely)
+    short = _merged(tiled, queries, (truth[:, 0] * 0.25).astype(np.float32), k, None, tiled.lists)
+    coords_sq = _brute(rows[:, :d], queries[:, :d], 1)[:, 0]
+    assert np.all(np.isinf(short[coords_sq > truth[:, 0] * 0.25 * 1.01]))
+
+
+def test_hidden_rows_are_never_returned() -> None:
+    sizes = [30, 70, 20, 50, 10, 60]
+    tiled, rows, _ = _lists(sum(sizes), 8, 24, sizes, seed=3)
+    rng = np.random.default_rng(4)
+    queries = rows[rng.choice(len(rows), 30)] + rng.normal(size=(30, 24)).astype(np.float32) * 0.1
+    shown = rng.random(len(rows)) < 0.4
+    truth = _brute(rows, queries, 2, shown)
+    got = _merged(tiled, queries, np.full(len(queries), np.inf, np.float32), 2, shown, ivfscan.LANES)
+    np.testing.assert_allclose(got, truth, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_buffers_and_ranges_are_refused() -> None:
+    sizes = [20, 20, 20]
+    tiled, rows, coords = _lists(60, 4, 8, sizes, seed=5)
+    queries, reach = rows[:3], np.ones(3, np.float32)
+    with pytest.raises(ValueError, match="query size"):
+        tiled.exact(coords[:3], rows[:2], reach, 1, None, slice(0, 3))
+    with pytest.raises(ValueError, match="list range"):
+        tiled.exact(coords[:3], queries, reach, 1, None, slice(1, 3))          # not the start of a panel
+    with pytest.raises(ValueError, match="list range"):
+        tiled.exact(coords[:3], queries, reach, 1, None, slice(0, 4))
+    with pytest.raises(ValueError, match="shown size"):
+        tiled.exact(coords[:3], queries, reach, 1, np.ones(59, bool), slice(0, 3))
+    with pytest.raises(ValueError, match="k"):
+        tiled.exact(coords[:3], queries, reach, 65, None, slice(0, 3))
+    with pytest.raises(ValueError, match="cover"):
+        ivfscan.TiledLists.of(coords, np.array([0, 20, 50]), np.zeros((2, 4), np.float32), np.zeros(2, np.float32),
+                              rows)
+    empty = tiled.exact(coords[:0], rows[:0], reach[:0], 1, None, slice(0, 3))
+    assert empty.shape == (0, 1)
