@@ -35,8 +35,11 @@
 
 #if defined(__GNUC__) || defined(__clang__)
 #define VECTORS 1
-typedef float lanes_t __attribute__((vector_size(LANES * sizeof(float))));
-typedef int32_t lane_ints_t __attribute__((vector_size(LANES * sizeof(int32_t))));
+/* 8 floats: one ymm register where AVX is there (two xmm below it, half a zmm above it); a panel
+   row is two of them. Wider vector types make GCC split them badly under AVX2 (6x slower). */
+#define VLANES 8
+typedef float vec_t __attribute__((vector_size(VLANES * sizeof(float))));
+typedef int32_t vec_ints_t __attribute__((vector_size(VLANES * sizeof(int32_t))));
 #define INLINE static inline __attribute__((always_inline))
 #else
 #define VECTORS 0
@@ -47,39 +50,59 @@ typedef int32_t lane_ints_t __attribute__((vector_size(LANES * sizeof(int32_t)))
 #if defined(__clang__)
 #define SHUFFLE(v, ...) __builtin_shufflevector(v, v, __VA_ARGS__)
 #else
-#define SHUFFLE(v, ...) __builtin_shuffle(v, (lane_ints_t){__VA_ARGS__})
+#define SHUFFLE(v, ...) __builtin_shuffle(v, (vec_ints_t){__VA_ARGS__})
 #endif
 
+INLINE vec_t load(const float *from) {
+    vec_t v;
+    memcpy(&v, from, sizeof(v));
+    return v;
+}
+
 /* the sum of the lanes, by halving */
-INLINE float lanes_sum(lanes_t v) {
-    v += SHUFFLE(v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-    v += SHUFFLE(v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
-    v += SHUFFLE(v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
-    v += SHUFFLE(v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+INLINE float vec_sum(vec_t v) {
+    v += SHUFFLE(v, 4, 5, 6, 7, 0, 1, 2, 3);
+    v += SHUFFLE(v, 2, 3, 0, 1, 6, 7, 4, 5);
+    v += SHUFFLE(v, 1, 0, 3, 2, 5, 4, 7, 6);
     return v[0];
 }
 
-/* whether any lane of a comparison's result is set */
-INLINE int any_lane(lane_ints_t hit) {
-    int64_t words[LANES / 2];
+INLINE int any_set(vec_ints_t hit) {
+    int64_t words[VLANES / 2];
     memcpy(words, &hit, sizeof(words));
     int64_t any = 0;
-    for (int j = 0; j < LANES / 2; j++) any |= words[j];
+    for (int j = 0; j < VLANES / 2; j++) any |= words[j];
     return any != 0;
 }
 #endif
 
+/* whether any of the LANES values is < limit (strict) or <= limit */
+INLINE int any_below(const float *values, float limit, int or_equal) {
+#if VECTORS
+    vec_t bound = {0};
+    bound += limit;
+    vec_ints_t hit = {0};
+    for (int h = 0; h < LANES; h += VLANES)
+        hit |= or_equal ? load(values + h) <= bound : load(values + h) < bound;
+    return any_set(hit);
+#else
+    for (int j = 0; j < LANES; j++)
+        if (or_equal ? values[j] <= limit : values[j] < limit) return 1;
+    return 0;
+#endif
+}
+
 /* squared distances of one query (d coordinates) to the LANES columns of a panel */
 INLINE void panel_distances(const float *query, const float *panel, int d, float *out) {
 #if VECTORS
-    lanes_t acc = {0};
-    for (int a = 0; a < d; a++) {
-        lanes_t column;
-        memcpy(&column, panel + (int64_t)a * LANES, sizeof(column));
-        lanes_t t = query[a] - column;
-        acc += t * t;
-    }
-    memcpy(out, &acc, sizeof(acc));
+    vec_t acc[LANES / VLANES];
+    memset(acc, 0, sizeof(acc));
+    for (int a = 0; a < d; a++)
+        for (int h = 0; h < LANES / VLANES; h++) {
+            vec_t t = query[a] - load(panel + (int64_t)a * LANES + h * VLANES);
+            acc[h] += t * t;
+        }
+    memcpy(out, acc, sizeof(acc));
 #else
     for (int j = 0; j < LANES; j++) out[j] = 0.0f;
     for (int a = 0; a < d; a++) {
@@ -95,26 +118,26 @@ INLINE void panel_distances(const float *query, const float *panel, int d, float
 /* the squared distance of two rows of n floats */
 INLINE float row_distance(const float *a, const float *b, int n) {
 #if VECTORS
-    if (n >= LANES) {
-        lanes_t acc = {0}, x, y, t;
+    if (n >= VLANES) {
+        vec_t acc = {0}, other = {0}, t;
         int i = 0;
-        for (; i + LANES <= n; i += LANES) {
-            memcpy(&x, a + i, sizeof(x));
-            memcpy(&y, b + i, sizeof(y));
-            t = x - y;
+        for (; i + 2 * VLANES <= n; i += 2 * VLANES) {      /* two accumulators: two additions in flight */
+            t = load(a + i) - load(b + i);
+            acc += t * t;
+            t = load(a + i + VLANES) - load(b + i + VLANES);
+            other += t * t;
+        }
+        for (; i + VLANES <= n; i += VLANES) {
+            t = load(a + i) - load(b + i);
             acc += t * t;
         }
-        if (i < n) {        /* the last LANES floats, less those already counted */
-            static const int32_t ramp[LANES] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-            lane_ints_t index, seen = {0};
-            memcpy(&index, ramp, sizeof(index));
-            seen += LANES - (n - i);
-            memcpy(&x, a + n - LANES, sizeof(x));
-            memcpy(&y, b + n - LANES, sizeof(y));
-            t = x - y;
-            acc += (lanes_t)((lane_ints_t)(t * t) & (index >= seen));
+        if (i < n) {        /* the last VLANES floats, less those already counted */
+            vec_ints_t index = {0, 1, 2, 3, 4, 5, 6, 7}, seen = {0};
+            seen += VLANES - (n - i);
+            t = load(a + n - VLANES) - load(b + n - VLANES);
+            acc += (vec_t)((vec_ints_t)(t * t) & (index >= seen));
         }
-        return lanes_sum(acc);
+        return vec_sum(acc + other);
     }
 #endif
     float s = 0.0f;
@@ -180,13 +203,13 @@ INLINE void lists_needed(const Memory *m, const Queries *q, int64_t first, int64
    of them (register blocking, as a matrix product does) */
 INLINE void group_dots(const float *const *query, const float *panel, int d, float out[GROUP][LANES]) {
 #if VECTORS
-    lanes_t acc[GROUP];
+    vec_t acc[GROUP][LANES / VLANES];
     memset(acc, 0, sizeof(acc));
-    for (int a = 0; a < d; a++) {
-        lanes_t column;
-        memcpy(&column, panel + (int64_t)a * LANES, sizeof(column));
-        for (int g = 0; g < GROUP; g++) acc[g] += query[g][a] * column;
-    }
+    for (int a = 0; a < d; a++)
+        for (int h = 0; h < LANES / VLANES; h++) {
+            vec_t column = load(panel + (int64_t)a * LANES + h * VLANES);
+            for (int g = 0; g < GROUP; g++) acc[g][h] += query[g][a] * column;
+        }
     memcpy(out, acc, sizeof(acc));
 #else
     memset(out, 0, sizeof(float) * GROUP * LANES);
@@ -218,12 +241,7 @@ INLINE void scan_group(const Memory *m, const Queries *q, const float *q_sq, int
             float lower[LANES];
             for (int j = 0; j < LANES; j++) lower[j] = (q_sq[i] + norms[j]) * (1.0f - 2e-5f) - 2.0f * dots[g][j];
             float limit = bound[g] * (1.0f + 1e-4f);
-#if VECTORS
-            lanes_t lower_v, limit_v = {0};
-            memcpy(&lower_v, lower, sizeof(lower_v));
-            limit_v += limit;
-            if (!any_lane(lower_v <= limit_v)) continue;
-#endif
+            if (!any_below(lower, limit, 1)) continue;
             for (int j = 0; j < LANES; j++) {
                 if (!(lower[j] <= limit)) continue;
                 int64_t pos = m->slots[c0 + j];
@@ -284,7 +302,7 @@ static int describe(Py_buffer *b, int d, int dim, int k, Memory *m, Queries *q) 
     int64_t positions = FLOATS(b[BANK]) / dim;
     if (positions * dim != FLOATS(b[BANK])) return fail("bank size mismatch");
     if (b[SHOWN].obj && b[SHOWN].len != positions) return fail("shown size mismatch");
-    int64_t n = FLOATS(b[REACH]);
+    int64_t n = FLOATS(b[COORDS]) / d;
     if (FLOATS(b[COORDS]) != n * d || FLOATS(b[ROWS]) != n * dim) return fail("query size mismatch");
     if (FLOATS(b[OUT]) != n * k) return fail("out size mismatch");
     *m = (Memory){d, dim, lists, b[PANELS].buf, b[NORMS].buf, list_start, b[SLOTS].buf, b[CENTRES].buf, b[RADIUS].buf,
@@ -310,6 +328,7 @@ static PyObject *py_exact(PyObject *self, PyObject *args) {
     int64_t *who = NULL;
     int status = (shown != Py_None && PyObject_GetBuffer(shown, &b[SHOWN], PyBUF_SIMPLE) < 0) ? -1 : 0;
     if (status == 0) status = describe(b, d, dim, k, &m, &q);
+    if (status == 0 && FLOATS(b[REACH]) != q.n) status = fail("query size mismatch (reach)");
     if (status == 0 && (first < 0 || first > end || end > m.lists || first % LANES))
         status = fail("list range out of bounds (or not starting a panel)");
     if (status == 0 && end > first && q.n > 0) {
@@ -347,9 +366,20 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_ivfscan", "The exact scan of the projected inverted file.",
                                     -1, methods};
 
+/* whether this CPU runs the scans fast: GCC's generic vectors need AVX2 (on x86 without it they
+   run ~14x slower than with it, far behind numpy); other targets are not measured */
+static int fast_here(void) {
+#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") != 0;
+#else
+    return 0;
+#endif
+}
+
 PyMODINIT_FUNC PyInit__ivfscan(void) {
     PyObject *m = PyModule_Create(&module);
-    if (m && PyModule_AddIntConstant(m, "LANES", LANES) < 0) {
+    if (m && (PyModule_AddIntConstant(m, "LANES", LANES) < 0 || PyModule_AddIntConstant(m, "FAST", fast_here()) < 0)) {
         Py_DECREF(m);
         return NULL;
     }

@@ -22,9 +22,11 @@ try:
 except ImportError:      # built without a C compiler: engine.search uses numpy and faiss
     _ivfscan = None
 
-__all__ = ["AVAILABLE", "LANES", "TiledLists"]
+__all__ = ["AVAILABLE", "BUILT", "LANES", "TiledLists"]
 
-AVAILABLE = _ivfscan is not None
+BUILT = _ivfscan is not None
+# built, and on a CPU where it beats numpy (x86 with AVX2; engine/_ivfscan.c): what the engine uses
+AVAILABLE = BUILT and bool(_ivfscan.FAST)
 LANES = 16 if _ivfscan is None else int(_ivfscan.LANES)
 # padding columns: far from every query (squared distances ~1e36 stay finite in float32)
 _PAD = 1e18

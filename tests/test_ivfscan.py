@@ -9,7 +9,7 @@ import pytest
 
 from engine import ivfscan
 
-pytestmark = pytest.mark.skipif(not ivfscan.AVAILABLE, reason="C scan not built (no C compiler at install)")
+pytestmark = pytest.mark.skipif(not ivfscan.BUILT, reason="C scan not built (no C compiler at install)")
 
 
 def _lists(n: int, d: int, dim: int, sizes: list[int], seed: int) -> tuple[ivfscan.TiledLists, np.ndarray, np.ndarray]:

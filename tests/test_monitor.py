@@ -21,7 +21,7 @@ from engine.errors import ImageNotKept, InvalidInput
 from engine.images import resize_square
 from engine.settings import Settings
 from engine.storage import SOURCES
-from tests.support import MVTEC_BOTTLE, Doors, door_settings, load_bgr, png_bytes
+from tests.support import Doors, door_settings, load_bgr, png_bytes
 
 SIDE = 224
 INPUT = 112
@@ -251,13 +251,13 @@ def test_both_doors_report_drift_and_explain(world: World, doors: Doors) -> None
                                               "patch_row": 0, "patch_col": 0}) == (404, "image_not_kept")
 
 
-def test_an_unreadable_history_file_never_stops_inspections(tmp_path: Path) -> None:
+def test_an_unreadable_history_file_never_stops_inspections(tmp_path: Path, bottle_dir: Path) -> None:
     root = tmp_path / "data"
     root.mkdir()
     (root / "history.sqlite").write_bytes(b"this is no database" * 100)
     engine = Engine(Settings(data_root=root, backbone="efficientnet_lite0", input_size=64))
     try:
-        images = [png_bytes(load_bgr(p, 64)) for p in sorted(MVTEC_BOTTLE.glob("train/good/00[0-2].png"))]
+        images = [png_bytes(load_bgr(p, 64)) for p in sorted(bottle_dir.glob("train/good/00[0-2].png"))]
         engine.fit_ok(ROLE, "cap", MM, images)
         res = engine.infer(ROLE, "cap", MM, images[0], allow_uncalibrated=True)
         assert res.score > 0

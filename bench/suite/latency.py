@@ -2,7 +2,8 @@
 
 * production: EfficientNet-Lite0 fitted on all 209 bottle train images (900 x 900 PNG files) at
   416 px with a 1.5 % coreset (the engine's defaults), 224 px with 10 % (the defaults before 320 px / 2.5 %)
-  and 448 px with 10 % (a memory of >= 60k rows), each calibrated on its hold-out OK scores.
+  and 448 px with 10 % (a memory of >= 60k rows); and 762 images (the 209 and augmented copies) at
+  224 px with 10 % (~60k rows, 784 patches per ROI); each calibrated on its hold-out OK scores.
   Two 900 x 900 PNG ROIs (a defective and a good bottle test image, the files as they are) go
   through every path, called in turn so drift hits all alike:
   ``decode+resize`` (decode_image + resize_square), ``forward`` (extractor), ``in-process``
@@ -53,8 +54,9 @@ from bench.suite.common import (
 
 FULL: dict[str, Any] = {
     # [side, images, coreset ratio]: the engine's default (416, 1.5 %), the first one (224, 10 %)
-    # side by side, and a memory of >= 60k rows (448, 10 %)
-    "production": [[416, 209, 0.015], [224, 209, 0.1], [448, 209, 0.1]],
+    # side by side, and memories of >= 60k rows: 448 px (10 %), and 762 images at 224 px (10 %,
+    # ~600k patches: the size of a large texture set's fit)
+    "production": [[416, 209, 0.015], [224, 209, 0.1], [448, 209, 0.1], [224, 762, 0.1]],
     "budget_s": 40.0, "n_min": 15, "n_max": 150, "exact_checks": 8, "exact_all_max_rows": 20000,
     "thread_counts": [1, 2, 0], "clients": [1, 2, 4], "throughput_s": 8.0, "paced_n": 30, "paced_gap_s": 0.2,
     "crossover_rows": [2000, 4000, 8000, 16000, 32000, 64000],
@@ -84,7 +86,7 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
         first = params["production"][0]
         for threads in params["thread_counts"]:
             say(SECTION, f"threads {threads or 'default'}: {', '.join(map(str, params['clients']))} clients")
-            result = run_child("latency:one_threads", {**params, "side": first[0], "root": root,
+            result = run_child("latency:one_threads", {**params, "side": first[0], "images": first[1], "root": root,
                                                        "threads": threads or None}, timeout=params["timeout_s"])
             result["torch_threads"] = threads or "default"
             result["side"] = first[0]
@@ -144,7 +146,7 @@ def _zmq_door(engine: Any, config: Any) -> Any:
 
 def one_production(params: dict[str, Any]) -> dict[str, Any]:
     side, images = int(params["side"]), int(params["images"])
-    root = Path(params["root"]) / f"p{side}"
+    root = Path(params["root"]) / f"p{side}-{images}"
     engine, config = _engine(root, side, params.get("threads"), coreset_ratio=params.get("ratio"))
     try:
         t0 = time.perf_counter()
@@ -297,7 +299,7 @@ def _refinement(engine: Any, side: int, exact_checks: int, exact_all_max_rows: i
 def one_threads(params: dict[str, Any]) -> dict[str, Any]:
     """ROIs per second through the ZeroMQ door with 1, 2, 4 clients, at one thread setting."""
     side = int(params["side"])
-    root = Path(params["root"]) / f"p{side}"
+    root = Path(params["root"]) / f"p{side}-{int(params['images'])}"
     engine, config = _engine(root, side, params.get("threads"))
     png = _probe_files()["defective"]
     rows = []

@@ -98,7 +98,7 @@ def _latency_targets(sections: dict[str, Any]) -> list[dict[str, str]]:
     if why or not configs:
         return [_target(n, "-", why or "not measured: no production model") for n in (ratio_name, knn_name)]
     for c in configs:
-        if c["images"] < 209 and c is not configs[0]:
+        if c["images"] != 209 and c is not configs[0]:
             continue
         label = f"{c['images']} images @ {c['side']} ({c['coreset_size']} rows)"
         for probe, p in c["probes"].items():
@@ -191,7 +191,8 @@ def markdown(report: dict[str, Any], plots: list[str]) -> str:
     lines += [
         f"- machine: {m['platform']}; CPU {m['cpu_model']}; {m['cpu_count']} cores "
         f"({m['cpus_usable']} usable); RAM {m['ram_gib']} GiB",
-        f"- torch {m['torch']} ({m['torch_threads']} threads), faiss {m['faiss']}, numpy {m['numpy']}, "
+        f"- torch {m['torch']} ({m['torch_threads']} threads), faiss {m['faiss']} (search scans: "
+        f"{m.get('exact_scan', 'numpy')}), numpy {m['numpy']}, "
         f"python {m['python']}; CUDA: {m['cuda_device'] or 'none (torch.cuda.is_available() is False)'}",
         f"- started {report['started']}, took {report.get('total_s', 0) / 60:.1f} min; load average before "
         f"{m['load_avg']}, after {report.get('load_avg_after')} (other processes on these cores inflate "
