@@ -14,7 +14,7 @@ class _BuildExt(build_ext):
     def build_extensions(self) -> None:
         if self.compiler.compiler_type == "unix":       # GCC or clang
             for extension in self.extensions:
-                extension.extra_compile_args = ["-O3", "-fno-math-errno"]
+                extension.extra_compile_args = ["-O3", "-fno-math-errno", "-Wno-psabi"]
         super().build_extensions()
 
 
