@@ -12,7 +12,8 @@ When the setting still reached BLAS, ``BACKEND_TORCH_THREADS=2`` on the 2-core A
 8.2 ROIs/s through the ZeroMQ door against 19.8 unset (bottle Lite0 @ 416 px, one client), and
 the forward pass at 224 px took 62 ms instead of 7-9.
 Concurrent requests bring their own parallelism. The C allocator gets one arena per usable core
-(``engine.heap``), where glibc would give every thread that allocates beside another its own.
+(``engine.heap``), where glibc would give every thread that allocates beside another its own, and
+keeps the blocks of a forward pass for the next one instead of mapping them afresh.
 
 OpenMP keeps its thread count per thread: a count set at start-up reaches only the thread that
 set it (limiting the OpenMP-built BLAS that faiss ships even set faiss to one thread there, and
@@ -45,7 +46,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from threading import Barrier, BoundedSemaphore, Lock, Thread, local
 from typing import Generic, TypeVar
 
-from engine.heap import limit_arenas, release_free_memory
+from engine.heap import keep_freed_memory, limit_arenas, release_free_memory
 
 __all__ = ["InTurn", "SizedPool", "configure_threads", "on_fresh_thread", "run_inference", "run_shared",
            "usable_cores", "use_faiss_threads"]
@@ -75,6 +76,7 @@ def configure_threads(threads: int | None) -> None:
         cv2.setNumThreads(threads)
     threadpool_limits(limits=1, user_api="blas")
     limit_arenas(usable_cores())
+    keep_freed_memory()
     _faiss_threads = threads or usable_cores()
     # one thread with a team of all cores, or (one torch thread each) one per core
     _inference.configure(usable_cores() if threads == 1 else max(1, usable_cores() // (threads or usable_cores())))
