@@ -15,12 +15,13 @@ elsewhere: Windows, macOS, musl):
   @ 416 px, 209 images, three fits in one process: resident memory after each fit 884 / 1022 /
   894 MiB without, 578 / 607 / 613 MiB with (the trim takes ~20 ms).
 * :func:`keep_freed_memory` at start-up: blocks below 32 MiB come from the arenas, and an arena
-  gives its free top back only above 64 MiB (or at the trims above). glibc's defaults (128 KiB for
+  gives its free top back only above 32 MiB (or at the trims above). glibc's defaults (128 KiB for
   both) adapt upwards only when a large block is freed after being mapped on its own; until some
   code does that, every forward pass mapped its activations afresh and the kernel zeroed their
   pages: bottle Lite0 @ 416 px, 3 000-4 500 page faults per inference and the forward pass 17-25
   ms instead of 13-15 (it happened in processes where no faiss search ran between forward
-  passes, whose buffers raised the thresholds as a side effect).
+  passes, whose buffers raised the thresholds as a side effect). With the free tops kept up to
+  64 MiB, the soak below grew 423 -> 451 MiB over its refits (FAIL); up to 32 MiB, 412 -> 418.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ __all__ = ["keep_freed_memory", "limit_arenas", "release_free_memory"]
 # mallopt's parameter numbers (glibc's malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
 _MMAP_THRESHOLD = 32 * 2**20    # glibc's largest (64-bit)
-_TRIM_THRESHOLD = 64 * 2**20
+_TRIM_THRESHOLD = 32 * 2**20
 
 
 @cache
