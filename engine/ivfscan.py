@@ -1,7 +1,8 @@
 """The inverted file's lists in panels for the C exact scan (``engine/_ivfscan.c``).
 
 ``engine.search`` answers the exact search of an inverted file with this scan when the extension
-was built (``AVAILABLE``), and with numpy and faiss otherwise; both give the same distances.
+was built and the CPU has AVX2 (``AVAILABLE``), and with numpy and faiss otherwise; both give the
+same distances.
 
 Why a scan of our own: numpy's path tests balls per block of lists (a matrix product per block),
 so a query that needs one list of a block is compared with the whole block's wanted lists, and

@@ -247,7 +247,7 @@ class MemorySearch:
         else:
             _, ids = self.ivf.search(self.projection(x, precise=False), self.candidates, params=params)
             squared = np.sort(self._true_sq(x, ids), axis=1)[:, : self.k]
-        return self._finish(self._fill_missing(x, squared, np.count_nonzero(ids >= 0, axis=1) < self.k, only))
+        return self._finish(self._fill_missing(x, squared, ids, only))
 
     def exact(self, queries: np.ndarray, reach: np.ndarray, only: RowFilter | None = None) -> np.ndarray:
         """(Q,) exact mean distance to the k nearest rows, given each query's ``reach`` (Q,): an
@@ -280,13 +280,13 @@ class MemorySearch:
             ids = self._blocks.ids[at]
         return self._finish(squared)[0], ids[:, 0].astype(np.int64)
 
-    def _fill_missing(self, x: np.ndarray, squared: np.ndarray, short: np.ndarray,
+    def _fill_missing(self, x: np.ndarray, squared: np.ndarray, ids: np.ndarray,
                       only: RowFilter | None) -> np.ndarray:
-        """``squared`` (Q, k), with the queries ``short`` (Q,) bool, whose probed lists held fewer
-        than k rows the search may return (lists left empty, or rows a filter hides), searched over
-        every such row. Without it they would get an infinite distance: no upper bound for the
-        exact step, and a map poisoned by 0 x inf."""
-        missing = np.flatnonzero(short)
+        """``squared`` (Q, k), with the queries whose probed lists held fewer than k rows the
+        search may return (lists left empty, or rows a filter hides) searched over every such
+        row. Without it they would get an infinite distance: no upper bound for the exact step,
+        and a map poisoned by 0 x inf."""
+        missing = np.flatnonzero(np.count_nonzero(ids >= 0, axis=1) < self.k)
         if missing.size == 0:
             return squared
         rows = self._blocks.bank if only is None else self._blocks.bank[only.rows[self._blocks.ids]]
