@@ -6,8 +6,9 @@
  *
  * Layout ("panels"): rows go by LANES into panels of (d, LANES) floats, dimension-major, so one
  * pass over the d dimensions reads LANES * d contiguous floats and gives LANES squared distances
- * with no horizontal sum. Each list starts a new panel; padding columns hold a huge value and map
- * to position -1. The lists' ball centres are laid out the same way.
+ * with no horizontal sum. Each list starts a new panel; padding columns hold zeros with an
+ * infinite squared norm (never within reach) and map to position -1. The lists' ball centres are
+ * laid out the same way, padded with a huge value.
  *
  * Lists in the outer loop: a list's panels stay in L1 while every query that needs it (its ball
  * comes within the query's reach) is compared with them. Outlying patches (a defect's) need a

@@ -37,7 +37,7 @@ import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Literal, TypeVar
 
@@ -224,6 +224,8 @@ class MemorySearch:
             if native and not ivfscan.AVAILABLE:
                 raise ValueError("the C exact scan (engine._ivfscan) was not built")
             self._tiled = self._blocks.tiled() if native and self.k <= _NATIVE_MAX_K else None
+            if self._tiled is not None:     # the numpy path's matrices are not used (7.7 MiB at 60k rows)
+                self._blocks = replace(self._blocks, columns=())
 
     @property
     def approximate(self) -> bool:
