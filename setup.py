@@ -1,9 +1,10 @@
-"""The C exact scan of the projected inverted file (engine/_ivfscan.c); everything else is in
+"""The C scans of the projected inverted file (engine/_ivfscan.c); everything else is in
 pyproject.toml.
 
 Optional: where no C compiler is found the build goes on without it, and the engine searches with
-numpy instead (the same results, slower). The scan's vectors are GCC / clang extensions: built by
-MSVC it has no vector code, and the engine leaves it unused (``engine.ivfscan.AVAILABLE``).
+faiss and numpy instead (the same results, slower). The scans' vectors are GCC / clang extensions:
+built by MSVC they have no vector code, and the engine leaves them unused
+(``engine.ivfscan.AVAILABLE``).
 """
 
 from setuptools import Extension, setup

@@ -89,7 +89,7 @@ class Engine:
         self.monitor = Monitor(settings, self.models, self._samples, self._scorer)   # the scorer's recorder
         log.info("engine_ready", backbone=self.backbone_info.name, reason=self.backbone_reason,
                  device=self.device, precision=self.extractor.precision, data_root=str(self.data_root),
-                 exact_scan="c" if ivfscan.AVAILABLE else "numpy")
+                 search_scans="c" if ivfscan.AVAILABLE else "numpy")
 
     def close(self) -> None:
         self.monitor.close()

@@ -1,8 +1,10 @@
-"""The inverted file's lists in panels for the C exact scan (``engine/_ivfscan.c``).
+"""The inverted file's lists in panels for the C scans (``engine/_ivfscan.c``).
 
-``engine.search`` answers the exact search of an inverted file with this scan when the extension
-was built and the CPU has AVX2 (``AVAILABLE``), and with numpy and faiss otherwise; both give the
-same distances.
+``engine.search`` answers the searches of a projected inverted file with these scans when the
+extension was built and the CPU has AVX2 (``AVAILABLE``), and with numpy and faiss otherwise; both
+give the same exact distances, and approximate ones by the same rule (each query's ``nprobe``
+lists of nearest centroid, its ``candidates`` rows nearest in coordinates there, the k nearest of
+those by true distance).
 
 Why a scan of our own: numpy's path tests balls per block of lists (a matrix product per block),
 so a query that needs one list of a block is compared with the whole block's wanted lists, and
@@ -10,6 +12,9 @@ its Python steps cost ~0.1 ms per block (a 60k-row memory has ~60 blocks). The C
 each list's ball per query, compares rows 16 at a time from panels that stay in cache while every
 query that needs the list goes through them, and tightens each query's bound as true distances
 come in.
+
+Why an approximate scan of our own: faiss's inverted-file search takes one query at a time, with a
+heap per query; the C scan takes each probed list once, with all the queries that probe it.
 """
 
 from __future__ import annotations
@@ -55,12 +60,15 @@ class TiledLists:
     radius: np.ndarray        # (L,) float32 the lists' ball radii
     bank: np.ndarray          # (positions, D) float32 the true rows
     dims: int                 # coordinates per row
+    centroids: np.ndarray     # (L rounded up to LANES, * d) float32: panels of the lists' quantizer centroids
+    centroid_norms: np.ndarray  # (L rounded up to LANES,) float32 their squared norms, +inf for padding
 
     @classmethod
     def of(cls, coords: np.ndarray, list_start: np.ndarray, centres: np.ndarray, radius: np.ndarray,
-           bank: np.ndarray) -> TiledLists:
+           bank: np.ndarray, list_centroids: np.ndarray) -> TiledLists:
         """Panels of the rows ``coords`` (positions, d), list l at ``list_start[l]:list_start[l + 1]``,
-        whose balls are ``centres`` (L, d) and ``radius`` (L,)."""
+        whose balls are ``centres`` (L, d) and ``radius`` (L,), and whose rows the quantizer gave
+        to the centroids ``list_centroids`` (L, d) (the approximate scan probes by them)."""
         sizes = np.diff(list_start)
         if len(coords) != len(bank) or list_start[0] != 0 or list_start[-1] != len(bank) or np.any(sizes < 0):
             raise ValueError("the lists do not cover the bank's positions")
@@ -74,9 +82,28 @@ class TiledLists:
         norms[column] = np.einsum("nd,nd->n", coords, coords, dtype=np.float64)
         slots = np.full(int(column_start[-1]), -1, dtype=np.int64)
         slots[column] = np.arange(len(coords))
+        list_centroids = np.asarray(list_centroids, dtype=np.float32)
+        if list_centroids.shape != (len(sizes), coords.shape[1]):
+            raise ValueError("one centroid per list, of the coordinates' size, expected")
+        centroid_norms = np.full(-(-len(sizes) // LANES) * LANES, np.inf, dtype=np.float32)
+        centroid_norms[: len(sizes)] = np.einsum("ld,ld->l", list_centroids, list_centroids, dtype=np.float64)
         return cls(_panels(padded), norms, column_start, slots, _panels(np.asarray(centres, np.float32)),
                    np.ascontiguousarray(radius, dtype=np.float32), np.ascontiguousarray(bank, dtype=np.float32),
-                   coords.shape[1])
+                   coords.shape[1], _panels(list_centroids), centroid_norms)
+
+    def approximate(self, coords: np.ndarray, rows: np.ndarray, nprobe: int, candidates: int, k: int,
+                    shown: np.ndarray | None) -> np.ndarray:
+        """(n, k) ascending squared true distances of the queries (``coords`` (n, d), ``rows`` (n, D))
+        to the k nearest by true distance of the ``candidates`` ``shown`` rows (by position; None =
+        all) nearest in coordinates among the query's ``nprobe`` lists of nearest centroid; +inf
+        where fewer are."""
+        out = np.empty((len(coords), k), dtype=np.float32)
+        _ivfscan.approximate(self.panels, self.norms, self.column_start, self.slots, self.centres, self.radius,
+                             self.centroids, self.centroid_norms, self.bank,
+                             None if shown is None else np.ascontiguousarray(shown, dtype=np.uint8), self.dims,
+                             self.bank.shape[1], np.ascontiguousarray(coords, dtype=np.float32),
+                             np.ascontiguousarray(rows, dtype=np.float32), int(nprobe), int(candidates), int(k), out)
+        return out
 
     @property
     def lists(self) -> int:

@@ -58,8 +58,10 @@ _MAX_PROBES = 16              # the recall tuning stops here: exactness comes fr
 _ROWS_PER_BLOCK = 1024        # memory rows per block of the exact search
 _SHARED_WORK = 500_000        # row comparisons of one exact search above which its blocks are shared out (~0.6 ms)
 _MIN_LISTS, _MAX_LISTS = 16, 4096
-_NATIVE_MAX_K = 64             # the C exact scan's largest k (engine/_ivfscan.c); numpy above it
-_SCAN_PIECES = 8               # list ranges of one C exact scan, taken in turn by the exact-search workers
+_NATIVE_MAX_K = 64             # the C scans' largest k (engine/_ivfscan.c); faiss and numpy above it
+_SCAN_PIECES = 8               # list (query) ranges of one C exact (approximate) scan, taken in turn by the workers
+_QUERIES_PER_PIECE = 64        # the fewest queries in a piece of a C approximate scan
+_QUERY_WORK = 2_000            # row comparisons a query's approximate scan counts as (~8 lists of ~60 rows, 4 probed)
 
 
 @dataclass(frozen=True)
@@ -204,7 +206,7 @@ class MemorySearch:
         nprobe: lists probed by ``search`` (inverted files); 0 = the index's own.
         candidates: rows per query whose true distance ``search`` takes (projected layout).
         margin: first-level margin of the exact refinement of this memory's approximate maps.
-        native: exact searches of inverted files by the C scan (``engine.ivfscan``); None = where built.
+        native: searches of inverted files by the C scans (``engine.ivfscan``); None = where built.
     """
 
     def __init__(self, index: faiss.Index, bank: np.ndarray, distance: Distance, k: int, *, nprobe: int = 0,
@@ -222,7 +224,7 @@ class MemorySearch:
             self._blocks = _Blocks.of(self.ivf, prepare_rows(bank, distance))
             native = ivfscan.AVAILABLE if native is None else native
             if native and not ivfscan.AVAILABLE:
-                raise ValueError("the C exact scan (engine._ivfscan) was not built")
+                raise ValueError("the C scans (engine._ivfscan) were not built")
             self._tiled = self._blocks.tiled() if native and self.k <= _NATIVE_MAX_K else None
             if self._tiled is not None:     # the numpy path's matrices are not used (7.7 MiB at 60k rows)
                 self._blocks = replace(self._blocks, columns=())
@@ -242,6 +244,13 @@ class MemorySearch:
             params = faiss.SearchParameters(sel=selector) if selector is not None else None
             raw, _ = self.index.search(x, self.k, params=params)
             return self._finish(_squared_l2(raw, self.distance))
+        if self.projection is not None and self._tiled is not None:
+            coords = self.projection(x, precise=False)
+            probes = min(nprobe or self.nprobe, self._tiled.lists)      # lists left empty are not among them
+            shown = None if only is None else only.rows[self._blocks.ids]
+            squared = _shared_queries(lambda part: self._tiled.approximate(
+                coords[part], x[part], probes, self.candidates, self.k, shown), len(x), self.k)
+            return self._finish(self._fill_missing(x, squared, np.isinf(squared[:, -1]), only))
         params = faiss.SearchParametersIVF(nprobe=min(nprobe or self.nprobe, self.ivf.nlist), sel=selector)
         if self.projection is None:
             raw, ids = self.ivf.search(x, self.k, params=params)
@@ -249,7 +258,7 @@ class MemorySearch:
         else:
             _, ids = self.ivf.search(self.projection(x, precise=False), self.candidates, params=params)
             squared = np.sort(self._true_sq(x, ids), axis=1)[:, : self.k]
-        return self._finish(self._fill_missing(x, squared, ids, only))
+        return self._finish(self._fill_missing(x, squared, np.count_nonzero(ids >= 0, axis=1) < self.k, only))
 
     def exact(self, queries: np.ndarray, reach: np.ndarray, only: RowFilter | None = None) -> np.ndarray:
         """(Q,) exact mean distance to the k nearest rows, given each query's ``reach`` (Q,): an
@@ -282,13 +291,13 @@ class MemorySearch:
             ids = self._blocks.ids[at]
         return self._finish(squared)[0], ids[:, 0].astype(np.int64)
 
-    def _fill_missing(self, x: np.ndarray, squared: np.ndarray, ids: np.ndarray,
+    def _fill_missing(self, x: np.ndarray, squared: np.ndarray, short: np.ndarray,
                       only: RowFilter | None) -> np.ndarray:
-        """``squared`` (Q, k), with the queries whose probed lists held fewer than k rows the
-        search may return (lists left empty, or rows a filter hides) searched over every such
-        row. Without it they would get an infinite distance: no upper bound for the exact step,
-        and a map poisoned by 0 x inf."""
-        missing = np.flatnonzero(np.count_nonzero(ids >= 0, axis=1) < self.k)
+        """``squared`` (Q, k), with the queries ``short`` (Q,) bool, whose probed lists held fewer
+        than k rows the search may return (lists left empty, or rows a filter hides), searched over
+        every such row. Without it they would get an infinite distance: no upper bound for the
+        exact step, and a map poisoned by 0 x inf."""
+        missing = np.flatnonzero(short)
         if missing.size == 0:
             return squared
         rows = self._blocks.bank if only is None else self._blocks.bank[only.rows[self._blocks.ids]]
@@ -400,6 +409,7 @@ class _Blocks:
     list_start: np.ndarray  # (L + 1,) first position of each non-empty list, lists in block order
     block_lists: np.ndarray  # (B + 1,) first list of each block
     list_side: np.ndarray   # (d + 3, L) float32: each list's ball as (-2 centre, -2 radius, |centre|^2 - radius^2, 1)
+    list_centroids: np.ndarray  # (L, d) float32 each list's quantizer centroid
 
     @classmethod
     def of(cls, ivf: faiss.IndexIVFFlat, bank: np.ndarray) -> _Blocks:
@@ -435,16 +445,17 @@ class _Blocks:
         position = np.empty_like(ids)
         position[ids] = np.arange(len(ids))
         return cls(columns, np.maximum.reduceat(sq, start[:-1]), ids, position, np.ascontiguousarray(bank[ids]),
-                   start, list_start, np.searchsorted(list_start, start), np.ascontiguousarray(list_side.T))
+                   start, list_start, np.searchsorted(list_start, start), np.ascontiguousarray(list_side.T),
+                   centroids[lists[list_start[:-1]]])
 
     def tiled(self) -> ivfscan.TiledLists:
-        """The same lists in panels for the C exact scan (coordinates, centres and radii read back
+        """The same lists in panels for the C scans (coordinates, centres and radii read back
         from the blocks' columns and balls, which hold them times 2 or -2: exact in float32)."""
         dims = self.columns[0].shape[0] - 2
         coords = np.concatenate([block[:dims].T for block in self.columns]) / np.float32(2.0)
         centres = self.list_side[:dims].T / np.float32(-2.0)
         radius = self.list_side[dims] / np.float32(-2.0)
-        return ivfscan.TiledLists.of(coords, self.list_start, centres, radius, self.bank)
+        return ivfscan.TiledLists.of(coords, self.list_start, centres, radius, self.bank, self.list_centroids)
 
     def _lists_needed(self, q: np.ndarray, q_sq: np.ndarray, reach_sq: np.ndarray) -> np.ndarray:
         """(Q, L) bool: the lists whose ball comes within each query's reach, ``|q - c| <= reach + r``,
@@ -549,6 +560,17 @@ def _exact_scan(tiled: ivfscan.TiledLists, coords: np.ndarray, x: np.ndarray, re
     if k == 1:
         return np.minimum.reduce(parts)
     return np.sort(np.concatenate(parts, axis=1), axis=1)[:, :k]
+
+
+def _shared_queries(scan: Callable[[slice], np.ndarray], n: int, k: int) -> np.ndarray:
+    """(n, k) ``scan`` over slices of the n queries, taken in turn by the caller and the
+    exact-search workers (the C scans release the GIL)."""
+    if n == 0:
+        return np.empty((0, k), dtype=np.float32)
+    size = max(_QUERIES_PER_PIECE, -(-n // _SCAN_PIECES))
+    pieces = [slice(start, min(n, start + size)) for start in range(0, n, size)]
+    work = np.array([(p.stop - p.start) * _QUERY_WORK for p in pieces], dtype=np.float64)
+    return np.concatenate(_exact_workers.map_balanced(scan, pieces, work))
 
 
 _T = TypeVar("_T")

@@ -1,4 +1,5 @@
-"""The C exact scan of an inverted file's lists (engine/_ivfscan.c) against brute force."""
+"""The C scans of an inverted file's lists (engine/_ivfscan.c): exact against brute force, approximate
+against its rule."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ def _lists(n: int, d: int, dim: int, sizes: list[int], seed: int) -> tuple[ivfsc
     centres = np.stack([coords[s:e].mean(0) if e > s else np.zeros(d, np.float32) for s, e in spans])
     radius = np.array([np.sqrt(((coords[s:e] - centres[i]) ** 2).sum(1).max()) if e > s else 0.0
                        for i, (s, e) in enumerate(spans)], dtype=np.float32)
-    return ivfscan.TiledLists.of(coords, list_start, centres.astype(np.float32), radius, rows), rows, coords
+    return (ivfscan.TiledLists.of(coords, list_start, centres.astype(np.float32), radius, rows, centres), rows,
+            coords)
 
 
 def _merged(tiled: ivfscan.TiledLists, queries: np.ndarray, reach_sq: np.ndarray, k: int,
@@ -89,6 +91,76 @@ def test_bad_buffers_and_ranges_are_refused() -> None:
         tiled.exact(coords[:3], queries, reach, 65, None, slice(0, 3))
     with pytest.raises(ValueError, match="cover"):
         ivfscan.TiledLists.of(coords, np.array([0, 20, 50]), np.zeros((2, 4), np.float32), np.zeros(2, np.float32),
-                              rows)
+                              rows, np.zeros((2, 4), np.float32))
     empty = tiled.exact(coords[:0], rows[:0], reach[:0], 1, None, slice(0, 3))
     assert empty.shape == (0, 1)
+
+
+def _near_tie(last_taken: float, first_left: float) -> bool:
+    return first_left - last_taken < 1e-4 * first_left
+
+
+def _approximate_reference(tiled_rows: np.ndarray, coords: np.ndarray, sizes: list[int], centroids: np.ndarray,
+                           queries: np.ndarray, nprobe: int, candidates: int, k: int
+                           ) -> tuple[np.ndarray, np.ndarray]:
+    """The approximate rule in float64, and for each query whether it is clear of near ties
+    (the nprobe-th and next centroid, the candidates-th and next row, 1e-4 apart relatively)."""
+    owner = np.repeat(np.arange(len(sizes)), sizes)
+    q = queries.astype(np.float64)
+    out = np.full((len(q), k), np.inf)
+    clear = np.ones(len(q), dtype=bool)
+    for i, (query, coord) in enumerate(zip(q, q[:, : coords.shape[1]], strict=True)):
+        to_lists = ((centroids.astype(np.float64) - coord) ** 2).sum(1)      # an empty list takes a probe too
+        order = np.argsort(to_lists)
+        if nprobe < len(order) and _near_tie(to_lists[order[nprobe - 1]], to_lists[order[nprobe]]):
+            clear[i] = False
+        rows = np.flatnonzero(np.isin(owner, order[:nprobe]))
+        to_rows = ((coords[rows].astype(np.float64) - coord) ** 2).sum(1)
+        picked = np.argsort(to_rows)
+        if candidates < len(picked) and _near_tie(to_rows[picked[candidates - 1]], to_rows[picked[candidates]]):
+            clear[i] = False
+        chosen = rows[picked[:candidates]]
+        true_sq = np.sort(((tiled_rows[chosen].astype(np.float64) - query) ** 2).sum(1))[:k]
+        out[i, : len(true_sq)] = true_sq
+    return out, clear
+
+
+@pytest.mark.parametrize(("d", "dim"), [(7, 20), (32, 152), (5, 9)])
+@pytest.mark.parametrize(("nprobe", "candidates", "k"), [(1, 1, 1), (2, 8, 1), (3, 8, 4), (5, 40, 2)])
+def test_the_approximate_scan_follows_its_rule(d: int, dim: int, nprobe: int, candidates: int, k: int) -> None:
+    """Each query's nprobe lists of nearest centroid, their candidates rows nearest in coordinates,
+    the k nearest of those by true distance: the reference's answer for every query clear of ties."""
+    sizes = [37, 0, 5, 16, 64, 1, 90, 17, 33, 2, 41, 22, 7, 19, 50, 3, 13]
+    tiled, rows, coords = _lists(sum(sizes), d, dim, sizes, seed=d * dim)
+    rng = np.random.default_rng(2)
+    queries = np.concatenate([rows[rng.choice(len(rows), 40)] + rng.normal(size=(40, dim)).astype(np.float32) * 0.3,
+                              rng.normal(size=(20, dim)).astype(np.float32) * 3])
+    spans = list(itertools.pairwise(np.concatenate([[0], np.cumsum(sizes)]).tolist()))
+    centroids = np.stack([coords[s:e].mean(0) if e > s else np.zeros(d, np.float32) for s, e in spans])
+    found = tiled.approximate(queries[:, :d], queries, nprobe, candidates, k, None)
+    expected, clear = _approximate_reference(rows, coords, sizes, centroids, queries, nprobe, candidates, k)
+    assert clear.sum() >= 45
+    np.testing.assert_allclose(found[clear], expected[clear], rtol=1e-4, atol=1e-5)
+    # true distances to real rows: never below the exact nearest ones
+    assert np.all(found >= _brute(rows, queries, k) * (1 - 1e-5) - 1e-6)
+
+
+def test_the_approximate_scan_probing_everything_is_exact_and_hides_rows() -> None:
+    sizes = [20, 0, 33, 16, 7, 41]
+    tiled, rows, _ = _lists(sum(sizes), 6, 12, sizes, seed=11)
+    rng = np.random.default_rng(4)
+    queries = rng.normal(size=(30, 12)).astype(np.float32)
+    everything = tiled.approximate(queries[:, :6], queries, tiled.lists, len(rows), 3, None)
+    np.testing.assert_allclose(everything, _brute(rows, queries, 3), rtol=1e-5, atol=1e-5)
+    shown = rng.random(len(rows)) < 0.5
+    hidden = tiled.approximate(queries[:, :6], queries, tiled.lists, len(rows), 3, shown)
+    np.testing.assert_allclose(hidden, _brute(rows, queries, 3, shown), rtol=1e-5, atol=1e-5)
+    # fewer shown rows than k in the probed lists: +inf where none is left
+    few = np.zeros(len(rows), dtype=bool)
+    few[[3, 50]] = True
+    two = tiled.approximate(queries[:, :6], queries, tiled.lists, len(rows), 3, few)
+    assert np.isfinite(two[:, :2]).all() and np.isinf(two[:, 2]).all()
+    with pytest.raises(ValueError, match="nprobe"):
+        tiled.approximate(queries[:, :6], queries, tiled.lists + 1, 8, 1, None)
+    with pytest.raises(ValueError, match="candidates"):
+        tiled.approximate(queries[:, :6], queries, 1, 2, 3, None)

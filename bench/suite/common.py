@@ -110,7 +110,7 @@ def machine_info() -> dict[str, Any]:
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "faiss": getattr(faiss, "__version__", "?"),
-        "exact_scan": "c" if ivfscan.AVAILABLE else "numpy",
+        "search_scans": "c" if ivfscan.AVAILABLE else "numpy",
         "numpy": np.__version__,
         "cuda_available": cuda,
         "cuda_device": torch.cuda.get_device_name(0) if cuda else None,

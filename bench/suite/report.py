@@ -192,7 +192,7 @@ def markdown(report: dict[str, Any], plots: list[str]) -> str:
         f"- machine: {m['platform']}; CPU {m['cpu_model']}; {m['cpu_count']} cores "
         f"({m['cpus_usable']} usable); RAM {m['ram_gib']} GiB",
         f"- torch {m['torch']} ({m['torch_threads']} threads), faiss {m['faiss']} (search scans: "
-        f"{m.get('exact_scan', 'numpy')}), numpy {m['numpy']}, "
+        f"{m.get('search_scans', m.get('exact_scan', 'numpy'))}), numpy {m['numpy']}, "
         f"python {m['python']}; CUDA: {m['cuda_device'] or 'none (torch.cuda.is_available() is False)'}",
         f"- started {report['started']}, took {report.get('total_s', 0) / 60:.1f} min; load average before "
         f"{m['load_avg']}, after {report.get('load_avg_after')} (other processes on these cores inflate "
