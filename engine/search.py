@@ -59,9 +59,9 @@ _ROWS_PER_BLOCK = 1024        # memory rows per block of the exact search
 _SHARED_WORK = 500_000        # row comparisons of one exact search above which its blocks are shared out (~0.6 ms)
 _MIN_LISTS, _MAX_LISTS = 16, 4096
 _NATIVE_MAX_K = 64             # the C scans' largest k (engine/_ivfscan.c); faiss and numpy above it
-_SCAN_PIECES = 8               # list (query) ranges of one C exact (approximate) scan, taken in turn by the workers
+_SCAN_PIECES = 8               # pieces of one C scan (lists for the exact one, queries for the approximate one)
 _QUERIES_PER_PIECE = 64        # the fewest queries in a piece of a C approximate scan
-_QUERY_WORK = 2_000            # row comparisons a query's approximate scan counts as (~8 lists of ~60 rows, 4 probed)
+_QUERY_WORK = 2_000            # row comparisons a query's approximate scan counts as, for sharing it out
 
 
 @dataclass(frozen=True)

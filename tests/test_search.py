@@ -15,9 +15,9 @@ from engine import ivfscan
 from engine.knn import build_index, deserialize_index, knn_distances, prepare_rows, serialize_index
 from engine.search import MemorySearch, _inverted_rows, build_search_index, configure_exact_workers, keep_rows
 
-# the exact search of an inverted file: numpy and faiss, and the C scan where it was built
+# the searches of an inverted file: numpy and faiss, and the C scans where they were built
 SCANS = [pytest.param(False, id="numpy"),
-         pytest.param(True, id="c-scan", marks=pytest.mark.skipif(not ivfscan.AVAILABLE, reason="C scan not built"))]
+         pytest.param(True, id="c-scan", marks=pytest.mark.skipif(not ivfscan.AVAILABLE, reason="C scans not built"))]
 
 
 def _clustered(n: int, d: int, seed: int, spread: float = 1.0) -> np.ndarray:
@@ -173,6 +173,35 @@ def test_a_block_compares_only_the_lists_its_queries_need_with_the_same_exact_re
                                    knn_distances(build_index(bank[allowed], "l2"), group, "l2", k),
                                    rtol=1e-4, atol=1e-4)
         assert taken and (any(taken) if whole else not all(taken))
+
+
+@pytest.mark.skipif(not ivfscan.AVAILABLE, reason="C scans not built")
+@pytest.mark.parametrize("distance", ["l2", "cosine"])
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("workers", [1, 3])
+def test_the_c_approximate_search_gives_faiss_distances(bank: np.ndarray, queries: np.ndarray, distance: str, k: int,
+                                                        workers: int) -> None:
+    """The same rule as faiss's inverted-file search (probed lists of nearest centroid, candidates
+    nearest in coordinates, the k nearest of those by true distance), so the same distances, also
+    with a filter and with the queries shared out over workers; near ties in coordinates may pick
+    another candidate, so a few queries may differ, never below the exact distance."""
+    index, choice = build_search_index(bank, distance, ivf_min_rows=1000, probe_queries=_clustered(400, 32, 3),
+                                       axes=16)
+    in_faiss = MemorySearch(index, bank, distance, k, nprobe=choice.nprobe, native=False)
+    in_c = MemorySearch(index, bank, distance, k, nprobe=choice.nprobe, native=True)
+    allowed = keep_rows(np.random.default_rng(5).random(len(bank)) < 0.6)
+    configure_exact_workers(workers)
+    try:
+        for only in (None, allowed):
+            for nprobe in (1, choice.nprobe, 8):
+                expected = in_faiss.search(queries, only, nprobe=nprobe)
+                found = in_c.search(queries, only, nprobe=nprobe)
+                for ours, theirs in zip(found, expected, strict=True):
+                    assert np.mean(np.isclose(ours, theirs, rtol=1e-5, atol=1e-6)) >= 0.99
+    finally:
+        configure_exact_workers(1)
+    truth = knn_distances(build_index(bank, distance), queries, distance, k)
+    assert np.all(in_c.search(queries)[0] >= truth - 1e-4)
 
 
 @pytest.fixture
