@@ -157,15 +157,18 @@ INLINE float row_distance(const float *a, const float *b, int n) {
     return s;
 }
 
-/* insert value into the ascending best[k] (keeps the k smallest) */
-INLINE void keep_smallest(float *best, int k, float value) {
-    int i = k - 1;
-    if (!(value < best[i])) return;
-    while (i > 0 && best[i - 1] > value) {
-        best[i] = best[i - 1];
+/* insert value (and its id, where ids is not NULL) into the ascending values[size], ids[size]:
+   keeps the size smallest */
+INLINE void keep_smallest(float *values, int64_t *ids, int size, float value, int64_t id) {
+    int i = size - 1;
+    if (!(value < values[i])) return;
+    while (i > 0 && values[i - 1] > value) {
+        values[i] = values[i - 1];
+        if (ids) ids[i] = ids[i - 1];
         i--;
     }
-    best[i] = value;
+    values[i] = value;
+    if (ids) ids[i] = id;
 }
 
 typedef struct {
@@ -257,7 +260,7 @@ INLINE void scan_group(const Memory *m, const Queries *q, const float *q_sq, int
                 if (pos < 0 || (m->shown && !m->shown[pos])) continue;
                 float true_sq = row_distance(q->rows + i * m->dim, m->bank + pos * m->dim, m->dim);
                 if (true_sq < best[q->k - 1]) {
-                    keep_smallest(best, q->k, true_sq);
+                    keep_smallest(best, NULL, q->k, true_sq, 0);
                     if (best[q->k - 1] < bound[g]) bound[g] = best[q->k - 1], limit = bound[g] * (1.0f + 1e-4f);
                 }
             }
@@ -284,19 +287,6 @@ CLONES static void exact(const Memory *m, const Queries *q, int64_t first, int64
     }
 }
 
-/* insert (value, id) into the ascending pair of arrays of length `size` (keeps the `size` smallest) */
-INLINE void keep_smallest_pair(float *values, int64_t *ids, int size, float value, int64_t id) {
-    int i = size - 1;
-    if (!(value < values[i])) return;
-    while (i > 0 && values[i - 1] > value) {
-        values[i] = values[i - 1];
-        ids[i] = ids[i - 1];
-        i--;
-    }
-    values[i] = value;
-    ids[i] = id;
-}
-
 /* list l's rows as candidates of the queries who[0:count] (count <= GROUP) */
 INLINE void gather_candidates(const Memory *m, const Queries *q, const float *q_sq, int64_t l, const int64_t *who,
                               int count, int candidates, float *cand_sq, int64_t *cand_pos) {
@@ -317,7 +307,7 @@ INLINE void gather_candidates(const Memory *m, const Queries *q, const float *q_
                 if (!(coord_sq[j] < values[candidates - 1])) continue;
                 int64_t pos = m->slots[c0 + j];
                 if (pos < 0 || (m->shown && !m->shown[pos])) continue;
-                keep_smallest_pair(values, ids, candidates, coord_sq[j], pos);
+                keep_smallest(values, ids, candidates, coord_sq[j], pos);
             }
         }
     }
@@ -343,7 +333,7 @@ INLINE void nearest_lists(const Memory *m, const Queries *q, const float *q_sq, 
                 for (int j = 0; j < LANES; j++) sq[j] = q_sq[i] + centroid_norms[c0 + j] - 2.0f * dots[g][j];
                 if (!any_below(sq, values[nprobe - 1], 0)) continue;
                 for (int j = 0; j < LANES; j++)
-                    if (sq[j] < values[nprobe - 1]) keep_smallest_pair(values, probes + i * nprobe, nprobe, sq[j], c0 + j);
+                    if (sq[j] < values[nprobe - 1]) keep_smallest(values, probes + i * nprobe, nprobe, sq[j], c0 + j);
             }
         }
     }
@@ -384,7 +374,7 @@ CLONES static void approximate(const Memory *m, const Queries *q, const float *c
         for (int c = 0; c < candidates; c++) {
             int64_t pos = cand_pos[i * candidates + c];
             if (pos < 0) break;
-            keep_smallest(best, q->k, row_distance(q->rows + i * m->dim, m->bank + pos * m->dim, m->dim));
+            keep_smallest(best, NULL, q->k, row_distance(q->rows + i * m->dim, m->bank + pos * m->dim, m->dim), 0);
         }
     }
 }
@@ -396,6 +386,11 @@ enum { PANELS, NORMS, LIST_START, SLOTS, CENTRES, RADIUS, BANK, SHOWN, COORDS, R
 static int fail(const char *message) {
     PyErr_SetString(PyExc_ValueError, message);
     return -1;
+}
+
+static void release(Py_buffer *buffers, int count) {
+    for (int i = 0; i < count; i++)
+        if (buffers[i].obj) PyBuffer_Release(&buffers[i]);
 }
 
 #define FLOATS(b) ((int64_t)((b).len / (Py_ssize_t)sizeof(float)))
@@ -463,8 +458,7 @@ static PyObject *py_exact(PyObject *self, PyObject *args) {
     free(need);
     free(q_sq);
     free(who);
-    for (int i = 0; i < BUFFERS; i++)
-        if (b[i].obj) PyBuffer_Release(&b[i]);
+    release(b, BUFFERS);
     if (status) return NULL;
     Py_RETURN_NONE;
 }
@@ -516,10 +510,9 @@ static PyObject *py_approximate(PyObject *self, PyObject *args) {
     free(cand_pos);
     free(order);
     free(count);
-    PyBuffer_Release(&centroids);
-    PyBuffer_Release(&centroid_norms);
-    for (int i = 0; i < BUFFERS; i++)
-        if (b[i].obj) PyBuffer_Release(&b[i]);
+    release(&centroids, 1);
+    release(&centroid_norms, 1);
+    release(b, BUFFERS);
     if (status) return NULL;
     Py_RETURN_NONE;
 }
