@@ -191,6 +191,15 @@ typedef struct {
     float *out;                   /* (n, k) */
 } Queries;
 
+/* q_sq[i] = the squared norm of query i's coordinates */
+INLINE void query_norms(const Memory *m, const Queries *q, float *q_sq) {
+    for (int64_t i = 0; i < q->n; i++) {
+        float sum = 0.0f;
+        for (int a = 0; a < m->d; a++) sum += q->coords[i * m->d + a] * q->coords[i * m->d + a];
+        q_sq[i] = sum;
+    }
+}
+
 /* need[(l - first) * n + i] = 1 where list l's ball comes within query i's reach:
    |q - b| >= |q - c| - r for every row b of the list (c its centre, r its radius); the slack
    covers float rounding of both distances */
@@ -271,11 +280,7 @@ INLINE void scan_group(const Memory *m, const Queries *q, const float *q_sq, int
 CLONES static void exact(const Memory *m, const Queries *q, int64_t first, int64_t end, uint8_t *need,
                          float *q_sq, int64_t *who) {
     for (int64_t i = 0; i < q->n * q->k; i++) q->out[i] = INFINITY;
-    for (int64_t i = 0; i < q->n; i++) {
-        float sum = 0.0f;
-        for (int a = 0; a < m->d; a++) sum += q->coords[i * m->d + a] * q->coords[i * m->d + a];
-        q_sq[i] = sum;
-    }
+    query_norms(m, q, q_sq);
     lists_needed(m, q, first, end, need);
     for (int64_t l = first; l < end; l++) {
         const uint8_t *needs = need + (l - first) * q->n;
@@ -344,11 +349,7 @@ INLINE void nearest_lists(const Memory *m, const Queries *q, const float *q_sq, 
 CLONES static void approximate(const Memory *m, const Queries *q, const float *centroids, const float *centroid_norms,
                                int nprobe, int candidates, float *q_sq, float *probe_sq, int64_t *probes,
                                float *cand_sq, int64_t *cand_pos, int64_t *order, int64_t *count) {
-    for (int64_t i = 0; i < q->n; i++) {
-        float sum = 0.0f;
-        for (int a = 0; a < m->d; a++) sum += q->coords[i * m->d + a] * q->coords[i * m->d + a];
-        q_sq[i] = sum;
-    }
+    query_norms(m, q, q_sq);
     nearest_lists(m, q, q_sq, centroids, centroid_norms, nprobe, probe_sq, probes);
     for (int64_t i = 0; i < q->n * candidates; i++) cand_sq[i] = INFINITY, cand_pos[i] = -1;
     /* the queries of each list, list after list (a counting sort of the (query, list) pairs) */
