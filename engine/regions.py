@@ -34,30 +34,18 @@ def find_regions(
     left, right = int(cols[0]), int(cols[-1]) + 1
     hot = np.ascontiguousarray(binary[top:bottom, left:right]).view(np.uint8)
     amap = amap[top:bottom, left:right]
-    # one component (the usual defect) fills the hot box: its statistics come from the box itself,
-    # and OpenCV's are computed only when there are several
-    count, _ = cv2.connectedComponentsWithAlgorithm(hot, 8, cv2.CV_32S, cv2.CCL_GRANA)
-    components: list[tuple[tuple[int, int, int, int], int, tuple[float, float], np.ndarray]] = []
-    if count == 2:
-        components.append(((0, 0, hot.shape[1], hot.shape[0]), int(np.count_nonzero(hot)), _centroid(hot),
-                           hot.view(bool)))
-    elif count > 2:
-        count, labels, stats, centroids = cv2.connectedComponentsWithStatsWithAlgorithm(
-            hot, 8, cv2.CV_32S, cv2.CCL_GRANA
-        )
-        for label in range(1, count):
-            x, y, w, h, area = (int(v) for v in stats[label])
-            components.append(((x, y, w, h), area, (float(centroids[label, 0]), float(centroids[label, 1])),
-                               labels[y : y + h, x : x + w] == label))
+    components = _components(hot)
     px_area = mm_per_px * mm_per_px
     regions: list[Region] = []
-    for (x, y, w, h), area, (cx, cy), component in components:    # component: (h, w) bool, inside the box
+    for (x, y, w, h), area, (cx, cy), component, outline in components:    # component: (h, w) bool in the box
         area_mm2 = area * px_area
         if area_mm2 < min_area_mm2:
             continue
         values = amap[y : y + h, x : x + w][component]
-        contours, _ = cv2.findContours(component.view(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        outline = max(contours, key=len).reshape(-1, 2) + (left + x, top + y)   # n 2 as (x, y)
+        if outline is None:
+            contours, _ = cv2.findContours(component.view(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+            outline = max(contours, key=len).reshape(-1, 2) + (x, y)
+        outline = outline + (left, top)                                         # n 2 as (x, y)
         x, y = left + x, top + y
         regions.append(
             Region(
@@ -70,9 +58,33 @@ def find_regions(
     return regions
 
 
-def _centroid(pixels: np.ndarray) -> tuple[float, float]:
-    """(x, y) mean position of the nonzero pixels of ``pixels`` (h, w) uint8 0/1."""
-    area = float(np.count_nonzero(pixels))
-    per_column = np.count_nonzero(pixels, axis=0)                 # w
-    per_row = np.count_nonzero(pixels, axis=1)                    # h
-    return float(per_column @ np.arange(len(per_column))) / area, float(per_row @ np.arange(len(per_row))) / area
+# a component: its box (x, y, w, h) and area in pixels, its centroid (x, y), its pixels (h, w) bool
+# inside the box, and its outer contour (n, 2) as (x, y) in the box when already traced
+_Component = tuple[tuple[int, int, int, int], int, tuple[float, float], np.ndarray, np.ndarray | None]
+
+
+def _components(hot: np.ndarray) -> list[_Component]:
+    """The 8-connected components of ``hot`` (h, w) uint8 0/1, whose hot pixels touch all four sides.
+
+    The contours come first: each component has exactly one outer boundary, and a two-level trace
+    (``RETR_CCOMP``) puts every outer boundary at its top level, a component inside another's hole
+    included. One outer boundary, the usual defect, means one component filling the box: its
+    statistics come from the box's row and column sums, and labelling (~0.25 ms for a 600 x 500
+    box) and OpenCV's statistics are left to several components.
+    """
+    contours, hierarchy = cv2.findContours(hot, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+    outer = [contour for contour, links in zip(contours, hierarchy[0], strict=True) if links[3] < 0]
+    if len(outer) == 1:
+        per_column = cv2.reduce(hot, 0, cv2.REDUCE_SUM, dtype=cv2.CV_32S).ravel()     # w
+        per_row = cv2.reduce(hot, 1, cv2.REDUCE_SUM, dtype=cv2.CV_32S).ravel()        # h
+        area = int(per_column.sum())
+        centroid = (float(per_column @ np.arange(len(per_column))) / area,
+                    float(per_row @ np.arange(len(per_row))) / area)
+        return [((0, 0, hot.shape[1], hot.shape[0]), area, centroid, hot.view(bool), outer[0].reshape(-1, 2))]
+    count, labels, stats, centroids = cv2.connectedComponentsWithStatsWithAlgorithm(hot, 8, cv2.CV_32S, cv2.CCL_GRANA)
+    components: list[_Component] = []
+    for label in range(1, count):
+        x, y, w, h, area = (int(v) for v in stats[label])
+        components.append(((x, y, w, h), area, (float(centroids[label, 0]), float(centroids[label, 1])),
+                           labels[y : y + h, x : x + w] == label, None))
+    return components

@@ -99,6 +99,70 @@ def test_eight_connectivity_joins_diagonal_pixels() -> None:
     assert region.area_mm2 == 3.0
 
 
+def _labelled_regions(m: np.ndarray, threshold: float, mask: np.ndarray | None) -> list[tuple]:
+    """Every region as OpenCV labels the whole map (no bounding box, no contour-first count):
+    (box, area, centroid, max, mean, outer contour as a set of points)."""
+    hot = (m >= threshold) & (mask if mask is not None else True)
+    count, labels, stats, centroids = cv2.connectedComponentsWithStats(hot.view(np.uint8), connectivity=8)
+    out = []
+    for label in range(1, count):
+        pixels = labels == label
+        contours, _ = cv2.findContours(pixels.view(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        x, y, w, h, area = (int(v) for v in stats[label])
+        out.append(((x, y, w, h), area, (float(centroids[label, 0]), float(centroids[label, 1])),
+                    float(m[pixels].max()), float(m[pixels].mean()),
+                    {tuple(p) for p in max(contours, key=len).reshape(-1, 2).tolist()}))
+    return sorted(out, key=lambda r: r[0])
+
+
+def _islands_in_holes(rng: np.random.Generator) -> np.ndarray:
+    """A (90, 110) map of random rings with islands in their holes, diagonal touches and specks."""
+    m = rng.random((90, 110), dtype=np.float32) * 0.4
+    yy, xx = np.mgrid[0:90, 0:110]
+    for _ in range(int(rng.integers(1, 4))):
+        cy, cx, r = int(rng.integers(15, 75)), int(rng.integers(15, 95)), int(rng.integers(6, 14))
+        ring = np.abs(np.hypot(yy - cy, xx - cx) - r) <= 1.5
+        m[ring] = 1.0 + rng.random(int(ring.sum()), dtype=np.float32)
+        if rng.random() < 0.7:
+            m[cy - 1 : cy + 2, cx - 1 : cx + 2] = 2.5                   # an island inside the hole
+    specks = rng.random(m.shape) < 0.01
+    m[specks] = 0.9
+    return m
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_regions_equal_labelling_the_whole_map(seed: int) -> None:
+    """Whether the hot pixels form one component (traced, no labelling) or several (labelled), the
+    regions are those of labelling the whole map: islands inside a ring's hole are regions of their
+    own, diagonal neighbours join, and the one-component path gets the same statistics."""
+    rng = np.random.default_rng(seed)
+    m = _islands_in_holes(rng)
+    mask = None if seed % 3 else rng.random(m.shape) > 0.05
+    for threshold in (0.85, 1.2, 2.0):
+        regions = find_regions(m, threshold, mask, MM)
+        got = sorted(((r.bbox, r.area_px, r.centroid, r.max_score, r.mean_score, set(r.contour)) for r in regions),
+                     key=lambda r: r[0])
+        want = _labelled_regions(m, threshold, mask)
+        assert [(g[0], g[1], g[3]) for g in got] == [(w[0], w[1], w[3]) for w in want]
+        # centroids: OpenCV's are of the whole map, ours of a box shifted back (last-digit rounding)
+        assert [g[2] for g in got] == [pytest.approx(w[2], rel=1e-12) for w in want]
+        assert [g[4] for g in got] == pytest.approx([w[4] for w in want], rel=1e-6)
+        assert [g[5] for g in got] == [w[5] for w in want]
+
+
+def test_an_island_inside_a_rings_hole_is_a_region_of_its_own() -> None:
+    m = np.zeros((40, 40), np.float32)
+    yy, xx = np.mgrid[0:40, 0:40]
+    m[np.abs(np.hypot(yy - 20, xx - 20) - 12) <= 1.5] = 1.0
+    m[19:22, 19:22] = 2.0
+    regions = find_regions(m, 0.5, None, MM)
+    assert len(regions) == 2
+    assert regions[0].bbox == (19, 19, 3, 3) and regions[0].area_px == 9 and regions[0].max_score == 2.0
+    m[19:22, 19:22] = 0.0
+    [ring] = find_regions(m, 0.5, None, MM)
+    assert ring.area_px == int((m >= 0.5).sum()) and ring.bbox == _labelled_regions(m, 0.5, None)[0][0]
+
+
 def test_contour_points_lie_on_blob_boundary() -> None:
     m = np.zeros((40, 40), np.float32)
     yy, xx = np.mgrid[:40, :40]
