@@ -79,29 +79,69 @@ INLINE float vec_sum(vec_t v) {
     return v[0];
 }
 
-INLINE int any_set(vec_ints_t hit) {
-    int64_t words[VLANES / 2];
-    memcpy(words, &hit, sizeof(words));
-    int64_t any = 0;
-    for (int j = 0; j < VLANES / 2; j++) any |= words[j];
-    return any != 0;
+#if defined(__clang__)
+#define SHUFFLE_IDS(v, ...) __builtin_shufflevector(v, v, __VA_ARGS__)
+#else
+#define SHUFFLE_IDS(v, ...) __builtin_shuffle(v, (vec_ids_t){__VA_ARGS__})
+#endif
+typedef int64_t vec_ids_t __attribute__((vector_size(VLANES * sizeof(int64_t))));
+
+/* keep_smallest of VLANES values with ids, in vector registers: each value above the new one
+   moves up one place, chosen by masks instead of a loop whose exit mispredicts on nearly every
+   insertion (the approximate scan inserts ~25 candidates per patch) */
+INLINE void keep_smallest_lanes(float *values, int64_t *ids, float value, int64_t id) {
+    const vec_ints_t not_first = {0, -1, -1, -1, -1, -1, -1, -1};
+    vec_t old = load(values), fresh = {0};
+    fresh += value;
+    vec_ints_t above = old > fresh;                                   /* these move up one place */
+    vec_ints_t moved = SHUFFLE(above, 0, 0, 1, 2, 3, 4, 5, 6) & not_first;   /* lane j takes lane j - 1 */
+    vec_ints_t placed = above & ~moved;                               /* the new value's lane */
+    vec_ints_t shifted = (vec_ints_t)SHUFFLE(old, 0, 0, 1, 2, 3, 4, 5, 6);
+    vec_ints_t out = ((vec_ints_t)old & ~above) | ((vec_ints_t)fresh & placed) | (shifted & moved);
+    memcpy(values, &out, sizeof(out));
+    vec_ids_t old_ids, fresh_ids = {0};
+    memcpy(&old_ids, ids, sizeof(old_ids));
+    fresh_ids += id;
+    vec_ids_t above_ids = __builtin_convertvector(above, vec_ids_t);
+    vec_ids_t moved_ids = __builtin_convertvector(moved, vec_ids_t);
+    vec_ids_t out_ids = (old_ids & ~above_ids) | (fresh_ids & (above_ids & ~moved_ids)) |
+                        (SHUFFLE_IDS(old_ids, 0, 0, 1, 2, 3, 4, 5, 6) & moved_ids);
+    memcpy(ids, &out_ids, sizeof(out_ids));
 }
+
 #endif
 
-/* whether any of the LANES values is < limit (strict) or <= limit */
-INLINE int any_below(const float *values, float limit, int or_equal) {
+/* bit j set where values[j] < limit (strict) or <= limit, for the LANES values */
+INLINE unsigned lanes_below(const float *values, float limit, int or_equal) {
 #if VECTORS
+    const vec_ints_t bit = {1, 2, 4, 8, 16, 32, 64, 128};
     vec_t bound = {0};
     bound += limit;
-    vec_ints_t hit = {0};
-    for (int h = 0; h < LANES; h += VLANES)
-        hit |= or_equal ? load(values + h) <= bound : load(values + h) < bound;
-    return any_set(hit);
+    vec_t first = load(values), second = load(values + VLANES);
+    vec_ints_t low = (or_equal ? first <= bound : first < bound) & bit;
+    vec_ints_t high = (or_equal ? second <= bound : second < bound) & bit;
+    vec_ints_t both = low | (high << 8);
+    both |= SHUFFLE(both, 4, 5, 6, 7, 0, 1, 2, 3);
+    both |= SHUFFLE(both, 2, 3, 0, 1, 6, 7, 4, 5);
+    both |= SHUFFLE(both, 1, 0, 3, 2, 5, 4, 7, 6);
+    return (unsigned)both[0];
 #else
-    for (int j = 0; j < LANES; j++)
-        if (or_equal ? values[j] <= limit : values[j] < limit) return 1;
-    return 0;
+    unsigned mask = 0;
+    for (int j = 0; j < LANES; j++) mask |= (unsigned)(or_equal ? values[j] <= limit : values[j] < limit) << j;
+    return mask;
 #endif
+}
+
+/* the lowest set bit's index, cleared from mask (mask != 0) */
+INLINE int take_lane(unsigned *mask) {
+#if defined(__GNUC__) || defined(__clang__)
+    int j = __builtin_ctz(*mask);
+#else
+    int j = 0;
+    while (!(*mask >> j & 1u)) j++;
+#endif
+    *mask &= *mask - 1;
+    return j;
 }
 
 /* squared distances of one query (d coordinates) to the LANES columns of a panel */
@@ -172,6 +212,17 @@ INLINE void keep_smallest(float *values, int64_t *ids, int size, float value, in
     }
     values[i] = value;
     if (ids) ids[i] = id;
+}
+
+/* keep_smallest with ids, in vector registers when there are VLANES of them */
+INLINE void keep_candidate(float *values, int64_t *ids, int size, float value, int64_t id) {
+#if VECTORS
+    if (size == VLANES) {
+        if (value < values[VLANES - 1]) keep_smallest_lanes(values, ids, value, id);
+        return;
+    }
+#endif
+    keep_smallest(values, ids, size, value, id);
 }
 
 typedef struct {
@@ -265,8 +316,8 @@ INLINE void scan_group(const Memory *m, const Queries *q, const float *q_sq, int
             float lower[LANES];
             for (int j = 0; j < LANES; j++) lower[j] = (q_sq[i] + norms[j]) * (1.0f - 2e-5f) - 2.0f * dots[g][j];
             float limit = bound[g] * (1.0f + 1e-4f);
-            if (!any_below(lower, limit, 1)) continue;
-            for (int j = 0; j < LANES; j++) {
+            for (unsigned within = lanes_below(lower, limit, 1); within;) {
+                int j = take_lane(&within);
                 if (!(lower[j] <= limit)) continue;
                 int64_t pos = m->slots[c0 + j];
                 if (pos < 0 || (m->shown && !m->shown[pos])) continue;
@@ -310,12 +361,12 @@ INLINE void gather_candidates(const Memory *m, const Queries *q, const float *q_
             int64_t *ids = cand_pos + i * candidates;
             float coord_sq[LANES];
             for (int j = 0; j < LANES; j++) coord_sq[j] = q_sq[i] + norms[j] - 2.0f * dots[g][j];
-            if (!any_below(coord_sq, values[candidates - 1], 0)) continue;
-            for (int j = 0; j < LANES; j++) {
+            for (unsigned below = lanes_below(coord_sq, values[candidates - 1], 0); below;) {
+                int j = take_lane(&below);
                 if (!(coord_sq[j] < values[candidates - 1])) continue;
                 int64_t pos = m->slots[c0 + j];
                 if (pos < 0 || (m->shown && !m->shown[pos])) continue;
-                keep_smallest(values, ids, candidates, coord_sq[j], pos);
+                keep_candidate(values, ids, candidates, coord_sq[j], pos);
             }
         }
     }
@@ -339,9 +390,10 @@ INLINE void nearest_lists(const Memory *m, const Queries *q, const float *q_sq, 
                 float *values = probe_sq + i * nprobe;
                 float sq[LANES];
                 for (int j = 0; j < LANES; j++) sq[j] = q_sq[i] + centroid_norms[c0 + j] - 2.0f * dots[g][j];
-                if (!any_below(sq, values[nprobe - 1], 0)) continue;
-                for (int j = 0; j < LANES; j++)
+                for (unsigned below = lanes_below(sq, values[nprobe - 1], 0); below;) {
+                    int j = take_lane(&below);
                     if (sq[j] < values[nprobe - 1]) keep_smallest(values, probes + i * nprobe, nprobe, sq[j], c0 + j);
+                }
             }
         }
     }
