@@ -79,17 +79,10 @@ INLINE float vec_sum(vec_t v) {
     return v[0];
 }
 
-#if defined(__clang__)
-#define SHUFFLE_IDS(v, ...) __builtin_shufflevector(v, v, __VA_ARGS__)
-#else
-#define SHUFFLE_IDS(v, ...) __builtin_shuffle(v, (vec_ids_t){__VA_ARGS__})
-#endif
-typedef int64_t vec_ids_t __attribute__((vector_size(VLANES * sizeof(int64_t))));
-
 /* keep_smallest of VLANES values with ids, in vector registers: each value above the new one
    moves up one place, chosen by masks instead of a loop whose exit mispredicts on nearly every
    insertion (the approximate scan inserts ~25 candidates per patch) */
-INLINE void keep_smallest_lanes(float *values, int64_t *ids, float value, int64_t id) {
+INLINE void keep_smallest_lanes(float *values, int32_t *ids, float value, int32_t id) {
     const vec_ints_t not_first = {0, -1, -1, -1, -1, -1, -1, -1};
     vec_t old = load(values), fresh = {0};
     fresh += value;
@@ -99,14 +92,11 @@ INLINE void keep_smallest_lanes(float *values, int64_t *ids, float value, int64_
     vec_ints_t shifted = (vec_ints_t)SHUFFLE(old, 0, 0, 1, 2, 3, 4, 5, 6);
     vec_ints_t out = ((vec_ints_t)old & ~above) | ((vec_ints_t)fresh & placed) | (shifted & moved);
     memcpy(values, &out, sizeof(out));
-    vec_ids_t old_ids, fresh_ids = {0};
+    vec_ints_t old_ids, fresh_ids = {0};
     memcpy(&old_ids, ids, sizeof(old_ids));
     fresh_ids += id;
-    vec_ids_t above_ids = __builtin_convertvector(above, vec_ids_t);
-    vec_ids_t moved_ids = __builtin_convertvector(moved, vec_ids_t);
-    vec_ids_t out_ids = (old_ids & ~above_ids) | (fresh_ids & (above_ids & ~moved_ids)) |
-                        (SHUFFLE_IDS(old_ids, 0, 0, 1, 2, 3, 4, 5, 6) & moved_ids);
-    memcpy(ids, &out_ids, sizeof(out_ids));
+    out = (old_ids & ~above) | (fresh_ids & placed) | (SHUFFLE(old_ids, 0, 0, 1, 2, 3, 4, 5, 6) & moved);
+    memcpy(ids, &out, sizeof(out));
 }
 
 #endif
@@ -202,7 +192,7 @@ INLINE float row_distance(const float *a, const float *b, int n) {
 
 /* insert value (and its id, where ids is not NULL) into the ascending values[size], ids[size]:
    keeps the size smallest */
-INLINE void keep_smallest(float *values, int64_t *ids, int size, float value, int64_t id) {
+INLINE void keep_smallest(float *values, int32_t *ids, int size, float value, int32_t id) {
     int i = size - 1;
     if (!(value < values[i])) return;
     while (i > 0 && values[i - 1] > value) {
@@ -215,7 +205,7 @@ INLINE void keep_smallest(float *values, int64_t *ids, int size, float value, in
 }
 
 /* keep_smallest with ids, in vector registers when there are VLANES of them */
-INLINE void keep_candidate(float *values, int64_t *ids, int size, float value, int64_t id) {
+INLINE void keep_candidate(float *values, int32_t *ids, int size, float value, int32_t id) {
 #if VECTORS
     if (size == VLANES) {
         if (value < values[VLANES - 1]) keep_smallest_lanes(values, ids, value, id);
@@ -348,7 +338,7 @@ CLONES static void exact(const Memory *m, const Queries *q, int64_t first, int64
 
 /* list l's rows as candidates of the queries who[0:count] (count <= GROUP) */
 INLINE void gather_candidates(const Memory *m, const Queries *q, const float *q_sq, int64_t l, const int64_t *who,
-                              int count, int candidates, float *cand_sq, int64_t *cand_pos) {
+                              int count, int candidates, float *cand_sq, int32_t *cand_pos) {
     const float *query[GROUP];
     float dots[GROUP][LANES];
     for (int g = 0; g < GROUP; g++) query[g] = q->coords + who[g < count ? g : 0] * m->d;
@@ -358,7 +348,7 @@ INLINE void gather_candidates(const Memory *m, const Queries *q, const float *q_
         for (int g = 0; g < count; g++) {
             int64_t i = who[g];
             float *values = cand_sq + i * candidates;
-            int64_t *ids = cand_pos + i * candidates;
+            int32_t *ids = cand_pos + i * candidates;
             float coord_sq[LANES];
             for (int j = 0; j < LANES; j++) coord_sq[j] = q_sq[i] + norms[j] - 2.0f * dots[g][j];
             for (unsigned below = lanes_below(coord_sq, values[candidates - 1], 0); below;) {
@@ -366,7 +356,7 @@ INLINE void gather_candidates(const Memory *m, const Queries *q, const float *q_
                 if (!(coord_sq[j] < values[candidates - 1])) continue;
                 int64_t pos = m->slots[c0 + j];
                 if (pos < 0 || (m->shown && !m->shown[pos])) continue;
-                keep_candidate(values, ids, candidates, coord_sq[j], pos);
+                keep_candidate(values, ids, candidates, coord_sq[j], (int32_t)pos);
             }
         }
     }
@@ -375,7 +365,7 @@ INLINE void gather_candidates(const Memory *m, const Queries *q, const float *q_
 /* probes (n, nprobe): each query's nprobe lists of nearest centroid (-1 past the last list),
    the centroids in panels (centroid_norms: their squared norms, +inf for padding) */
 INLINE void nearest_lists(const Memory *m, const Queries *q, const float *q_sq, const float *centroids,
-                          const float *centroid_norms, int nprobe, float *probe_sq, int64_t *probes) {
+                          const float *centroid_norms, int nprobe, float *probe_sq, int32_t *probes) {
     int64_t width = (m->lists + LANES - 1) / LANES * LANES;
     for (int64_t i = 0; i < q->n * nprobe; i++) probe_sq[i] = INFINITY, probes[i] = -1;
     for (int64_t first = 0; first < q->n; first += GROUP) {
@@ -392,7 +382,8 @@ INLINE void nearest_lists(const Memory *m, const Queries *q, const float *q_sq, 
                 for (int j = 0; j < LANES; j++) sq[j] = q_sq[i] + centroid_norms[c0 + j] - 2.0f * dots[g][j];
                 for (unsigned below = lanes_below(sq, values[nprobe - 1], 0); below;) {
                     int j = take_lane(&below);
-                    if (sq[j] < values[nprobe - 1]) keep_smallest(values, probes + i * nprobe, nprobe, sq[j], c0 + j);
+                    if (sq[j] < values[nprobe - 1])
+                        keep_smallest(values, probes + i * nprobe, nprobe, sq[j], (int32_t)(c0 + j));
                 }
             }
         }
@@ -400,10 +391,10 @@ INLINE void nearest_lists(const Memory *m, const Queries *q, const float *q_sq, 
 }
 
 /* scratch: q_sq (n), probe_sq and probes (n * nprobe), cand_sq and cand_pos (n * candidates),
-   order (n * nprobe), count (lists + 1) */
+   order (n * nprobe), count (lists + 1); lists and bank positions below 2^31 (checked by the caller) */
 CLONES static void approximate(const Memory *m, const Queries *q, const float *centroids, const float *centroid_norms,
-                               int nprobe, int candidates, float *q_sq, float *probe_sq, int64_t *probes,
-                               float *cand_sq, int64_t *cand_pos, int64_t *order, int64_t *count) {
+                               int nprobe, int candidates, float *q_sq, float *probe_sq, int32_t *probes,
+                               float *cand_sq, int32_t *cand_pos, int64_t *order, int64_t *count) {
     query_norms(m, q, q_sq);
     nearest_lists(m, q, q_sq, centroids, centroid_norms, nprobe, probe_sq, probes);
     for (int64_t i = 0; i < q->n * candidates; i++) cand_sq[i] = INFINITY, cand_pos[i] = -1;
@@ -426,7 +417,7 @@ CLONES static void approximate(const Memory *m, const Queries *q, const float *c
         if (i + 1 < q->n)       /* the next query's candidate rows, while this one's are compared */
             for (int c = 0; c < candidates && cand_pos[(i + 1) * candidates + c] >= 0; c++)
                 for (int a = 0; a < m->dim; a += 16)
-                    PREFETCH(m->bank + cand_pos[(i + 1) * candidates + c] * m->dim + a);
+                    PREFETCH(m->bank + (int64_t)cand_pos[(i + 1) * candidates + c] * m->dim + a);
         for (int c = 0; c < candidates; c++) {
             int64_t pos = cand_pos[i * candidates + c];
             if (pos < 0) break;
@@ -533,19 +524,22 @@ static PyObject *py_approximate(PyObject *self, PyObject *args) {
     Memory m;
     Queries q;
     float *q_sq = NULL, *cand_sq = NULL, *probe_sq = NULL;
-    int64_t *cand_pos = NULL, *order = NULL, *count = NULL, *probes = NULL;
+    int32_t *cand_pos = NULL, *probes = NULL;
+    int64_t *order = NULL, *count = NULL;
     int status = (shown != Py_None && PyObject_GetBuffer(shown, &b[SHOWN], PyBUF_SIMPLE) < 0) ? -1 : 0;
     if (status == 0) status = describe(b, d, dim, k, &m, &q);
     if (status == 0 && (FLOATS(centroids) != FLOATS(b[CENTRES]) || FLOATS(centroid_norms) * d != FLOATS(centroids)))
         status = fail("centroids size mismatch");
     if (status == 0 && (candidates < k || candidates > 1024 || nprobe < 1 || nprobe > m.lists))
         status = fail("candidates or nprobe out of range");
+    if (status == 0 && (m.lists >= INT32_MAX || FLOATS(b[BANK]) / dim >= INT32_MAX))
+        status = fail("too many lists or rows for the approximate scan");
     if (status == 0 && q.n > 0) {
         q_sq = malloc(sizeof(float) * (size_t)q.n);
         probe_sq = malloc(sizeof(float) * (size_t)(q.n * nprobe));
-        probes = malloc(sizeof(int64_t) * (size_t)(q.n * nprobe));
+        probes = malloc(sizeof(int32_t) * (size_t)(q.n * nprobe));
         cand_sq = malloc(sizeof(float) * (size_t)(q.n * candidates));
-        cand_pos = malloc(sizeof(int64_t) * (size_t)(q.n * candidates));
+        cand_pos = malloc(sizeof(int32_t) * (size_t)(q.n * candidates));
         order = malloc(sizeof(int64_t) * (size_t)(q.n * nprobe));
         count = malloc(sizeof(int64_t) * (size_t)(m.lists + 1));
         if (!q_sq || !probe_sq || !probes || !cand_sq || !cand_pos || !order || !count) {
