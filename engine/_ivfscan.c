@@ -33,6 +33,8 @@
 #define LANES 16
 #define MAX_K 64
 #define GROUP 4             /* queries compared with one panel at a time */
+#define AXIS_BLOCK 32       /* the projection's axes are padded to a multiple of this (4 vectors) */
+#define MAX_AXES 64
 
 /* one build for every x86 CPU, each function picked at load time: the x86-64-v3 and v4 levels
    add FMA to AVX2 and AVX-512 (GCC's "avx2" and "avx512f" targets alone do not, and every
@@ -426,6 +428,52 @@ CLONES static void approximate(const Memory *m, const Queries *q, const float *c
     }
 }
 
+/* coordinates of n rows (dim floats each) in float32: (row - mean) . axis for each of the
+   `axes` axes, then the residual length sqrt(max(|row - mean|^2 - the principal part's, 0));
+   axes_t (dim, width) holds the axes as columns, width = axes rounded up to AXIS_BLOCK (zeros
+   after), at most MAX_AXES. Two rows at a time, every block of axes in its own accumulator:
+   independent multiply-adds in flight instead of one chain. */
+CLONES static void project(const float *rows, int64_t n, int dim, const float *mean, const float *axes_t, int axes,
+                           int width, float *out) {
+    for (int64_t i = 0; i < n; i += 2) {
+        int pair = i + 1 < n ? 2 : 1;
+        float total[2] = {row_distance(rows + i * dim, mean, dim), 0.0f}, principal[2] = {0.0f, 0.0f};
+        float dots[2][MAX_AXES];
+        if (pair > 1) total[1] = row_distance(rows + (i + 1) * dim, mean, dim);
+#if VECTORS
+        for (int a0 = 0; a0 < width; a0 += AXIS_BLOCK) {
+            vec_t acc[2][AXIS_BLOCK / VLANES];
+            memset(acc, 0, sizeof(acc));
+            for (int j = 0; j < dim; j++) {
+                const float *column = axes_t + (int64_t)j * width + a0;
+                float c0 = rows[i * dim + j] - mean[j], c1 = pair > 1 ? rows[(i + 1) * dim + j] - mean[j] : 0.0f;
+                for (int blk = 0; blk < AXIS_BLOCK / VLANES; blk++) {
+                    vec_t axis = load(column + blk * VLANES);
+                    acc[0][blk] += c0 * axis;
+                    acc[1][blk] += c1 * axis;
+                }
+            }
+            for (int r = 0; r < 2; r++) memcpy(dots[r] + a0, acc[r], sizeof(acc[r]));
+        }
+#else
+        memset(dots, 0, sizeof(dots));
+        for (int j = 0; j < dim; j++)
+            for (int r = 0; r < pair; r++) {
+                float c = rows[(i + r) * dim + j] - mean[j];
+                for (int a = 0; a < axes; a++) dots[r][a] += c * axes_t[(int64_t)j * width + a];
+            }
+#endif
+        for (int r = 0; r < pair; r++) {
+            float *coords = out + (i + r) * (axes + 1);
+            for (int a = 0; a < axes; a++) {
+                coords[a] = dots[r][a];
+                principal[r] += dots[r][a] * dots[r][a];
+            }
+            coords[axes] = total[r] > principal[r] ? sqrtf(total[r] - principal[r]) : 0.0f;
+        }
+    }
+}
+
 /* ---- Python glue: buffers in, sizes checked, GIL released around the scan ---------------------- */
 
 enum { PANELS, NORMS, LIST_START, SLOTS, CENTRES, RADIUS, BANK, SHOWN, COORDS, ROWS, REACH, OUT, BUFFERS };
@@ -567,6 +615,33 @@ static PyObject *py_approximate(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *py_project(PyObject *self, PyObject *args) {
+    Py_buffer rows, mean, axes_t, out;
+    memset(&rows, 0, sizeof(rows));
+    memset(&mean, 0, sizeof(mean));
+    memset(&axes_t, 0, sizeof(axes_t));
+    memset(&out, 0, sizeof(out));
+    int dim, axes;
+    if (!PyArg_ParseTuple(args, "y*y*y*iiw*", &rows, &mean, &axes_t, &dim, &axes, &out)) return NULL;
+    int width = (axes + AXIS_BLOCK - 1) / AXIS_BLOCK * AXIS_BLOCK;
+    int64_t n = dim > 0 ? FLOATS(rows) / dim : 0;
+    int status = 0;
+    if (dim <= 0 || axes <= 0 || axes > MAX_AXES || n * dim != FLOATS(rows) || FLOATS(mean) != dim ||
+        FLOATS(axes_t) != (int64_t)dim * width || FLOATS(out) != n * (axes + 1))
+        status = fail("project: sizes do not match (or more than 64 axes)");
+    if (status == 0) {
+        Py_BEGIN_ALLOW_THREADS
+        project(rows.buf, n, dim, mean.buf, axes_t.buf, axes, width, out.buf);
+        Py_END_ALLOW_THREADS
+    }
+    release(&rows, 1);
+    release(&mean, 1);
+    release(&axes_t, 1);
+    release(&out, 1);
+    if (status) return NULL;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"approximate", py_approximate, METH_VARARGS,
      "approximate(panels, norms, list_start, slots, centres, radius, centroids, centroid_norms, bank, shown, d, dim, "
@@ -576,6 +651,8 @@ static PyMethodDef methods[] = {
      "exact(panels, norms, list_start, slots, centres, radius, bank, shown, d, dim, coords, rows, reach_sq, k, first, end, "
      "out): the k smallest squared true distances per query (ascending, +inf where fewer), over the lists "
      "first:end"},
+    {"project", py_project, METH_VARARGS,
+     "project(rows, mean, axes_t, dim, axes, out): float32 coordinates of the rows, the residual length last"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -595,7 +672,8 @@ static int fast_here(void) {
 
 PyMODINIT_FUNC PyInit__ivfscan(void) {
     PyObject *m = PyModule_Create(&module);
-    if (m && (PyModule_AddIntConstant(m, "LANES", LANES) < 0 || PyModule_AddIntConstant(m, "FAST", fast_here()) < 0)) {
+    if (m && (PyModule_AddIntConstant(m, "LANES", LANES) < 0 || PyModule_AddIntConstant(m, "FAST", fast_here()) < 0 ||
+              PyModule_AddIntConstant(m, "AXIS_BLOCK", AXIS_BLOCK) < 0 || PyModule_AddIntConstant(m, "MAX_AXES", MAX_AXES) < 0)) {
         Py_DECREF(m);
         return NULL;
     }

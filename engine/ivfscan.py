@@ -28,7 +28,7 @@ try:
 except ImportError:      # built without a C compiler: engine.search uses numpy and faiss
     _ivfscan = None
 
-__all__ = ["AVAILABLE", "BUILT", "LANES", "TiledLists"]
+__all__ = ["AVAILABLE", "BUILT", "LANES", "Projector", "TiledLists"]
 
 BUILT = _ivfscan is not None
 # built, and on a CPU where it beats numpy (x86 with AVX2; engine/_ivfscan.c): what the engine uses
@@ -36,6 +36,35 @@ AVAILABLE = BUILT and bool(_ivfscan.FAST)
 LANES = 16 if _ivfscan is None else int(_ivfscan.LANES)
 # padding columns: far from every query (squared distances ~1e36 stay finite in float32)
 _PAD = 1e18
+_AXIS_BLOCK = 8 if _ivfscan is None else int(_ivfscan.AXIS_BLOCK)
+
+
+@dataclass(frozen=True)
+class Projector:
+    """Rows to float32 coordinates in C: the principal coordinates, then the residual length.
+
+    For the approximate scan's picks (float32 rounding, as numpy's float32 product); the GIL is
+    released, so pieces of a search project their own queries side by side."""
+
+    mean: np.ndarray        # (D,) float32
+    axes_t: np.ndarray      # (D, axes rounded up to the C block) float32, the axes as columns
+    axes: int
+
+    @classmethod
+    def of(cls, mean: np.ndarray, axes: np.ndarray) -> Projector:
+        """From the ``mean`` (D,) and the orthonormal ``axes`` (A, D) of a projection."""
+        count, dim = axes.shape
+        width = -(-count // _AXIS_BLOCK) * _AXIS_BLOCK
+        axes_t = np.zeros((dim, width), dtype=np.float32)
+        axes_t[:, :count] = axes.T
+        return cls(np.ascontiguousarray(mean, dtype=np.float32), axes_t, count)
+
+    def __call__(self, rows: np.ndarray) -> np.ndarray:
+        """(n, D) rows -> (n, axes + 1) float32 coordinates."""
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        out = np.empty((len(rows), self.axes + 1), dtype=np.float32)
+        _ivfscan.project(rows, self.mean, self.axes_t, self.mean.shape[0], self.axes, out)
+        return out
 
 
 def _panels(rows: np.ndarray) -> np.ndarray:

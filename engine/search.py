@@ -38,7 +38,7 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from functools import partial
+from functools import cached_property, partial
 from typing import Literal, TypeVar
 
 import faiss
@@ -180,10 +180,17 @@ class _Projection:
             raise ValueError("the projected index needs an orthonormal PCA (no whitening, no rotation)")
         return cls(faiss.vector_to_array(pca.mean).astype(np.float64), matrix.astype(np.float64))
 
+    @cached_property
+    def rough(self) -> ivfscan.Projector:
+        """The float32 coordinates in C (where the scans are built)."""
+        return ivfscan.Projector.of(self.mean, self.axes)
+
     def __call__(self, x: np.ndarray, *, precise: bool = True) -> np.ndarray:
         """Coordinates of ``x``; ``precise=False`` computes them in float32 (~2x faster, ~1e-4
         off for the bottle features): enough to pick candidates, not for the lower bounds that
         exact search relies on."""
+        if not precise and ivfscan.AVAILABLE:
+            return self.rough(x)
         dtype = np.float64 if precise else np.float32
         centred = np.asarray(x, dtype=dtype) - self.mean.astype(dtype, copy=False)   # N D
         principal = centred @ self.axes.T.astype(dtype, copy=False)                  # N axes
@@ -245,11 +252,12 @@ class MemorySearch:
             raw, _ = self.index.search(x, self.k, params=params)
             return self._finish(_squared_l2(raw, self.distance))
         if self.projection is not None and self._tiled is not None:
-            coords = self.projection(x, precise=False)
             probes = min(nprobe or self.nprobe, self._tiled.lists)      # lists left empty are not among them
             shown = None if only is None else only.rows[self._blocks.ids]
+            # each piece projects its own patches (in C, beside the other pieces)
             squared = _shared_queries(lambda part: self._tiled.approximate(
-                coords[part], x[part], probes, self.candidates, self.k, shown), len(x), self.k)
+                self.projection(x[part], precise=False), x[part], probes, self.candidates, self.k, shown),
+                len(x), self.k)
             return self._finish(self._fill_missing(x, squared, np.isinf(squared[:, -1]), only))
         params = faiss.SearchParametersIVF(nprobe=min(nprobe or self.nprobe, self.ivf.nlist), sel=selector)
         if self.projection is None:

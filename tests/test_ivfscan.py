@@ -164,3 +164,34 @@ def test_the_approximate_scan_probing_everything_is_exact_and_hides_rows() -> No
         tiled.approximate(queries[:, :6], queries, tiled.lists + 1, 8, 1, None)
     with pytest.raises(ValueError, match="candidates"):
         tiled.approximate(queries[:, :6], queries, 1, 2, 3, None)
+
+
+@pytest.mark.parametrize(("n", "dim", "axes"), [(1, 5, 1), (7, 152, 31), (40, 100, 32), (9, 70, 45), (3, 80, 64)])
+def test_the_c_projection_gives_the_float64_coordinates_to_float32_rounding(n: int, dim: int, axes: int) -> None:
+    """Principal coordinates and the residual length, odd row counts and axes past one block of
+    the C loop included, within float32 rounding of the float64 computation."""
+    rng = np.random.default_rng(dim + axes)
+    rows = (rng.normal(size=(n, dim)) * rng.uniform(0.5, 3.0, size=dim)).astype(np.float32)
+    mean = rng.normal(size=dim)
+    basis = np.linalg.qr(rng.normal(size=(dim, dim)))[0][:, :axes].T                # axes dim, orthonormal
+    centred = rows.astype(np.float64) - mean
+    principal = centred @ basis.T
+    residual = np.sqrt(np.maximum((centred**2).sum(1) - (principal**2).sum(1), 0.0))
+    found = ivfscan.Projector.of(mean, basis)(rows)
+    assert found.shape == (n, axes + 1) and found.dtype == np.float32
+    scale = np.abs(centred).sum(1).max()
+    np.testing.assert_allclose(found[:, :axes], principal, atol=2e-6 * scale)
+    # the residual from a difference of squares: float32 cancellation bounds its error by the norms
+    largest = float(np.linalg.norm(centred, axis=1).max())
+    np.testing.assert_allclose(found[:, axes], residual, atol=np.sqrt(4e-6) * largest)
+
+
+def test_the_c_projection_refuses_what_it_cannot_hold() -> None:
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="64 axes"):
+        ivfscan.Projector.of(np.zeros(100), np.linalg.qr(rng.normal(size=(100, 100)))[0][:, :65].T)(
+            np.zeros((2, 100), np.float32))
+    projector = ivfscan.Projector.of(np.zeros(10), np.eye(10)[:3])
+    with pytest.raises(ValueError, match="sizes"):
+        projector(np.zeros((2, 11), np.float32))
+    assert projector(np.zeros((0, 10), np.float32)).shape == (0, 4)
