@@ -428,18 +428,46 @@ CLONES static void approximate(const Memory *m, const Queries *q, const float *c
     }
 }
 
+#if VECTORS
+typedef double vecd_t __attribute__((vector_size(4 * sizeof(double))));
+#endif
+
+/* |row - mean|^2 in float64, four running sums */
+INLINE double centred_sq(const float *row, const float *mean, int dim) {
+    double sums[4] = {0.0, 0.0, 0.0, 0.0}, total = 0.0;
+    int j = 0;
+    for (; j + 4 <= dim; j += 4)
+        for (int h = 0; h < 4; h++) {
+            double c = (double)row[j + h] - (double)mean[j + h];
+            sums[h] += c * c;
+        }
+    for (; j < dim; j++) {
+        double c = (double)row[j] - (double)mean[j];
+        total += c * c;
+    }
+    return total + (sums[0] + sums[1]) + (sums[2] + sums[3]);
+}
+
+/* the coordinates' last column: the residual length sqrt(max(total - sum of dots^2, 0)) */
+INLINE void finish_coords(const double *dots, int axes, double total, float *coords) {
+    double principal = 0.0;
+    for (int a = 0; a < axes; a++) {
+        coords[a] = (float)dots[a];
+        principal += dots[a] * dots[a];
+    }
+    coords[axes] = total > principal ? (float)sqrt(total - principal) : 0.0f;
+}
+
 /* coordinates of n rows (dim floats each) in float32: (row - mean) . axis for each of the
    `axes` axes, then the residual length sqrt(max(|row - mean|^2 - the principal part's, 0));
    axes_t (dim, width) holds the axes as columns, width = axes rounded up to AXIS_BLOCK (zeros
-   after), at most MAX_AXES. Two rows at a time, every block of axes in its own accumulator:
+   after), at most MAX_AXES. Two rows at a time, each block of axes in its own accumulator:
    independent multiply-adds in flight instead of one chain. */
 CLONES static void project(const float *rows, int64_t n, int dim, const float *mean, const float *axes_t, int axes,
                            int width, float *out) {
     for (int64_t i = 0; i < n; i += 2) {
         int pair = i + 1 < n ? 2 : 1;
-        float total[2] = {row_distance(rows + i * dim, mean, dim), 0.0f}, principal[2] = {0.0f, 0.0f};
-        float dots[2][MAX_AXES];
-        if (pair > 1) total[1] = row_distance(rows + (i + 1) * dim, mean, dim);
+        double dots[2][MAX_AXES];
 #if VECTORS
         for (int a0 = 0; a0 < width; a0 += AXIS_BLOCK) {
             vec_t acc[2][AXIS_BLOCK / VLANES];
@@ -453,7 +481,9 @@ CLONES static void project(const float *rows, int64_t n, int dim, const float *m
                     acc[1][blk] += c1 * axis;
                 }
             }
-            for (int r = 0; r < 2; r++) memcpy(dots[r] + a0, acc[r], sizeof(acc[r]));
+            for (int r = 0; r < 2; r++)
+                for (int blk = 0; blk < AXIS_BLOCK / VLANES; blk++)
+                    for (int a = 0; a < VLANES; a++) dots[r][a0 + blk * VLANES + a] = acc[r][blk][a];
         }
 #else
         memset(dots, 0, sizeof(dots));
@@ -463,14 +493,41 @@ CLONES static void project(const float *rows, int64_t n, int dim, const float *m
                 for (int a = 0; a < axes; a++) dots[r][a] += c * axes_t[(int64_t)j * width + a];
             }
 #endif
-        for (int r = 0; r < pair; r++) {
-            float *coords = out + (i + r) * (axes + 1);
-            for (int a = 0; a < axes; a++) {
-                coords[a] = dots[r][a];
-                principal[r] += dots[r][a] * dots[r][a];
+        for (int r = 0; r < pair; r++)
+            finish_coords(dots[r], axes, row_distance(rows + (i + r) * dim, mean, dim), out + (i + r) * (axes + 1));
+    }
+}
+
+/* project in float64 (axes_t in float64): for the exact scan's lower bounds, where the residual,
+   a difference of squares, must not lose the digits float32 would */
+CLONES static void project_precise(const float *rows, int64_t n, int dim, const float *mean, const double *axes_t,
+                                   int axes, int width, float *out) {
+    for (int64_t i = 0; i < n; i++) {
+        const float *row = rows + i * dim;
+        double dots[MAX_AXES], total = centred_sq(row, mean, dim);
+#if VECTORS
+        for (int a0 = 0; a0 < width; a0 += AXIS_BLOCK) {
+            vecd_t acc[AXIS_BLOCK / 4];
+            memset(acc, 0, sizeof(acc));
+            for (int j = 0; j < dim; j++) {
+                double c = (double)row[j] - (double)mean[j];
+                for (int blk = 0; blk < AXIS_BLOCK / 4; blk++) {
+                    vecd_t axis;
+                    memcpy(&axis, axes_t + (int64_t)j * width + a0 + blk * 4, sizeof(axis));
+                    acc[blk] += c * axis;
+                }
             }
-            coords[axes] = total[r] > principal[r] ? sqrtf(total[r] - principal[r]) : 0.0f;
+            for (int blk = 0; blk < AXIS_BLOCK / 4; blk++)
+                for (int a = 0; a < 4; a++) dots[a0 + blk * 4 + a] = acc[blk][a];
         }
+#else
+        memset(dots, 0, sizeof(dots));
+        for (int j = 0; j < dim; j++) {
+            double c = (double)row[j] - (double)mean[j];
+            for (int a = 0; a < axes; a++) dots[a] += c * axes_t[(int64_t)j * width + a];
+        }
+#endif
+        finish_coords(dots, axes, total, out + i * (axes + 1));
     }
 }
 
@@ -621,17 +678,19 @@ static PyObject *py_project(PyObject *self, PyObject *args) {
     memset(&mean, 0, sizeof(mean));
     memset(&axes_t, 0, sizeof(axes_t));
     memset(&out, 0, sizeof(out));
-    int dim, axes;
-    if (!PyArg_ParseTuple(args, "y*y*y*iiw*", &rows, &mean, &axes_t, &dim, &axes, &out)) return NULL;
+    int dim, axes, precise;
+    if (!PyArg_ParseTuple(args, "y*y*y*iipw*", &rows, &mean, &axes_t, &dim, &axes, &precise, &out)) return NULL;
     int width = (axes + AXIS_BLOCK - 1) / AXIS_BLOCK * AXIS_BLOCK;
     int64_t n = dim > 0 ? FLOATS(rows) / dim : 0;
+    Py_ssize_t axis_size = precise ? (Py_ssize_t)sizeof(double) : (Py_ssize_t)sizeof(float);
     int status = 0;
     if (dim <= 0 || axes <= 0 || axes > MAX_AXES || n * dim != FLOATS(rows) || FLOATS(mean) != dim ||
-        FLOATS(axes_t) != (int64_t)dim * width || FLOATS(out) != n * (axes + 1))
+        axes_t.len != (Py_ssize_t)dim * width * axis_size || FLOATS(out) != n * (axes + 1))
         status = fail("project: sizes do not match (or more than 64 axes)");
     if (status == 0) {
         Py_BEGIN_ALLOW_THREADS
-        project(rows.buf, n, dim, mean.buf, axes_t.buf, axes, width, out.buf);
+        if (precise) project_precise(rows.buf, n, dim, mean.buf, axes_t.buf, axes, width, out.buf);
+        else project(rows.buf, n, dim, mean.buf, axes_t.buf, axes, width, out.buf);
         Py_END_ALLOW_THREADS
     }
     release(&rows, 1);
@@ -652,7 +711,8 @@ static PyMethodDef methods[] = {
      "out): the k smallest squared true distances per query (ascending, +inf where fewer), over the lists "
      "first:end"},
     {"project", py_project, METH_VARARGS,
-     "project(rows, mean, axes_t, dim, axes, out): float32 coordinates of the rows, the residual length last"},
+     "project(rows, mean, axes_t, dim, axes, precise, out): the rows' coordinates (float32; computed in float64, "
+     "axes_t in float64, where precise), the residual length last"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -41,13 +41,14 @@ _AXIS_BLOCK = 8 if _ivfscan is None else int(_ivfscan.AXIS_BLOCK)
 
 @dataclass(frozen=True)
 class Projector:
-    """Rows to float32 coordinates in C: the principal coordinates, then the residual length.
-
-    For the approximate scan's picks (float32 rounding, as numpy's float32 product); the GIL is
-    released, so pieces of a search project their own queries side by side."""
+    """Rows to coordinates in C: the principal coordinates, then the residual length; computed in
+    float32 for the approximate scan's picks (as numpy's float32 product rounds), in float64 for
+    the exact scan's lower bounds. The GIL is released: pieces of a search project side by side.
+    ``mean`` and ``axes`` are float32 values (a faiss PCA's), so float32 holds them exactly."""
 
     mean: np.ndarray        # (D,) float32
     axes_t: np.ndarray      # (D, axes rounded up to the C block) float32, the axes as columns
+    axes_t64: np.ndarray    # the same in float64
     axes: int
 
     @classmethod
@@ -57,13 +58,14 @@ class Projector:
         width = -(-count // _AXIS_BLOCK) * _AXIS_BLOCK
         axes_t = np.zeros((dim, width), dtype=np.float32)
         axes_t[:, :count] = axes.T
-        return cls(np.ascontiguousarray(mean, dtype=np.float32), axes_t, count)
+        return cls(np.ascontiguousarray(mean, dtype=np.float32), axes_t, axes_t.astype(np.float64), count)
 
-    def __call__(self, rows: np.ndarray) -> np.ndarray:
-        """(n, D) rows -> (n, axes + 1) float32 coordinates."""
+    def __call__(self, rows: np.ndarray, *, precise: bool = False) -> np.ndarray:
+        """(n, D) rows -> (n, axes + 1) float32 coordinates, computed in float64 where ``precise``."""
         rows = np.ascontiguousarray(rows, dtype=np.float32)
         out = np.empty((len(rows), self.axes + 1), dtype=np.float32)
-        _ivfscan.project(rows, self.mean, self.axes_t, self.mean.shape[0], self.axes, out)
+        _ivfscan.project(rows, self.mean, self.axes_t64 if precise else self.axes_t, self.mean.shape[0], self.axes,
+                         precise, out)
         return out
 
 

@@ -181,16 +181,17 @@ class _Projection:
         return cls(faiss.vector_to_array(pca.mean).astype(np.float64), matrix.astype(np.float64))
 
     @cached_property
-    def rough(self) -> ivfscan.Projector:
-        """The float32 coordinates in C (where the scans are built)."""
+    def native(self) -> ivfscan.Projector:
+        """The same projection in C (where the scans are built)."""
         return ivfscan.Projector.of(self.mean, self.axes)
 
     def __call__(self, x: np.ndarray, *, precise: bool = True) -> np.ndarray:
         """Coordinates of ``x``; ``precise=False`` computes them in float32 (~2x faster, ~1e-4
         off for the bottle features): enough to pick candidates, not for the lower bounds that
-        exact search relies on."""
-        if not precise and ivfscan.AVAILABLE:
-            return self.rough(x)
+        exact search relies on. In C where the scans are built (809 patches, float64: numpy
+        0.78 ms, C ~0.1 ms)."""
+        if ivfscan.AVAILABLE:
+            return self.native(x, precise=precise)
         dtype = np.float64 if precise else np.float32
         centred = np.asarray(x, dtype=dtype) - self.mean.astype(dtype, copy=False)   # N D
         principal = centred @ self.axes.T.astype(dtype, copy=False)                  # N axes

@@ -169,7 +169,8 @@ def test_the_approximate_scan_probing_everything_is_exact_and_hides_rows() -> No
 @pytest.mark.parametrize(("n", "dim", "axes"), [(1, 5, 1), (7, 152, 31), (40, 100, 32), (9, 70, 45), (3, 80, 64)])
 def test_the_c_projection_gives_the_float64_coordinates_to_float32_rounding(n: int, dim: int, axes: int) -> None:
     """Principal coordinates and the residual length, odd row counts and axes past one block of
-    the C loop included, within float32 rounding of the float64 computation."""
+    the C loop included: within float32 rounding of the float64 computation, and computed in
+    float64 when precise."""
     rng = np.random.default_rng(dim + axes)
     rows = (rng.normal(size=(n, dim)) * rng.uniform(0.5, 3.0, size=dim)).astype(np.float32)
     mean = rng.normal(size=dim)
@@ -184,6 +185,13 @@ def test_the_c_projection_gives_the_float64_coordinates_to_float32_rounding(n: i
     # the residual from a difference of squares: float32 cancellation bounds its error by the norms
     largest = float(np.linalg.norm(centred, axis=1).max())
     np.testing.assert_allclose(found[:, axes], residual, atol=np.sqrt(4e-6) * largest)
+    # precise: computed in float64, only the output rounded to float32 (the exact scan's bounds)
+    exact = ivfscan.Projector.of(mean.astype(np.float32), basis.astype(np.float32))(rows, precise=True)
+    centred32 = rows.astype(np.float64) - mean.astype(np.float32)
+    principal32 = centred32 @ basis.astype(np.float32).T.astype(np.float64)
+    residual32 = np.sqrt(np.maximum((centred32**2).sum(1) - (principal32**2).sum(1), 0.0))
+    np.testing.assert_allclose(exact[:, :axes], principal32, rtol=1e-6, atol=1e-6 * scale)
+    np.testing.assert_allclose(exact[:, axes], residual32, rtol=1e-6, atol=1e-5)
 
 
 def test_the_c_projection_refuses_what_it_cannot_hold() -> None:
