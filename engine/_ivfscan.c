@@ -253,14 +253,17 @@ INLINE void lists_needed(const Memory *m, const Queries *q, int64_t first, int64
     float lane[LANES];
     for (int64_t panel = first / LANES; panel * LANES < end; panel++) {
         const float *centres = m->centres + panel * LANES * m->d;
+        int64_t lo = first > panel * LANES ? first - panel * LANES : 0;
+        int64_t hi = end < (panel + 1) * LANES ? end - panel * LANES : LANES;
         for (int64_t i = 0; i < q->n; i++) {
-            float reach = sqrtf(q->reach_sq[i]);
+            float reach = sqrtf(q->reach_sq[i]) * (1.0f + 1e-4f);
             panel_distances(q->coords + i * m->d, centres, m->d, lane);
-            for (int j = 0; j < LANES; j++) {
+            /* centre - r <= (reach + 1e-5 centre)(1 + 1e-4), solved for the centre and squared
+               (both sides are nonnegative): no square root per list */
+            for (int64_t j = lo; j < hi; j++) {
                 int64_t l = panel * LANES + j;
-                if (l < first || l >= end) continue;
-                float centre = sqrtf(lane[j]);
-                need[(l - first) * q->n + i] = centre - m->radius[l] <= (reach + 1e-5f * centre) * (1.0f + 1e-4f);
+                float most = (m->radius[l] + reach) * (1.0f / (1.0f - 1.0001e-5f));
+                need[(l - first) * q->n + i] = lane[j] <= most * most;
             }
         }
     }
