@@ -1,5 +1,5 @@
-"""The C scans of the projected inverted file (engine/_ivfscan.c); everything else is in
-pyproject.toml.
+"""The engine's C kernels (engine/_ivfscan.c: the projected inverted file's scans, the
+projection, the anomaly map's banded product); everything else is in pyproject.toml.
 
 Optional: where no C compiler is found the build goes on without it, and the engine searches with
 faiss and numpy instead (the same results, slower). The scans' vectors are GCC / clang extensions:

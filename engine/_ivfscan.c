@@ -1,4 +1,6 @@
-/* Scans of the projected inverted file (engine/search.py).
+/* The engine's C kernels: the scans of the projected inverted file (engine/search.py), the
+ * projection of patches to its coordinates, and the anomaly map's banded product
+ * (engine/anomaly_map.py).
  *
  * exact: given queries, each with a reach (an upper bound of its k-th nearest true distance), the
  * k nearest rows among those whose coordinate distance, a lower bound of the true one, is within
@@ -534,6 +536,44 @@ CLONES static void project_precise(const float *rows, int64_t n, int dim, const 
     }
 }
 
+/* rows first:end of out (H, W) = left (rows, w) times bt (w, width), or plus it with `add`, for
+   the column blocks b_first:b_last only. bt holds the columns of a banded matrix (width = W
+   rounded up to LANES, zeros after W): the LANES pixels of block b take only the cells
+   band[2b]:band[2b + 1], the ones whose weight is not zero there. The anomaly map's second
+   product: a pixel is fed by ~4 of the 28-52 patch columns, which a dense product multiplies all.
+   Row y of out takes row y - first of left. */
+CLONES static void banded_product(const float *left, const float *bt, const int32_t *band, int64_t first,
+                                  int64_t end, int b_first, int b_last, int add, int w, int W, int width,
+                                  float *out) {
+    for (int64_t y = first; y < end; y++) {
+        const float *row = left + (y - first) * w;
+        float *dst = out + y * W;
+        for (int b = b_first; b < b_last; b++) {
+            float lane[LANES];
+            int x0 = b * LANES, count = W - x0 < LANES ? W - x0 : LANES;
+#if VECTORS
+            vec_t acc[LANES / VLANES];
+            memset(acc, 0, sizeof(acc));
+            for (int j = band[2 * b]; j < band[2 * b + 1]; j++)
+                for (int h = 0; h < LANES / VLANES; h++)
+                    acc[h] += row[j] * load(bt + (int64_t)j * width + x0 + h * VLANES);
+            if (count == LANES) {
+                if (add)
+                    for (int h = 0; h < LANES / VLANES; h++) acc[h] += load(dst + x0 + h * VLANES);
+                memcpy(dst + x0, acc, sizeof(acc));
+                continue;
+            }
+            memcpy(lane, acc, sizeof(lane));
+#else
+            for (int x = 0; x < LANES; x++) lane[x] = 0.0f;
+            for (int j = band[2 * b]; j < band[2 * b + 1]; j++)
+                for (int x = 0; x < LANES; x++) lane[x] += row[j] * bt[(int64_t)j * width + x0 + x];
+#endif
+            for (int x = 0; x < count; x++) dst[x0 + x] = add ? dst[x0 + x] + lane[x] : lane[x];
+        }
+    }
+}
+
 /* ---- Python glue: buffers in, sizes checked, GIL released around the scan ---------------------- */
 
 enum { PANELS, NORMS, LIST_START, SLOTS, CENTRES, RADIUS, BANK, SHOWN, COORDS, ROWS, REACH, OUT, BUFFERS };
@@ -704,6 +744,42 @@ static PyObject *py_project(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *py_banded_product(PyObject *self, PyObject *args) {
+    Py_buffer left, bt, band, out;
+    memset(&left, 0, sizeof(left));
+    memset(&bt, 0, sizeof(bt));
+    memset(&band, 0, sizeof(band));
+    memset(&out, 0, sizeof(out));
+    int w, W, b_first, b_last, add;
+    long long first, end;
+    if (!PyArg_ParseTuple(args, "y*y*y*iiLLiipw*", &left, &bt, &band, &w, &W, &first, &end, &b_first, &b_last, &add,
+                          &out))
+        return NULL;
+    int width = (W + LANES - 1) / LANES * LANES;
+    int64_t H = W > 0 ? FLOATS(out) / W : 0;
+    int status = 0;
+    if (w <= 0 || W <= 0 || H * W != FLOATS(out) || first < 0 || first > end || end > H ||
+        FLOATS(left) != (end - first) * w || FLOATS(bt) != (int64_t)w * width ||
+        band.len != (Py_ssize_t)(2 * (width / LANES) * sizeof(int32_t)) || b_first < 0 || b_first > b_last ||
+        b_last > width / LANES)
+        status = fail("banded_product: sizes do not match");
+    const int32_t *bands = band.buf;
+    for (int b = 0; status == 0 && b < width / LANES; b++)
+        if (bands[2 * b] < 0 || bands[2 * b] > bands[2 * b + 1] || bands[2 * b + 1] > w)
+            status = fail("banded_product: a band outside the cells");
+    if (status == 0) {
+        Py_BEGIN_ALLOW_THREADS
+        banded_product(left.buf, bt.buf, bands, first, end, b_first, b_last, add, w, W, width, out.buf);
+        Py_END_ALLOW_THREADS
+    }
+    release(&left, 1);
+    release(&bt, 1);
+    release(&band, 1);
+    release(&out, 1);
+    if (status) return NULL;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"approximate", py_approximate, METH_VARARGS,
      "approximate(panels, norms, list_start, slots, centres, radius, centroids, centroid_norms, bank, shown, d, dim, "
@@ -716,6 +792,9 @@ static PyMethodDef methods[] = {
     {"project", py_project, METH_VARARGS,
      "project(rows, mean, axes_t, dim, axes, precise, out): the rows' coordinates (float32; computed in float64, "
      "axes_t in float64, where precise), the residual length last"},
+    {"banded_product", py_banded_product, METH_VARARGS,
+     "banded_product(left, bt, band, w, W, first, end, b_first, b_last, add, out): rows first:end of out = (or += "
+     "with add) left @ bt[:, :W] in the column blocks b_first:b_last, each block over its band of bt's rows only"},
     {NULL, NULL, 0, NULL},
 };
 

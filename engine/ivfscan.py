@@ -1,4 +1,5 @@
-"""The inverted file's lists in panels for the C scans (``engine/_ivfscan.c``).
+"""The inverted file's lists in panels for the C scans (``engine/_ivfscan.c``), and the other C
+kernels' wrappers (the projection, the anomaly map's banded product).
 
 ``engine.search`` answers the searches of a projected inverted file with these scans when the
 extension was built and the CPU has AVX2 (``AVAILABLE``), and with numpy and faiss otherwise; both
@@ -28,7 +29,7 @@ try:
 except ImportError:      # built without a C compiler: engine.search uses numpy and faiss
     _ivfscan = None
 
-__all__ = ["AVAILABLE", "BUILT", "LANES", "Projector", "TiledLists"]
+__all__ = ["AVAILABLE", "BUILT", "LANES", "Projector", "TiledLists", "banded_rows"]
 
 BUILT = _ivfscan is not None
 # built, and on a CPU where it beats numpy (x86 with AVX2; engine/_ivfscan.c): what the engine uses
@@ -153,3 +154,15 @@ class TiledLists:
                        np.ascontiguousarray(rows, dtype=np.float32), np.ascontiguousarray(reach_sq, dtype=np.float32),
                        int(k), lists.start, lists.stop, out)
         return out
+
+
+def banded_rows(left: np.ndarray, bt: np.ndarray, band: np.ndarray, width: int, rows: slice, out: np.ndarray, *,
+                columns: slice | None = None, add: bool = False) -> None:
+    """``out[rows] = left @ bt[:, :width]`` (``+=`` with ``add``) in C, in the blocks of ``LANES``
+    columns that overlap ``columns`` (None = all), each block over the rows ``band[b, 0]:band[b, 1]``
+    of ``bt`` only (the others are zero there). ``left`` (rows, w) and ``out`` (H, width) float32
+    C-contiguous; ``bt`` (w, width rounded up to LANES) float32, zeros past ``width``; ``band``
+    (blocks, 2) int32. The GIL is released."""
+    blocks = len(band)
+    first, last = (0, blocks) if columns is None else (columns.start // LANES, -(-columns.stop // LANES))
+    _ivfscan.banded_product(left, bt, band, left.shape[1], int(width), rows.start, rows.stop, first, last, add, out)

@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
+from engine import ivfscan
 from engine.anomaly_map import (
     add_patch_change,
     anomaly_map,
@@ -18,6 +19,15 @@ from engine.anomaly_map import (
     patch_support,
     percentile_if_above,
 )
+
+
+@pytest.fixture(params=["c", "numpy"])
+def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The map's products by the C banded kernel (where built) and by numpy's dense ones."""
+    if request.param == "c" and not ivfscan.AVAILABLE:
+        pytest.skip("C kernels not built")
+    monkeypatch.setattr(ivfscan, "AVAILABLE", request.param == "c")
+    return str(request.param)
 
 
 def _resize_then_blur(scores: np.ndarray, height: int, width: int, sigma: float) -> np.ndarray:
@@ -33,7 +43,7 @@ def _resize_then_blur(scores: np.ndarray, height: int, width: int, sigma: float)
     (28, 28, 900, 900, 4.0), (28, 28, 224, 224, 4.0), (56, 56, 448, 640, 4.0), (16, 16, 1000, 37, 2.5),
     (8, 8, 8, 8, 4.0), (28, 28, 9, 8, 4.0), (3, 5, 100, 60, 0.0), (40, 28, 901, 641, 1.0),
 ])
-def test_map_equals_resize_then_blur(h: int, w: int, height: int, width: int, sigma: float) -> None:
+def test_map_equals_resize_then_blur(h: int, w: int, height: int, width: int, sigma: float, kernels: str) -> None:
     scores = np.random.default_rng(h * w + height).uniform(0, 20, (h, w)).astype(np.float32)
     expected = _resize_then_blur(scores, height, width, sigma)
     got = anomaly_map(scores, height, width, sigma)
@@ -129,7 +139,7 @@ def test_percentile_of_an_empty_mask_is_refused() -> None:
 
 
 @pytest.mark.parametrize("cells", [[(3, 4)], [(0, 0), (27, 27)], [(10, 3), (11, 3), (12, 20)], []])
-def test_a_patch_change_updates_the_map_as_a_recomputation_does(cells: list[tuple[int, int]]) -> None:
+def test_a_patch_change_updates_the_map_as_a_recomputation_does(cells: list[tuple[int, int]], kernels: str) -> None:
     rng = np.random.default_rng(5)
     scores = rng.uniform(0.0, 2.0, (28, 28)).astype(np.float32)
     amap = anomaly_map(scores, 300, 451, 4.0)
@@ -148,7 +158,7 @@ def _on_threads(steps: Sequence[Callable[[], object]]) -> None:
 
 
 @pytest.mark.parametrize(("height", "width"), [(900, 900), (301, 451), (1, 37), (2, 2)])
-def test_the_map_and_its_updates_are_the_same_in_bands_on_two_threads(height: int, width: int) -> None:
+def test_the_map_and_its_updates_are_the_same_in_bands_on_two_threads(height: int, width: int, kernels: str) -> None:
     rng = np.random.default_rng(9)
     scores = rng.uniform(0.0, 2.0, (28, 28)).astype(np.float32)
     amap = anomaly_map(scores, height, width, 4.0, run=_on_threads)

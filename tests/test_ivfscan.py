@@ -203,3 +203,18 @@ def test_the_c_projection_refuses_what_it_cannot_hold() -> None:
     with pytest.raises(ValueError, match="sizes"):
         projector(np.zeros((2, 11), np.float32))
     assert projector(np.zeros((0, 10), np.float32)).shape == (0, 4)
+
+
+def test_the_banded_product_refuses_bands_and_sizes_it_cannot_hold() -> None:
+    """The anomaly map's kernel checks what it is given before it reads memory."""
+    left = np.ones((4, 3), np.float32)
+    bt = np.zeros((3, ivfscan.LANES), np.float32)
+    out = np.zeros((4, 10), np.float32)
+    good = np.array([[0, 3]], np.int32)
+    ivfscan.banded_rows(left, bt, good, 10, slice(0, 4), out)
+    with pytest.raises(ValueError, match="band"):
+        ivfscan.banded_rows(left, bt, np.array([[0, 4]], np.int32), 10, slice(0, 4), out)
+    with pytest.raises(ValueError, match="sizes"):
+        ivfscan.banded_rows(left, bt, good, 10, slice(0, 3), out)         # left has 4 rows, not 3
+    with pytest.raises(ValueError, match="sizes"):
+        ivfscan.banded_rows(left, bt, good, 10, slice(1, 5), out)         # past the last row
