@@ -716,66 +716,55 @@ static PyObject *py_approximate(PyObject *self, PyObject *args) {
 }
 
 static PyObject *py_project(PyObject *self, PyObject *args) {
-    Py_buffer rows, mean, axes_t, out;
-    memset(&rows, 0, sizeof(rows));
-    memset(&mean, 0, sizeof(mean));
-    memset(&axes_t, 0, sizeof(axes_t));
-    memset(&out, 0, sizeof(out));
+    Py_buffer b[4];                                   /* rows, mean, axes_t, out */
+    memset(b, 0, sizeof(b));
+    Py_buffer *rows = &b[0], *mean = &b[1], *axes_t = &b[2], *out = &b[3];
     int dim, axes, precise;
-    if (!PyArg_ParseTuple(args, "y*y*y*iipw*", &rows, &mean, &axes_t, &dim, &axes, &precise, &out)) return NULL;
+    if (!PyArg_ParseTuple(args, "y*y*y*iipw*", rows, mean, axes_t, &dim, &axes, &precise, out)) return NULL;
     int width = (axes + AXIS_BLOCK - 1) / AXIS_BLOCK * AXIS_BLOCK;
-    int64_t n = dim > 0 ? FLOATS(rows) / dim : 0;
+    int64_t n = dim > 0 ? FLOATS(*rows) / dim : 0;
     Py_ssize_t axis_size = precise ? (Py_ssize_t)sizeof(double) : (Py_ssize_t)sizeof(float);
     int status = 0;
-    if (dim <= 0 || axes <= 0 || axes > MAX_AXES || n * dim != FLOATS(rows) || FLOATS(mean) != dim ||
-        axes_t.len != (Py_ssize_t)dim * width * axis_size || FLOATS(out) != n * (axes + 1))
+    if (dim <= 0 || axes <= 0 || axes > MAX_AXES || n * dim != FLOATS(*rows) || FLOATS(*mean) != dim ||
+        axes_t->len != (Py_ssize_t)dim * width * axis_size || FLOATS(*out) != n * (axes + 1))
         status = fail("project: sizes do not match (or more than 64 axes)");
     if (status == 0) {
         Py_BEGIN_ALLOW_THREADS
-        if (precise) project_precise(rows.buf, n, dim, mean.buf, axes_t.buf, axes, width, out.buf);
-        else project(rows.buf, n, dim, mean.buf, axes_t.buf, axes, width, out.buf);
+        if (precise) project_precise(rows->buf, n, dim, mean->buf, axes_t->buf, axes, width, out->buf);
+        else project(rows->buf, n, dim, mean->buf, axes_t->buf, axes, width, out->buf);
         Py_END_ALLOW_THREADS
     }
-    release(&rows, 1);
-    release(&mean, 1);
-    release(&axes_t, 1);
-    release(&out, 1);
+    release(b, 4);
     if (status) return NULL;
     Py_RETURN_NONE;
 }
 
 static PyObject *py_banded_product(PyObject *self, PyObject *args) {
-    Py_buffer left, bt, band, out;
-    memset(&left, 0, sizeof(left));
-    memset(&bt, 0, sizeof(bt));
-    memset(&band, 0, sizeof(band));
-    memset(&out, 0, sizeof(out));
+    Py_buffer b[4];                                   /* left, bt, band, out */
+    memset(b, 0, sizeof(b));
+    Py_buffer *left = &b[0], *bt = &b[1], *band = &b[2], *out = &b[3];
     int w, W, b_first, b_last, add;
     long long first, end;
-    if (!PyArg_ParseTuple(args, "y*y*y*iiLLiipw*", &left, &bt, &band, &w, &W, &first, &end, &b_first, &b_last, &add,
-                          &out))
+    if (!PyArg_ParseTuple(args, "y*y*y*iiLLiipw*", left, bt, band, &w, &W, &first, &end, &b_first, &b_last, &add, out))
         return NULL;
     int width = (W + LANES - 1) / LANES * LANES;
-    int64_t H = W > 0 ? FLOATS(out) / W : 0;
+    int64_t H = W > 0 ? FLOATS(*out) / W : 0;
     int status = 0;
-    if (w <= 0 || W <= 0 || H * W != FLOATS(out) || first < 0 || first > end || end > H ||
-        FLOATS(left) != (end - first) * w || FLOATS(bt) != (int64_t)w * width ||
-        band.len != (Py_ssize_t)(2 * (width / LANES) * sizeof(int32_t)) || b_first < 0 || b_first > b_last ||
+    if (w <= 0 || W <= 0 || H * W != FLOATS(*out) || first < 0 || first > end || end > H ||
+        FLOATS(*left) != (end - first) * w || FLOATS(*bt) != (int64_t)w * width ||
+        band->len != (Py_ssize_t)(2 * (width / LANES) * sizeof(int32_t)) || b_first < 0 || b_first > b_last ||
         b_last > width / LANES)
         status = fail("banded_product: sizes do not match");
-    const int32_t *bands = band.buf;
+    const int32_t *bands = band->buf;
     for (int b = 0; status == 0 && b < width / LANES; b++)
         if (bands[2 * b] < 0 || bands[2 * b] > bands[2 * b + 1] || bands[2 * b + 1] > w)
             status = fail("banded_product: a band outside the cells");
     if (status == 0) {
         Py_BEGIN_ALLOW_THREADS
-        banded_product(left.buf, bt.buf, bands, first, end, b_first, b_last, add, w, W, width, out.buf);
+        banded_product(left->buf, bt->buf, bands, first, end, b_first, b_last, add, w, W, width, out->buf);
         Py_END_ALLOW_THREADS
     }
-    release(&left, 1);
-    release(&bt, 1);
-    release(&band, 1);
-    release(&out, 1);
+    release(b, 4);
     if (status) return NULL;
     Py_RETURN_NONE;
 }
