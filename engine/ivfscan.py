@@ -37,7 +37,7 @@ AVAILABLE = BUILT and bool(_ivfscan.FAST)
 LANES = 16 if _ivfscan is None else int(_ivfscan.LANES)
 # padding columns: far from every query (squared distances ~1e36 stay finite in float32)
 _PAD = 1e18
-_AXIS_BLOCK = 8 if _ivfscan is None else int(_ivfscan.AXIS_BLOCK)
+_AXIS_BLOCK = 32 if _ivfscan is None else int(_ivfscan.AXIS_BLOCK)
 
 
 @dataclass(frozen=True)

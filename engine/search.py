@@ -185,12 +185,13 @@ class _Projection:
         """The same projection in C (where the scans are built)."""
         return ivfscan.Projector.of(self.mean, self.axes)
 
-    def __call__(self, x: np.ndarray, *, precise: bool = True) -> np.ndarray:
+    def __call__(self, x: np.ndarray, *, precise: bool = True, native: bool = False) -> np.ndarray:
         """Coordinates of ``x``; ``precise=False`` computes them in float32 (~2x faster, ~1e-4
         off for the bottle features): enough to pick candidates, not for the lower bounds that
-        exact search relies on. In C where the scans are built (809 patches, float64: numpy
-        0.78 ms, C ~0.1 ms)."""
-        if ivfscan.AVAILABLE:
+        exact search relies on. ``native``: in C, for the searches the C scans serve (precise, the
+        same coordinates bit for bit; 809 patches in the engine's process: numpy 0.60-0.77 ms,
+        C 0.40-0.52 ms; rough, projected by each piece of the scan beside the others)."""
+        if native:
             return self.native(x, precise=precise)
         dtype = np.float64 if precise else np.float32
         centred = np.asarray(x, dtype=dtype) - self.mean.astype(dtype, copy=False)   # N D
@@ -257,7 +258,8 @@ class MemorySearch:
             shown = None if only is None else only.rows[self._blocks.ids]
             # each piece projects its own patches (in C, beside the other pieces)
             squared = _shared_queries(lambda part: self._tiled.approximate(
-                self.projection(x[part], precise=False), x[part], probes, self.candidates, self.k, shown),
+                self.projection(x[part], precise=False, native=True), x[part], probes, self.candidates, self.k,
+                shown),
                 len(x), self.k)
             return self._finish(self._fill_missing(x, squared, np.isinf(squared[:, -1]), only))
         params = faiss.SearchParametersIVF(nprobe=min(nprobe or self.nprobe, self.ivf.nlist), sel=selector)
@@ -276,7 +278,7 @@ class MemorySearch:
             return self.search(queries, only)[0]
         use_faiss_threads()
         x = prepare_rows(queries, self.distance)
-        coords = x if self.projection is None else self.projection(x)
+        coords = x if self.projection is None else self.projection(x, native=self._tiled is not None)
         reach_sq = np.square(_as_l2(np.asarray(reach, dtype=np.float64), self.distance))
         # slack for float32 rounding in the faiss and numpy distances: a row kept in vain costs a
         # distance, a row wrongly dropped would cost exactness
