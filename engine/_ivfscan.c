@@ -208,11 +208,12 @@ INLINE void keep_smallest(float *values, int32_t *ids, int size, float value, in
     if (ids) ids[i] = id;
 }
 
-/* keep_smallest with ids, in vector registers when there are VLANES of them */
+/* keep_smallest with ids, in vector registers when there are VLANES of them (a value not below
+   the largest moves nothing there: no lane is above it) */
 INLINE void keep_candidate(float *values, int32_t *ids, int size, float value, int32_t id) {
 #if VECTORS
     if (size == VLANES) {
-        if (value < values[VLANES - 1]) keep_smallest_lanes(values, ids, value, id);
+        keep_smallest_lanes(values, ids, value, id);
         return;
     }
 #endif
