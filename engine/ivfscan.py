@@ -20,7 +20,7 @@ heap per query; the C scan takes each probed list once, with all the queries tha
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -29,7 +29,7 @@ try:
 except ImportError:      # built without a C compiler: engine.search uses numpy and faiss
     _ivfscan = None
 
-__all__ = ["AVAILABLE", "BUILT", "LANES", "Projector", "TiledLists", "banded_rows"]
+__all__ = ["AVAILABLE", "BUILT", "EXT_AXES", "LANES", "Finer", "Projector", "TiledLists", "banded_rows"]
 
 BUILT = _ivfscan is not None
 # built, and on a CPU where it beats numpy (x86 with AVX2; engine/_ivfscan.c): what the engine uses
@@ -38,6 +38,20 @@ LANES = 16 if _ivfscan is None else int(_ivfscan.LANES)
 # padding columns: far from every query (squared distances ~1e36 stay finite in float32)
 _PAD = 1e18
 _AXIS_BLOCK = 32 if _ivfscan is None else int(_ivfscan.AXIS_BLOCK)
+# principal axes past the coordinates' that the exact scan's second lower bound takes
+EXT_AXES = 32 if _ivfscan is None else int(_ivfscan.EXT_AXES)
+
+
+@dataclass(frozen=True)
+class Finer:
+    """Rows' coordinates for the exact scan's second lower bound: their next ``EXT_AXES`` principal
+    coordinates past the projection's axes (zeros past the last axis) and the residual length past
+    those. The projection's last coordinate w (the residual past its axes) splits into them:
+    w^2 = |coords|^2 + rest^2, so a row whose coordinate distance passes the first bound can be held
+    to a tighter one before its true distance is taken (``engine/_ivfscan.c``, scan_group)."""
+
+    coords: np.ndarray      # (n, EXT_AXES) float32
+    rest: np.ndarray        # (n,) float32
 
 
 @dataclass(frozen=True)
@@ -66,8 +80,21 @@ class Projector:
         rows = np.ascontiguousarray(rows, dtype=np.float32)
         out = np.empty((len(rows), self.axes + 1), dtype=np.float32)
         _ivfscan.project(rows, self.mean, self.axes_t64 if precise else self.axes_t, self.mean.shape[0], self.axes,
-                         precise, out)
+                         precise, out, self.axes, None, None)
         return out
+
+    def split(self, rows: np.ndarray, at: int) -> tuple[np.ndarray, Finer]:
+        """(n, D) rows -> their precise coordinates on the first ``at`` axes (n, at + 1), the
+        residual past those last (the same values as a projector of those axes alone gives), and
+        the other axes' (at most ``EXT_AXES``) as the second bound's ``Finer`` coordinates."""
+        if not 0 < at < self.axes or self.axes - at > EXT_AXES:
+            raise ValueError(f"a split keeps 1..{self.axes - 1} axes and leaves at most {EXT_AXES}, got {at}")
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        out = np.empty((len(rows), at + 1), dtype=np.float32)
+        finer = Finer(np.empty((len(rows), EXT_AXES), dtype=np.float32), np.empty(len(rows), dtype=np.float32))
+        _ivfscan.project(rows, self.mean, self.axes_t64, self.mean.shape[0], self.axes, True, out, at, finer.coords,
+                         finer.rest)
+        return out, finer
 
 
 def _panels(rows: np.ndarray) -> np.ndarray:
@@ -94,6 +121,10 @@ class TiledLists:
     dims: int                 # coordinates per row
     centroids: np.ndarray     # (L rounded up to LANES, * d) float32: panels of the lists' quantizer centroids
     centroid_norms: np.ndarray  # (L rounded up to LANES,) float32 their squared norms, +inf for padding
+    # the columns' coordinates for the exact scan's second bound, in panels of (EXT_AXES, LANES), and
+    # their residual lengths; None: one bound
+    finer_panels: np.ndarray | None = None
+    finer_rest: np.ndarray | None = None
 
     @classmethod
     def of(cls, coords: np.ndarray, list_start: np.ndarray, centres: np.ndarray, radius: np.ndarray,
@@ -123,6 +154,18 @@ class TiledLists:
                    np.ascontiguousarray(radius, dtype=np.float32), np.ascontiguousarray(bank, dtype=np.float32),
                    coords.shape[1], _panels(list_centroids), centroid_norms)
 
+    def with_finer(self, finer: Finer) -> TiledLists:
+        """The same lists, whose exact scan holds rows to the second bound too (``finer``: the
+        positions' coordinates for it, from the projection that gave the panels' coordinates)."""
+        if finer.coords.shape != (len(self.bank), EXT_AXES) or finer.rest.shape != (len(self.bank),):
+            raise ValueError("one row of finer coordinates per position expected")
+        held = self.slots >= 0
+        coords = np.zeros((len(self.slots), EXT_AXES), dtype=np.float32)
+        coords[held] = finer.coords[self.slots[held]]
+        rest = np.zeros(len(self.slots), dtype=np.float32)
+        rest[held] = finer.rest[self.slots[held]]
+        return replace(self, finer_panels=_panels(coords), finer_rest=rest)
+
     def approximate(self, coords: np.ndarray, rows: np.ndarray, nprobe: int, candidates: int, k: int,
                     shown: np.ndarray | None) -> np.ndarray:
         """(n, k) ascending squared true distances of the queries (``coords`` (n, d), ``rows`` (n, D))
@@ -142,17 +185,21 @@ class TiledLists:
         return len(self.radius)
 
     def exact(self, coords: np.ndarray, rows: np.ndarray, reach_sq: np.ndarray, k: int, shown: np.ndarray | None,
-              lists: slice) -> np.ndarray:
+              lists: slice, finer: Finer | None = None) -> np.ndarray:
         """(n, k) ascending squared true distances of the queries (``coords`` (n, d), ``rows``
         (n, D)) to their k nearest ``shown`` rows (by position; None = all) of the lists ``lists``
         (its start a multiple of LANES) whose coordinate distance is within ``reach_sq`` (n,);
-        +inf where fewer are."""
+        +inf where fewer are. ``finer``: the queries' coordinates for the second bound, taken
+        where these lists have theirs (the same distances, fewer of them computed)."""
         out = np.empty((len(coords), k), dtype=np.float32)
+        both = finer is not None and self.finer_panels is not None
         _ivfscan.exact(self.panels, self.norms, self.column_start, self.slots, self.centres, self.radius, self.bank,
                        None if shown is None else np.ascontiguousarray(shown, dtype=np.uint8), self.dims,
                        self.bank.shape[1], np.ascontiguousarray(coords, dtype=np.float32),
                        np.ascontiguousarray(rows, dtype=np.float32), np.ascontiguousarray(reach_sq, dtype=np.float32),
-                       int(k), lists.start, lists.stop, out)
+                       int(k), lists.start, lists.stop, out,
+                       *((self.finer_panels, self.finer_rest, np.ascontiguousarray(finer.coords, dtype=np.float32),
+                          np.ascontiguousarray(finer.rest, dtype=np.float32)) if both else (None,) * 4))
         return out
 
 

@@ -27,6 +27,11 @@ Measured on bottle features (Lite0, 152 dims, 2-core EPYC): 32 axes keep 94 % of
 variance. At 65 542 rows (448 px), the patches refinement re-scores in a defective ROI pass the
 lower bound for ~600-740 rows each (~200 in a good one), against 65 542 for a flat search.
 
+The C exact scan of a large memory also holds the rows within reach to a second bound before
+their true distance: the next principal axes past ``axes`` (the PCA stores them all) split the
+residual, ``|R(x - mu)|^2 = |E(x - mu)|^2 + |R'(x - mu)|^2``, so the same argument on ``E``'s
+coordinates and the shorter residual ``R'`` gives a tighter lower bound (``_FINER_ROWS``).
+
 Memories kept before this layout (plain ``IndexIVFFlat`` over the rows) are searched the same
 way with coordinates equal to the rows; flat indexes are exact and ``exact`` is ``search``.
 """
@@ -58,6 +63,11 @@ _MAX_PROBES = 16              # the recall tuning stops here: exactness comes fr
 _ROWS_PER_BLOCK = 1024        # memory rows per block of the exact search
 _SHARED_WORK = 500_000        # row comparisons of one exact search above which its blocks are shared out (~0.6 ms)
 _MIN_LISTS, _MAX_LISTS = 16, 4096
+_ORTHONORMAL = 1e-5           # a PCA's float32 axes are orthonormal to ~1e-6
+# memory rows from which the C exact scan takes the second bound: its queries' projection on twice
+# the axes costs more than the true distances it saves below (bottle Lite0 defective ROI, exact step on
+# two workers, in turns: 8 477 rows 3.81 -> 3.94 ms, 59 741 rows 3.95 -> 3.48, 65 542 rows 21.8 -> 19.5)
+_FINER_ROWS = 32_768
 _NATIVE_MAX_K = 64             # the C scans' largest k (engine/_ivfscan.c); faiss and numpy above it
 _SCAN_PIECES = 8               # pieces of one C scan (lists for the exact one, queries for the approximate one)
 _QUERIES_PER_PIECE = 64        # the fewest queries in a piece of a C approximate scan
@@ -171,6 +181,8 @@ class _Projection:
 
     mean: np.ndarray        # (D,) float64
     axes: np.ndarray        # (axes, D) float64, orthonormal rows
+    # (<= EXT_AXES, D) float64: the principal axes after these, for the C exact scan's second bound
+    finer: np.ndarray | None = None
 
     @classmethod
     def of(cls, pca: faiss.PCAMatrix, axes: int) -> _Projection:
@@ -178,12 +190,22 @@ class _Projection:
         matrix = faiss.vector_to_array(pca.A).reshape(pca.d_out, dim)[:axes]
         if pca.eigen_power != 0 or pca.random_rotation:
             raise ValueError("the projected index needs an orthonormal PCA (no whitening, no rotation)")
-        return cls(faiss.vector_to_array(pca.mean).astype(np.float64), matrix.astype(np.float64))
+        return cls(faiss.vector_to_array(pca.mean).astype(np.float64), matrix.astype(np.float64),
+                   _finer_axes(pca, matrix.astype(np.float64)))
 
     @cached_property
     def native(self) -> ivfscan.Projector:
         """The same projection in C (where the scans are built)."""
         return ivfscan.Projector.of(self.mean, self.axes)
+
+    @cached_property
+    def _native_finer(self) -> ivfscan.Projector:
+        return ivfscan.Projector.of(self.mean, np.vstack([self.axes, self.finer]))
+
+    def split(self, x: np.ndarray) -> tuple[np.ndarray, ivfscan.Finer]:
+        """Precise coordinates of ``x`` in C (the same as ``self(x, native=True)``) and its
+        coordinates for the exact scan's second bound (``finer`` axes; not None)."""
+        return self._native_finer.split(x, len(self.axes))
 
     def __call__(self, x: np.ndarray, *, precise: bool = True, native: bool = False) -> np.ndarray:
         """Coordinates of ``x``; ``precise=False`` computes them in float32 (~2x faster, ~1e-4
@@ -237,6 +259,9 @@ class MemorySearch:
             self._tiled = self._blocks.tiled() if native and self.k <= _NATIVE_MAX_K else None
             if self._tiled is not None:     # the numpy path's matrices are not used (7.7 MiB at 60k rows)
                 self._blocks = replace(self._blocks, columns=())
+                finer = self.projection is not None and self.projection.finer is not None
+                if finer and len(self._tiled.bank) >= _FINER_ROWS:
+                    self._tiled = self._tiled.with_finer(self.projection.split(self._tiled.bank)[1])
 
     @property
     def approximate(self) -> bool:
@@ -278,14 +303,18 @@ class MemorySearch:
             return self.search(queries, only)[0]
         use_faiss_threads()
         x = prepare_rows(queries, self.distance)
-        coords = x if self.projection is None else self.projection(x, native=self._tiled is not None)
+        finer = None
+        if self._tiled is not None and self._tiled.finer_panels is not None:
+            coords, finer = _split_in_pieces(self.projection, x)
+        else:
+            coords = x if self.projection is None else self.projection(x, native=self._tiled is not None)
         reach_sq = np.square(_as_l2(np.asarray(reach, dtype=np.float64), self.distance))
         # slack for float32 rounding in the faiss and numpy distances: a row kept in vain costs a
         # distance, a row wrongly dropped would cost exactness
         reach_sq = (reach_sq * (1 + 1e-3) + 1e-4).astype(np.float32)
         if self._tiled is not None:
             shown = None if only is None else only.rows[self._blocks.ids]       # by position
-            return self._finish(_exact_scan(self._tiled, coords, x, reach_sq, self.k, shown))[0]
+            return self._finish(_exact_scan(self._tiled, coords, x, reach_sq, self.k, shown, finer))[0]
         allowed = only.rows if only is not None else None
         return self._finish(self._blocks.nearest(x, coords, reach_sq, self.k, allowed))[0]
 
@@ -344,6 +373,20 @@ def _squared_l2(raw: np.ndarray, distance: Distance) -> np.ndarray:
 
 def _as_l2(dist: np.ndarray, distance: Distance) -> np.ndarray:
     return dist if distance == "l2" else np.sqrt(np.maximum(2.0 * dist, 0.0))
+
+
+def _finer_axes(pca: faiss.PCAMatrix, axes: np.ndarray) -> np.ndarray | None:
+    """The PCA's principal axes after ``axes`` (A, D), at most ``EXT_AXES`` of them; None where it
+    holds no more, or where they are not orthonormal with ``axes`` (the bound relies on it)."""
+    dim, count = pca.d_in, len(axes)
+    full = faiss.vector_to_array(pca.PCAMat)
+    if full.size != dim * dim or count >= dim:
+        return None
+    finer = full.reshape(dim, dim)[count : count + ivfscan.EXT_AXES].astype(np.float64)
+    basis = np.vstack([axes, finer])
+    if np.abs(basis @ basis.T - np.eye(len(basis))).max() > _ORTHONORMAL:
+        return None
+    return finer
 
 
 def _inverted_file(index: faiss.Index) -> tuple[faiss.IndexIVFFlat | None, _Projection | None]:
@@ -560,17 +603,29 @@ def _nearest_per_query(query: np.ndarray, values: np.ndarray) -> tuple[np.ndarra
 
 
 def _exact_scan(tiled: ivfscan.TiledLists, coords: np.ndarray, x: np.ndarray, reach_sq: np.ndarray, k: int,
-                shown: np.ndarray | None) -> np.ndarray:
+                shown: np.ndarray | None, finer: ivfscan.Finer | None = None) -> np.ndarray:
     """(Q, k) the C exact scan over ranges of the lists, taken in turn by the caller and the
     exact-search workers (the scan releases the GIL), each range's k nearest merged."""
     per_piece = -(-tiled.lists // (_SCAN_PIECES * ivfscan.LANES)) * ivfscan.LANES
     pieces = [slice(first, min(tiled.lists, first + per_piece)) for first in range(0, tiled.lists, per_piece)]
     # the pieces' work, as the numpy path counts it: every row against every query
     work = np.full(len(pieces), len(x) * tiled.bank.shape[0] / len(pieces))
-    parts = _exact_workers.map_balanced(lambda lists: tiled.exact(coords, x, reach_sq, k, shown, lists), pieces, work)
+    parts = _exact_workers.map_balanced(lambda lists: tiled.exact(coords, x, reach_sq, k, shown, lists, finer),
+                                        pieces, work)
     if k == 1:
         return np.minimum.reduce(parts)
     return np.sort(np.concatenate(parts, axis=1), axis=1)[:, :k]
+
+
+def _split_in_pieces(projection: _Projection, x: np.ndarray) -> tuple[np.ndarray, ivfscan.Finer]:
+    """``projection.split(x)`` by halves of the rows, on the caller and an exact-search worker."""
+    half = -(-len(x) // 2)
+    pieces = [slice(0, half), slice(half, len(x))]
+    parts = _exact_workers.map_balanced(lambda part: projection.split(x[part]), pieces,
+                                        np.full(2, half * _QUERY_WORK, dtype=np.float64))
+    return (np.concatenate([coords for coords, _ in parts]),
+            ivfscan.Finer(np.concatenate([finer.coords for _, finer in parts]),
+                          np.concatenate([finer.rest for _, finer in parts])))
 
 
 def _shared_queries(scan: Callable[[slice], np.ndarray], n: int, k: int) -> np.ndarray:

@@ -205,6 +205,84 @@ def test_the_c_projection_refuses_what_it_cannot_hold() -> None:
     assert projector(np.zeros((0, 10), np.float32)).shape == (0, 4)
 
 
+@pytest.mark.parametrize(("dim", "first", "finer"), [(152, 31, 32), (40, 9, 20), (12, 3, 8)])
+def test_the_split_projection_gives_the_first_axes_and_the_finer_coordinates(dim: int, first: int,
+                                                                          finer: int) -> None:
+    """The first axes' coordinates as a projector of those axes alone gives them (bit for bit);
+    the others' coordinates (zeros past them) and the residual past all axes, from float64; the
+    first residual splits into the finer part: w^2 = |finer|^2 + rest^2."""
+    rng = np.random.default_rng(dim)
+    rows = (rng.normal(size=(77, dim)) * np.linspace(3.0, 0.2, dim)).astype(np.float32)
+    mean = rng.normal(size=dim).astype(np.float32)
+    basis = np.linalg.qr(rng.normal(size=(dim, dim)))[0][:, : first + finer].T.astype(np.float32)
+    coords, found = ivfscan.Projector.of(mean, basis).split(rows, first)
+    assert np.array_equal(coords, ivfscan.Projector.of(mean, basis[:first])(rows, precise=True))
+    centred = rows.astype(np.float64) - mean
+    principal = centred @ basis.T.astype(np.float64)
+    assert found.coords.shape == (77, ivfscan.EXT_AXES) and found.rest.shape == (77,)
+    np.testing.assert_allclose(found.coords[:, :finer], principal[:, first:], rtol=1e-6, atol=1e-6)
+    assert not found.coords[:, finer:].any()
+    rest = np.sqrt(np.maximum((centred**2).sum(1) - (principal**2).sum(1), 0.0))
+    np.testing.assert_allclose(found.rest, rest, rtol=1e-5, atol=1e-5)
+    w_sq = (found.coords.astype(np.float64) ** 2).sum(1) + found.rest.astype(np.float64) ** 2
+    np.testing.assert_allclose(coords[:, first].astype(np.float64) ** 2, w_sq, rtol=1e-5)
+    with pytest.raises(ValueError, match="split"):
+        ivfscan.Projector.of(mean, basis).split(rows, first + finer)
+    if finer + first < dim:
+        with pytest.raises(ValueError, match="split"):
+            ivfscan.Projector.of(mean, np.linalg.qr(rng.normal(size=(dim, dim)))[0][:, : min(dim, 64)].T)\
+                .split(rows, min(dim, 64) - ivfscan.EXT_AXES - 1)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_the_exact_scan_with_the_second_bound_equals_brute_force(k: int) -> None:
+    """Projected rows (principal coordinates and the residual) with the finer coordinates of the
+    next axes: the scan's results equal brute force's and the one-bound scan's, outlying queries
+    (a defect's, whose reach takes in much of the memory) and hidden rows included."""
+    rng = np.random.default_rng(k)
+    dim, first = 48, 8
+    spectrum = np.geomspace(4.0, 0.1, dim)
+    rows = (rng.normal(size=(3000, dim)) * spectrum).astype(np.float32)
+    mean = rows.mean(0)
+    basis = np.linalg.svd(rows - mean, full_matrices=False)[2].astype(np.float32)      # dim dim, by variance
+    projector = ivfscan.Projector.of(mean, basis[: first + ivfscan.EXT_AXES])
+    coords, finer = projector.split(rows, first)
+    sizes = [int(v) for v in np.diff(np.linspace(0, len(rows), 41).round())]
+    list_start = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    spans = list(itertools.pairwise(list_start.tolist()))
+    centres = np.stack([coords[s:e].mean(0) for s, e in spans]).astype(np.float32)
+    radius = np.array([np.sqrt(((coords[s:e] - centres[i]) ** 2).sum(1).max()) for i, (s, e) in enumerate(spans)],
+                      dtype=np.float32)
+    one = ivfscan.TiledLists.of(coords, list_start, centres, radius, rows, centres)
+    two = one.with_finer(finer)
+    queries = np.concatenate([rows[rng.choice(len(rows), 60)] + rng.normal(size=(60, dim)).astype(np.float32) * 0.2,
+                              (rng.normal(size=(40, dim)) * spectrum * 3).astype(np.float32)])
+    q_coords, q_finer = projector.split(queries, first)
+    shown = rng.random(len(rows)) < 0.7
+    for hidden in (None, shown):
+        truth = _brute(rows, queries, k, hidden)
+        reach_sq = (truth[:, -1] * 1.001 + 1e-6).astype(np.float32)
+        for step in (ivfscan.LANES, two.lists):
+            parts = [two.exact(q_coords, queries, reach_sq, k, hidden, slice(s, min(two.lists, s + step)), q_finer)
+                     for s in range(0, two.lists, step)]
+            found = np.sort(np.concatenate(parts, axis=1), axis=1)[:, :k]
+            np.testing.assert_allclose(found, truth, rtol=1e-5, atol=1e-5)
+        whole = slice(0, two.lists)
+        assert np.array_equal(two.exact(q_coords, queries, reach_sq, k, hidden, whole, q_finer),
+                              one.exact(q_coords, queries, reach_sq, k, hidden, whole))
+
+
+def test_the_second_bound_refuses_coordinates_that_do_not_match() -> None:
+    sizes = [20, 20, 20]
+    tiled, rows, coords = _lists(60, 4, 8, sizes, seed=5)
+    with pytest.raises(ValueError, match="per position"):
+        tiled.with_finer(ivfscan.Finer(np.zeros((59, ivfscan.EXT_AXES), np.float32), np.zeros(59, np.float32)))
+    two = tiled.with_finer(ivfscan.Finer(np.zeros((60, ivfscan.EXT_AXES), np.float32), np.zeros(60, np.float32)))
+    short = ivfscan.Finer(np.zeros((2, ivfscan.EXT_AXES), np.float32), np.zeros(2, np.float32))
+    with pytest.raises(ValueError, match="second bound"):
+        two.exact(coords[:3], rows[:3], np.ones(3, np.float32), 1, None, slice(0, 3), short)
+
+
 def test_the_banded_product_refuses_bands_and_sizes_it_cannot_hold() -> None:
     """The anomaly map's kernel checks what it is given before it reads memory."""
     left = np.ones((4, 3), np.float32)

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import engine.search
+from engine import ivfscan
 from engine.anomaly_map import anomaly_map, masked_percentile, patch_support
 from engine.knn import build_index, knn_distances
 from engine.patchcore import Memory, leave_out_scores
@@ -95,6 +97,15 @@ def test_margin_is_checked() -> None:
         refine_map(np.ones((4, 4), np.float32), lambda i: i, 8, 8, 1.0, None, P, None, margin=1.0)
 
 
+@pytest.fixture(params=["one-bound", "finer-bound"])
+def exact_bounds(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The C exact scan (where built) with its second lower bound at any memory size, and without it."""
+    if request.param == "finer-bound" and not ivfscan.AVAILABLE:
+        pytest.skip("C scans not built")
+    monkeypatch.setattr(engine.search, "_FINER_ROWS", 0 if request.param == "finer-bound" else 1 << 62)
+    return str(request.param)
+
+
 def _grid_queries(rng: np.random.Generator, centres: np.ndarray, h: int, w: int) -> np.ndarray:
     """(h, w, D) patch features near the memory's clusters, with an outlying blob (the defect)."""
     q = centres[rng.integers(0, len(centres), h * w)] + rng.normal(size=(h * w, centres.shape[1]))
@@ -104,7 +115,7 @@ def _grid_queries(rng: np.random.Generator, centres: np.ndarray, h: int, w: int)
 
 
 @pytest.mark.parametrize("distance", ["l2", "cosine"])
-def test_brute_force_agrees_through_the_projected_search(distance: str) -> None:
+def test_brute_force_agrees_through_the_projected_search(distance: str, exact_bounds: str) -> None:
     rng = np.random.default_rng(11)
     centres = rng.normal(size=(40, 24)).astype(np.float32) * 3
     bank = (centres[rng.integers(0, 40, 12_000)] + rng.normal(size=(12_000, 24))).astype(np.float32)
@@ -129,7 +140,7 @@ def test_brute_force_agrees_through_the_projected_search(distance: str) -> None:
 
 
 @pytest.mark.parametrize("threshold_quantile", [None, 0.6])
-def test_bottle_features_brute_force(bottle_dir: Path, threshold_quantile: float | None) -> None:
+def test_bottle_features_brute_force(bottle_dir: Path, threshold_quantile: float | None, exact_bounds: str) -> None:
     """Real Lite0 patch features: refined scores and region areas equal flat search's."""
     from engine.backbones import build_backbone
     from engine.features import FeatureExtractor

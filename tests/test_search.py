@@ -15,9 +15,15 @@ from engine import ivfscan
 from engine.knn import build_index, deserialize_index, knn_distances, prepare_rows, serialize_index
 from engine.search import MemorySearch, _inverted_rows, build_search_index, configure_exact_workers, keep_rows
 
-# the searches of an inverted file: numpy and faiss, and the C scans where they were built
-SCANS = [pytest.param(False, id="numpy"),
-         pytest.param(True, id="c-scan", marks=pytest.mark.skipif(not ivfscan.AVAILABLE, reason="C scans not built"))]
+
+@pytest.fixture(params=["numpy", "c-scan", "c-scan-finer"])
+def native(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """The searches of an inverted file: numpy and faiss, and the C scans where they were built,
+    the exact one with its second bound (at any memory size) and without it."""
+    if request.param != "numpy" and not ivfscan.AVAILABLE:
+        pytest.skip("C scans not built")
+    monkeypatch.setattr(engine.search, "_FINER_ROWS", 0 if request.param == "c-scan-finer" else 1 << 62)
+    return request.param != "numpy"
 
 
 def _clustered(n: int, d: int, seed: int, spread: float = 1.0) -> np.ndarray:
@@ -40,7 +46,6 @@ def queries() -> np.ndarray:
 
 @pytest.mark.parametrize("distance", ["l2", "cosine"])
 @pytest.mark.parametrize("k", [1, 3])
-@pytest.mark.parametrize("native", SCANS)
 def test_exact_equals_brute_force_and_search_bounds_it(bank: np.ndarray, queries: np.ndarray, distance: str,
                                                        k: int, native: bool) -> None:
     index, choice = build_search_index(bank, distance, ivf_min_rows=1000, probe_queries=_clustered(400, 32, 3),
@@ -56,7 +61,6 @@ def test_exact_equals_brute_force_and_search_bounds_it(bank: np.ndarray, queries
 
 
 @pytest.mark.parametrize("distance", ["l2", "cosine"])
-@pytest.mark.parametrize("native", SCANS)
 def test_a_row_filter_hides_rows_from_both_searches(bank: np.ndarray, queries: np.ndarray, distance: str,
                                                     native: bool) -> None:
     index, choice = build_search_index(bank, distance, ivf_min_rows=1000, probe_queries=_clustered(400, 32, 3),
@@ -71,7 +75,6 @@ def test_a_row_filter_hides_rows_from_both_searches(bank: np.ndarray, queries: n
 
 @pytest.mark.parametrize("distance", ["l2", "cosine"])
 @pytest.mark.parametrize("k", [1, 3])
-@pytest.mark.parametrize("native", SCANS)
 def test_queries_whose_probed_lists_hold_no_allowed_row_still_get_their_nearest(
         bank: np.ndarray, queries: np.ndarray, distance: str, k: int, native: bool) -> None:
     """The filter hides every row of the lists the queries probe, so the approximate search finds
@@ -92,7 +95,6 @@ def test_queries_whose_probed_lists_hold_no_allowed_row_still_get_their_nearest(
     np.testing.assert_allclose(search.exact(near, reach, keep_rows(allowed)), truth, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("native", SCANS)
 def test_plain_ivf_models_are_searched_exactly_too(bank: np.ndarray, queries: np.ndarray, native: bool) -> None:
     """Models stored with a full-dimension IndexIVFFlat keep loading, and get exact re-scoring."""
     ivf = faiss.IndexIVFFlat(faiss.IndexFlatL2(32), 32, 64)
@@ -213,7 +215,6 @@ def shared_exact_search() -> Iterator[None]:
 
 
 @pytest.mark.parametrize("k", [1, 3])
-@pytest.mark.parametrize("native", SCANS)
 def test_exact_search_shared_out_over_workers_equals_brute_force(bank: np.ndarray, queries: np.ndarray, k: int,
                                                                  shared_exact_search: None, native: bool) -> None:
     """Outlying queries reach many blocks: their work is shared out, from many request threads at once."""
@@ -233,7 +234,6 @@ def test_exact_search_shared_out_over_workers_equals_brute_force(bank: np.ndarra
             np.testing.assert_allclose(future.result(), truth_allowed, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("native", SCANS)
 def test_searches_in_flight_survive_a_change_of_worker_count(bank: np.ndarray, queries: np.ndarray,
                                                               shared_exact_search: None, native: bool) -> None:
     """Each engine set up in a process configures the workers: searches already running go on."""
@@ -249,7 +249,6 @@ def test_searches_in_flight_survive_a_change_of_worker_count(bank: np.ndarray, q
             np.testing.assert_allclose(future.result(), truth, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("native", SCANS)
 def test_an_exact_search_does_not_wait_for_busy_workers(bank: np.ndarray, queries: np.ndarray,
                                                         shared_exact_search: None, native: bool) -> None:
     """The caller takes the blocks itself while every worker is held elsewhere (a core slow to
