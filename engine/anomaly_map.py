@@ -32,6 +32,8 @@ __all__ = ["Steps", "add_patch_change", "anomaly_map", "axis_weights", "in_turn"
 # a percentile selects among a tail of the values above its level when they outnumber what it needs
 # this many times; the tail's cut comes from every _TAIL_STRIDE-th value
 _TAIL_FACTOR, _TAIL_STRIDE = 16, 8
+# a percentile above a level cuts the whole map at a value from every _CUT_STRIDE-th pixel
+_CUT_STRIDE = 64
 
 
 def _kernel_size(sigma: float) -> int:
@@ -173,17 +175,21 @@ def percentile_if_above(
 ) -> float | None:
     """``masked_percentile`` when both order statistics it interpolates are >= level, else None.
 
-    Only the values >= level are sorted, so a high percentile costs one comparison pass.
+    Only values at or above a cut (>= level) are sorted, so a high percentile costs about one
+    comparison pass. The cut comes from a strided sample of the map, at about twice the values
+    the percentile needs: a defect's ~160 000 hot pixels of a 900 x 900 map are never gathered
+    for the ~8 100 of a 99th percentile (0.8 -> 0.5 ms, 2-core EPYC); when the sample misleads
+    and fewer pass, the level itself is the cut.
     """
     count = int(np.count_nonzero(mask)) if mask is not None else values.size
     if count == 0:
         raise ValueError("mask selects no pixel")
     rank = percentile / 100.0 * (count - 1)
     low = math.floor(rank)
-    hot = values >= level
-    if mask is not None:
-        hot &= mask
-    top = values[hot]                          # the values at sorted positions >= count - top.size
+    cut = _cut(values, mask, count, count - low, level)
+    top = _at_or_above(values, mask, cut)      # the values at sorted positions >= count - top.size
+    if top.size < count - low and cut > level:
+        top = _at_or_above(values, mask, level)
     if top.size < count - low:                 # order statistic `low` is below the level
         return None
     top = _tail_holding(top, count - low)
@@ -192,6 +198,29 @@ def percentile_if_above(
     part = np.partition(top, first)
     pair = part[first : first + 1] if first + 1 == top.size else np.array([part[first], part[first + 1 :].min()])
     return float(np.percentile(pair, 100.0 * (rank - low)))
+
+
+def _cut(values: np.ndarray, mask: np.ndarray | None, count: int, need: int, level: float) -> float:
+    """A value >= level above which ~2 x ``need`` of the ``count`` (masked) values lie, from every
+    _CUT_STRIDE-th of them; the level itself where the sample finds few values above it (a good
+    ROI's: gathering those costs less than selecting the cut)."""
+    if count <= _TAIL_FACTOR * need:
+        return level
+    sample = values.ravel()[::_CUT_STRIDE]
+    if mask is not None:
+        sample = sample[mask.ravel()[::_CUT_STRIDE]]
+    wanted = int(2 * need * sample.size / count)
+    if np.count_nonzero(sample >= level) <= _TAIL_FACTOR // 2 * wanted:
+        return level
+    rank = sample.size - 1 - wanted
+    return max(level, float(np.partition(sample, rank)[rank]))
+
+
+def _at_or_above(values: np.ndarray, mask: np.ndarray | None, cut: float) -> np.ndarray:
+    chosen = values >= cut
+    if mask is not None:
+        chosen &= mask
+    return values[chosen]
 
 
 def order_statistic(values: np.ndarray, rank: int) -> float:
