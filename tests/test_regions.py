@@ -208,6 +208,7 @@ def test_heatmap_grey_levels_equal_the_numpy_rounding() -> None:
     rng = np.random.default_rng(3)
     amap = rng.uniform(-0.5, 3.0, (300, 200)).astype(np.float32)
     amap[0, :8] = np.array([0.5, 1.5, 2.5, 126.5, 127.5, 254.5, 255.5, 300.0], np.float32) / 128  # ties, saturation
+    amap[1, :4] = [1e10, 3e38, np.inf, -np.inf]           # past OpenCV's int range: saturated, not wrapped to 0
     expected = np.clip(np.rint(amap.astype(np.float64) * 128.0), 0, 255).astype(np.uint8)
     np.testing.assert_array_equal(to_uint8(amap, 1.0), expected)
 
