@@ -253,29 +253,6 @@ INLINE void query_norms(const Memory *m, const Queries *q, float *q_sq) {
     }
 }
 
-/* need[(l - first) * n + i] = 1 where list l's ball comes within query i's reach:
-   |q - b| >= |q - c| - r for every row b of the list (c its centre, r its radius); the slack
-   covers float rounding of both distances */
-INLINE void lists_needed(const Memory *m, const Queries *q, int64_t first, int64_t end, uint8_t *need) {
-    float lane[LANES];
-    for (int64_t panel = first / LANES; panel * LANES < end; panel++) {
-        const float *centres = m->centres + panel * LANES * m->d;
-        int64_t lo = first > panel * LANES ? first - panel * LANES : 0;
-        int64_t hi = end < (panel + 1) * LANES ? end - panel * LANES : LANES;
-        for (int64_t i = 0; i < q->n; i++) {
-            float reach = sqrtf(q->reach_sq[i]) * (1.0f + 1e-4f);
-            panel_distances(q->coords + i * m->d, centres, m->d, lane);
-            /* centre - r <= (reach + 1e-5 centre)(1 + 1e-4), solved for the centre and squared
-               (both sides are nonnegative): no square root per list */
-            for (int64_t j = lo; j < hi; j++) {
-                int64_t l = panel * LANES + j;
-                float most = (m->radius[l] + reach) * (1.0f / (1.0f - 1.0001e-5f));
-                need[(l - first) * q->n + i] = lane[j] <= most * most;
-            }
-        }
-    }
-}
-
 /* the lanes of panel c0 within limit by the second bound: the last coordinate's term (w, the
    residual past the first axes) taken out of `lower`, with a slack for its rounding as for the
    norms, and the EXT_AXES coordinates' and the residual past them put in (w^2 = |ext|^2 + rest^2) */
@@ -310,6 +287,40 @@ INLINE void group_dots(const float *const *query, const float *panel, int d, flo
         for (int g = 0; g < GROUP; g++)
             for (int j = 0; j < LANES; j++) out[g][j] += query[g][a] * panel[(int64_t)a * LANES + j];
 #endif
+}
+
+/* need[(l - first) * n + i] = 1 where list l's ball comes within query i's reach:
+   |q - b| >= |q - c| - r for every row b of the list (c its centre, r its radius). The centre
+   distances come as |q|^2 + |c|^2 - 2 q.c, GROUP queries to a panel of centres (each centre read
+   once for all of them), with a slack for their rounding relative to the norms; the reach and the
+   radius take one for rounding of both distances, as the rows' bound does. */
+INLINE void lists_needed(const Memory *m, const Queries *q, const float *q_sq, int64_t first, int64_t end,
+                         uint8_t *need) {
+    for (int64_t panel = first / LANES; panel * LANES < end; panel++) {
+        const float *centres = m->centres + panel * LANES * m->d;
+        int64_t lo = first > panel * LANES ? first - panel * LANES : 0;
+        int64_t hi = end < (panel + 1) * LANES ? end - panel * LANES : LANES;
+        float c_sq[LANES], dots[GROUP][LANES];
+        for (int j = 0; j < LANES; j++) c_sq[j] = 0.0f;
+        for (int a = 0; a < m->d; a++)
+            for (int j = 0; j < LANES; j++) c_sq[j] += centres[a * LANES + j] * centres[a * LANES + j];
+        for (int64_t i0 = 0; i0 < q->n; i0 += GROUP) {
+            int count = q->n - i0 < GROUP ? (int)(q->n - i0) : GROUP;
+            const float *query[GROUP];
+            for (int g = 0; g < GROUP; g++) query[g] = q->coords + (i0 + (g < count ? g : 0)) * m->d;
+            group_dots(query, centres, m->d, dots);
+            for (int g = 0; g < count; g++) {
+                int64_t i = i0 + g;
+                float reach = sqrtf(q->reach_sq[i]) * (1.0f + 1e-4f);
+                for (int64_t j = lo; j < hi; j++) {
+                    int64_t l = panel * LANES + j;
+                    float most = (m->radius[l] + reach) * (1.0f / (1.0f - 1.0001e-5f));
+                    float centre_sq = (q_sq[i] + c_sq[j]) * (1.0f - 2e-5f) - 2.0f * dots[g][j];
+                    need[(l - first) * q->n + i] = centre_sq <= most * most;
+                }
+            }
+        }
+    }
 }
 
 /* the rows of list l for the queries who[0:count] (count <= GROUP): coordinate distances as
@@ -362,7 +373,7 @@ CLONES static void exact(const Memory *m, const Queries *q, int64_t first, int64
                          float *q_sq, int64_t *who) {
     for (int64_t i = 0; i < q->n * q->k; i++) q->out[i] = INFINITY;
     query_norms(m, q, q_sq);
-    lists_needed(m, q, first, end, need);
+    lists_needed(m, q, q_sq, first, end, need);
     for (int64_t l = first; l < end; l++) {
         const uint8_t *needs = need + (l - first) * q->n;
         int64_t count = 0;
