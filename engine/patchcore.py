@@ -13,7 +13,7 @@ import torch
 from engine.anomaly_map import anomaly_map, masked_percentile
 from engine.coreset import CoresetRule, greedy_coreset
 from engine.knn import Distance, TorchBank, build_index
-from engine.refine import DEFAULT_MARGIN, RefinedMap, margin_for, refine_map
+from engine.refine import DEFAULT_MARGIN, MapReader, RefinedMap, margin_for, refine_map
 from engine.search import IndexChoice, MemorySearch, RowFilter, build_search_index, keep_rows
 from engine.threads import run_shared
 
@@ -92,7 +92,7 @@ def searcher(index: faiss.Index, bank: np.ndarray, distance: Distance, k: int,
 def score_map(
     search: MemorySearch | TorchBank, features: np.ndarray, height: int, width: int, sigma: float,
     mask: np.ndarray | None, percentile: float, threshold: float | None, *, k: int = 1,
-    only: RowFilter | None = None, timings: dict[str, float] | None = None,
+    only: RowFilter | None = None, timings: dict[str, float] | None = None, before_check: MapReader | None = None,
 ) -> RefinedMap:
     """features (h, w, D) -> anomaly map (height, width), its score and the patch distances.
 
@@ -101,6 +101,7 @@ def score_map(
     ``k`` is the neighbour count of a torch bank (a ``MemorySearch`` holds its own, and the
     refinement's first-level margin).
     ``timings`` receives milliseconds: ``knn`` (searches, exact re-scoring included) and ``map``.
+    ``before_check``: see ``engine.refine.refine_map`` (an approximate search's map only).
     """
     h, w, d = features.shape
     flat = features.reshape(-1, d)                                                   # h*w D
@@ -121,7 +122,7 @@ def score_map(
                 return search.exact(flat[indices], reach[indices], only)
 
         scored = refine_map(patches.reshape(h, w), exact, height, width, sigma, mask, percentile, threshold,
-                            margin=search.margin, run=_beside)
+                            margin=search.margin, run=_beside, before_check=before_check)
     if timings is not None:
         spent = clock.seconds * 1000.0
         timings["knn"] = round(spent, 3)

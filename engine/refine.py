@@ -44,10 +44,12 @@ from engine.anomaly_map import (
     percentile_if_above,
 )
 
-__all__ = ["DEFAULT_MARGIN", "ExactDistances", "RefinedMap", "margin_for", "refine_map"]
+__all__ = ["DEFAULT_MARGIN", "ExactDistances", "MapReader", "RefinedMap", "margin_for", "refine_map"]
 
 # exact distances of the patches at these flat (row-major) grid indices
 ExactDistances = Callable[[np.ndarray], np.ndarray]
+# starts work that reads a map; returns what calls it off (waits until it no longer reads the map)
+MapReader = Callable[[np.ndarray], Callable[[], None]]
 
 # every `_ESTIMATE_STEP`-th pixel along each axis estimates the approximate map's score
 _ESTIMATE_STEP = 4
@@ -84,6 +86,7 @@ class RefinedMap:
 def refine_map(
     approx: np.ndarray, exact: ExactDistances, height: int, width: int, sigma: float, mask: np.ndarray | None,
     percentile: float, threshold: float | None = None, *, margin: float = DEFAULT_MARGIN, run: Steps = in_turn,
+    before_check: MapReader | None = None,
 ) -> RefinedMap:
     """Map, score and regions-relevant pixels equal to exact search's, from approximate distances.
 
@@ -96,6 +99,9 @@ def refine_map(
         threshold: the decision threshold; None when uncalibrated (the score level only).
         margin: relative gap between the first level and min(threshold, approximate score).
         run: runs the map products' bands (``engine.anomaly_map.Steps``), e.g. on two threads.
+        before_check: called with the map before each check of the score (the map is final when
+            the check passes, as it nearly always does: work that reads it may start there); what
+            it returns is called when the check fails, before the map changes again.
     """
     if not 0.0 <= margin < 1.0:
         raise ValueError(f"margin must be in [0, 1), got {margin}")
@@ -122,9 +128,12 @@ def refine_map(
             scores.flat[flat] = fresh
             done |= need
             add_patch_change(amap, change, sigma, run=run)
+        called_off = before_check(amap) if before_check is not None else None
         score = percentile_if_above(amap, mask, percentile, level)
         if score is not None:
             return RefinedMap(amap, score, scores, level, int(done.sum()), rounds, estimate)
+        if called_off is not None:
+            called_off()
         level = _lower_level(amap, mask, percentile, threshold, margin)
 
 

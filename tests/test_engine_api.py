@@ -533,3 +533,24 @@ def test_dataset_flow(engine: Engine, images: Images) -> None:
     assert engine.dataset_clear(ROLE, roi).removed == 0
     folder = engine.data_root / "datasets" / ROLE / roi
     assert [p for p in folder.rglob("*") if p.is_file()] == []               # meta files went too
+
+
+def test_an_early_heatmap_called_off_finishes_its_bands_and_starts_again_on_the_changed_map() -> None:
+    """The encoding a refinement starts before its check of the score: called off (the check
+    failed), it finishes the bands it started before the map changes; started again, it encodes
+    the map as it is then."""
+    from engine.scoring import _EarlyHeatmap
+
+    amap = np.random.default_rng(5).uniform(0.0, 3.0, (300, 240)).astype(np.float32)
+    early = _EarlyHeatmap(1.5, "png")
+    call_off = early.start(amap)
+    assert early.started is not None
+    call_off()
+    assert early.started is None
+    amap *= 0.5                                              # the next round changes the map
+    early.start(amap)
+    assert early.started is not None
+    encoding, encoded = early.started
+    png, raw = encoding.join([output for output, _ in encoded()])
+    assert raw is None and png is not None
+    np.testing.assert_array_equal(_decode_png(png), to_uint8(amap, 1.5))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +84,29 @@ def test_a_level_above_the_exact_score_is_lowered() -> None:
     out = refine_map(exact * 3.0, _lookup(exact, []), 100, 100, SIGMA, None, P, None, margin=0.0)
     assert out.rounds >= 2
     assert out.score == pytest.approx(masked_percentile(anomaly_map(exact, 100, 100, SIGMA), None, P), rel=1e-6)
+
+
+def test_work_reading_the_map_before_a_check_is_called_off_before_the_map_changes() -> None:
+    """``before_check`` sees the map before every check of the score; after a failed check its
+    call-off comes while the map is still the one it saw; the last map it saw is the result."""
+    rng = np.random.default_rng(3)
+    exact = rng.uniform(1.0, 1.2, (10, 10)).astype(np.float32)
+    seen: list[np.ndarray] = []
+    called_off: list[bool] = []
+
+    def before_check(amap: np.ndarray) -> Callable[[], None]:
+        seen.append(amap.copy())
+
+        def call_off() -> None:
+            called_off.append(bool(np.array_equal(amap, seen[-1])))   # not changed yet
+
+        return call_off
+
+    out = refine_map(exact * 3.0, _lookup(exact, []), 100, 100, SIGMA, None, P, None, margin=0.0,
+                     before_check=before_check)
+    assert out.rounds >= 2 and len(seen) == out.rounds
+    assert called_off == [True] * (out.rounds - 1)                 # every failed check, none after the last
+    assert np.array_equal(seen[-1], out.amap)
 
 
 def test_exact_distances_need_no_refinement_beyond_the_hot_patches() -> None:
