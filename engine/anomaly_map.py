@@ -178,8 +178,8 @@ def percentile_if_above(
     Only values at or above a cut (>= level) are sorted, so a high percentile costs about one
     comparison pass. The cut comes from a strided sample of the map, at about twice the values
     the percentile needs: a defect's ~160 000 hot pixels of a 900 x 900 map are never gathered
-    for the ~8 100 of a 99th percentile (0.8 -> 0.5 ms, 2-core EPYC); when the sample misleads
-    and fewer pass, the level itself is the cut.
+    for the ~8 100 of a 99th percentile (bottle 416 px defective ROI, in the engine: 0.80 -> 0.64
+    ms, 2-core EPYC); when the sample misleads and fewer pass, the level itself is the cut.
     """
     count = int(np.count_nonzero(mask)) if mask is not None else values.size
     if count == 0:

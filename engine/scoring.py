@@ -192,9 +192,9 @@ class Scorer:
                            timings=timings, before_check=None if early is None else early.start)
         amap, score = scored.amap, scored.score
         scale = threshold if threshold and threshold > 0 else _uncalibrated_scale(manifest, amap)
-        # the heatmap is encoded beside the regions (both only read the map), from the refinement's
-        # last check of the score on where it can be; the request's thread takes the heatmap's
-        # steps the helper has not taken once the regions are done
+        # the heatmap is encoded beside the regions (both only read the map), started before the
+        # refinement's last check of the score where the map is refined; the request's thread
+        # takes the heatmap's steps the helper has not taken once the regions are done
         encoding, encoded = early.started if early is not None and early.started else _encode(amap, scale, heatmap)
         start = time.perf_counter()
         area_thr, regions = self._regions(roi, amap)
