@@ -674,9 +674,9 @@ static int describe(Py_buffer *b, int d, int dim, int k, Memory *m, Queries *q) 
     return 0;
 }
 
-/* b[slot] from obj unless it is None */
-static int optional(PyObject *obj, Py_buffer *b, int slot) {
-    return obj != Py_None && PyObject_GetBuffer(obj, &b[slot], PyBUF_SIMPLE) < 0 ? -1 : 0;
+/* b[slot] from obj unless it is None (flags: PyBUF_SIMPLE to read, PyBUF_WRITABLE to write) */
+static int optional(PyObject *obj, Py_buffer *b, int slot, int flags) {
+    return obj != Py_None && PyObject_GetBuffer(obj, &b[slot], flags) < 0 ? -1 : 0;
 }
 
 static PyObject *py_exact(PyObject *self, PyObject *args) {
@@ -694,8 +694,9 @@ static PyObject *py_exact(PyObject *self, PyObject *args) {
     uint8_t *need = NULL;
     float *q_sq = NULL;
     int64_t *who = NULL;
-    int status = optional(shown, b, SHOWN) || optional(ext, b, EXT) || optional(ext_rest, b, EXT_REST) ||
-                 optional(q_ext, b, Q_EXT) || optional(q_ext_rest, b, Q_EXT_REST) ? -1 : 0;
+    int status = optional(shown, b, SHOWN, PyBUF_SIMPLE) || optional(ext, b, EXT, PyBUF_SIMPLE) ||
+                 optional(ext_rest, b, EXT_REST, PyBUF_SIMPLE) || optional(q_ext, b, Q_EXT, PyBUF_SIMPLE) ||
+                 optional(q_ext_rest, b, Q_EXT_REST, PyBUF_SIMPLE) ? -1 : 0;
     if (status == 0) status = describe(b, d, dim, k, &m, &q);
     if (status == 0 && FLOATS(b[REACH]) != q.n) status = fail("query size mismatch (reach)");
     if (status == 0 && (first < 0 || first > end || end > m.lists || first % LANES))
@@ -739,7 +740,7 @@ static PyObject *py_approximate(PyObject *self, PyObject *args) {
     float *q_sq = NULL, *cand_sq = NULL, *probe_sq = NULL;
     int32_t *cand_pos = NULL, *probes = NULL;
     int64_t *order = NULL, *count = NULL;
-    int status = optional(shown, b, SHOWN);
+    int status = optional(shown, b, SHOWN, PyBUF_SIMPLE);
     if (status == 0) status = describe(b, d, dim, k, &m, &q);
     if (status == 0 && (FLOATS(centroids) != FLOATS(b[CENTRES]) || FLOATS(centroid_norms) * d != FLOATS(centroids)))
         status = fail("centroids size mismatch");
@@ -793,8 +794,7 @@ static PyObject *py_project(PyObject *self, PyObject *args) {
     int64_t n = dim > 0 ? FLOATS(*rows) / dim : 0;
     Py_ssize_t axis_size = precise ? (Py_ssize_t)sizeof(double) : (Py_ssize_t)sizeof(float);
     int status = 0;
-    if ((ext_obj != Py_None && PyObject_GetBuffer(ext_obj, ext, PyBUF_WRITABLE) < 0) ||
-        (rest_obj != Py_None && PyObject_GetBuffer(rest_obj, rest, PyBUF_WRITABLE) < 0))
+    if (optional(ext_obj, b, 4, PyBUF_WRITABLE) || optional(rest_obj, b, 5, PyBUF_WRITABLE))
         status = -1;
     else if (dim <= 0 || axes <= 0 || axes > MAX_AXES || n * dim != FLOATS(*rows) || FLOATS(*mean) != dim ||
              axes_t->len != (Py_ssize_t)dim * width * axis_size || split <= 0 || split > axes ||
