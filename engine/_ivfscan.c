@@ -38,6 +38,7 @@
 #define AXIS_BLOCK 32       /* the projection's axes are padded to a multiple of this (4 vectors) */
 #define MAX_AXES 64
 #define EXT_AXES 32         /* the exact scan's second lower bound: principal axes past the coordinates' */
+#define SPLIT 16            /* the probe choice's first look at a panel of centroids: these coordinates */
 
 /* one build for every x86 CPU, each function picked at load time: the x86-64-v3 and v4 levels
    add FMA to AVX2 and AVX-512 (GCC's "avx2" and "avx512f" targets alone do not, and every
@@ -244,12 +245,18 @@ typedef struct {
     const float *ext, *ext_rest;  /* (n, EXT_AXES), (n): as the memory's, where it has them */
 } Queries;
 
-/* q_sq[i] = the squared norm of query i's coordinates */
-INLINE void query_norms(const Memory *m, const Queries *q, float *q_sq) {
+/* q_sq[i] = the squared norm of query i's coordinates; q_tail[i] (where not NULL) the length of
+   those past SPLIT */
+INLINE void query_norms(const Memory *m, const Queries *q, float *q_sq, float *q_tail) {
     for (int64_t i = 0; i < q->n; i++) {
-        float sum = 0.0f;
-        for (int a = 0; a < m->d; a++) sum += q->coords[i * m->d + a] * q->coords[i * m->d + a];
+        float sum = 0.0f, tail = 0.0f;
+        for (int a = 0; a < m->d; a++) {
+            float c = q->coords[i * m->d + a];
+            sum += c * c;
+            if (a >= SPLIT) tail += c * c;
+        }
         q_sq[i] = sum;
+        if (q_tail) q_tail[i] = sqrtf(tail);
     }
 }
 
@@ -269,24 +276,31 @@ INLINE unsigned tighter_lanes(const Memory *m, const Queries *q, int64_t i, int6
     return lanes_below(finer, limit, 1);
 }
 
-/* inner products of GROUP queries with the LANES columns of a panel: each column read once for all
-   of them (register blocking, as a matrix product does) */
-INLINE void group_dots(const float *const *query, const float *panel, int d, float out[GROUP][LANES]) {
+/* inner products of GROUP queries with the LANES columns of a panel over coordinates from..to - 1,
+   added to out where `add`: each column read once for all of them (register blocking, as a
+   matrix product does) */
+INLINE void group_dots_over(const float *const *query, const float *panel, int from, int to, int add,
+                            float out[GROUP][LANES]) {
 #if VECTORS
     vec_t acc[GROUP][LANES / VLANES];
-    memset(acc, 0, sizeof(acc));
-    for (int a = 0; a < d; a++)
+    if (add) memcpy(acc, out, sizeof(acc));
+    else memset(acc, 0, sizeof(acc));
+    for (int a = from; a < to; a++)
         for (int h = 0; h < LANES / VLANES; h++) {
             vec_t column = load(panel + (int64_t)a * LANES + h * VLANES);
             for (int g = 0; g < GROUP; g++) acc[g][h] += query[g][a] * column;
         }
     memcpy(out, acc, sizeof(acc));
 #else
-    memset(out, 0, sizeof(float) * GROUP * LANES);
-    for (int a = 0; a < d; a++)
+    if (!add) memset(out, 0, sizeof(float) * GROUP * LANES);
+    for (int a = from; a < to; a++)
         for (int g = 0; g < GROUP; g++)
             for (int j = 0; j < LANES; j++) out[g][j] += query[g][a] * panel[(int64_t)a * LANES + j];
 #endif
+}
+
+INLINE void group_dots(const float *const *query, const float *panel, int d, float out[GROUP][LANES]) {
+    group_dots_over(query, panel, 0, d, 0, out);
 }
 
 /* need[(l - first) * n + i] = 1 where list l's ball comes within query i's reach:
@@ -372,7 +386,7 @@ INLINE void scan_group(const Memory *m, const Queries *q, const float *q_sq, int
 CLONES static void exact(const Memory *m, const Queries *q, int64_t first, int64_t end, uint8_t *need,
                          float *q_sq, int64_t *who) {
     for (int64_t i = 0; i < q->n * q->k; i++) q->out[i] = INFINITY;
-    query_norms(m, q, q_sq);
+    query_norms(m, q, q_sq, NULL);
     lists_needed(m, q, q_sq, first, end, need);
     for (int64_t l = first; l < end; l++) {
         const uint8_t *needs = need + (l - first) * q->n;
@@ -411,9 +425,15 @@ INLINE void gather_candidates(const Memory *m, const Queries *q, const float *q_
 }
 
 /* probes (n, nprobe): each query's nprobe lists of nearest centroid (-1 past the last list),
-   the centroids in panels (centroid_norms: their squared norms, +inf for padding) */
-INLINE void nearest_lists(const Memory *m, const Queries *q, const float *q_sq, const float *centroids,
-                          const float *centroid_norms, int nprobe, float *probe_sq, int32_t *probes) {
+   the centroids in panels (centroid_norms: their squared norms, +inf for padding).
+   Where centroid_tails (the length of each centroid's coordinates past SPLIT) is given, a panel
+   is first looked at on its first SPLIT coordinates: q.c <= q'.c' + |q''| |c''| (Cauchy-Schwarz on
+   the rest), so |q|^2 + |c|^2 - 2 (q'.c' + |q''| |c''|), less a slack for rounding relative to the
+   norms, is below the distance the probe choice computes; a panel none of whose centroids comes
+   below a query's current nprobe-th is left there. The same probes. */
+INLINE void nearest_lists(const Memory *m, const Queries *q, const float *q_sq, const float *q_tail,
+                          const float *centroids, const float *centroid_norms, const float *centroid_tails,
+                          int nprobe, float *probe_sq, int32_t *probes) {
     int64_t width = (m->lists + LANES - 1) / LANES * LANES;
     for (int64_t i = 0; i < q->n * nprobe; i++) probe_sq[i] = INFINITY, probes[i] = -1;
     for (int64_t first = 0; first < q->n; first += GROUP) {
@@ -422,7 +442,23 @@ INLINE void nearest_lists(const Memory *m, const Queries *q, const float *q_sq, 
         float dots[GROUP][LANES];
         for (int g = 0; g < GROUP; g++) query[g] = q->coords + (first + (g < count ? g : 0)) * m->d;
         for (int64_t c0 = 0; c0 < width; c0 += LANES) {
-            group_dots(query, centroids + c0 * m->d, m->d, dots);
+            const float *panel = centroids + c0 * m->d;
+            if (centroid_tails) {
+                group_dots_over(query, panel, 0, SPLIT, 0, dots);
+                unsigned any = 0;
+                for (int g = 0; g < count; g++) {
+                    int64_t i = first + g;
+                    float early[LANES];
+                    for (int j = 0; j < LANES; j++)
+                        early[j] = (q_sq[i] + centroid_norms[c0 + j]) * (1.0f - 2e-5f) -
+                                   2.0f * (dots[g][j] + q_tail[i] * centroid_tails[c0 + j]);
+                    any |= lanes_below(early, probe_sq[i * nprobe + nprobe - 1], 0);
+                }
+                if (!any) continue;
+                group_dots_over(query, panel, SPLIT, m->d, 1, dots);
+            } else {
+                group_dots(query, panel, m->d, dots);
+            }
             for (int g = 0; g < count; g++) {
                 int64_t i = first + g;
                 float *values = probe_sq + i * nprobe;
@@ -438,13 +474,14 @@ INLINE void nearest_lists(const Memory *m, const Queries *q, const float *q_sq, 
     }
 }
 
-/* scratch: q_sq (n), probe_sq and probes (n * nprobe), cand_sq and cand_pos (n * candidates),
+/* scratch: q_sq (2 n), probe_sq and probes (n * nprobe), cand_sq and cand_pos (n * candidates),
    order (n * nprobe), count (lists + 1); lists and bank positions below 2^31 (checked by the caller) */
 CLONES static void approximate(const Memory *m, const Queries *q, const float *centroids, const float *centroid_norms,
-                               int nprobe, int candidates, float *q_sq, float *probe_sq, int32_t *probes,
-                               float *cand_sq, int32_t *cand_pos, int64_t *order, int64_t *count) {
-    query_norms(m, q, q_sq);
-    nearest_lists(m, q, q_sq, centroids, centroid_norms, nprobe, probe_sq, probes);
+                               const float *centroid_tails, int nprobe, int candidates, float *q_sq, float *probe_sq,
+                               int32_t *probes, float *cand_sq, int32_t *cand_pos, int64_t *order, int64_t *count) {
+    float *q_tail = centroid_tails ? q_sq + q->n : NULL;     /* q_sq holds 2 n floats */
+    query_norms(m, q, q_sq, q_tail);
+    nearest_lists(m, q, q_sq, q_tail, centroids, centroid_norms, centroid_tails, nprobe, probe_sq, probes);
     for (int64_t i = 0; i < q->n * candidates; i++) cand_sq[i] = INFINITY, cand_pos[i] = -1;
     /* the queries of each list, list after list (a counting sort of the (query, list) pairs) */
     memset(count, 0, sizeof(int64_t) * (size_t)(m->lists + 1));
@@ -725,31 +762,34 @@ static PyObject *py_exact(PyObject *self, PyObject *args) {
 }
 
 static PyObject *py_approximate(PyObject *self, PyObject *args) {
-    Py_buffer b[BUFFERS], centroids, centroid_norms;
+    Py_buffer b[BUFFERS], centroids, centroid_norms, centroid_tails;
     memset(b, 0, sizeof(b));
     memset(&centroids, 0, sizeof(centroids));
     memset(&centroid_norms, 0, sizeof(centroid_norms));
-    PyObject *shown;
+    memset(&centroid_tails, 0, sizeof(centroid_tails));
+    PyObject *shown, *tails;
     int d, dim, k, nprobe, candidates;
-    if (!PyArg_ParseTuple(args, "y*y*y*y*y*y*y*y*y*Oiiy*y*iiiw*", &b[PANELS], &b[NORMS], &b[LIST_START], &b[SLOTS],
+    if (!PyArg_ParseTuple(args, "y*y*y*y*y*y*y*y*y*Oiiy*y*iiiw*O", &b[PANELS], &b[NORMS], &b[LIST_START], &b[SLOTS],
                           &b[CENTRES], &b[RADIUS], &centroids, &centroid_norms, &b[BANK], &shown, &d, &dim,
-                          &b[COORDS], &b[ROWS], &nprobe, &candidates, &k, &b[OUT]))
+                          &b[COORDS], &b[ROWS], &nprobe, &candidates, &k, &b[OUT], &tails))
         return NULL;
     Memory m;
     Queries q;
     float *q_sq = NULL, *cand_sq = NULL, *probe_sq = NULL;
     int32_t *cand_pos = NULL, *probes = NULL;
     int64_t *order = NULL, *count = NULL;
-    int status = optional(shown, b, SHOWN, PyBUF_SIMPLE);
+    int status = optional(shown, b, SHOWN, PyBUF_SIMPLE) || optional(tails, &centroid_tails, 0, PyBUF_SIMPLE) ? -1 : 0;
     if (status == 0) status = describe(b, d, dim, k, &m, &q);
     if (status == 0 && (FLOATS(centroids) != FLOATS(b[CENTRES]) || FLOATS(centroid_norms) * d != FLOATS(centroids)))
         status = fail("centroids size mismatch");
+    if (status == 0 && centroid_tails.obj && (d <= SPLIT || FLOATS(centroid_tails) != FLOATS(centroid_norms)))
+        status = fail("centroid tails size mismatch (or too few coordinates)");
     if (status == 0 && (candidates < k || candidates > 1024 || nprobe < 1 || nprobe > m.lists))
         status = fail("candidates or nprobe out of range");
     if (status == 0 && (m.lists >= INT32_MAX || FLOATS(b[BANK]) / dim >= INT32_MAX))
         status = fail("too many lists or rows for the approximate scan");
     if (status == 0 && q.n > 0) {
-        q_sq = malloc(sizeof(float) * (size_t)q.n);
+        q_sq = malloc(sizeof(float) * (size_t)(2 * q.n));
         probe_sq = malloc(sizeof(float) * (size_t)(q.n * nprobe));
         probes = malloc(sizeof(int32_t) * (size_t)(q.n * nprobe));
         cand_sq = malloc(sizeof(float) * (size_t)(q.n * candidates));
@@ -763,8 +803,8 @@ static PyObject *py_approximate(PyObject *self, PyObject *args) {
     }
     if (status == 0 && q.n > 0) {
         Py_BEGIN_ALLOW_THREADS
-        approximate(&m, &q, centroids.buf, centroid_norms.buf, nprobe, candidates, q_sq, probe_sq, probes, cand_sq,
-                    cand_pos, order, count);
+        approximate(&m, &q, centroids.buf, centroid_norms.buf, centroid_tails.obj ? centroid_tails.buf : NULL, nprobe,
+                    candidates, q_sq, probe_sq, probes, cand_sq, cand_pos, order, count);
         Py_END_ALLOW_THREADS
     }
     free(q_sq);
@@ -776,6 +816,7 @@ static PyObject *py_approximate(PyObject *self, PyObject *args) {
     free(count);
     release(&centroids, 1);
     release(&centroid_norms, 1);
+    release(&centroid_tails, 1);
     release(b, BUFFERS);
     if (status) return NULL;
     Py_RETURN_NONE;
@@ -882,7 +923,7 @@ PyMODINIT_FUNC PyInit__ivfscan(void) {
     PyObject *m = PyModule_Create(&module);
     if (m && (PyModule_AddIntConstant(m, "LANES", LANES) < 0 || PyModule_AddIntConstant(m, "FAST", fast_here()) < 0 ||
               PyModule_AddIntConstant(m, "AXIS_BLOCK", AXIS_BLOCK) < 0 || PyModule_AddIntConstant(m, "MAX_AXES", MAX_AXES) < 0 ||
-              PyModule_AddIntConstant(m, "EXT_AXES", EXT_AXES) < 0)) {
+              PyModule_AddIntConstant(m, "EXT_AXES", EXT_AXES) < 0 || PyModule_AddIntConstant(m, "SPLIT", SPLIT) < 0)) {
         Py_DECREF(m);
         return NULL;
     }

@@ -40,6 +40,7 @@ _PAD = 1e18
 _AXIS_BLOCK = 32 if _ivfscan is None else int(_ivfscan.AXIS_BLOCK)
 # principal axes past the coordinates' that the exact scan's second lower bound takes
 EXT_AXES = 32 if _ivfscan is None else int(_ivfscan.EXT_AXES)
+SPLIT = 16 if _ivfscan is None else int(_ivfscan.SPLIT)
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,9 @@ class TiledLists:
     dims: int                 # coordinates per row
     centroids: np.ndarray     # (L rounded up to LANES, * d) float32: panels of the lists' quantizer centroids
     centroid_norms: np.ndarray  # (L rounded up to LANES,) float32 their squared norms, +inf for padding
+    # (L rounded up to LANES,) float32 the length of each centroid's coordinates past SPLIT (0 for
+    # padding): the probe choice's first look at a panel of centroids; None: every panel in full
+    centroid_tails: np.ndarray | None
     # the columns' coordinates for the exact scan's second bound, in panels of (EXT_AXES, LANES), and
     # their residual lengths; None: one bound
     finer_panels: np.ndarray | None = None
@@ -150,9 +154,14 @@ class TiledLists:
             raise ValueError("one centroid per list, of the coordinates' size, expected")
         centroid_norms = np.full(-(-len(sizes) // LANES) * LANES, np.inf, dtype=np.float32)
         centroid_norms[: len(sizes)] = np.einsum("ld,ld->l", list_centroids, list_centroids, dtype=np.float64)
+        centroid_tails = None
+        if coords.shape[1] > SPLIT:
+            rest = list_centroids[:, SPLIT:]
+            centroid_tails = np.zeros(len(centroid_norms), dtype=np.float32)
+            centroid_tails[: len(sizes)] = np.sqrt(np.einsum("ld,ld->l", rest, rest, dtype=np.float64))
         return cls(_panels(padded), norms, column_start, slots, _panels(np.asarray(centres, np.float32)),
                    np.ascontiguousarray(radius, dtype=np.float32), np.ascontiguousarray(bank, dtype=np.float32),
-                   coords.shape[1], _panels(list_centroids), centroid_norms)
+                   coords.shape[1], _panels(list_centroids), centroid_norms, centroid_tails)
 
     def with_finer(self, finer: Finer) -> TiledLists:
         """The same lists, whose exact scan holds rows to the second bound too (``finer``: the
@@ -177,7 +186,8 @@ class TiledLists:
                              self.centroids, self.centroid_norms, self.bank,
                              None if shown is None else np.ascontiguousarray(shown, dtype=np.uint8), self.dims,
                              self.bank.shape[1], np.ascontiguousarray(coords, dtype=np.float32),
-                             np.ascontiguousarray(rows, dtype=np.float32), int(nprobe), int(candidates), int(k), out)
+                             np.ascontiguousarray(rows, dtype=np.float32), int(nprobe), int(candidates), int(k), out,
+                             self.centroid_tails)
         return out
 
     @property

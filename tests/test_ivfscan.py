@@ -4,6 +4,7 @@ against its rule."""
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -13,12 +14,13 @@ from engine import ivfscan
 pytestmark = pytest.mark.skipif(not ivfscan.BUILT, reason="C scan not built (no C compiler at install)")
 
 
-def _lists(n: int, d: int, dim: int, sizes: list[int], seed: int) -> tuple[ivfscan.TiledLists, np.ndarray, np.ndarray]:
+def _lists(n: int, d: int, dim: int, sizes: list[int], seed: int,
+           offset: float = 0.0) -> tuple[ivfscan.TiledLists, np.ndarray, np.ndarray]:
     """Tiled lists of random rows (true rows of ``dim``, coordinates their first ``d`` values, a
     lower bound of the true distance), with lists of the given sizes, and the rows."""
     assert sum(sizes) == n
     rng = np.random.default_rng(seed)
-    rows = rng.normal(size=(n, dim)).astype(np.float32)
+    rows = (rng.normal(size=(n, dim)) + offset).astype(np.float32)
     coords = np.ascontiguousarray(rows[:, :d])
     list_start = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     spans = list(itertools.pairwise(list_start.tolist()))
@@ -143,6 +145,26 @@ def test_the_approximate_scan_follows_its_rule(d: int, dim: int, nprobe: int, ca
     np.testing.assert_allclose(found[clear], expected[clear], rtol=1e-4, atol=1e-5)
     # true distances to real rows: never below the exact nearest ones
     assert np.all(found >= _brute(rows, queries, k) * (1 - 1e-5) - 1e-6)
+
+
+@pytest.mark.parametrize("offset", [0.0, 50.0])
+def test_the_probe_choices_first_look_leaves_the_probes_unchanged(offset: float) -> None:
+    """The probe choice looks at each panel of centroids on its first SPLIT coordinates first (the
+    rest by their lengths): the same answers, bit for bit, as comparing every centroid in full,
+    with 200 lists (most panels left after the first look), outlying queries, and coordinates far
+    from the origin (large norms: the rounding slack's case)."""
+    sizes = [int(v) for v in np.random.default_rng(7).integers(0, 30, 200)]
+    tiled, rows, _ = _lists(sum(sizes), 32, 64, sizes, seed=8, offset=offset)
+    assert tiled.centroid_tails is not None
+    full = replace(tiled, centroid_tails=None)
+    rng = np.random.default_rng(9)
+    queries = np.concatenate([rows[rng.choice(len(rows), 60)] + rng.normal(size=(60, 64)).astype(np.float32) * 0.2,
+                              rows[:40] + rng.normal(size=(40, 64)).astype(np.float32) * 4])
+    for nprobe, candidates, k in ((1, 4, 1), (3, 8, 2), (8, 16, 4)):
+        looked = tiled.approximate(queries[:, :32], queries, nprobe, candidates, k, None)
+        np.testing.assert_array_equal(looked, full.approximate(queries[:, :32], queries, nprobe, candidates, k, None))
+    with pytest.raises(ValueError, match="centroid tails"):
+        replace(tiled, centroid_tails=tiled.centroid_tails[:-1]).approximate(queries[:, :32], queries, 1, 4, 1, None)
 
 
 def test_the_approximate_scan_probing_everything_is_exact_and_hides_rows() -> None:
