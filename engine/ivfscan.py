@@ -40,6 +40,7 @@ _PAD = 1e18
 _AXIS_BLOCK = 32 if _ivfscan is None else int(_ivfscan.AXIS_BLOCK)
 # principal axes past the coordinates' that the exact scan's second lower bound takes
 EXT_AXES = 32 if _ivfscan is None else int(_ivfscan.EXT_AXES)
+# coordinates of the probe choice's first look at a panel of list centroids (the rest by their length)
 SPLIT = 16 if _ivfscan is None else int(_ivfscan.SPLIT)
 
 
