@@ -140,17 +140,30 @@ INLINE int take_lane(unsigned *mask) {
     return j;
 }
 
-/* squared distances of one query (d coordinates) to the LANES columns of a panel */
+#define CHAINS 4            /* coordinates a panel's distances take at once: independent sums in flight */
+
+/* squared distances of one query (d coordinates) to the LANES columns of a panel. One query has only
+   LANES / VLANES sums: CHAINS coordinates at a time, each into sums of its own, keep enough
+   multiply-adds in flight to hide their latency (one after another, each waits for the last) */
 INLINE void panel_distances(const float *query, const float *panel, int d, float *out) {
 #if VECTORS
-    vec_t acc[LANES / VLANES];
+    vec_t acc[CHAINS][LANES / VLANES];
     memset(acc, 0, sizeof(acc));
-    for (int a = 0; a < d; a++)
+    int a = 0;
+    for (; a + CHAINS <= d; a += CHAINS)
+        for (int c = 0; c < CHAINS; c++)
+            for (int h = 0; h < LANES / VLANES; h++) {
+                vec_t t = query[a + c] - load(panel + (int64_t)(a + c) * LANES + h * VLANES);
+                acc[c][h] += t * t;
+            }
+    for (; a < d; a++)
         for (int h = 0; h < LANES / VLANES; h++) {
             vec_t t = query[a] - load(panel + (int64_t)a * LANES + h * VLANES);
-            acc[h] += t * t;
+            acc[0][h] += t * t;
         }
-    memcpy(out, acc, sizeof(acc));
+    for (int c = 1; c < CHAINS; c++)
+        for (int h = 0; h < LANES / VLANES; h++) acc[0][h] += acc[c][h];
+    memcpy(out, acc[0], sizeof(acc[0]));
 #else
     for (int j = 0; j < LANES; j++) out[j] = 0.0f;
     for (int a = 0; a < d; a++) {
