@@ -273,6 +273,15 @@ INLINE void query_norms(const Memory *m, const Queries *q, float *q_sq, float *q
     }
 }
 
+/* rounding slack of a squared distance computed as |a|^2 + |b|^2 - 2 a.b in float32, relative to
+   the norms: the lower bounds below take it off, so rounding never drops a row or list in reach */
+#define NORM_SLACK 2e-5f
+
+/* a lower bound of |a - b|^2 from the squared norms and an upper bound `dot` of a.b */
+INLINE float lower_sq(float a_sq, float b_sq, float dot) {
+    return (a_sq + b_sq) * (1.0f - NORM_SLACK) - 2.0f * dot;
+}
+
 /* the lanes of panel c0 within limit by the second bound: the last coordinate's term (w, the
    residual past the first axes) taken out of `lower`, with a slack for its rounding as for the
    norms, and the EXT_AXES coordinates' and the residual past them put in (w^2 = |ext|^2 + rest^2) */
@@ -284,7 +293,7 @@ INLINE unsigned tighter_lanes(const Memory *m, const Queries *q, int64_t i, int6
     const float *rest = m->ext_rest + c0;
     for (int j = 0; j < LANES; j++) {
         float w = wq - last[j], r = rq - rest[j];
-        finer[j] += lower[j] - w * w - 2e-5f * (wq * wq + last[j] * last[j]) + r * r;
+        finer[j] += lower[j] - w * w - NORM_SLACK * (wq * wq + last[j] * last[j]) + r * r;
     }
     return lanes_below(finer, limit, 1);
 }
@@ -342,7 +351,7 @@ INLINE void lists_needed(const Memory *m, const Queries *q, const float *q_sq, i
                 for (int64_t j = lo; j < hi; j++) {
                     int64_t l = panel * LANES + j;
                     float most = (m->radius[l] + reach) * (1.0f / (1.0f - 1.0001e-5f));
-                    float centre_sq = (q_sq[i] + c_sq[j]) * (1.0f - 2e-5f) - 2.0f * dots[g][j];
+                    float centre_sq = lower_sq(q_sq[i], c_sq[j], dots[g][j]);
                     need[(l - first) * q->n + i] = centre_sq <= most * most;
                 }
             }
@@ -377,7 +386,7 @@ INLINE void scan_group(const Memory *m, const Queries *q, const float *q_sq, int
             int64_t i = who[g];
             float *best = q->out + i * q->k;
             float lower[LANES];
-            for (int j = 0; j < LANES; j++) lower[j] = (q_sq[i] + norms[j]) * (1.0f - 2e-5f) - 2.0f * dots[g][j];
+            for (int j = 0; j < LANES; j++) lower[j] = lower_sq(q_sq[i], norms[j], dots[g][j]);
             float limit = bound[g] * (1.0f + 1e-4f);
             unsigned within = lanes_below(lower, limit, 1);
             if (within && m->ext) within &= tighter_lanes(m, q, i, c0, last, lower, limit);
@@ -463,8 +472,8 @@ INLINE void nearest_lists(const Memory *m, const Queries *q, const float *q_sq, 
                     int64_t i = first + g;
                     float early[LANES];
                     for (int j = 0; j < LANES; j++)
-                        early[j] = (q_sq[i] + centroid_norms[c0 + j]) * (1.0f - 2e-5f) -
-                                   2.0f * (dots[g][j] + q_tail[i] * centroid_tails[c0 + j]);
+                        early[j] = lower_sq(q_sq[i], centroid_norms[c0 + j],
+                                            dots[g][j] + q_tail[i] * centroid_tails[c0 + j]);
                     any |= lanes_below(early, probe_sq[i * nprobe + nprobe - 1], 0);
                 }
                 if (!any) continue;
