@@ -77,6 +77,20 @@ def test_hidden_rows_are_never_returned() -> None:
     np.testing.assert_allclose(got, truth, rtol=1e-5, atol=1e-5)
 
 
+def test_a_range_ending_inside_a_panel_of_lists_scans_only_its_lists() -> None:
+    """A query nearest to a row of a list past the range's end, in the same panel of lists, gets
+    the nearest row of the range's lists: the lists past the end are held apart."""
+    sizes = [12, 9, 30, 7, 25, 16, 11, 20]
+    tiled, rows, _ = _lists(sum(sizes), 6, 18, sizes, seed=11)
+    rng = np.random.default_rng(12)
+    queries = rows[rng.choice(len(rows), 23)] + rng.normal(size=(23, 18)).astype(np.float32) * 0.2
+    inf = np.full(len(queries), np.inf, np.float32)
+    for end in (1, 3, 5, 8):
+        in_range = np.arange(len(rows)) < sum(sizes[:end])
+        got = tiled.exact(queries[:, : tiled.dims], queries, inf, 2, None, slice(0, end))
+        np.testing.assert_allclose(got, _brute(rows, queries, 2, in_range), rtol=1e-5, atol=1e-5)
+
+
 def test_bad_buffers_and_ranges_are_refused() -> None:
     sizes = [20, 20, 20]
     tiled, rows, coords = _lists(60, 4, 8, sizes, seed=5)
