@@ -31,6 +31,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(_MSC_VER)
+#include <intrin.h>
+#endif
 
 #define LANES 16
 #define MAX_K 64
@@ -429,13 +432,28 @@ INLINE void scan_group(const Memory *m, const Queries *q, const float *q_sq, int
     }
 }
 
-CLONES static void exact(const Memory *m, const Queries *q, int64_t first, int64_t end, uint16_t *need,
-                         float *q_sq, int64_t *who) {
+/* the number of the next panel of lists to scan, counted from the range's first: the next in turn,
+   or, where `taken` is shared by calls on several threads, the next that none of them has taken */
+INLINE int64_t next_panel(int64_t *taken, int64_t *own) {
+    if (!taken) return (*own)++;
+#if defined(__GNUC__) || defined(__clang__)
+    return __atomic_fetch_add(taken, 1, __ATOMIC_RELAXED);
+#elif defined(_MSC_VER)
+    return _InterlockedExchangeAdd64((volatile long long *)taken, 1);
+#else
+#error "no atomic fetch-add for this compiler"
+#endif
+}
+
+/* needs: (n) scratch for one panel of lists; who: (LANES * n) */
+CLONES static void exact(const Memory *m, const Queries *q, int64_t first, int64_t end, int64_t *taken,
+                         uint16_t *needs, float *q_sq, int64_t *who) {
     for (int64_t i = 0; i < q->n * q->k; i++) q->out[i] = INFINITY;
     query_norms(m, q, q_sq, NULL);
-    lists_needed(m, q, q_sq, first, end, need);
-    for (int64_t panel = first / LANES; panel * LANES < end; panel++) {
-        const uint16_t *needs = need + (panel - first / LANES) * q->n;
+    int64_t own = 0;
+    for (int64_t panel; (panel = first / LANES + next_panel(taken, &own)) * LANES < end;) {
+        int64_t stop = (panel + 1) * LANES < end ? (panel + 1) * LANES : end;
+        lists_needed(m, q, q_sq, panel * LANES, stop, needs);
         int64_t count[LANES] = {0};                 /* who[j * n:]: the queries that need list j of the panel */
         for (int64_t i = 0; i < q->n; i++)
             for (unsigned lists = needs[i]; lists;) {
@@ -638,38 +656,45 @@ CLONES static void project(const float *rows, int64_t n, int dim, const float *m
    (zeros after them) and rest (n) the residual past all axes: the exact scan's second bound. */
 CLONES static void project_precise(const float *rows, int64_t n, int dim, const float *mean, const double *axes_t,
                                    int axes, int width, int split, float *out, float *ext, float *rest) {
-    for (int64_t i = 0; i < n; i++) {
-        const float *row = rows + i * dim;
-        double dots[MAX_AXES], total = centred_sq(row, mean, dim);
+    for (int64_t i = 0; i < n; i += 2) {
+        int pair = i + 1 < n ? 2 : 1;
+        const float *row[2] = {rows + i * dim, rows + (i + pair - 1) * dim};
+        double dots[2][MAX_AXES];
 #if VECTORS
-        for (int a0 = 0; a0 < width; a0 += AXIS_BLOCK) {
-            vecd_t acc[AXIS_BLOCK / 4];
+        for (int a0 = 0; a0 < width; a0 += AXIS_BLOCK) {      /* two rows at a time: each axis read once for both */
+            vecd_t acc[2][AXIS_BLOCK / 4];
             memset(acc, 0, sizeof(acc));
             for (int j = 0; j < dim; j++) {
-                double c = (double)row[j] - (double)mean[j];
+                double c0 = (double)row[0][j] - (double)mean[j], c1 = (double)row[1][j] - (double)mean[j];
                 for (int blk = 0; blk < AXIS_BLOCK / 4; blk++) {
                     vecd_t axis;
                     memcpy(&axis, axes_t + (int64_t)j * width + a0 + blk * 4, sizeof(axis));
-                    acc[blk] += c * axis;
+                    acc[0][blk] += c0 * axis;
+                    acc[1][blk] += c1 * axis;
                 }
             }
-            for (int blk = 0; blk < AXIS_BLOCK / 4; blk++)
-                for (int a = 0; a < 4; a++) dots[a0 + blk * 4 + a] = acc[blk][a];
+            for (int r = 0; r < 2; r++)
+                for (int blk = 0; blk < AXIS_BLOCK / 4; blk++)
+                    for (int a = 0; a < 4; a++) dots[r][a0 + blk * 4 + a] = acc[r][blk][a];
         }
 #else
         memset(dots, 0, sizeof(dots));
-        for (int j = 0; j < dim; j++) {
-            double c = (double)row[j] - (double)mean[j];
-            for (int a = 0; a < axes; a++) dots[a] += c * axes_t[(int64_t)j * width + a];
-        }
+        for (int j = 0; j < dim; j++)
+            for (int r = 0; r < 2; r++) {
+                double c = (double)row[r][j] - (double)mean[j];
+                for (int a = 0; a < axes; a++) dots[r][a] += c * axes_t[(int64_t)j * width + a];
+            }
 #endif
-        finish_coords(dots, split, total, out + i * (split + 1));
-        if (split < axes) {
-            float *coords = ext + i * EXT_AXES;
-            double principal = 0.0;
-            for (int a = 0; a < axes; a++) principal += dots[a] * dots[a];
-            for (int a = 0; a < EXT_AXES; a++) coords[a] = split + a < axes ? (float)dots[split + a] : 0.0f;
-            rest[i] = total > principal ? (float)sqrt(total - principal) : 0.0f;
+        for (int r = 0; r < pair; r++) {
+            double total = centred_sq(row[r], mean, dim);
+            finish_coords(dots[r], split, total, out + (i + r) * (split + 1));
+            if (split < axes) {
+                float *coords = ext + (i + r) * EXT_AXES;
+                double principal = 0.0;
+                for (int a = 0; a < axes; a++) principal += dots[r][a] * dots[r][a];
+                for (int a = 0; a < EXT_AXES; a++) coords[a] = split + a < axes ? (float)dots[r][split + a] : 0.0f;
+                rest[i + r] = total > principal ? (float)sqrt(total - principal) : 0.0f;
+            }
         }
     }
 }
@@ -715,7 +740,7 @@ CLONES static void banded_product(const float *left, const float *bt, const int3
 /* ---- Python glue: buffers in, sizes checked, GIL released around the scan ---------------------- */
 
 enum { PANELS, NORMS, LIST_START, SLOTS, CENTRES, RADIUS, BANK, SHOWN, COORDS, ROWS, REACH, OUT, EXT, EXT_REST, Q_EXT,
-       Q_EXT_REST, BUFFERS };
+       Q_EXT_REST, TAKEN, BUFFERS };
 
 static int fail(const char *message) {
     PyErr_SetString(PyExc_ValueError, message);
@@ -770,12 +795,12 @@ static int optional(PyObject *obj, Py_buffer *b, int slot, int flags) {
 static PyObject *py_exact(PyObject *self, PyObject *args) {
     Py_buffer b[BUFFERS];
     memset(b, 0, sizeof(b));
-    PyObject *shown, *ext, *ext_rest, *q_ext, *q_ext_rest;
+    PyObject *shown, *ext, *ext_rest, *q_ext, *q_ext_rest, *taken;
     int d, dim, k;
     long long first, end;
-    if (!PyArg_ParseTuple(args, "y*y*y*y*y*y*y*Oiiy*y*y*iLLw*OOOO", &b[PANELS], &b[NORMS], &b[LIST_START], &b[SLOTS],
+    if (!PyArg_ParseTuple(args, "y*y*y*y*y*y*y*Oiiy*y*y*iLLw*OOOOO", &b[PANELS], &b[NORMS], &b[LIST_START], &b[SLOTS],
                           &b[CENTRES], &b[RADIUS], &b[BANK], &shown, &d, &dim, &b[COORDS], &b[ROWS], &b[REACH], &k,
-                          &first, &end, &b[OUT], &ext, &ext_rest, &q_ext, &q_ext_rest))
+                          &first, &end, &b[OUT], &ext, &ext_rest, &q_ext, &q_ext_rest, &taken))
         return NULL;
     Memory m;
     Queries q;
@@ -784,13 +809,15 @@ static PyObject *py_exact(PyObject *self, PyObject *args) {
     int64_t *who = NULL;
     int status = optional(shown, b, SHOWN, PyBUF_SIMPLE) || optional(ext, b, EXT, PyBUF_SIMPLE) ||
                  optional(ext_rest, b, EXT_REST, PyBUF_SIMPLE) || optional(q_ext, b, Q_EXT, PyBUF_SIMPLE) ||
-                 optional(q_ext_rest, b, Q_EXT_REST, PyBUF_SIMPLE) ? -1 : 0;
+                 optional(q_ext_rest, b, Q_EXT_REST, PyBUF_SIMPLE) || optional(taken, b, TAKEN, PyBUF_WRITABLE) ? -1 : 0;
     if (status == 0) status = describe(b, d, dim, k, &m, &q);
     if (status == 0 && FLOATS(b[REACH]) != q.n) status = fail("query size mismatch (reach)");
+    if (status == 0 && b[TAKEN].obj && (b[TAKEN].len != sizeof(int64_t) || (uintptr_t)b[TAKEN].buf % sizeof(int64_t)))
+        status = fail("taken: one aligned int64 expected");
     if (status == 0 && (first < 0 || first > end || end > m.lists || first % LANES))
         status = fail("list range out of bounds (or not starting a panel)");
     if (status == 0 && end > first && q.n > 0) {
-        need = malloc(sizeof(uint16_t) * (size_t)((end - first + LANES - 1) / LANES * q.n));
+        need = malloc(sizeof(uint16_t) * (size_t)q.n);
         q_sq = malloc(sizeof(float) * (size_t)q.n);
         who = malloc(sizeof(int64_t) * LANES * (size_t)q.n);
         if (!need || !q_sq || !who) {
@@ -800,7 +827,7 @@ static PyObject *py_exact(PyObject *self, PyObject *args) {
     }
     if (status == 0) {
         Py_BEGIN_ALLOW_THREADS
-        if (need) exact(&m, &q, first, end, need, q_sq, who);
+        if (need) exact(&m, &q, first, end, b[TAKEN].obj ? b[TAKEN].buf : NULL, need, q_sq, who);
         else for (int64_t i = 0; i < q.n * q.k; i++) q.out[i] = INFINITY;
         Py_END_ALLOW_THREADS
     }
@@ -944,8 +971,9 @@ static PyMethodDef methods[] = {
      "candidates in its nprobe lists of nearest centroid (ascending, +inf where fewer)"},
     {"exact", py_exact, METH_VARARGS,
      "exact(panels, norms, list_start, slots, centres, radius, bank, shown, d, dim, coords, rows, reach_sq, k, first, end, "
-     "out, ext, ext_rest, q_ext, q_ext_rest): the k smallest squared true distances per query (ascending, +inf "
-     "where fewer), over the lists first:end; the ext buffers (all four or None) give the second lower bound"},
+     "out, ext, ext_rest, q_ext, q_ext_rest, taken): the k smallest squared true distances per query (ascending, +inf "
+     "where fewer), over the lists first:end; the ext buffers (all four or None) give the second lower bound; taken "
+     "(one int64, or None), shared by calls on several threads, gives each the panels of lists none has taken"},
     {"project", py_project, METH_VARARGS,
      "project(rows, mean, axes_t, dim, axes, precise, out, split, ext, rest): the rows' coordinates on the first "
      "split axes (float32; computed in float64, axes_t in float64, where precise), the residual length last; with "

@@ -196,12 +196,14 @@ class TiledLists:
         return len(self.radius)
 
     def exact(self, coords: np.ndarray, rows: np.ndarray, reach_sq: np.ndarray, k: int, shown: np.ndarray | None,
-              lists: slice, finer: Finer | None = None) -> np.ndarray:
+              lists: slice, finer: Finer | None = None, taken: np.ndarray | None = None) -> np.ndarray:
         """(n, k) ascending squared true distances of the queries (``coords`` (n, d), ``rows``
         (n, D)) to their k nearest ``shown`` rows (by position; None = all) of the lists ``lists``
         (its start a multiple of LANES) whose coordinate distance is within ``reach_sq`` (n,);
         +inf where fewer are. ``finer``: the queries' coordinates for the second bound, taken
-        where these lists have theirs (the same distances, fewer of them computed)."""
+        where these lists have theirs (the same distances, fewer of them computed). ``taken``: one
+        int64, 0 at first, shared by calls over the same lists on several threads: each call scans
+        the next panel of lists none has taken, and answers for those (merge the calls' results)."""
         out = np.empty((len(coords), k), dtype=np.float32)
         both = finer is not None and self.finer_panels is not None
         _ivfscan.exact(self.panels, self.norms, self.column_start, self.slots, self.centres, self.radius, self.bank,
@@ -210,7 +212,7 @@ class TiledLists:
                        np.ascontiguousarray(rows, dtype=np.float32), np.ascontiguousarray(reach_sq, dtype=np.float32),
                        int(k), lists.start, lists.stop, out,
                        *((self.finer_panels, self.finer_rest, np.ascontiguousarray(finer.coords, dtype=np.float32),
-                          np.ascontiguousarray(finer.rest, dtype=np.float32)) if both else (None,) * 4))
+                          np.ascontiguousarray(finer.rest, dtype=np.float32)) if both else (None,) * 4), taken)
         return out
 
 

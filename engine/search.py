@@ -69,7 +69,6 @@ _ORTHONORMAL = 1e-5           # a PCA's float32 axes are orthonormal to ~1e-6
 # two workers, in turns: 8 477 rows 3.81 -> 3.94 ms, 59 741 rows 3.95 -> 3.48, 65 542 rows 21.8 -> 19.5)
 _FINER_ROWS = 32_768
 _NATIVE_MAX_K = 64             # the C scans' largest k (engine/_ivfscan.c); faiss and numpy above it
-_SCAN_PIECES = 8               # pieces of one C exact scan (ranges of lists)
 # pieces of one C approximate scan (ranges of queries): each piece re-reads every centroid and scans
 # lists fewer of its patches share; in the engine, switched per request (2-core EPYC, 784 patches at
 # 224 px): kNN stage 4.26 -> 4.05 ms defective at 16 386 rows, 7.42 -> 7.18 ms at 59 741 rows, good
@@ -609,14 +608,17 @@ def _nearest_per_query(query: np.ndarray, values: np.ndarray) -> tuple[np.ndarra
 
 def _exact_scan(tiled: ivfscan.TiledLists, coords: np.ndarray, x: np.ndarray, reach_sq: np.ndarray, k: int,
                 shown: np.ndarray | None, finer: ivfscan.Finer | None = None) -> np.ndarray:
-    """(Q, k) the C exact scan over ranges of the lists, taken in turn by the caller and the
-    exact-search workers (the scan releases the GIL), each range's k nearest merged."""
-    per_piece = -(-tiled.lists // (_SCAN_PIECES * ivfscan.LANES)) * ivfscan.LANES
-    pieces = [slice(first, min(tiled.lists, first + per_piece)) for first in range(0, tiled.lists, per_piece)]
-    # the pieces' work, as the numpy path counts it: every row against every query
-    work = np.full(len(pieces), len(x) * tiled.bank.shape[0] / len(pieces))
-    parts = _exact_workers.map_balanced(lambda lists: tiled.exact(coords, x, reach_sq, k, shown, lists, finer),
-                                        pieces, work)
+    """(Q, k) the C exact scan, by the caller and the exact-search workers side by side (the scan
+    releases the GIL): each takes the next panel of lists none has taken until all are, and their
+    k nearest are merged. Taken a panel at a time, the threads end within one panel's work of each
+    other, where ranges of lists dealt out in turn left one thread waiting up to a range's (a
+    defective ROI's 335 patches at 59 741 rows: ranges took 0.55-1.2 ms, a panel of lists ~0.1)."""
+    taken = np.zeros(1, dtype=np.int64)
+    calls = _exact_workers.size
+    # the work, as the numpy path counts it: every row against every query
+    work = np.full(calls, len(x) * tiled.bank.shape[0] / calls)
+    parts = _exact_workers.map_balanced(
+        lambda _: tiled.exact(coords, x, reach_sq, k, shown, slice(0, tiled.lists), finer, taken), range(calls), work)
     if k == 1:
         return np.minimum.reduce(parts)
     return np.sort(np.concatenate(parts, axis=1), axis=1)[:, :k]
@@ -661,6 +663,11 @@ class _ExactWorkers:
 
     def __init__(self) -> None:
         self._pool = SizedPool("exact-search", 1, initializer=faiss.omp_set_num_threads, initargs=(1,))
+
+    @property
+    def size(self) -> int:
+        """Threads a shared step may take: the caller and the workers."""
+        return self._pool.size
 
     def configure(self, count: int) -> None:
         """A new count takes a new pool; searches in flight finish on the old one."""

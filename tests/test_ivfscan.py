@@ -4,6 +4,7 @@ against its rule."""
 from __future__ import annotations
 
 import itertools
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import numpy as np
@@ -89,6 +90,30 @@ def test_a_range_ending_inside_a_panel_of_lists_scans_only_its_lists() -> None:
         in_range = np.arange(len(rows)) < sum(sizes[:end])
         got = tiled.exact(queries[:, : tiled.dims], queries, inf, 2, None, slice(0, end))
         np.testing.assert_allclose(got, _brute(rows, queries, 2, in_range), rtol=1e-5, atol=1e-5)
+
+
+def test_calls_sharing_a_count_of_taken_panels_split_the_lists_between_them() -> None:
+    """Threads scanning the same lists with one shared count each take panels of lists none has
+    taken: together they take every panel once (the count ends one past the last for each call),
+    and the minimum of their results is the whole scan's."""
+    sizes = [25, 3, 40, 16, 9, 33, 1, 60] * 9
+    tiled, rows, _ = _lists(sum(sizes), 8, 24, sizes, seed=21)
+    rng = np.random.default_rng(22)
+    queries = np.concatenate([rows[rng.choice(len(rows), 30)] + rng.normal(size=(30, 24)).astype(np.float32) * 0.2,
+                              rng.normal(size=(10, 24)).astype(np.float32) * 3])
+    truth = _brute(rows, queries, 1)
+    reach_sq = (truth[:, 0] * 1.001 + 1e-6).astype(np.float32)
+    panels = -(-tiled.lists // ivfscan.LANES)
+    for calls in (1, 2, 3):
+        taken = np.zeros(1, dtype=np.int64)
+        with ThreadPoolExecutor(calls) as pool:
+            parts = list(pool.map(lambda _: tiled.exact(queries[:, : tiled.dims], queries, reach_sq, 1, None,
+                                                        slice(0, tiled.lists), None, taken), range(calls)))
+        assert taken[0] == panels + calls
+        np.testing.assert_allclose(np.minimum.reduce(parts), truth, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="taken"):
+        tiled.exact(queries[:, : tiled.dims], queries, reach_sq, 1, None, slice(0, tiled.lists), None,
+                    np.zeros(2, dtype=np.int64))
 
 
 def test_bad_buffers_and_ranges_are_refused() -> None:
