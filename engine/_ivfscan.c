@@ -771,6 +771,76 @@ CLONES static void banded_product(const float *left, const float *bt, const int3
     }
 }
 
+/* bit j set where values[j] >= limit (false for NaN), for the LANES values */
+INLINE unsigned lanes_at_least(const float *values, float limit) {
+#if VECTORS
+    vec_t bound = {0};
+    bound += limit;
+    return lane_bits(load(values) >= bound, load(values + VLANES) >= bound);
+#else
+    unsigned mask = 0;
+    for (int j = 0; j < LANES; j++) mask |= (unsigned)(values[j] >= limit) << j;
+    return mask;
+#endif
+}
+
+/* bit j set where flags[j] is not zero, for LANES bytes */
+INLINE unsigned lanes_set(const uint8_t *flags) {
+    unsigned mask = 0;
+    for (int j = 0; j < LANES; j++) mask |= (unsigned)(flags[j] != 0) << j;
+    return mask;
+}
+
+/* out[0:count] = the values >= cut where chosen (all where chosen is NULL), in order; returns count.
+   LANES values at a time: a map's values above a high cut are a few percent, mostly in runs, so
+   nearly every block is passed over on one comparison. */
+CLONES static int64_t at_or_above(const float *values, const uint8_t *chosen, int64_t n, float cut, float *out) {
+    int64_t count = 0, i = 0;
+    for (; i + LANES <= n; i += LANES) {
+        unsigned above = lanes_at_least(values + i, cut);
+        if (above && chosen) above &= lanes_set(chosen + i);
+        while (above) out[count++] = values[i + take_lane(&above)];
+    }
+    for (; i < n; i++)
+        if (values[i] >= cut && (!chosen || chosen[i])) out[count++] = values[i];
+    return count;
+}
+
+/* out[r * w + c] = 1 where a pixel of rows y_first[r]..y_last[r] - 1 and columns x_first[c]..x_last[c] - 1
+   of amap (H, W) is >= level (and chosen, where given), else 0: the patches that feed a pixel at or
+   above a level (each patch's pixels from the map's weights). Each row of pixels is compared once
+   and its hot columns are added to the bands of the patch rows it belongs to (both bounds rise with
+   r); band and hot: (h * W) and (W) scratch. */
+CLONES static void cells_above(const float *amap, const uint8_t *chosen, int64_t H, int64_t W, float level,
+                               const int64_t *y_first, const int64_t *y_last, int64_t h, const int64_t *x_first,
+                               const int64_t *x_last, int64_t w, uint8_t *band, uint8_t *hot, uint8_t *out) {
+    memset(band, 0, (size_t)(h * W));
+    int64_t r_lo = 0, r_hi = 0;                /* the patch rows whose pixel rows hold y */
+    for (int64_t y = 0; y < H; y++) {
+        while (r_lo < h && y_last[r_lo] <= y) r_lo++;
+        while (r_hi < h && y_first[r_hi] <= y) r_hi++;
+        if (r_lo >= r_hi) continue;
+        const float *row = amap + y * W;
+        const uint8_t *flags = chosen ? chosen + y * W : NULL;
+        unsigned any = 0;
+        for (int64_t x = 0; x < W; x++) {
+            uint8_t above = row[x] >= level && (!flags || flags[x]);
+            hot[x] = above;
+            any |= above;
+        }
+        if (!any) continue;
+        for (int64_t r = r_lo; r < r_hi; r++)
+            if (y_first[r] <= y && y < y_last[r])
+                for (int64_t x = 0; x < W; x++) band[r * W + x] |= hot[x];
+    }
+    for (int64_t r = 0; r < h; r++)
+        for (int64_t c = 0; c < w; c++) {
+            uint8_t found = 0;
+            for (int64_t x = x_first[c]; x < x_last[c]; x++) found |= band[r * W + x];
+            out[r * w + c] = found;
+        }
+}
+
 /* ---- Python glue: buffers in, sizes checked, GIL released around the scan ---------------------- */
 
 enum { PANELS, NORMS, LIST_START, SLOTS, CENTRES, RADIUS, BANK, SHOWN, COORDS, ROWS, REACH, OUT, EXT, EXT_REST, Q_EXT,
@@ -998,6 +1068,68 @@ static PyObject *py_banded_product(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *py_at_or_above(PyObject *self, PyObject *args) {
+    Py_buffer b[3];                                   /* values, chosen, out */
+    memset(b, 0, sizeof(b));
+    PyObject *chosen;
+    float cut;
+    if (!PyArg_ParseTuple(args, "y*Ofw*", &b[0], &chosen, &cut, &b[2])) return NULL;
+    int64_t n = FLOATS(b[0]), count = 0;
+    int status = optional(chosen, b, 1, PyBUF_SIMPLE);
+    if (status == 0 && (FLOATS(b[2]) < n || (b[1].obj && b[1].len != n)))
+        status = fail("at_or_above: sizes do not match");
+    if (status == 0) {
+        Py_BEGIN_ALLOW_THREADS
+        count = at_or_above(b[0].buf, b[1].obj ? b[1].buf : NULL, n, cut, b[2].buf);
+        Py_END_ALLOW_THREADS
+    }
+    release(b, 3);
+    if (status) return NULL;
+    return PyLong_FromLongLong(count);
+}
+
+static PyObject *py_cells_above(PyObject *self, PyObject *args) {
+    Py_buffer b[7];                                   /* amap, chosen, y_first, y_last, x_first, x_last, out */
+    memset(b, 0, sizeof(b));
+    PyObject *chosen;
+    long long H, W;
+    float level;
+    if (!PyArg_ParseTuple(args, "y*OLLfy*y*y*y*w*", &b[0], &chosen, &H, &W, &level, &b[2], &b[3], &b[4], &b[5], &b[6]))
+        return NULL;
+    int64_t h = INTS(b[2]), w = INTS(b[4]);
+    int status = optional(chosen, b, 1, PyBUF_SIMPLE);
+    if (status == 0 && (H <= 0 || W <= 0 || FLOATS(b[0]) != H * W || (b[1].obj && b[1].len != H * W) ||
+                        INTS(b[3]) != h || INTS(b[5]) != w || b[6].len != h * w))
+        status = fail("cells_above: sizes do not match");
+    const int64_t *bounds[4] = {b[2].buf, b[3].buf, b[4].buf, b[5].buf};
+    for (int64_t r = 0; status == 0 && r < h; r++)
+        if (bounds[0][r] < 0 || bounds[0][r] > bounds[1][r] || bounds[1][r] > H || (r && (bounds[0][r] < bounds[0][r - 1] ||
+                                                                                            bounds[1][r] < bounds[1][r - 1])))
+            status = fail("cells_above: row bounds out of range or not rising");
+    for (int64_t c = 0; status == 0 && c < w; c++)
+        if (bounds[2][c] < 0 || bounds[2][c] > bounds[3][c] || bounds[3][c] > W) status = fail("cells_above: column bounds out of range");
+    uint8_t *band = NULL, *hot = NULL;
+    if (status == 0) {
+        band = malloc((size_t)(h * W) + 1);
+        hot = malloc((size_t)W);
+        if (!band || !hot) {
+            PyErr_NoMemory();
+            status = -1;
+        }
+    }
+    if (status == 0) {
+        Py_BEGIN_ALLOW_THREADS
+        cells_above(b[0].buf, b[1].obj ? b[1].buf : NULL, H, W, level, bounds[0], bounds[1], h, bounds[2], bounds[3], w,
+                    band, hot, b[6].buf);
+        Py_END_ALLOW_THREADS
+    }
+    free(band);
+    free(hot);
+    release(b, 7);
+    if (status) return NULL;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"approximate", py_approximate, METH_VARARGS,
      "approximate(panels, norms, list_start, slots, centres, radius, centroids, centroid_norms, bank, shown, d, dim, "
@@ -1015,6 +1147,12 @@ static PyMethodDef methods[] = {
     {"banded_product", py_banded_product, METH_VARARGS,
      "banded_product(left, bt, band, w, W, first, end, b_first, b_last, add, out): rows first:end of out = (or += "
      "with add) left @ bt[:, :W] in the column blocks b_first:b_last, each block over its band of bt's rows only"},
+    {"at_or_above", py_at_or_above, METH_VARARGS,
+     "at_or_above(values, chosen, cut, out): out[:count] = the float32 values >= cut where chosen (uint8; None = all), "
+     "in order; returns count"},
+    {"cells_above", py_cells_above, METH_VARARGS,
+     "cells_above(amap, chosen, H, W, level, y_first, y_last, x_first, x_last, out): out (h, w) uint8 = 1 where the "
+     "pixels y_first[r]:y_last[r], x_first[c]:x_last[c] of amap (H, W) hold one >= level (and chosen)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -10,8 +10,8 @@ is banded (a pixel is fed by ~4 patch columns): where the C kernels are built th
 takes only each block of pixels' band of columns (52 columns: 1.0 -> 0.27 ms, one thread).
 
 Every weight is nonnegative, so the map is monotone in the patch distances: larger distances
-never lower any pixel. ``engine.refine`` relies on that, and on :func:`patch_support` (which
-patches feed which pixels).
+never lower any pixel. ``engine.refine`` relies on that, and on :func:`patches_above` (which
+patches feed the pixels at or above a level; :func:`patch_support` for any set of pixels).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import numpy as np
 from engine import ivfscan
 
 __all__ = ["Steps", "add_patch_change", "anomaly_map", "axis_weights", "in_turn", "masked_percentile",
-           "order_statistic", "patch_support", "percentile_if_above"]
+           "order_statistic", "patch_support", "patches_above", "percentile_if_above"]
 
 
 # a percentile selects among a tail of the values above its level when they outnumber what it needs
@@ -162,6 +162,23 @@ def patch_support(pixels: np.ndarray, cells: tuple[int, int], sigma: float) -> n
     return inside > 0
 
 
+def patches_above(amap: np.ndarray, level: float, mask: np.ndarray | None, cells: tuple[int, int],
+                  sigma: float) -> np.ndarray:
+    """(h, w) bool: the patches that feed at least one pixel of ``amap`` (H, W) at or above ``level``
+    inside ``mask`` (None = all): ``patch_support(amap >= level & mask, ...)``, in one C pass over the
+    map where the C kernels are built (a 900 x 900 map: ~0.28 -> ~0.05 ms)."""
+    if not ivfscan.AVAILABLE:
+        hot = amap >= level
+        if mask is not None:
+            hot &= mask
+        return patch_support(hot, cells, sigma)
+    height, width = amap.shape
+    return ivfscan.cells_above(np.ascontiguousarray(amap, dtype=np.float32),
+                               None if mask is None else np.ascontiguousarray(mask, dtype=bool), level,
+                               _support_bounds(height, cells[0], float(sigma)),
+                               _support_bounds(width, cells[1], float(sigma)))
+
+
 def masked_percentile(values: np.ndarray, mask: np.ndarray | None, percentile: float) -> float:
     """``percentile`` (0..100, linear interpolation) of values where mask is true."""
     selected = values[mask] if mask is not None else values.ravel()
@@ -217,6 +234,9 @@ def _cut(values: np.ndarray, mask: np.ndarray | None, count: int, need: int, lev
 
 
 def _at_or_above(values: np.ndarray, mask: np.ndarray | None, cut: float) -> np.ndarray:
+    if ivfscan.AVAILABLE and values.dtype == np.float32 and values.flags.c_contiguous and (
+            mask is None or mask.flags.c_contiguous):
+        return ivfscan.at_or_above(values, mask, cut)
     chosen = values >= cut
     if mask is not None:
         chosen &= mask

@@ -29,7 +29,8 @@ try:
 except ImportError:      # built without a C compiler: engine.search uses numpy and faiss
     _ivfscan = None
 
-__all__ = ["AVAILABLE", "BUILT", "EXT_AXES", "LANES", "Finer", "Projector", "TiledLists", "banded_rows"]
+__all__ = ["AVAILABLE", "BUILT", "EXT_AXES", "LANES", "Finer", "Projector", "TiledLists", "at_or_above", "banded_rows",
+           "cells_above"]
 
 BUILT = _ivfscan is not None
 # built, and on a CPU where it beats numpy (x86 with AVX2; engine/_ivfscan.c): what the engine uses
@@ -226,3 +227,25 @@ def banded_rows(left: np.ndarray, bt: np.ndarray, band: np.ndarray, width: int, 
     blocks = len(band)
     first, last = (0, blocks) if columns is None else (columns.start // LANES, -(-columns.stop // LANES))
     _ivfscan.banded_product(left, bt, band, left.shape[1], int(width), rows.start, rows.stop, first, last, add, out)
+
+
+def at_or_above(values: np.ndarray, chosen: np.ndarray | None, cut: float) -> np.ndarray:
+    """The values >= ``cut`` (a float32 value) where ``chosen``, in order: ``values[(values >= cut) &
+    chosen]`` in C, without the full-size boolean arrays. ``values`` float32 and ``chosen`` bool (same
+    size; None = all), C-contiguous. The GIL is released."""
+    out = np.empty(values.size, dtype=np.float32)
+    count = _ivfscan.at_or_above(values, None if chosen is None else chosen.view(np.uint8), cut, out)
+    return out[:count]
+
+
+def cells_above(amap: np.ndarray, chosen: np.ndarray | None, level: float, rows: tuple[np.ndarray, np.ndarray],
+                columns: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """(h, w) bool: cell (r, c) holds a pixel of ``amap`` (H, W) float32 at or above ``level`` (a
+    float32 value) where ``chosen`` ((H, W) bool; None = all), its pixels being the rows
+    ``rows[0][r]:rows[1][r]`` (both rising with r) and the columns ``columns[0][c]:columns[1][c]``
+    (int64 bounds). In C, each pixel compared once. The GIL is released."""
+    height, width = amap.shape
+    out = np.empty((len(rows[0]), len(columns[0])), dtype=np.uint8)
+    _ivfscan.cells_above(amap, None if chosen is None else chosen.view(np.uint8), height, width, level,
+                         *(np.ascontiguousarray(bound, dtype=np.int64) for bound in (*rows, *columns)), out)
+    return out.view(bool)

@@ -40,7 +40,7 @@ from engine.anomaly_map import (
     anomaly_map,
     in_turn,
     order_statistic,
-    patch_support,
+    patches_above,
     percentile_if_above,
 )
 
@@ -116,10 +116,7 @@ def refine_map(
     rounds = 0
     while True:
         rounds += 1
-        hot = amap >= level
-        if mask is not None:
-            hot &= mask
-        need = patch_support(hot, scores.shape, sigma) & ~done                  # h w
+        need = patches_above(amap, level, mask, scores.shape, sigma) & ~done     # h w
         if need.any():
             flat = np.flatnonzero(need)
             fresh = exact(flat)

@@ -17,6 +17,7 @@ from engine.anomaly_map import (
     masked_percentile,
     order_statistic,
     patch_support,
+    patches_above,
     percentile_if_above,
 )
 
@@ -79,7 +80,43 @@ def test_support_holds_exactly_the_patches_that_change_the_pixels() -> None:
         np.testing.assert_array_equal(support, brute)
 
 
-def test_percentile_if_above_is_the_percentile_or_none() -> None:
+@pytest.mark.parametrize(("h", "w", "height", "width", "sigma"), [
+    (28, 28, 900, 900, 4.0), (52, 52, 900, 900, 4.0), (12, 10, 300, 257, 4.0), (3, 5, 100, 60, 0.0), (8, 8, 8, 8, 4.0),
+])
+def test_the_patches_above_a_level_are_the_support_of_its_pixels(h: int, w: int, height: int, width: int, sigma: float,
+                                                                  kernels: str) -> None:
+    """Hot spots of a smooth map at several levels (none, some, every pixel hot), with and without a
+    mask: the patches are those ``patch_support`` finds for the pixels at or above the level."""
+    rng = np.random.default_rng(h + width)
+    scores = rng.uniform(0, 1, (h, w)).astype(np.float32)
+    scores[rng.integers(h), rng.integers(w)] = 8.0
+    amap = anomaly_map(scores, height, width, sigma)
+    mask = rng.random((height, width)) < 0.8
+    for level in (float(amap.max()) + 1, float(np.quantile(amap, 0.999)), float(np.quantile(amap, 0.7)),
+                  float(amap.max()), float(amap.min()), -np.inf):
+        for chosen in (None, mask):
+            hot = amap >= np.float32(level)
+            if chosen is not None:
+                hot &= chosen
+            np.testing.assert_array_equal(patches_above(amap, level, chosen, (h, w), sigma),
+                                          patch_support(hot, (h, w), sigma))
+
+
+@pytest.mark.skipif(not ivfscan.BUILT, reason="C kernels not built")
+def test_the_values_at_or_above_a_cut_are_numpys_selection_in_order() -> None:
+    rng = np.random.default_rng(5)
+    for n in (0, 1, 15, 16, 17, 100, 1000):
+        values = rng.normal(size=n).astype(np.float32)
+        if n > 4:
+            values[:4] = [np.nan, np.inf, -np.inf, 0.25]
+        chosen = rng.random(n) < 0.6
+        for cut in (0.25, -1.0, 3.0, float("inf"), float("-inf")):
+            for mask in (None, chosen):
+                expected = values[(values >= np.float32(cut)) & (True if mask is None else mask)]
+                np.testing.assert_array_equal(ivfscan.at_or_above(values, mask, cut), expected)
+
+
+def test_percentile_if_above_is_the_percentile_or_none(kernels: str) -> None:
     rng = np.random.default_rng(1)
     for trial in range(300):
         n = int(rng.integers(1, 2000))
@@ -101,7 +138,7 @@ def test_percentile_if_above_is_the_percentile_or_none() -> None:
 
 
 @pytest.mark.parametrize("layout", ["map", "strided_high", "ties"])
-def test_a_high_percentile_of_many_hot_values_is_the_exact_one(layout: str) -> None:
+def test_a_high_percentile_of_many_hot_values_is_the_exact_one(layout: str, kernels: str) -> None:
     """Many values above the level, few needed: the selection runs on a tail of them, whose cut
     comes from a strided sample; a sample that overrates the tail (the sampled values are the
     large ones) falls back to every hot value."""
