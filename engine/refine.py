@@ -20,10 +20,12 @@ Whatever only looks at values >= L is then exact:
 
 Pixels below ``L`` keep upper bounds that stay below ``L`` (heatmap values only).
 
-The first level is ``min(T, approximate score) * (1 - margin)``: with a good approximate search
+The first level is ``min(T, approximate score * (1 - margin))``: with a good approximate search
 the exact score is rarely more than a few percent lower, and the margin trades re-scored patches
 against a second round. How much lower depends on the memory and its search, so a fit measures
-it on its held-out images (:func:`margin_for`) and the manifest keeps the margin.
+it on its held-out images (:func:`margin_for`) and the manifest keeps the margin. The regions
+need only ``L <= T``, so a defect whose score lies well above ``T`` is refined from ``T`` itself,
+not from below it (bottle Lite0 defective ROIs: 2-10 % fewer patches re-scored at a 2 % margin).
 """
 
 from __future__ import annotations
@@ -135,8 +137,9 @@ def refine_map(
 
 
 def _cap(value: float, threshold: float | None, margin: float) -> float:
-    top = value if threshold is None else min(value, threshold)
-    return top - margin * abs(top)
+    """A level below the estimate ``value`` by the margin, and not above the threshold."""
+    lowered = value - margin * abs(value)
+    return lowered if threshold is None else min(threshold, lowered)
 
 
 def margin_for(gaps: Sequence[float | None]) -> float:

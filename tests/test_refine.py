@@ -64,6 +64,23 @@ def test_score_and_regions_equal_exact(seed: int, threshold: float | None) -> No
     assert 0 < out.refined < exact.size                                   # some, not all
 
 
+def test_a_defect_scoring_well_above_the_threshold_is_refined_from_the_threshold() -> None:
+    """The regions need the map exact only at and above the threshold: when the approximate score
+    less the margin is above it, the first level is the threshold itself (a lower one would
+    re-score patches that change neither the score nor the regions); else the estimate less the
+    margin, as without a threshold."""
+    exact, approx = _exact_and_approx(2)
+    score = refine_map(approx, _lookup(exact, []), H, W, SIGMA, None, P, None, margin=0.05).estimate
+    high = refine_map(approx, _lookup(exact, []), H, W, SIGMA, None, P, 2.2, margin=0.05)
+    assert score * 0.95 > 2.2 and high.level == 2.2 and high.rounds == 1
+    truth = anomaly_map(exact, H, W, SIGMA)
+    assert [r[:2] for r in _regions(high.amap, 2.2, None)] == [r[:2] for r in _regions(truth, 2.2, None)]
+    low = refine_map(approx, _lookup(exact, []), H, W, SIGMA, None, P, score * 0.99, margin=0.05)
+    assert low.level == pytest.approx(score * 0.95, rel=1e-6)
+    lowered = refine_map(approx, _lookup(exact, []), H, W, SIGMA, None, P, None, margin=0.05)
+    assert lowered.level == pytest.approx(score * 0.95, rel=1e-6)
+
+
 def test_a_mask_limits_what_is_refined() -> None:
     exact, approx = _exact_and_approx(7)
     mask = np.zeros((H, W), bool)
