@@ -106,9 +106,12 @@ def test_calls_sharing_a_count_of_taken_panels_split_the_lists_between_them() ->
     panels = -(-tiled.lists // ivfscan.LANES)
     for calls in (1, 2, 3):
         taken = np.zeros(1, dtype=np.int64)
+
+        def scan(_: int, taken: np.ndarray = taken) -> np.ndarray:
+            return tiled.exact(queries[:, : tiled.dims], queries, reach_sq, 1, None, slice(0, tiled.lists), None, taken)
+
         with ThreadPoolExecutor(calls) as pool:
-            parts = list(pool.map(lambda _: tiled.exact(queries[:, : tiled.dims], queries, reach_sq, 1, None,
-                                                        slice(0, tiled.lists), None, taken), range(calls)))
+            parts = list(pool.map(scan, range(calls)))
         assert taken[0] == panels + calls
         np.testing.assert_allclose(np.minimum.reduce(parts), truth, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="taken"):
