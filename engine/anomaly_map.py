@@ -166,7 +166,7 @@ def patches_above(amap: np.ndarray, level: float, mask: np.ndarray | None, cells
                   sigma: float) -> np.ndarray:
     """(h, w) bool: the patches that feed at least one pixel of ``amap`` (H, W) at or above ``level``
     inside ``mask`` (None = all): ``patch_support(amap >= level & mask, ...)``, in one C pass over the
-    map where the C kernels are built (a 900 x 900 map: ~0.28 -> ~0.05 ms)."""
+    map where the C kernels are built (a defective 900 x 900 map, 28 x 28 patches: 0.22 -> 0.07 ms)."""
     if not ivfscan.AVAILABLE:
         hot = amap >= level
         if mask is not None:
