@@ -815,7 +815,7 @@ CLONES static void cells_above(const float *amap, const uint8_t *chosen, int64_t
                                const int64_t *y_first, const int64_t *y_last, int64_t h, const int64_t *x_first,
                                const int64_t *x_last, int64_t w, uint8_t *band, uint8_t *hot, uint8_t *out) {
     memset(band, 0, (size_t)(h * W));
-    int64_t r_lo = 0, r_hi = 0;                /* the patch rows whose pixel rows hold y */
+    int64_t r_lo = 0, r_hi = 0;    /* the patch rows whose pixel rows hold y: y_last[r] > y, y_first[r] <= y */
     for (int64_t y = 0; y < H; y++) {
         while (r_lo < h && y_last[r_lo] <= y) r_lo++;
         while (r_hi < h && y_first[r_hi] <= y) r_hi++;
@@ -830,8 +830,7 @@ CLONES static void cells_above(const float *amap, const uint8_t *chosen, int64_t
         }
         if (!any) continue;
         for (int64_t r = r_lo; r < r_hi; r++)
-            if (y_first[r] <= y && y < y_last[r])
-                for (int64_t x = 0; x < W; x++) band[r * W + x] |= hot[x];
+            for (int64_t x = 0; x < W; x++) band[r * W + x] |= hot[x];
     }
     for (int64_t r = 0; r < h; r++)
         for (int64_t c = 0; c < w; c++) {
