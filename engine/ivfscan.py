@@ -86,6 +86,19 @@ class Projector:
                          precise, out, self.axes, None, None)
         return out
 
+    def fill(self, rows: np.ndarray, out: np.ndarray, finer: Finer | None, progress: np.ndarray) -> None:
+        """``split(rows, at)`` into ``out`` (n, at + 1) and ``finer`` (None where ``at`` is every
+        axis: ``self(rows, precise=True)``), shared by the calls given the same ``progress`` (two
+        int64, zeros at first): each projects the next rows none has taken, and returns once every
+        row is projected, by whichever call. Calls on several threads split the rows and go on to
+        read them all with no hand-off between the threads."""
+        at = out.shape[1] - 1
+        if finer is None and at != self.axes:
+            raise ValueError(f"coordinates on {at} of {self.axes} axes leave finer ones: give their outputs")
+        _ivfscan.project(np.ascontiguousarray(rows, dtype=np.float32), self.mean, self.axes_t64, self.mean.shape[0],
+                         self.axes, True, out, at, None if finer is None else finer.coords,
+                         None if finer is None else finer.rest, progress)
+
     def split(self, rows: np.ndarray, at: int) -> tuple[np.ndarray, Finer]:
         """(n, D) rows -> their precise coordinates on the first ``at`` axes (n, at + 1), the
         residual past those last (the same values as a projector of those axes alone gives), and

@@ -211,6 +211,11 @@ class _Projection:
         coordinates for the exact scan's second bound (``finer`` axes; not None)."""
         return self._native_finer.split(x, len(self.axes))
 
+    def exact_projector(self, finer: bool) -> ivfscan.Projector:
+        """The C projector of the exact scan's coordinates (on ``len(axes)`` of its axes); with
+        ``finer``, its axes run on into the second bound's."""
+        return self._native_finer if finer else self.native
+
     def __call__(self, x: np.ndarray, *, precise: bool = True, native: bool = False) -> np.ndarray:
         """Coordinates of ``x``; ``precise=False`` computes them in float32 (~2x faster, ~1e-4
         off for the bottle features): enough to pick candidates, not for the lower bounds that
@@ -307,18 +312,16 @@ class MemorySearch:
             return self.search(queries, only)[0]
         use_faiss_threads()
         x = prepare_rows(queries, self.distance)
-        finer = None
-        if self._tiled is not None and self._tiled.finer_panels is not None:
-            coords, finer = _split_in_pieces(self.projection, x)
-        else:
-            coords = x if self.projection is None else self.projection(x, native=self._tiled is not None)
         reach_sq = np.square(_as_l2(np.asarray(reach, dtype=np.float64), self.distance))
         # slack for float32 rounding in the faiss and numpy distances: a row kept in vain costs a
         # distance, a row wrongly dropped would cost exactness
         reach_sq = (reach_sq * (1 + 1e-3) + 1e-4).astype(np.float32)
         if self._tiled is not None:
             shown = None if only is None else only.rows[self._blocks.ids]       # by position
-            return self._finish(_exact_scan(self._tiled, coords, x, reach_sq, self.k, shown, finer))[0]
+            projector = None if self.projection is None else \
+                self.projection.exact_projector(self._tiled.finer_panels is not None)
+            return self._finish(_exact_scan(self._tiled, projector, x, reach_sq, self.k, shown))[0]
+        coords = x if self.projection is None else self.projection(x)
         allowed = only.rows if only is not None else None
         return self._finish(self._blocks.nearest(x, coords, reach_sq, self.k, allowed))[0]
 
@@ -366,6 +369,8 @@ class MemorySearch:
         """Squared Euclidean distances (Q, k), ascending -> (Q,) mean and (Q,) k-th distance."""
         squared = np.maximum(squared, 0.0)
         dist = np.sqrt(squared) if self.distance == "l2" else squared / 2.0   # unit vectors: 1 - cos = |q-b|^2 / 2
+        if dist.shape[1] == 1:      # one neighbour: its distance is the mean (a reduction fewer per search)
+            return dist[:, 0].astype(np.float32), dist[:, 0].astype(np.float32)
         return dist.mean(axis=1).astype(np.float32), dist[:, -1].astype(np.float32)
 
 
@@ -606,33 +611,35 @@ def _nearest_per_query(query: np.ndarray, values: np.ndarray) -> tuple[np.ndarra
     return query[first].astype(np.int64), np.minimum.reduceat(values, first)
 
 
-def _exact_scan(tiled: ivfscan.TiledLists, coords: np.ndarray, x: np.ndarray, reach_sq: np.ndarray, k: int,
-                shown: np.ndarray | None, finer: ivfscan.Finer | None = None) -> np.ndarray:
-    """(Q, k) the C exact scan, by the caller and the exact-search workers side by side (the scan
-    releases the GIL): each takes the next panel of lists none has taken until all are, and their
-    k nearest are merged. Taken a panel at a time, the threads end within one panel's work of each
-    other, where ranges of lists dealt out in turn left one thread waiting up to a range's (a
-    defective ROI's 335 patches at 59 741 rows: ranges took 0.55-1.2 ms, a panel of lists ~0.1)."""
-    taken = np.zeros(1, dtype=np.int64)
+def _exact_scan(tiled: ivfscan.TiledLists, projector: ivfscan.Projector | None, x: np.ndarray,
+                reach_sq: np.ndarray, k: int, shown: np.ndarray | None) -> np.ndarray:
+    """(Q, k) the C exact scan of the queries ``x`` (coordinates from ``projector``; None = the
+    rows themselves), by the caller and the exact-search workers side by side (the C steps release
+    the GIL). Each projects the next queries none has taken until all are projected, then takes
+    the next panel of lists none has taken until all are, and their k nearest are merged. Taken a
+    panel at a time, the threads end within one panel's work of each other, where ranges of lists
+    dealt out in turn left one thread waiting up to a range's (a defective ROI's 335 patches at
+    59 741 rows: ranges took 0.55-1.2 ms, a panel of lists ~0.1)."""
+    n, coords, finer = len(x), x, None
+    if projector is not None:
+        at = tiled.dims - 1
+        coords = np.empty((n, at + 1), dtype=np.float32)
+        if at < projector.axes:
+            finer = ivfscan.Finer(np.empty((n, ivfscan.EXT_AXES), dtype=np.float32), np.empty(n, dtype=np.float32))
+    progress, taken = np.zeros(2, dtype=np.int64), np.zeros(1, dtype=np.int64)
+
+    def scan(_: int) -> np.ndarray:
+        if projector is not None:
+            projector.fill(x, coords, finer, progress)
+        return tiled.exact(coords, x, reach_sq, k, shown, slice(0, tiled.lists), finer, taken)
+
     calls = _exact_workers.size
     # the work, as the numpy path counts it: every row against every query
-    work = np.full(calls, len(x) * tiled.bank.shape[0] / calls)
-    parts = _exact_workers.map_balanced(
-        lambda _: tiled.exact(coords, x, reach_sq, k, shown, slice(0, tiled.lists), finer, taken), range(calls), work)
+    work = np.full(calls, n * tiled.bank.shape[0] / calls)
+    parts = _exact_workers.map_balanced(scan, range(calls), work)
     if k == 1:
         return np.minimum.reduce(parts)
     return np.sort(np.concatenate(parts, axis=1), axis=1)[:, :k]
-
-
-def _split_in_pieces(projection: _Projection, x: np.ndarray) -> tuple[np.ndarray, ivfscan.Finer]:
-    """``projection.split(x)`` by halves of the rows, on the caller and an exact-search worker."""
-    half = -(-len(x) // 2)
-    pieces = [slice(0, half), slice(half, len(x))]
-    parts = _exact_workers.map_balanced(lambda part: projection.split(x[part]), pieces,
-                                        np.full(2, half * _QUERY_WORK, dtype=np.float64))
-    return (np.concatenate([coords for coords, _ in parts]),
-            ivfscan.Finer(np.concatenate([finer.coords for _, finer in parts]),
-                          np.concatenate([finer.rest for _, finer in parts])))
 
 
 def _shared_queries(scan: Callable[[slice], np.ndarray], n: int, k: int) -> np.ndarray:

@@ -4,8 +4,9 @@ against its rule."""
 from __future__ import annotations
 
 import itertools
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import replace
+from threading import Barrier
 
 import numpy as np
 import pytest
@@ -267,6 +268,62 @@ def test_the_c_projection_refuses_what_it_cannot_hold() -> None:
     with pytest.raises(ValueError, match="sizes"):
         projector(np.zeros((2, 11), np.float32))
     assert projector(np.zeros((0, 10), np.float32)).shape == (0, 4)
+
+
+@pytest.mark.parametrize(("n", "first", "finer"), [(1000, 31, 32), (37, 9, 20), (5, 12, 0)])
+def test_calls_sharing_a_projection_split_the_rows_and_each_returns_with_all_of_them(n: int, first: int,
+                                                                                      finer: int) -> None:
+    """Threads filling the same outputs with one shared progress each project chunks of rows none
+    has taken (the count of chunks ends one past the last for each call) and each returns only
+    once every row is projected: what it sees then is the whole projection, bit for bit."""
+    dim = 48
+    rng = np.random.default_rng(n)
+    rows = (rng.normal(size=(n, dim)) * np.linspace(3.0, 0.2, dim)).astype(np.float32)
+    mean = rng.normal(size=dim).astype(np.float32)
+    projector = ivfscan.Projector.of(mean, np.linalg.qr(rng.normal(size=(dim, dim)))[0][:, : first + finer].T)
+    if finer:
+        want, want_finer = projector.split(rows, first)
+    else:
+        want, want_finer = projector(rows, precise=True), None
+    chunks = -(-n // 16)
+    for calls in (1, 2, 3):
+        out = np.full((n, first + 1), np.nan, dtype=np.float32)
+        outputs = None if not finer else ivfscan.Finer(np.full((n, ivfscan.EXT_AXES), np.nan, dtype=np.float32),
+                                                        np.full(n, np.nan, dtype=np.float32))
+        progress = np.zeros(2, dtype=np.int64)
+        start = Barrier(calls)
+
+        def fill(_: int, out: np.ndarray = out, outputs: ivfscan.Finer | None = outputs,
+                 progress: np.ndarray = progress, start: Barrier = start) -> tuple[np.ndarray, ...]:
+            start.wait()
+            projector.fill(rows, out, outputs, progress)
+            return (out.copy(),) if outputs is None else (out.copy(), outputs.coords.copy(), outputs.rest.copy())
+
+        with ThreadPoolExecutor(calls) as pool:
+            seen = list(pool.map(fill, range(calls)))
+        assert progress.tolist() == [chunks + calls, n]
+        for got in seen:
+            assert np.array_equal(got[0], want)
+            if want_finer is not None:
+                assert np.array_equal(got[1], want_finer.coords) and np.array_equal(got[2], want_finer.rest)
+    # a call that finds the first chunk taken by another, not yet projected, projects the rest and waits for it
+    out = np.full((n, first + 1), np.nan, dtype=np.float32)
+    outputs = None if not finer else ivfscan.Finer(np.empty((n, ivfscan.EXT_AXES), dtype=np.float32),
+                                                    np.empty(n, dtype=np.float32))
+    progress = np.array([1, 0], dtype=np.int64)
+    with ThreadPoolExecutor(1) as pool:
+        call = pool.submit(projector.fill, rows, out, outputs, progress)
+        wait([call], timeout=0.2)
+        assert not call.done() and progress[1] == n - min(n, 16)
+        assert np.isnan(out[:16]).all() and np.array_equal(out[16:], want[16:])
+        out[:16] = want[:16]
+        progress[1] += min(n, 16)
+        call.result(timeout=10)
+    if finer:
+        with pytest.raises(ValueError, match="finer"):
+            projector.fill(rows, np.empty((n, first + 1), np.float32), None, np.zeros(2, dtype=np.int64))
+    with pytest.raises(ValueError, match="progress"):
+        projector.fill(rows, np.empty((n, first + 1), np.float32), want_finer, np.zeros(1, dtype=np.int64))
 
 
 @pytest.mark.parametrize(("dim", "first", "finer"), [(152, 31, 32), (40, 9, 20), (12, 3, 8)])
