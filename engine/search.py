@@ -41,7 +41,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from functools import cached_property, partial
 from typing import Literal, TypeVar
@@ -280,13 +280,7 @@ class MemorySearch:
                nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(Q,) mean distance to the k nearest rows found, and (Q,) the k-th of them (a reach).
         ``nprobe`` overrides the lists probed for this call."""
-        use_faiss_threads()
         x = prepare_rows(queries, self.distance)
-        selector = only.selector if only is not None else None
-        if self.ivf is None:
-            params = faiss.SearchParameters(sel=selector) if selector is not None else None
-            raw, _ = self.index.search(x, self.k, params=params)
-            return self._finish(_squared_l2(raw, self.distance))
         if self.projection is not None and self._tiled is not None:
             probes = min(nprobe or self.nprobe, self._tiled.lists)      # lists left empty are not among them
             shown = None if only is None else only.rows[self._blocks.ids]
@@ -296,6 +290,12 @@ class MemorySearch:
                 shown),
                 len(x), self.k)
             return self._finish(self._fill_missing(x, squared, np.isinf(squared[:, -1]), only))
+        use_faiss_threads()
+        selector = only.selector if only is not None else None
+        if self.ivf is None:
+            params = faiss.SearchParameters(sel=selector) if selector is not None else None
+            raw, _ = self.index.search(x, self.k, params=params)
+            return self._finish(_squared_l2(raw, self.distance))
         params = faiss.SearchParametersIVF(nprobe=min(nprobe or self.nprobe, self.ivf.nlist), sel=selector)
         if self.projection is None:
             raw, ids = self.ivf.search(x, self.k, params=params)
@@ -310,7 +310,6 @@ class MemorySearch:
         upper bound of its k-th nearest distance, such as ``search``'s second result."""
         if self.ivf is None:
             return self.search(queries, only)[0]
-        use_faiss_threads()
         x = prepare_rows(queries, self.distance)
         reach_sq = np.square(_as_l2(np.asarray(reach, dtype=np.float64), self.distance))
         # slack for float32 rounding in the faiss and numpy distances: a row kept in vain costs a
@@ -321,6 +320,7 @@ class MemorySearch:
             projector = None if self.projection is None else \
                 self.projection.exact_projector(self._tiled.finer_panels is not None)
             return self._finish(_exact_scan(self._tiled, projector, x, reach_sq, self.k, shown))[0]
+        use_faiss_threads()
         coords = x if self.projection is None else self.projection(x)
         allowed = only.rows if only is not None else None
         return self._finish(self._blocks.nearest(x, coords, reach_sq, self.k, allowed))[0]
@@ -347,6 +347,7 @@ class MemorySearch:
         missing = np.flatnonzero(short)
         if missing.size == 0:
             return squared
+        use_faiss_threads()
         rows = self._blocks.bank if only is None else self._blocks.bank[only.rows[self._blocks.ids]]
         found = np.full((len(missing), self.k), np.inf, dtype=np.float32)
         if len(rows):
@@ -636,9 +637,11 @@ def _exact_scan(tiled: ivfscan.TiledLists, projector: ivfscan.Projector | None, 
     calls = _exact_workers.size
     # the work, as the numpy path counts it: every row against every query
     work = np.full(calls, n * tiled.bank.shape[0] / calls)
-    parts = _exact_workers.map_balanced(scan, range(calls), work)
+    parts = _exact_workers.map_balanced(scan, range(calls), work, faiss_inside=False)
     if k == 1:
-        return np.minimum.reduce(parts)
+        for part in parts[1:]:
+            np.minimum(parts[0], part, out=parts[0])
+        return parts[0]
     return np.sort(np.concatenate(parts, axis=1), axis=1)[:, :k]
 
 
@@ -650,7 +653,7 @@ def _shared_queries(scan: Callable[[slice], np.ndarray], n: int, k: int) -> np.n
     size = max(_QUERIES_PER_PIECE, -(-n // _QUERY_PIECES))
     pieces = [slice(start, min(n, start + size)) for start in range(0, n, size)]
     work = np.array([(p.stop - p.start) * _QUERY_WORK for p in pieces], dtype=np.float64)
-    return np.concatenate(_exact_workers.map_balanced(scan, pieces, work))
+    return np.concatenate(_exact_workers.map_balanced(scan, pieces, work, faiss_inside=False))
 
 
 _T = TypeVar("_T")
@@ -680,21 +683,24 @@ class _ExactWorkers:
         """A new count takes a new pool; searches in flight finish on the old one."""
         self._pool.resize(max(1, int(count)))
 
-    def map_balanced(self, fn: Callable[[_T], _R], items: Sequence[_T], costs: np.ndarray) -> list[_R]:
+    def map_balanced(self, fn: Callable[[_T], _R], items: Sequence[_T], costs: np.ndarray, *,
+                     faiss_inside: bool = True) -> list[_R]:
         """``fn`` over ``items`` (sorted by ``costs``, largest first): inline when there is little
         work, else taken in turn by the caller and the workers, each taking the next item when it
         is free (``engine.threads.InTurn``); results in the order of ``items``.
 
         Taken in turn rather than dealt out beforehand: a worker that starts late (its core just
         woke from idle) then costs only the items it did not take, where a dealt-out share made
-        the whole search wait for it, and one that has not started by the end is not waited for."""
+        the whole search wait for it, and one that has not started by the end is not waited for.
+        ``faiss_inside``: the items call faiss, which the caller's thread then runs on one OpenMP
+        thread, as the workers do (the C scans do not call it)."""
         if self._pool.size == 1 or len(items) < 2 or float(np.sum(costs)) < _SHARED_WORK:
             return [fn(item) for item in items]
         turns = InTurn([partial(fn, item) for item in items])
         pool = self._pool.get()
         helpers = [pool.submit(turns.drain) for _ in range(min(self._pool.size, len(items)) - 1)]
         try:
-            with _one_faiss_thread():
+            with _one_faiss_thread() if faiss_inside else nullcontext():
                 turns.drain()
         finally:
             # every item is taken: a helper that has not started is called off, not waited for
