@@ -9,10 +9,12 @@ The database runs in WAL mode, so queries read while the writer writes.
 
 from __future__ import annotations
 
+import atexit
 import queue
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, fields
@@ -106,7 +108,8 @@ def _row(item: InspectionRecord) -> tuple[object, ...]:
 
 
 class InspectionHistory:
-    """Bounded per-ROI history in ``path`` (created when missing)."""
+    """Bounded per-ROI history in ``path`` (created when missing). One left open is closed at
+    interpreter exit (``_close_open``)."""
 
     def __init__(self, path: Path, *, max_per_roi: int = 10_000, flush_interval_s: float = 1.0) -> None:
         if max_per_roi < 1 or flush_interval_s <= 0:
@@ -123,6 +126,7 @@ class InspectionHistory:
             db.executescript(_SCHEMA)
         self._writer = threading.Thread(target=self._write_loop, name="history-writer", daemon=True)
         self._writer.start()
+        _open.add(self)
 
     @property
     def dropped(self) -> int:
@@ -161,6 +165,7 @@ class InspectionHistory:
 
     def close(self) -> None:
         """Commit what is queued and stop the writer."""
+        _open.discard(self)
         self._stop.set()
         self._writer.join(self._interval + 10.0)
 
@@ -227,3 +232,16 @@ class InspectionHistory:
             self._dropped += n
             total = self._dropped
         log.warning("history_records_dropped", count=n, reason=reason, detail=detail, dropped_total=total)
+
+
+_open: weakref.WeakSet[InspectionHistory] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open() -> None:
+    """Histories still open at interpreter exit commit what is queued and stop their writers while
+    the interpreter is whole. Left to themselves, their daemon writers are stopped wherever they
+    are: one stopped inside OpenCV's encoder (a C++ frame) aborts the process ("terminate called
+    without an active exception"), and whatever waits for the next flush is lost."""
+    for history in list(_open):
+        history.close()

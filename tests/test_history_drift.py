@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import subprocess
+import sys
 import time
 from collections import deque
 from pathlib import Path
@@ -103,6 +105,30 @@ def test_a_locked_database_drops_and_counts_instead_of_failing(tmp_path: Path) -
     history.flush()
     try:
         assert [r.request_id for r in history.query("cam1", "a")] == ["r2"]
+    finally:
+        history.close()
+
+
+def test_a_history_left_open_commits_its_queue_when_the_interpreter_exits(tmp_path: Path) -> None:
+    """A process that exits without closing its history (its writer asleep for a minute) still
+    commits what it queued, and exits cleanly."""
+    path = tmp_path / "h.sqlite"
+    script = (
+        "import sys, numpy as np\n"
+        "from engine.history import InspectionHistory, InspectionRecord\n"
+        f"history = InspectionHistory({str(path)!r}, flush_interval_s=60.0)\n"
+        "thumb = np.zeros((64, 64, 3), np.uint8)\n"
+        "for i in range(40):\n"
+        "    history.record(InspectionRecord(time=1.7e9 + i, recipe_id='', role_id='cam1', roi_id='a',\n"
+        "        model_version=1, score=float(i), threshold=10.0, decision='ok', n_regions=0, area_mm2=0.0,\n"
+        "        max_area_mm2=0.0, request_id=f'r{i}', operator_id=None, thumbnail=thumb, heatmap=thumb[..., 0]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    history = InspectionHistory(path)
+    try:
+        assert len(history.query("cam1", "a", limit=100)) == 40
     finally:
         history.close()
 
