@@ -29,12 +29,14 @@ try:
 except ImportError:      # built without a C compiler: engine.search uses numpy and faiss
     _ivfscan = None
 
-__all__ = ["AVAILABLE", "BUILT", "EXT_AXES", "LANES", "Finer", "Projector", "TiledLists", "at_or_above", "banded_rows",
-           "cells_above"]
+__all__ = ["AVAILABLE", "BUILT", "EXT_AXES", "HELPERS", "LANES", "Finer", "Projector", "TiledLists", "at_or_above",
+           "banded_rows", "cells_above", "helpers", "set_helpers"]
 
 BUILT = _ivfscan is not None
 # built, and on a CPU where it beats numpy (x86 with AVX2; engine/_ivfscan.c): what the engine uses
 AVAILABLE = BUILT and bool(_ivfscan.FAST)
+# the extension has threads of its own for the exact scan (pthreads; engine/_ivfscan.c)
+HELPERS = BUILT and bool(_ivfscan.HELPERS)
 LANES = 16 if _ivfscan is None else int(_ivfscan.LANES)
 # padding columns: far from every query (squared distances ~1e36 stay finite in float32)
 _PAD = 1e18
@@ -205,6 +207,24 @@ class TiledLists:
                              self.centroid_tails)
         return out
 
+    def approximate_shared(self, rows: np.ndarray, projector: Projector, nprobe: int, candidates: int, k: int,
+                           shown: np.ndarray | None) -> tuple[np.ndarray, int]:
+        """``approximate`` of the queries ``rows`` (n, D), their coordinates from ``projector``
+        (float32), by the calling thread and the extension's helper threads (``set_helpers``):
+        each takes the next chunk of queries none has taken, projects it and scans it. The chunks
+        shrink as the queries run out, so the threads end together; they are the same whichever
+        thread takes them, and so are the results. Also the number of threads that took part."""
+        if projector.axes != self.dims - 1:
+            raise ValueError(f"a projector on {projector.axes} axes for coordinates of {self.dims}")
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        out = np.empty((len(rows), k), dtype=np.float32)
+        members = _ivfscan.approximate_team(
+            self.panels, self.norms, self.column_start, self.slots, self.centres, self.radius, self.centroids,
+            self.centroid_norms, self.bank, None if shown is None else np.ascontiguousarray(shown, dtype=np.uint8),
+            self.dims, self.bank.shape[1], np.empty((len(rows), self.dims), dtype=np.float32), rows, int(nprobe),
+            int(candidates), int(k), out, self.centroid_tails, projector.mean, projector.axes_t, projector.axes)
+        return out, int(members)
+
     @property
     def lists(self) -> int:
         return len(self.radius)
@@ -228,6 +248,42 @@ class TiledLists:
                        *((self.finer_panels, self.finer_rest, np.ascontiguousarray(finer.coords, dtype=np.float32),
                           np.ascontiguousarray(finer.rest, dtype=np.float32)) if both else (None,) * 4), taken)
         return out
+
+    def exact_shared(self, rows: np.ndarray, reach_sq: np.ndarray, k: int, shown: np.ndarray | None,
+                     projector: Projector | None) -> tuple[np.ndarray, int]:
+        """``exact`` over every list, by the calling thread and the extension's helper threads
+        (``set_helpers``), with the queries' coordinates from ``projector`` (None: the rows are
+        the coordinates), projected by the same threads first; and the number of threads that
+        took part. The helpers never take the GIL: the work goes to them and comes back with no
+        wake-up of a Python thread, and no turn of the GIL."""
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        n = len(rows)
+        out = np.empty((n, k), dtype=np.float32)
+        if projector is None:
+            coords, finer, both = rows, None, False
+        else:
+            coords = np.empty((n, self.dims), dtype=np.float32)
+            both = projector.axes > self.dims - 1
+            finer = Finer(np.empty((n, EXT_AXES), dtype=np.float32), np.empty(n, dtype=np.float32)) if both else None
+        members = _ivfscan.exact_team(
+            self.panels, self.norms, self.column_start, self.slots, self.centres, self.radius, self.bank,
+            None if shown is None else np.ascontiguousarray(shown, dtype=np.uint8), self.dims, self.bank.shape[1],
+            coords, rows, np.ascontiguousarray(reach_sq, dtype=np.float32), int(k), out,
+            *((self.finer_panels, self.finer_rest, finer.coords, finer.rest) if finer is not None else (None,) * 4),
+            *((projector.mean, projector.axes_t64, projector.axes) if projector is not None else (None, None, 0)))
+        return out, int(members)
+
+
+def set_helpers(count: int) -> int:
+    """Helper threads that the shared scans (``TiledLists.exact_shared``, ``approximate_shared``)
+    take beside the caller from now on (at most 15; started once, then kept); that number, 0
+    without ``HELPERS``."""
+    return int(_ivfscan.set_helpers(int(count))) if HELPERS else 0
+
+
+def helpers() -> int:
+    """Helper threads the shared scans take now."""
+    return int(_ivfscan.helpers()) if HELPERS else 0
 
 
 def banded_rows(left: np.ndarray, bt: np.ndarray, band: np.ndarray, width: int, rows: slice, out: np.ndarray, *,

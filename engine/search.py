@@ -284,6 +284,10 @@ class MemorySearch:
         if self.projection is not None and self._tiled is not None:
             probes = min(nprobe or self.nprobe, self._tiled.lists)      # lists left empty are not among them
             shown = None if only is None else only.rows[self._blocks.ids]
+            if ivfscan.HELPERS:
+                squared = self._tiled.approximate_shared(x, self.projection.native, probes, self.candidates, self.k,
+                                                         shown)[0]
+                return self._finish(self._fill_missing(x, squared, np.isinf(squared[:, -1]), only))
             # each piece projects its own patches (in C, beside the other pieces)
             squared = _shared_queries(lambda part: self._tiled.approximate(
                 self.projection(x[part], precise=False, native=True), x[part], probes, self.candidates, self.k,
@@ -615,12 +619,15 @@ def _nearest_per_query(query: np.ndarray, values: np.ndarray) -> tuple[np.ndarra
 def _exact_scan(tiled: ivfscan.TiledLists, projector: ivfscan.Projector | None, x: np.ndarray,
                 reach_sq: np.ndarray, k: int, shown: np.ndarray | None) -> np.ndarray:
     """(Q, k) the C exact scan of the queries ``x`` (coordinates from ``projector``; None = the
-    rows themselves), by the caller and the exact-search workers side by side (the C steps release
-    the GIL). Each projects the next queries none has taken until all are projected, then takes
+    rows themselves), by the caller and the extension's helper threads where it has them
+    (``TiledLists.exact_shared``), else by the caller and the exact-search workers side by side
+    (the C steps release the GIL). Each projects the next queries none has taken until all are projected, then takes
     the next panel of lists none has taken until all are, and their k nearest are merged. Taken a
     panel at a time, the threads end within one panel's work of each other, where ranges of lists
     dealt out in turn left one thread waiting up to a range's (a defective ROI's 335 patches at
     59 741 rows: ranges took 0.55-1.2 ms, a panel of lists ~0.1)."""
+    if ivfscan.HELPERS:
+        return tiled.exact_shared(x, reach_sq, k, shown, projector)[0]
     n, coords, finer = len(x), x, None
     if projector is not None:
         at = tiled.dims - 1
@@ -726,8 +733,10 @@ _exact_workers = _ExactWorkers()
 
 
 def configure_exact_workers(count: int) -> None:
-    """Threads that share one exact search (one per usable core is the engine's choice)."""
+    """Threads that share one exact search (one per usable core is the engine's choice): the
+    caller and ``count - 1`` workers, or helper threads of the C scans where it has them."""
     _exact_workers.configure(count)
+    ivfscan.set_helpers(max(0, int(count) - 1))
 
 
 def _inverted_rows(ivf: faiss.IndexIVFFlat) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

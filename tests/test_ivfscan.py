@@ -4,6 +4,7 @@ against its rule."""
 from __future__ import annotations
 
 import itertools
+import os
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import replace
 from threading import Barrier
@@ -417,3 +418,126 @@ def test_the_banded_product_refuses_bands_and_sizes_it_cannot_hold() -> None:
         ivfscan.banded_rows(left, bt, good, 10, slice(0, 3), out)         # left has 4 rows, not 3
     with pytest.raises(ValueError, match="sizes"):
         ivfscan.banded_rows(left, bt, good, 10, slice(1, 5), out)         # past the last row
+
+
+def _projected_lists(n: int, dim: int, at: int, finer: int, sizes: list[int],
+                     seed: int) -> tuple[ivfscan.TiledLists, ivfscan.Projector, np.ndarray]:
+    """Tiled lists of random rows in the coordinates of a projection on ``at`` axes (the second
+    bound's ``finer`` axes after them, where not 0), the projector, and the rows."""
+    rng = np.random.default_rng(seed)
+    rows = (rng.normal(size=(n, dim)) * np.linspace(3.0, 0.3, dim)).astype(np.float32)
+    mean = rows.mean(0)
+    basis = np.linalg.qr(rng.normal(size=(dim, dim)))[0][:, : at + finer].T
+    projector = ivfscan.Projector.of(mean, basis)
+    coords, extra = projector.split(rows, at) if finer else (projector(rows, precise=True), None)
+    list_start = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    spans = list(itertools.pairwise(list_start.tolist()))
+    centres = np.stack([coords[s:e].mean(0) for s, e in spans]).astype(np.float32)
+    radius = np.array([np.sqrt(((coords[s:e] - centres[i]) ** 2).sum(1).max()) for i, (s, e) in enumerate(spans)],
+                      dtype=np.float32)
+    tiled = ivfscan.TiledLists.of(coords, list_start, centres, radius, rows, centres)
+    return (tiled if extra is None else tiled.with_finer(extra)), projector, rows
+
+
+@pytest.mark.parametrize("helpers", [0, 1, 3])
+@pytest.mark.parametrize(("finer", "k"), [(0, 1), (16, 1), (16, 3)])
+def test_the_team_scans_give_the_single_thread_scans_results(helpers: int, finer: int, k: int) -> None:
+    """The scans shared by the calling thread and the extension's helpers (projecting the queries
+    themselves) give the distances of one thread's scans over the same coordinates: exact ones
+    equal to brute force, and the approximate scan's own picks, bit for bit."""
+    sizes = [40, 3, 70, 16, 25, 61, 9, 33, 48, 17, 52, 30] * 3
+    tiled, projector, rows = _projected_lists(sum(sizes), 24, 7, finer, sizes, seed=finer + k)
+    rng = np.random.default_rng(helpers)
+    queries = np.concatenate([rows[rng.choice(len(rows), 150)] + rng.normal(size=(150, 24)).astype(np.float32) * 0.3,
+                              rng.normal(size=(60, 24)).astype(np.float32) * 4])
+    truth = _brute(rows, queries, k)
+    reach_sq = (truth[:, -1] * 1.001 + 1e-4).astype(np.float32)
+    shown = rng.random(len(rows)) > 0.2
+    previous = ivfscan.helpers()
+    try:
+        assert ivfscan.set_helpers(helpers) == (helpers if ivfscan.HELPERS else 0)
+        coords, extra = projector.split(queries, 7) if finer else (projector(queries, precise=True), None)
+        alone = tiled.exact(coords, queries, reach_sq, k, None, slice(0, tiled.lists), extra)
+        np.testing.assert_allclose(alone, truth, rtol=1e-5, atol=1e-5)
+        picker = ivfscan.Projector.of(projector.mean, np.asarray(projector.axes_t64[:, :7].T))
+        picks = tiled.approximate(picker(queries), queries, 3, 8, k, shown)
+        # calls in a row: helpers that are still waiting on the core for work join them
+        exact_members, approximate_members = [], []
+        for _ in range(12):
+            shared, members = tiled.exact_shared(queries, reach_sq, k, None, projector)
+            np.testing.assert_array_equal(shared, alone)
+            exact_members.append(members)
+            picked, members = tiled.approximate_shared(queries, picker, 3, 8, k, shown)
+            np.testing.assert_array_equal(picked, picks)
+            approximate_members.append(members)
+        for counts in (exact_members, approximate_members):
+            assert min(counts) >= 1 and max(counts) <= 1 + helpers
+            assert max(counts) > 1 or helpers == 0 or not ivfscan.HELPERS
+        hidden, _ = tiled.exact_shared(queries, np.full(len(queries), 1e9, np.float32), k, shown, projector)
+        np.testing.assert_allclose(hidden, _brute(rows, queries, k, shown), rtol=1e-5, atol=1e-4)
+        with pytest.raises(ValueError, match="projector"):
+            tiled.approximate_shared(queries, projector if finer else ivfscan.Projector.of(
+                projector.mean, np.asarray(projector.axes_t64[:, :6].T)), 3, 8, k, None)
+    finally:
+        ivfscan.set_helpers(previous)
+
+
+def test_team_scans_from_several_threads_at_once_each_get_their_own_results() -> None:
+    """Callers that find the team at work on another's scan run theirs alone: every result is
+    still its own, whichever ran with the helpers."""
+    sizes = [30, 45, 12, 60, 27, 50] * 6
+    tiled, projector, rows = _projected_lists(sum(sizes), 20, 9, 0, sizes, seed=5)
+    rng = np.random.default_rng(6)
+    batches = [rows[rng.choice(len(rows), 80)] + rng.normal(size=(80, 20)).astype(np.float32) * s
+               for s in (0.1, 0.5, 2.0, 5.0)]
+    truths = [_brute(rows, q, 1) for q in batches]
+    previous = ivfscan.helpers()
+    ivfscan.set_helpers(1)
+    try:
+        def scan(i: int) -> list[int]:
+            members = []
+            for _ in range(30):
+                found, count = tiled.exact_shared(batches[i], (truths[i][:, 0] * 1.001 + 1e-4).astype(np.float32), 1,
+                                                  None, projector)
+                np.testing.assert_allclose(found, truths[i], rtol=1e-5, atol=1e-5)
+                members.append(count)
+            return members
+
+        with ThreadPoolExecutor(4) as pool:
+            counts = [c for part in pool.map(scan, range(4)) for c in part]
+        assert set(counts) <= {1, 2}
+    finally:
+        ivfscan.set_helpers(previous)
+
+
+@pytest.mark.skipif(not ivfscan.HELPERS or not hasattr(os, "fork"), reason="no helper threads (pthreads) here")
+def test_a_forked_child_scans_without_the_parents_helpers() -> None:
+    """A child forked while the parent has helper threads has none of them: its scans run on its
+    own thread (no wait for helpers that are not there) and give the same results."""
+    sizes = [30, 45, 12, 60] * 4
+    tiled, projector, rows = _projected_lists(sum(sizes), 16, 5, 0, sizes, seed=8)
+    queries = rows[:50] + 0.2
+    truth = _brute(rows, queries, 1)
+    reach_sq = (truth[:, 0] * 1.001 + 1e-4).astype(np.float32)
+    previous = ivfscan.helpers()
+    ivfscan.set_helpers(2)
+    try:
+        tiled.exact_shared(queries, reach_sq, 1, None, projector)
+        child = os.fork()
+        if child == 0:
+            found, members = tiled.exact_shared(queries, reach_sq, 1, None, projector)
+            os._exit(0 if members == 1 and np.allclose(found, truth, rtol=1e-5, atol=1e-5) else 1)
+        _, status = os.waitpid(child, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        ivfscan.set_helpers(previous)
+
+
+def test_the_helper_count_is_bounded() -> None:
+    previous = ivfscan.helpers()
+    try:
+        assert ivfscan.set_helpers(-3) == 0 and ivfscan.helpers() == 0
+        if ivfscan.HELPERS:
+            assert ivfscan.set_helpers(1000) == 15 and ivfscan.helpers() == 15
+    finally:
+        ivfscan.set_helpers(previous)
