@@ -736,7 +736,8 @@ def configure_exact_workers(count: int) -> None:
     """Threads that share one exact search (one per usable core is the engine's choice): the
     caller and ``count - 1`` workers, or helper threads of the C scans where it has them."""
     _exact_workers.configure(count)
-    ivfscan.set_helpers(max(0, int(count) - 1))
+    if ivfscan.AVAILABLE:       # the engine's C scans run here
+        ivfscan.set_helpers(max(0, int(count) - 1))
 
 
 def _inverted_rows(ivf: faiss.IndexIVFFlat) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
