@@ -1223,6 +1223,21 @@ static int describe(Py_buffer *b, int d, int dim, int k, Memory *m, Queries *q) 
     return 0;
 }
 
+/* the approximate scans' own arguments against the memory's (after describe) */
+static int check_approximate(const Py_buffer *b, const Py_buffer *centroids, const Py_buffer *centroid_norms,
+                             const Py_buffer *centroid_tails, int d, int dim, int k, int nprobe, int candidates,
+                             const Memory *m) {
+    if (FLOATS(*centroids) != FLOATS(b[CENTRES]) || FLOATS(*centroid_norms) * d != FLOATS(*centroids))
+        return fail("centroids size mismatch");
+    if (centroid_tails->obj && (d <= SPLIT || FLOATS(*centroid_tails) != FLOATS(*centroid_norms)))
+        return fail("centroid tails size mismatch (or too few coordinates)");
+    if (candidates < k || candidates > 1024 || nprobe < 1 || nprobe > m->lists)
+        return fail("candidates or nprobe out of range");
+    if (m->lists >= INT32_MAX || FLOATS(b[BANK]) / dim >= INT32_MAX)
+        return fail("too many lists or rows for the approximate scan");
+    return 0;
+}
+
 /* b[slot] from obj unless it is None (flags: PyBUF_SIMPLE to read, PyBUF_WRITABLE to write) */
 static int optional(PyObject *obj, Py_buffer *b, int slot, int flags) {
     return obj != Py_None && PyObject_GetBuffer(obj, &b[slot], flags) < 0 ? -1 : 0;
@@ -1354,14 +1369,8 @@ static PyObject *py_approximate_team(PyObject *self, PyObject *args) {
                  optional(coords, b, COORDS, projecting ? PyBUF_WRITABLE : PyBUF_SIMPLE) ||
                  optional(mean_obj, &mean, 0, PyBUF_SIMPLE) || optional(axes_obj, &axes_t, 0, PyBUF_SIMPLE) ? -1 : 0;
     if (status == 0) status = describe(b, d, dim, k, &m, &q);
-    if (status == 0 && (FLOATS(centroids) != FLOATS(b[CENTRES]) || FLOATS(centroid_norms) * d != FLOATS(centroids)))
-        status = fail("centroids size mismatch");
-    if (status == 0 && centroid_tails.obj && (d <= SPLIT || FLOATS(centroid_tails) != FLOATS(centroid_norms)))
-        status = fail("centroid tails size mismatch (or too few coordinates)");
-    if (status == 0 && (candidates < k || candidates > 1024 || nprobe < 1 || nprobe > m.lists))
-        status = fail("candidates or nprobe out of range");
-    if (status == 0 && (m.lists >= INT32_MAX || FLOATS(b[BANK]) / dim >= INT32_MAX))
-        status = fail("too many lists or rows for the approximate scan");
+    if (status == 0)
+        status = check_approximate(b, &centroids, &centroid_norms, &centroid_tails, d, dim, k, nprobe, candidates, &m);
     if (status == 0 && projecting &&
         (axes != d - 1 || axes > MAX_AXES || FLOATS(mean) != dim ||
          FLOATS(axes_t) != (int64_t)dim * ((axes + AXIS_BLOCK - 1) / AXIS_BLOCK * AXIS_BLOCK)))
@@ -1435,14 +1444,8 @@ static PyObject *py_approximate(PyObject *self, PyObject *args) {
     int64_t *order = NULL, *count = NULL;
     int status = optional(shown, b, SHOWN, PyBUF_SIMPLE) || optional(tails, &centroid_tails, 0, PyBUF_SIMPLE) ? -1 : 0;
     if (status == 0) status = describe(b, d, dim, k, &m, &q);
-    if (status == 0 && (FLOATS(centroids) != FLOATS(b[CENTRES]) || FLOATS(centroid_norms) * d != FLOATS(centroids)))
-        status = fail("centroids size mismatch");
-    if (status == 0 && centroid_tails.obj && (d <= SPLIT || FLOATS(centroid_tails) != FLOATS(centroid_norms)))
-        status = fail("centroid tails size mismatch (or too few coordinates)");
-    if (status == 0 && (candidates < k || candidates > 1024 || nprobe < 1 || nprobe > m.lists))
-        status = fail("candidates or nprobe out of range");
-    if (status == 0 && (m.lists >= INT32_MAX || FLOATS(b[BANK]) / dim >= INT32_MAX))
-        status = fail("too many lists or rows for the approximate scan");
+    if (status == 0)
+        status = check_approximate(b, &centroids, &centroid_norms, &centroid_tails, d, dim, k, nprobe, candidates, &m);
     if (status == 0 && q.n > 0) {
         q_sq = malloc(sizeof(float) * (size_t)(2 * q.n));
         probe_sq = malloc(sizeof(float) * (size_t)(q.n * nprobe));

@@ -34,6 +34,17 @@ def _lists(n: int, d: int, dim: int, sizes: list[int], seed: int,
             coords)
 
 
+def _tiled_over(coords: np.ndarray, rows: np.ndarray, sizes: list[int]) -> ivfscan.TiledLists:
+    """Tiled lists of consecutive rows of the given (nonzero) sizes, their balls around their mean
+    coordinates."""
+    list_start = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    spans = list(itertools.pairwise(list_start.tolist()))
+    centres = np.stack([coords[s:e].mean(0) for s, e in spans]).astype(np.float32)
+    radius = np.array([np.sqrt(((coords[s:e] - centres[i]) ** 2).sum(1).max()) for i, (s, e) in enumerate(spans)],
+                      dtype=np.float32)
+    return ivfscan.TiledLists.of(coords, list_start, centres, radius, rows, centres)
+
+
 def _merged(tiled: ivfscan.TiledLists, queries: np.ndarray, reach_sq: np.ndarray, k: int,
             shown: np.ndarray | None, step: int) -> np.ndarray:
     parts = [tiled.exact(queries[:, : tiled.dims], queries, reach_sq, k, shown,
@@ -369,13 +380,7 @@ def test_the_exact_scan_with_the_second_bound_equals_brute_force(k: int) -> None
     basis = np.linalg.svd(rows - mean, full_matrices=False)[2].astype(np.float32)      # dim dim, by variance
     projector = ivfscan.Projector.of(mean, basis[: first + ivfscan.EXT_AXES])
     coords, finer = projector.split(rows, first)
-    sizes = [int(v) for v in np.diff(np.linspace(0, len(rows), 41).round())]
-    list_start = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-    spans = list(itertools.pairwise(list_start.tolist()))
-    centres = np.stack([coords[s:e].mean(0) for s, e in spans]).astype(np.float32)
-    radius = np.array([np.sqrt(((coords[s:e] - centres[i]) ** 2).sum(1).max()) for i, (s, e) in enumerate(spans)],
-                      dtype=np.float32)
-    one = ivfscan.TiledLists.of(coords, list_start, centres, radius, rows, centres)
+    one = _tiled_over(coords, rows, [int(v) for v in np.diff(np.linspace(0, len(rows), 41).round())])
     two = one.with_finer(finer)
     queries = np.concatenate([rows[rng.choice(len(rows), 60)] + rng.normal(size=(60, dim)).astype(np.float32) * 0.2,
                               (rng.normal(size=(40, dim)) * spectrum * 3).astype(np.float32)])
@@ -430,12 +435,7 @@ def _projected_lists(n: int, dim: int, at: int, finer: int, sizes: list[int],
     basis = np.linalg.qr(rng.normal(size=(dim, dim)))[0][:, : at + finer].T
     projector = ivfscan.Projector.of(mean, basis)
     coords, extra = projector.split(rows, at) if finer else (projector(rows, precise=True), None)
-    list_start = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-    spans = list(itertools.pairwise(list_start.tolist()))
-    centres = np.stack([coords[s:e].mean(0) for s, e in spans]).astype(np.float32)
-    radius = np.array([np.sqrt(((coords[s:e] - centres[i]) ** 2).sum(1).max()) for i, (s, e) in enumerate(spans)],
-                      dtype=np.float32)
-    tiled = ivfscan.TiledLists.of(coords, list_start, centres, radius, rows, centres)
+    tiled = _tiled_over(coords, rows, sizes)
     return (tiled if extra is None else tiled.with_finer(extra)), projector, rows
 
 
