@@ -58,6 +58,11 @@ class Finer:
     coords: np.ndarray      # (n, EXT_AXES) float32
     rest: np.ndarray        # (n,) float32
 
+    @classmethod
+    def empty(cls, n: int) -> Finer:
+        """Outputs for n rows' finer coordinates."""
+        return cls(np.empty((n, EXT_AXES), dtype=np.float32), np.empty(n, dtype=np.float32))
+
 
 @dataclass(frozen=True)
 class Projector:
@@ -259,12 +264,10 @@ class TiledLists:
         rows = np.ascontiguousarray(rows, dtype=np.float32)
         n = len(rows)
         out = np.empty((n, k), dtype=np.float32)
-        if projector is None:
-            coords, finer, both = rows, None, False
-        else:
+        coords, finer = rows, None
+        if projector is not None:
             coords = np.empty((n, self.dims), dtype=np.float32)
-            both = projector.axes > self.dims - 1
-            finer = Finer(np.empty((n, EXT_AXES), dtype=np.float32), np.empty(n, dtype=np.float32)) if both else None
+            finer = Finer.empty(n) if projector.axes > self.dims - 1 else None
         members = _ivfscan.exact_team(
             self.panels, self.norms, self.column_start, self.slots, self.centres, self.radius, self.bank,
             None if shown is None else np.ascontiguousarray(shown, dtype=np.uint8), self.dims, self.bank.shape[1],

@@ -621,11 +621,11 @@ def _exact_scan(tiled: ivfscan.TiledLists, projector: ivfscan.Projector | None, 
     """(Q, k) the C exact scan of the queries ``x`` (coordinates from ``projector``; None = the
     rows themselves), by the caller and the extension's helper threads where it has them
     (``TiledLists.exact_shared``), else by the caller and the exact-search workers side by side
-    (the C steps release the GIL). Each projects the next queries none has taken until all are projected, then takes
-    the next panel of lists none has taken until all are, and their k nearest are merged. Taken a
-    panel at a time, the threads end within one panel's work of each other, where ranges of lists
-    dealt out in turn left one thread waiting up to a range's (a defective ROI's 335 patches at
-    59 741 rows: ranges took 0.55-1.2 ms, a panel of lists ~0.1)."""
+    (the C steps release the GIL). Each projects the next queries none has taken until all are
+    projected, then takes the next panel of lists none has taken until all are, and their k
+    nearest are merged. Taken a panel at a time, the threads end within one panel's work of each
+    other, where ranges of lists dealt out in turn left one thread waiting up to a range's (a
+    defective ROI's 335 patches at 59 741 rows: ranges took 0.55-1.2 ms, a panel of lists ~0.1)."""
     if ivfscan.HELPERS:
         return tiled.exact_shared(x, reach_sq, k, shown, projector)[0]
     n, coords, finer = len(x), x, None
@@ -633,7 +633,7 @@ def _exact_scan(tiled: ivfscan.TiledLists, projector: ivfscan.Projector | None, 
         at = tiled.dims - 1
         coords = np.empty((n, at + 1), dtype=np.float32)
         if at < projector.axes:
-            finer = ivfscan.Finer(np.empty((n, ivfscan.EXT_AXES), dtype=np.float32), np.empty(n, dtype=np.float32))
+            finer = ivfscan.Finer.empty(n)
     progress, taken = np.zeros(2, dtype=np.int64), np.zeros(1, dtype=np.int64)
 
     def scan(_: int) -> np.ndarray:
