@@ -167,6 +167,7 @@ INLINE void keep_smallest_lanes(vec_t *values, vec_ints_t *ids, float value, int
     fresh_ids += id;
     *ids = (*ids & ~above) | (fresh_ids & placed) | (SHUFFLE(*ids, 0, 0, 1, 2, 3, 4, 5, 6) & moved);
 }
+
 #endif
 
 #if VECTORS
@@ -507,11 +508,12 @@ CLONES static void exact(const Memory *m, const Queries *q, int64_t first, int64
     }
 }
 
-/* the lanes `below` of panel c0 (coord_sq: their coordinate distances) taken into one query's
-   candidates (values, ids: its `candidates` smallest, ascending), but padding and rows not shown.
-   With VLANES candidates they stay in vector registers over the panel's lanes: one load and one
-   store per panel, not one per row taken in (bottle Lite0 @ 448 px, 65 542 rows, 3 136 patches
-   of a good ROI, ~40 rows taken in per patch: the approximate scan 8.2 -> 7.8 ms, one thread) */
+/* the rows of panel c0 in the lanes `below` (coord_sq: their coordinate distances) taken into one
+   query's candidates (values, ids: its `candidates` smallest, ascending), padding and rows not
+   shown left out. With VLANES candidates they stay in vector registers over the panel's lanes: one
+   load and one store per panel, not one per row taken in (bottle Lite0 @ 448 px, 65 542 rows,
+   3 136 patches of a good ROI, ~40 rows taken in per patch: the approximate scan 8.3 -> 7.8 ms,
+   one thread) */
 INLINE void keep_candidates(const Memory *m, int64_t c0, const float *coord_sq, unsigned below, int candidates,
                             float *values, int32_t *ids) {
 #if VECTORS
