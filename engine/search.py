@@ -289,12 +289,11 @@ class MemorySearch:
             if ivfscan.HELPERS:
                 squared = self._tiled.approximate_shared(x, self.projection.native, probes, self.candidates, self.k,
                                                          shown)[0]
-                return self._finish(self._fill_missing(x, squared, np.isinf(squared[:, -1]), only))
-            # each piece projects its own patches (in C, beside the other pieces)
-            squared = _shared_queries(lambda part: self._tiled.approximate(
-                self.projection(x[part], precise=False, native=True), x[part], probes, self.candidates, self.k,
-                shown),
-                len(x), self.k)
+            else:       # each piece projects its own patches (in C, beside the other pieces)
+                squared = _shared_queries(lambda part: self._tiled.approximate(
+                    self.projection(x[part], precise=False, native=True), x[part], probes, self.candidates, self.k,
+                    shown),
+                    len(x), self.k)
             return self._finish(self._fill_missing(x, squared, np.isinf(squared[:, -1]), only))
         use_faiss_threads()
         selector = only.selector if only is not None else None
