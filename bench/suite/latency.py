@@ -1,8 +1,8 @@
 """ROI latency on production-sized models, by stage and door; thread counts; small-model figures.
 
 * production: EfficientNet-Lite0 fitted on all 209 bottle train images (900 x 900 PNG files) at
-  416 px with a 1.5 % coreset (the engine's defaults), 224 px with 10 % (the defaults before 320 px / 2.5 %)
-  and 448 px with 10 % (a memory of >= 60k rows); and 762 images (the 209 and augmented copies) at
+  416 px with a 1.5 % coreset (the engine's defaults), 224 px with 10 % (the defaults before 320 px / 2.5 %),
+  320 px with 1.5 % and 448 px with 10 % (a memory of >= 60k rows); and 762 images (the 209 and augmented copies) at
   224 px with 10.1 % (~60k rows, 784 patches per ROI); each calibrated on its hold-out OK scores.
   Two 900 x 900 PNG ROIs (a defective and a good bottle test image, the files as they are) go
   through every path, called in turn so drift hits all alike:
@@ -53,10 +53,11 @@ from bench.suite.common import (
 )
 
 FULL: dict[str, Any] = {
-    # [side, images, coreset ratio]: the engine's default (416, 1.5 %), the first one (224, 10 %)
-    # side by side, and memories of >= 60k rows: 448 px (10 %), and 762 images at 224 px (597 408
-    # patches: the size of a large texture set's fit; 10.1 %, as 10 % keeps 59 741 rows)
-    "production": [[416, 209, 0.015], [224, 209, 0.1], [448, 209, 0.1], [224, 762, 0.101]],
+    # [side, images, coreset ratio]: the engine's default (416, 1.5 %), the first one (224, 10 %) and
+    # 320 px at the default ratio side by side, and memories of >= 60k rows: 448 px (10 %), and 762
+    # images at 224 px (597 408 patches: the size of a large texture set's fit; 10.1 %, as 10 % keeps
+    # 59 741 rows)
+    "production": [[416, 209, 0.015], [224, 209, 0.1], [320, 209, 0.015], [448, 209, 0.1], [224, 762, 0.101]],
     "budget_s": 40.0, "n_min": 15, "n_max": 150, "exact_checks": 8, "exact_all_max_rows": 20000,
     "thread_counts": [1, 2, 0], "clients": [1, 2, 4], "throughput_s": 8.0, "paced_n": 30, "paced_gap_s": 0.2,
     "crossover_rows": [2000, 4000, 8000, 16000, 32000, 64000],
