@@ -1,9 +1,10 @@
 """ROI latency on production-sized models, by stage and door; thread counts; small-model figures.
 
 * production: EfficientNet-Lite0 fitted on all 209 bottle train images (900 x 900 PNG files) at
-  416 px with a 1.5 % coreset (the engine's defaults), 224 px with 10 % (the defaults before 320 px / 2.5 %),
-  320 px with 1.5 % and 448 px with 10 % (a memory of >= 60k rows); and 762 images (the 209 and augmented copies) at
-  224 px with 10.1 % (~60k rows, 784 patches per ROI); each calibrated on its hold-out OK scores.
+  416 px with a 1.5 % coreset (the engine's defaults), 224 px with 10 % (the defaults before
+  320 px / 2.5 %), 320 px with 1.5 % and 448 px with 10 % (a memory of >= 60k rows); and 762 images
+  (the 209 and augmented copies) at 224 px with 10.1 % (~60k rows, 784 patches per ROI); each
+  calibrated on its hold-out OK scores.
   Two 900 x 900 PNG ROIs (a defective and a good bottle test image, the files as they are) go
   through every path, called in turn so drift hits all alike:
   ``decode+resize`` (decode_image + resize_square), ``forward`` (extractor), ``in-process``
